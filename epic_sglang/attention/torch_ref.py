@@ -1,0 +1,41 @@
+"""Reference attention: gathers each sequence's KV slots, applies RoPE by position, and
+runs SDPA with the link mask `attend[i, j] = j <= pos_i`.
+
+Keys are stored un-rotated, so the rotation happens here, on the gathered copy; the pool
+(and a shared document's slots in it) is only ever read.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from epic_sglang.forward_batch import ForwardBatch
+from epic_sglang.kv_pool import KVPool
+from epic_sglang.models.config import ModelConfig
+from epic_sglang.models.rope import Rotary
+
+
+class TorchReferenceAttention:
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        self.rotary = Rotary(cfg, device)
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
+        q = self.rotary.rotate(q, batch.positions)
+        k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+        out = torch.empty_like(q)
+        for s in batch.seqs:
+            n = s.kv_slots.numel()
+            k = self.rotary.rotate(k_buf[s.kv_slots], torch.arange(n, device=q.device))
+            v = v_buf[s.kv_slots]
+            qs = q[s.q_start:s.q_end].transpose(0, 1)
+            kwargs = {}
+            if s.dense:
+                kwargs["is_causal"] = True
+            elif not s.last_only:
+                kwargs["attn_mask"] = torch.arange(n, device=q.device)[None, :] <= s.q_positions[:, None]
+            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1),
+                                               scale=self.scale, enable_gqa=True, **kwargs)
+            out[s.q_start:s.q_end] = o.transpose(0, 1)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,363 @@
+"""The in-process PIC engine: compile documents once, link them behind any prefix, decode.
+
+    from epic_sglang import Engine
+    engine = Engine(model="smollm2-135m")
+    out = engine.generate("Who wrote it?", documents=[doc_a, doc_b], policy="legolink-16")
+    out.text, out.stats.reused_tokens, out.stats.ttft_s
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from epic_sglang.attention import TorchReferenceAttention
+from epic_sglang.doc_cache import CachedDocument, DocumentCache, document_key
+from epic_sglang.forward_batch import ForwardBatch
+from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
+from epic_sglang.linker import BlendSeq, Linker
+from epic_sglang.models.loader import resolve_model_dir
+from epic_sglang.models.weights import load_causal_lm
+from epic_sglang.policies import CompileRecipe, LinkPlan, Policy, Segment, parse_policy, plan_link
+from epic_sglang.prompt import PromptBuilder
+from epic_sglang.sampling import SamplingParams, sample_next
+
+COMPILE_TOKENS_PER_FORWARD = 8192  # bounds activation memory of one compile pass
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+@dataclass
+class Request:
+    question: str
+    documents: list[str] = field(default_factory=list)
+    system: str | None = None
+    policy: str = "legolink-16"
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerateStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # document tokens whose KV came from the cache
+    recomputed_tokens: int = 0  # tokens computed in the link pass (cacheblend: past its check layer)
+    compiled_tokens: int = 0  # document tokens compiled for this request (cache misses)
+    ttft_s: float = 0.0
+    compile_s: float = 0.0
+    link_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    output_ids: list[int]
+    prompt_ids: list[int]
+    finish_reason: dict
+    policy: str
+    stats: GenerateStats
+    recomputed_positions: list[int]
+
+
+@dataclass
+class _Running:
+    """A request between admission and release: its plan, its row and what it holds."""
+    request: Request
+    policy: Policy
+    segments: list[Segment]
+    plan: LinkPlan
+    prompt_ids: torch.Tensor
+    stats: GenerateStats
+    documents: list[CachedDocument] = field(default_factory=list)  # locked, one per doc span
+    row: int | None = None
+    private: list[torch.Tensor] = field(default_factory=list)
+    seq_len: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    recomputed_positions: list[int] = field(default_factory=list)
+    finish_reason: dict | None = None
+    text: str = ""
+    generator: torch.Generator | None = None
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Engine:
+    def __init__(self, model: str = "smollm2-135m", device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, kv_cache_gb: float = 2.0, max_requests: int = 64,
+                 max_context_len: int | None = None):
+        from transformers import AutoTokenizer
+
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals make fp32 CPU decode ~10x slower
+        self.model_dir = resolve_model_dir(model)
+        self.model_name = model
+        self.model = load_causal_lm(self.model_dir, self.dtype, self.device)
+        self.config = self.model.config
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.prompts = PromptBuilder(self.tokenizer)
+        self.fingerprint = self._fingerprint()
+        self.eos_token_ids = self._eos_token_ids()
+        self.max_context_len = min(max_context_len or self.config.max_position_embeddings,
+                                   self.config.max_position_embeddings)
+
+        cfg = self.config
+        token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        size = max(4096, int(kv_cache_gb * (1 << 30)) // token_bytes)
+        self.pool = KVPool(size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        self.allocator = SlotAllocator(size, self.device)
+        self.req_to_token_pool = ReqToTokenPool(max_requests, self.max_context_len + 1, self.device)
+        self.documents = DocumentCache(self.allocator)
+        self.linker = Linker(self.model, self.pool, TorchReferenceAttention(cfg, self.device))
+
+    # ----------------------------------------------------------------- public API
+    def generate(self, question: str, documents: list[str] | None = None, system: str | None = None,
+                 policy: str = "legolink-16", max_new_tokens: int = 32, temperature: float = 0.0,
+                 **sampling) -> GenerateResult:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
+        return self.generate_batch([Request(question, list(documents or []), system, policy, params)])[0]
+
+    def generate_batch(self, requests: list[Request]) -> list[GenerateResult]:
+        """Runs the requests together: one compile pass for their missing documents, one link
+        pass, then batched decode steps until each finishes."""
+        states = [self._admit(r) for r in requests]
+        try:
+            t0 = time.perf_counter()
+            self._compile_for(states)
+            t1 = time.perf_counter()
+            for s in states:
+                self._assemble_row(s)
+            self._link(states)
+            t2 = time.perf_counter()
+            for s in states:
+                s.stats.compile_s, s.stats.link_s, s.stats.ttft_s = t1 - t0, t2 - t1, t2 - t0
+            self._decode(states)
+            t3 = time.perf_counter()
+            for s in states:
+                s.stats.decode_s = t3 - t2
+            return [self._result(s) for s in states]
+        finally:
+            for s in states:
+                self._release(s)
+
+    def compile(self, documents: list[str], policy: str = "legolink-16") -> list[CachedDocument]:
+        """Compile (or find) the documents' KV for the policy's recipe, ahead of any request."""
+        recipe = parse_policy(policy).recipe
+        docs, _ = self._compile([self.prompts.encode_document(d) for d in documents], recipe)
+        for d in docs:
+            self.documents.unlock(d)
+        return docs
+
+    def document_key(self, text: str, policy: str = "legolink-16") -> str:
+        return document_key(self.fingerprint, parse_policy(policy).recipe, self.prompts.encode_document(text))
+
+    # ----------------------------------------------------------------- admission
+    def _admit(self, req: Request) -> _Running:
+        policy = parse_policy(req.policy)
+        req.sampling.validate()
+        segments = self.prompts.build(req.question, req.documents, req.system)
+        plan = plan_link(policy, segments)
+        n = plan.num_tokens
+        if n + req.sampling.max_new_tokens > self.max_context_len:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens {req.sampling.max_new_tokens} exceeds "
+                             f"the model's context of {self.max_context_len} tokens; drop documents or lower max_new_tokens")
+        prompt_ids = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.int64, device=self.device)
+        return _Running(req, policy, segments, plan, prompt_ids, GenerateStats(prompt_tokens=n),
+                        generator=req.sampling.generator())
+
+    # ----------------------------------------------------------------- compile
+    def _compile_for(self, states: list[_Running]) -> None:
+        for s in states:
+            if not s.plan.doc_spans:
+                continue
+            s.documents, s.stats.compiled_tokens = self._compile(
+                [s.segments[i].token_ids for _, _, i in s.plan.doc_spans], s.policy.recipe)
+
+    def _compile(self, token_seqs: list[tuple[int, ...]], recipe: CompileRecipe) -> tuple[list[CachedDocument], int]:
+        """Returns the documents, compiling misses (each alone at position 0), and the number
+        of tokens compiled. Each returned document is locked once per occurrence: the caller
+        unlocks them."""
+        keys = [document_key(self.fingerprint, recipe, ids) for ids in token_seqs]
+        held: dict[str, CachedDocument] = {}  # locked while later misses allocate
+        missing: dict[str, tuple[int, ...]] = {}
+        for key, ids in zip(keys, token_seqs):
+            if key in held or key in missing:
+                continue
+            doc = self.documents.get(key)
+            if doc is None:
+                missing[key] = ids
+            else:
+                self.documents.lock(doc)
+                held[key] = doc
+        sink = self.prompts.sink_tokens(recipe.sink_tokens) if recipe.sink_tokens else []
+        batch: list[tuple[str, tuple[int, ...]]] = []
+        for key, ids in missing.items():
+            if batch and sum(len(b) + len(sink) for _, b in batch) + len(ids) > COMPILE_TOKENS_PER_FORWARD:
+                held.update(self._compile_batch(batch, sink))
+                batch = []
+            batch.append((key, ids))
+        if batch:
+            held.update(self._compile_batch(batch, sink))
+        docs = [held[k] for k in keys]
+        for d in docs:
+            self.documents.lock(d)
+        for d in held.values():
+            self.documents.unlock(d)
+        return docs, sum(len(ids) for ids in missing.values())
+
+    def _compile_batch(self, docs: list[tuple[str, tuple[int, ...]]], sink: list[int]) -> dict[str, CachedDocument]:
+        """Prefill the documents (each its own sequence) and cache their KV, locked."""
+        parts, owned = [], []
+        for _, ids in docs:
+            tokens = torch.tensor(sink + list(ids), dtype=torch.int64, device=self.device)
+            slots = self._alloc(tokens.numel())
+            parts.append((tokens, torch.arange(tokens.numel(), device=self.device), slots, slots))
+            owned.append(slots)
+        self.linker.run(ForwardBatch.build(parts))
+        out = {}
+        for (key, ids), slots in zip(docs, owned):
+            self.allocator.free(slots[:len(sink)])  # the sinks' KV is thrown away
+            out[key] = self.documents.insert(key, ids, slots[len(sink):])
+            self.documents.lock(out[key])
+        return out
+
+    # ----------------------------------------------------------------- link
+    def _assemble_row(self, s: _Running) -> None:
+        """Fill the request's req_to_token row: cached document slots where KV is reused,
+        fresh private slots where the plan recomputes (cacheblend: private everywhere)."""
+        n = s.plan.num_tokens
+        row = self.req_to_token_pool.alloc()
+        if row is None:
+            raise PoolExhausted(f"more than {len(self.req_to_token_pool.req_to_token)} requests at once")
+        s.row = row
+        blend = s.plan.blend_ratio > 0
+        fresh = torch.ones(n, dtype=torch.bool) if blend else s.plan.recompute
+        slots = torch.zeros(n, dtype=torch.int64, device=self.device)
+        private = self._alloc(int(fresh.sum()))
+        s.private.append(private)
+        slots[fresh.to(self.device)] = private
+        if not blend:
+            for (start, length, _), doc in zip(s.plan.doc_spans, s.documents):
+                reused = ~s.plan.recompute[start:start + length].to(self.device)
+                slots[start:start + length][reused] = doc.slots[reused]
+        self.req_to_token_pool.req_to_token[row, :n] = slots
+        s.seq_len = n
+
+    def _link(self, states: list[_Running]) -> None:
+        plain = [s for s in states if s.plan.blend_ratio == 0]
+        blend = [s for s in states if s.plan.blend_ratio > 0]
+        if plain:
+            parts = []
+            for s in plain:
+                computed = s.plan.recompute.nonzero().flatten().to(self.device)
+                row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
+                parts.append((s.prompt_ids[computed], computed, row[computed], row))
+                s.recomputed_positions = computed.tolist()
+            self._accept(plain, self.linker.run(ForwardBatch.build(parts)))
+        if blend:
+            seqs = [self._blend_seq(s) for s in blend]
+            logits, picked = self.linker.run_cacheblend(seqs)
+            for s, p in zip(blend, picked):
+                s.recomputed_positions = p.tolist()
+            self._accept(blend, logits)
+        for s in states:
+            recomputed = torch.zeros(s.plan.num_tokens, dtype=torch.bool)
+            recomputed[s.recomputed_positions] = True
+            s.stats.recomputed_tokens = int(recomputed.sum())
+            s.stats.reused_tokens = int((s.plan.document_mask() & ~recomputed).sum())
+
+    def _blend_seq(self, s: _Running) -> BlendSeq:
+        positions = [torch.arange(st, st + ln) for st, ln, _ in s.plan.doc_spans]
+        doc_positions = torch.cat(positions).to(self.device) if positions else torch.zeros(0, dtype=torch.int64)
+        doc_slots = torch.cat([d.slots for d in s.documents]) if s.documents else doc_positions
+        return BlendSeq(s.prompt_ids, self.req_to_token_pool.req_to_token[s.row, :s.seq_len],
+                        s.plan.recompute.to(self.device), doc_positions, doc_slots, s.plan.blend_ratio)
+
+    # ----------------------------------------------------------------- decode
+    def _decode(self, states: list[_Running]) -> None:
+        active = [s for s in states if s.finish_reason is None]
+        while active:
+            slots = self._alloc(len(active))
+            parts = []
+            for s, slot in zip(active, slots):
+                s.private.append(slot.view(1))
+                self.req_to_token_pool.req_to_token[s.row, s.seq_len] = slot
+                pos = torch.tensor([s.seq_len], device=self.device)
+                ids = torch.tensor([s.output_ids[-1]], device=self.device)
+                s.seq_len += 1
+                parts.append((ids, pos, slot.view(1), self.req_to_token_pool.req_to_token[s.row, :s.seq_len]))
+            self._accept(active, self.linker.run(ForwardBatch.build(parts)))
+            active = [s for s in active if s.finish_reason is None]
+
+    def _accept(self, states: list[_Running], logits: torch.Tensor) -> None:
+        """Sample one token per request and decide whether it finished."""
+        for s, row in zip(states, logits):
+            params = s.request.sampling
+            token = sample_next(row, params, s.generator)
+            s.output_ids.append(token)
+            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            if token in stop_ids:
+                s.finish_reason = {"type": "stop", "matched": token}
+                s.text = self.tokenizer.decode(s.output_ids[:-1], skip_special_tokens=True)
+                continue
+            s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True)
+            hits = [(s.text.find(stop), stop) for stop in params.stop if stop in s.text]
+            if hits:
+                cut, stop = min(hits)
+                s.text = s.text[:cut]
+                s.finish_reason = {"type": "stop", "matched": stop}
+            elif len(s.output_ids) >= params.max_new_tokens:
+                s.finish_reason = {"type": "length", "length": len(s.output_ids)}
+
+    # ----------------------------------------------------------------- memory
+    def _alloc(self, need: int) -> torch.Tensor:
+        slots = self.allocator.alloc(need)
+        if slots is None:
+            self.documents.evict(need - self.allocator.available_size())
+            slots = self.allocator.alloc(need)
+        if slots is None:
+            raise PoolExhausted(f"KV pool full: need {need} slots, {self.allocator.available_size()} free of "
+                                f"{self.allocator.size} and the rest held by running requests; raise kv_cache_gb")
+        return slots
+
+    def _release(self, s: _Running) -> None:
+        for slots in s.private:
+            self.allocator.free(slots)
+        s.private = []
+        for d in s.documents:
+            self.documents.unlock(d)
+        s.documents = []
+        if s.row is not None:
+            self.req_to_token_pool.free(s.row)
+            s.row = None
+
+    def _result(self, s: _Running) -> GenerateResult:
+        return GenerateResult(s.text, list(s.output_ids), s.prompt_ids.tolist(), s.finish_reason or {},
+                              s.policy.name, s.stats, s.recomputed_positions)
+
+    # ----------------------------------------------------------------- identity
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256((Path(self.model_dir) / "config.json").read_bytes())
+        for f in sorted(Path(self.model_dir).glob("*.safetensors")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        h.update(str(self.dtype).encode())
+        return h.hexdigest()[:16]
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        return ids
+
+    def info(self) -> dict:
+        return {"model": self.model_name, "model_dir": str(self.model_dir), "device": str(self.device),
+                "dtype": str(self.dtype), "kv_pool_tokens": self.allocator.size,
+                "max_context_len": self.max_context_len, "config": json.loads((Path(self.model_dir) / "config.json").read_text())}

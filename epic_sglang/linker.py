@@ -1,0 +1,78 @@
+"""The forward passes of compile and link, on one model, pool and attention backend.
+
+- `run`: every token of the batch through every layer (compile, fr, naive, legolink, decode).
+- `run_cacheblend`: CacheBlend's selective pass; layers up to the check layer for all
+  tokens, then only the picked tokens, reusing cached KV for the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epic_sglang.forward_batch import ForwardBatch
+from epic_sglang.kv_pool import KVPool
+from epic_sglang.models.decoder import CausalLM
+from epic_sglang.policies import CACHEBLEND_CHECK_LAYER, cacheblend_pick
+
+
+@dataclass
+class BlendSeq:
+    """One cacheblend request: its whole prompt, all in private slots, plus where each
+    reused document position's cached KV lives."""
+    input_ids: torch.Tensor  # (n,)
+    slots: torch.Tensor  # (n,) private slots, the request's row
+    always: torch.Tensor  # (n,) bool: positions recomputed regardless (non-document)
+    doc_positions: torch.Tensor  # (d,) positions inside reused documents
+    doc_slots: torch.Tensor  # (d,) their cached slots
+    ratio: float
+
+
+class Linker:
+    def __init__(self, model: CausalLM, pool: KVPool, attn):
+        self.model, self.pool, self.attn = model, pool, attn
+
+    @torch.inference_mode()
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Returns logits at the last query of every sequence."""
+        hidden = self.model.forward(batch, self.pool, self.attn)
+        return self.model.logits(hidden[batch.last_token_index()])
+
+    @torch.inference_mode()
+    def run_cacheblend(self, seqs: list[BlendSeq]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Returns (logits at each last position, recomputed positions of each sequence)."""
+        device = seqs[0].input_ids.device
+        full = ForwardBatch.build([
+            (s.input_ids, torch.arange(s.input_ids.numel(), device=device), s.slots, s.slots) for s in seqs])
+        x = self.model.embed(full.input_ids)
+        layers = self.model.layers
+        for layer in layers[:CACHEBLEND_CHECK_LAYER + 1]:
+            x = layer(x, full, self.pool, self.attn)
+
+        picked = [self._pick(s) for s in seqs]
+        keep = torch.cat([p + view.q_start for p, view in zip(picked, full.seqs)])
+        x = x[keep]
+        sub = ForwardBatch.build([(s.input_ids[p], p, s.slots[p], s.slots) for s, p in zip(seqs, picked)])
+        reuse = [self._reused(s, p) for s, p in zip(seqs, picked)]
+        for layer in layers[CACHEBLEND_CHECK_LAYER + 1:]:
+            for dst, src in reuse:  # unpicked document tokens keep their cached KV
+                self.pool.copy_slots(layer.layer_id, dst, src)
+            x = layer(x, sub, self.pool, self.attn)
+        return self.model.logits(x[sub.last_token_index()]), picked
+
+    def _pick(self, s: BlendSeq) -> torch.Tensor:
+        layer = CACHEBLEND_CHECK_LAYER
+        k, v = self.pool.get_key_buffer(layer), self.pool.get_value_buffer(layer)
+        fresh = s.slots[s.doc_positions]
+        dev = ((k[fresh] - k[s.doc_slots]).float().pow(2).sum((1, 2))
+               + (v[fresh] - v[s.doc_slots]).float().pow(2).sum((1, 2)))
+        chosen = s.doc_positions[cacheblend_pick(dev, s.ratio)] if dev.numel() else s.doc_positions
+        recompute = s.always.clone()
+        recompute[chosen] = True
+        return recompute.nonzero().flatten()
+
+    def _reused(self, s: BlendSeq, picked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        is_picked = torch.zeros_like(s.always)
+        is_picked[picked] = True
+        unpicked = ~is_picked[s.doc_positions]
+        return s.slots[s.doc_positions[unpicked]], s.doc_slots[unpicked]

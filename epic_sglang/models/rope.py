@@ -1,0 +1,55 @@
+"""Rotary position embedding: inverse frequencies (default, linear, llama3) and rotation.
+
+Keys are stored *un-rotated* in the KV pool, so one copy of a document's KV serves every
+position; attention rotates queries and keys by their positions in the linked prompt.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from epic_sglang.models.config import ModelConfig
+
+
+def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling
+    if cfg.rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if cfg.rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_ctx / high) * ~(wavelen > old_ctx / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class Rotary:
+    """Rotates (tokens, heads, head_dim) tensors by position, from a cos/sin table that grows
+    on demand (decode re-rotates a sequence's keys every step, so the table pays off)."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device):
+        self.inv_freq = inverse_frequencies(cfg).to(device)
+        self._cos = self._sin = torch.empty(0, cfg.head_dim, device=device)
+
+    def _table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if length > self._cos.shape[0]:
+            size = max(1024, 1 << (length - 1).bit_length())
+            freqs = torch.arange(size, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = emb.cos(), emb.sin()
+        return self._cos, self._sin
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self._table(int(positions.max()) + 1)
+        cos, sin = cos[positions].to(x.dtype)[:, None, :], sin[positions].to(x.dtype)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated_half * sin

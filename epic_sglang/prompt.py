@@ -1,0 +1,64 @@
+"""Chat-templated RAG prompts as token segments with exact document boundaries.
+
+The prompt is the model's chat template with documents and question in the user turn:
+
+    [head: template up to the user content] [doc_1] ... [doc_N] [question + template tail]
+
+Each document is tokenized alone (`DOCUMENT_FORMAT`), never re-tokenized in context, so its
+tokens are the same wherever it appears and its cached KV lines up exactly.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from epic_sglang.policies import Segment
+
+DOCUMENT_FORMAT = "{text}\n\n"
+QUESTION_FORMAT = "Question: {question}"
+_CONTENT = "\x00EPIC_USER_CONTENT\x00"
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._encode_document = lru_cache(maxsize=65536)(self._encode_document_uncached)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _encode_document_uncached(self, text: str) -> tuple[int, ...]:
+        if not text.strip():
+            raise ValueError("empty document: every document needs some text")
+        return tuple(self.encode(DOCUMENT_FORMAT.format(text=text)))
+
+    def encode_document(self, text: str) -> tuple[int, ...]:
+        if not isinstance(text, str):
+            raise TypeError(f"a document must be a string, got {type(text).__name__}")
+        return self._encode_document(text)
+
+    def template_parts(self, system: str | None) -> tuple[str, str]:
+        """(head, tail) of the chat template around the user turn's content."""
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        messages.append({"role": "user", "content": _CONTENT})
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            head, tail = text.split(_CONTENT)
+            return head, tail
+        return (f"{system}\n\n" if system else ""), "\n"
+
+    def build(self, question: str, documents: list[str], system: str | None = None) -> list[Segment]:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("empty question: pass the text to answer")
+        head, tail = self.template_parts(system)
+        segments = [Segment(tuple(self.encode(head)))] if head else []
+        segments += [Segment(self.encode_document(d), document=i) for i, d in enumerate(documents)]
+        question_text = QUESTION_FORMAT.format(question=question) if documents else question
+        segments.append(Segment(tuple(self.encode(question_text + tail))))
+        return segments
+
+    def sink_tokens(self, count: int) -> list[int]:
+        """Throw-away tokens for `legolink0`: the template's first token (an attention sink by
+        training: `<|im_start|>`, `<|begin_of_text|>`, ...), repeated."""
+        head, _ = self.template_parts(None)
+        first = self.encode(head)[:1] or [self.tokenizer.bos_token_id or 0]
+        return first * count
