@@ -32,11 +32,14 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_tex
 
 @dataclass
 class Request:
-    question: str
+    question: str = ""
     documents: list[str] = field(default_factory=list)
     system: str | None = None
     policy: str = "legolink-16"
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # A pre-tokenized prompt (e.g. from an API's document spans); overrides the three above.
+    segments: list[Segment] | None = None
+    return_first_logits: bool = False  # keep the logits that chose the first output token
 
 
 @dataclass
@@ -60,6 +63,7 @@ class GenerateResult:
     policy: str
     stats: GenerateStats
     recomputed_positions: list[int]
+    first_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -80,6 +84,7 @@ class _Running:
     finish_reason: dict | None = None
     text: str = ""
     generator: torch.Generator | None = None
+    first_logits: torch.Tensor | None = None
 
 
 def _default_device() -> torch.device:
@@ -154,6 +159,10 @@ class Engine:
             self.documents.unlock(d)
         return docs
 
+    def flush_cache(self) -> int:
+        """Drop every compiled document not in use; returns the number of tokens freed."""
+        return self.documents.evict(self.documents.cached_tokens())
+
     def document_key(self, text: str, policy: str = "legolink-16") -> str:
         return document_key(self.fingerprint, parse_policy(policy).recipe, self.prompts.encode_document(text))
 
@@ -161,7 +170,8 @@ class Engine:
     def _admit(self, req: Request) -> _Running:
         policy = parse_policy(req.policy)
         req.sampling.validate()
-        segments = self.prompts.build(req.question, req.documents, req.system)
+        segments = req.segments if req.segments is not None else self.prompts.build(req.question, req.documents, req.system)
+        self._check_segments(segments)
         plan = plan_link(policy, segments)
         n = plan.num_tokens
         if n + req.sampling.max_new_tokens > self.max_context_len:
@@ -170,6 +180,16 @@ class Engine:
         prompt_ids = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.int64, device=self.device)
         return _Running(req, policy, segments, plan, prompt_ids, GenerateStats(prompt_tokens=n),
                         generator=req.sampling.generator())
+
+    def _check_segments(self, segments: list[Segment]) -> None:
+        if not segments or not any(len(s) for s in segments):
+            raise ValueError("empty prompt: give at least one token")
+        vocab = self.config.vocab_size
+        for seg in segments:
+            if seg.document is not None and not len(seg):
+                raise ValueError("empty document: every document needs some tokens")
+            if any(not 0 <= t < vocab for t in seg.token_ids):
+                raise ValueError(f"token id out of range [0, {vocab})")
 
     # ----------------------------------------------------------------- compile
     def _compile_for(self, states: list[_Running]) -> None:
@@ -299,6 +319,8 @@ class Engine:
         """Sample one token per request and decide whether it finished."""
         for s, row in zip(states, logits):
             params = s.request.sampling
+            if s.request.return_first_logits and not s.output_ids:
+                s.first_logits = row.detach().float().cpu()
             token = sample_next(row, params, s.generator)
             s.output_ids.append(token)
             stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
@@ -339,7 +361,7 @@ class Engine:
 
     def _result(self, s: _Running) -> GenerateResult:
         return GenerateResult(s.text, list(s.output_ids), s.prompt_ids.tolist(), s.finish_reason or {},
-                              s.policy.name, s.stats, s.recomputed_positions)
+                              s.policy.name, s.stats, s.recomputed_positions, s.first_logits)
 
     # ----------------------------------------------------------------- identity
     def _fingerprint(self) -> str:

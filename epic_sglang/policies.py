@@ -8,6 +8,8 @@
 | legolink0       | like naive, but documents are compiled behind throw-away sinks   |
 | cacheblend-<r>  | all tokens in layers 0..1, then r% of document tokens (largest   |
 |                 | KV deviation at layer 1) + every non-document token              |
+
+The prompt's last token is always recomputed, even inside a document.
 """
 from __future__ import annotations
 
@@ -116,6 +118,7 @@ def plan_link(policy: Policy, segments: list[Segment]) -> LinkPlan:
         else:
             recompute[pos:pos + len(seg)] = True
         pos += len(seg)
+    recompute[-1] = True  # the first output token always comes from fresh logits
     return LinkPlan(recompute, spans, policy.ratio if policy.kind == "cacheblend" else 0.0)
 
 

