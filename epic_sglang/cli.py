@@ -12,7 +12,9 @@ from epic_sglang.models.registry import MODELS, ModelNotInstalled
 
 def _generate(args: argparse.Namespace) -> int:
     from epic_sglang.engine import Engine
+    from epic_sglang.policies import parse_policy
 
+    parse_policy(args.policy)  # fail before the model loads
     documents = list(args.document or [])
     for path in args.document_file or []:
         try:
