@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from epic_sglang.attention import TorchReferenceAttention
+from epic_sglang.attention import make_attention
 from epic_sglang.doc_cache import CachedDocument, DocumentCache, document_key
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
@@ -94,7 +95,10 @@ def _default_device() -> torch.device:
 class Engine:
     def __init__(self, model: str = "smollm2-135m", device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, kv_cache_gb: float = 2.0, max_requests: int = 64,
-                 max_context_len: int | None = None):
+                 max_context_len: int | None = None, attention: str = "auto", link_mode: str = "runs",
+                 load_format: str = "auto"):
+        """`attention`: auto | torch | flashinfer; `link_mode` (flashinfer): runs | mask;
+        `load_format`: auto | dummy (random weights at the model's shape, for speed runs)."""
         from transformers import AutoTokenizer
 
         self.device = torch.device(device) if device is not None else _default_device()
@@ -103,7 +107,10 @@ class Engine:
             torch.set_flush_denormal(True)  # denormals make fp32 CPU decode ~10x slower
         self.model_dir = resolve_model_dir(model)
         self.model_name = model
-        self.model = load_causal_lm(self.model_dir, self.dtype, self.device)
+        self.load_format = load_format
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
+        self.model = load_causal_lm(self.model_dir, self.dtype, self.device, dummy=load_format == "dummy")
         self.config = self.model.config
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.prompts = PromptBuilder(self.tokenizer)
@@ -119,7 +126,8 @@ class Engine:
         self.allocator = SlotAllocator(size, self.device)
         self.req_to_token_pool = ReqToTokenPool(max_requests, self.max_context_len + 1, self.device)
         self.documents = DocumentCache(self.allocator)
-        self.linker = Linker(self.model, self.pool, TorchReferenceAttention(cfg, self.device))
+        self.attention = make_attention(attention, cfg, self.device, self.dtype, link_mode)
+        self.linker = Linker(self.model, self.pool, self.attention)
 
     # ----------------------------------------------------------------- public API
     def generate(self, question: str, documents: list[str] | None = None, system: str | None = None,
@@ -153,8 +161,14 @@ class Engine:
 
     def compile(self, documents: list[str], policy: str = "legolink-16") -> list[CachedDocument]:
         """Compile (or find) the documents' KV for the policy's recipe, ahead of any request."""
-        recipe = parse_policy(policy).recipe
-        docs, _ = self._compile([self.prompts.encode_document(d) for d in documents], recipe)
+        return self._precompile([self.prompts.encode_document(d) for d in documents], policy)
+
+    def compile_segments(self, segments: list[Segment], policy: str = "legolink-16") -> list[CachedDocument]:
+        """Same, for the document segments of a pre-tokenized prompt."""
+        return self._precompile([s.token_ids for s in segments if s.document is not None], policy)
+
+    def _precompile(self, token_seqs: list[tuple[int, ...]], policy: str) -> list[CachedDocument]:
+        docs, _ = self._compile(token_seqs, parse_policy(policy).recipe)
         for d in docs:
             self.documents.unlock(d)
         return docs
@@ -365,10 +379,12 @@ class Engine:
 
     # ----------------------------------------------------------------- identity
     def _fingerprint(self) -> str:
-        h = hashlib.sha256((Path(self.model_dir) / "config.json").read_bytes())
+        h = hashlib.sha256((Path(self.model_dir) / "config.json").read_bytes() + self.load_format.encode())
         for f in sorted(Path(self.model_dir).glob("*.safetensors")):
             h.update(f"{f.name}:{f.stat().st_size}".encode())
         h.update(str(self.dtype).encode())
+        if self.load_format == "dummy":  # random weights differ per instance: never share their KV
+            h.update(secrets.token_bytes(16))
         return h.hexdigest()[:16]
 
     def _eos_token_ids(self) -> set[int]:

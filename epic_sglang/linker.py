@@ -35,6 +35,7 @@ class Linker:
     @torch.inference_mode()
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Returns logits at the last query of every sequence."""
+        self.attn.plan(batch)
         hidden = self.model.forward(batch, self.pool, self.attn)
         return self.model.logits(hidden[batch.last_token_index()])
 
@@ -46,6 +47,7 @@ class Linker:
             (s.input_ids, torch.arange(s.input_ids.numel(), device=device), s.slots, s.slots) for s in seqs])
         x = self.model.embed(full.input_ids)
         layers = self.model.layers
+        self.attn.plan(full)
         for layer in layers[:CACHEBLEND_CHECK_LAYER + 1]:
             x = layer(x, full, self.pool, self.attn)
 
@@ -54,6 +56,7 @@ class Linker:
         x = x[keep]
         sub = ForwardBatch.build([(s.input_ids[p], p, s.slots[p], s.slots) for s, p in zip(seqs, picked)])
         reuse = [self._reused(s, p) for s, p in zip(seqs, picked)]
+        self.attn.plan(sub)
         for layer in layers[CACHEBLEND_CHECK_LAYER + 1:]:
             for dst, src in reuse:  # unpicked document tokens keep their cached KV
                 self.pool.copy_slots(layer.layer_id, dst, src)

@@ -1,4 +1,28 @@
-"""Attention backends: `torch_ref` (any device; the semantics oracle)."""
-from epic_sglang.attention.torch_ref import TorchReferenceAttention
+"""Attention backends: `torch` (any device; the semantics oracle) and `flashinfer` (GPU)."""
+from __future__ import annotations
 
-__all__ = ["TorchReferenceAttention"]
+import importlib.util
+
+import torch
+
+from epic_sglang.attention.torch_ref import TorchReferenceAttention
+from epic_sglang.models.config import ModelConfig
+
+BACKENDS = ("auto", "torch", "flashinfer")
+
+
+def make_attention(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, link_mode: str = "runs"):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        fits = (device.type == "cuda" and cfg.rope_type in ("default", "linear")
+                and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flashinfer") is not None)
+        name = "flashinfer" if fits else "torch"
+    if name == "torch":
+        return TorchReferenceAttention(cfg, device)
+    from epic_sglang.attention.flashinfer_backend import FlashInferAttention
+
+    return FlashInferAttention(cfg, device, dtype, link_mode)
+
+
+__all__ = ["BACKENDS", "TorchReferenceAttention", "make_attention"]

@@ -20,22 +20,29 @@ class TorchReferenceAttention:
         self.rotary = Rotary(cfg, device)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
+        self._masks: list[dict] = []
+
+    def plan(self, batch: ForwardBatch) -> None:
+        """Per sequence, the SDPA mask arguments; shared by every layer of the forward."""
+        self._masks = []
+        for s in batch.seqs:
+            if s.dense:
+                self._masks.append({"is_causal": True})
+            elif s.last_only:
+                self._masks.append({})
+            else:
+                n = s.kv_slots.numel()
+                self._masks.append({"attn_mask": torch.arange(n, device=s.kv_slots.device)[None, :] <= s.q_positions[:, None]})
 
     def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
         q = self.rotary.rotate(q, batch.positions)
         k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
         out = torch.empty_like(q)
-        for s in batch.seqs:
+        for s, mask in zip(batch.seqs, self._masks):
             n = s.kv_slots.numel()
             k = self.rotary.rotate(k_buf[s.kv_slots], torch.arange(n, device=q.device))
             v = v_buf[s.kv_slots]
-            qs = q[s.q_start:s.q_end].transpose(0, 1)
-            kwargs = {}
-            if s.dense:
-                kwargs["is_causal"] = True
-            elif not s.last_only:
-                kwargs["attn_mask"] = torch.arange(n, device=q.device)[None, :] <= s.q_positions[:, None]
-            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1),
-                                               scale=self.scale, enable_gqa=True, **kwargs)
+            o = F.scaled_dot_product_attention(q[s.q_start:s.q_end].transpose(0, 1), k.transpose(0, 1),
+                                               v.transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)
             out[s.q_start:s.q_end] = o.transpose(0, 1)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -49,7 +49,18 @@ class Rotary:
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         cos, sin = self._table(int(positions.max()) + 1)
-        cos, sin = cos[positions].to(x.dtype)[:, None, :], sin[positions].to(x.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated_half * sin
+        return apply_rotation(x, cos[positions], sin[positions])
+
+
+def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, heads, head_dim); cos/sin: (tokens, head_dim). Llama's rotate-half layout."""
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def rotate_by(x: torch.Tensor, offsets: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate by arbitrary (also negative) position offsets, in fp32."""
+    freqs = offsets.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return apply_rotation(x.float(), emb.cos(), emb.sin()).to(x.dtype)

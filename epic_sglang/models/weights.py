@@ -10,10 +10,13 @@ from epic_sglang.models.config import ModelConfig
 from epic_sglang.models.decoder import CausalLM
 
 
-def load_causal_lm(model_dir: Path, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def load_causal_lm(model_dir: Path, dtype: torch.dtype, device: torch.device, dummy: bool = False) -> CausalLM:
+    """`dummy`: random weights at the checkpoint's shape (speed runs; SGLang's --load-format dummy)."""
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = CausalLM(cfg)
+    if dummy:
+        return _random_init(model.to(dtype).to_empty(device=device)).eval()
     state: dict[str, torch.Tensor] = {}
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -29,3 +32,17 @@ def load_causal_lm(model_dir: Path, dtype: torch.dtype, device: torch.device) ->
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def _random_init(model: CausalLM) -> CausalLM:
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model

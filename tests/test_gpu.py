@@ -1,0 +1,71 @@
+"""GPU: the FlashInfer backend against the torch reference and transformers (needs CUDA and
+flashinfer; a tokenizer folder from EPIC_TOKENIZER_DIR or the installed SmolLM2)."""
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+TINY = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=512, intermediate_size=1024,
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5,
+            rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=False, vocab_size=49152,
+            bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir() -> Path:
+    if importlib.util.find_spec("flashinfer") is None:
+        pytest.skip("flashinfer not installed")
+    if os.environ.get("EPIC_TOKENIZER_DIR"):
+        return Path(os.environ["EPIC_TOKENIZER_DIR"])
+    from epic_sglang.models.loader import resolve_model_dir
+
+    return resolve_model_dir("smollm2-135m")
+
+
+def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir):
+    from benchmarks.gpu_ttft import check_against_reference, model_dir, segments
+    from epic_sglang import Engine
+
+    engine = Engine(str(model_dir(TINY, tokenizer_dir)), device="cuda", load_format="dummy", kv_cache_gb=1)
+    with torch.no_grad():  # widen the random weights so logits are far from flat
+        for name, p in engine.model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    rows = check_against_reference(engine, segments(5, 300, 40, 20, TINY["vocab_size"], seed=3))
+    assert len(rows) == 12 and all(r.endswith("| ok |") for r in rows)
+
+
+def test_fr_matches_transformers_on_gpu(tokenizer_dir, tmp_path):
+    import transformers
+
+    from epic_sglang import Engine, Request, SamplingParams
+    from epic_sglang.policies import Segment
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(**{k: v for k, v in TINY.items() if k not in ("architectures", "model_type")})
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file() and f.name.startswith("tokenizer"):
+            shutil.copy(f, tmp_path / f.name)
+    hf = hf.to("cuda", torch.bfloat16).eval()
+    engine = Engine(str(tmp_path), device="cuda", kv_cache_gb=1)
+    assert type(engine.attention).__name__ == "FlashInferAttention"
+    ids = tuple(torch.randint(100, 40000, (700,), generator=torch.Generator().manual_seed(5)).tolist())
+    r = engine.generate_batch([Request(segments=[Segment(ids)], policy="fr", return_first_logits=True,
+                                       sampling=SamplingParams(max_new_tokens=8, ignore_eos=True))])[0]
+    with torch.inference_mode():
+        expect = hf(torch.tensor([ids], device="cuda")).logits[0, -1].float().cpu()
+        greedy = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert torch.nn.functional.cosine_similarity(r.first_logits, expect, dim=0) > 0.999
+    assert r.output_ids == greedy
