@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# On the GPU host: install the offline SGLang/FlashInfer kit from gpu_bundle/, run the GPU
-# tests and benchmarks/gpu_ttft.py, and leave BENCHMARKS.md and logs in $OUT.
-#   bash benchmarks/gpu_run.sh [gpu_ttft.py args...]
+# On the GPU host: install the offline SGLang/FlashInfer kit from gpu_bundle/ (built with
+# ../shared/gpu-kit/build.sh), then run the GPU tests or benchmarks/gpu_ttft.py; logs,
+# BENCHMARKS.md and FlashInfer's JIT cache go to $OUT.
+#   bash benchmarks/gpu_run.sh tests
+#   bash benchmarks/gpu_run.sh bench [gpu_ttft.py args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE=${1:?usage: gpu_run.sh tests|bench [args]}; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}; [ -x "$PY" ] || PY=$(command -v python3)
 export PYTHON=$PY
@@ -13,11 +16,15 @@ export PATH="$(dirname "$PY"):$PATH"
 for c in /usr/local/cuda $(ls -d /usr/local/cuda-* 2>/dev/null); do
   [ -x "$c/bin/nvcc" ] && { export CUDA_HOME=$c; export PATH="$c/bin:$PATH"; break; }
 done
-# FlashInfer's JIT cache, carried between runs when present
-if [ -f gpu_bundle/jit-cache.tar ]; then mkdir -p ~/.cache && tar -xf gpu_bundle/jit-cache.tar -C ~/.cache; fi
+# FlashInfer's JIT cache from an earlier run skips minutes of kernel compilation.
+[ -f gpu_bundle/jit-cache.tar ] && mkdir -p ~/.cache && tar -xf gpu_bundle/jit-cache.tar -C ~/.cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 TOK=/tmp/devkit/devkit/tokenizer
-EPIC_TOKENIZER_DIR=$TOK timeout 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30 | tee "$OUT/gpu_tests.log"
-"$PY" benchmarks/gpu_ttft.py --tokenizer "$TOK" "$@" 2>&1 | tee "$OUT/gpu_ttft.log" | grep -v Warning | tail -40
-cp BENCHMARKS.md "$OUT/" 2>/dev/null
-(cd ~/.cache && tar -cf "$OUT/jit-cache.tar" flashinfer 2>/dev/null; ls -la "$OUT/jit-cache.tar")
+case "$MODE" in
+  tests) EPIC_TOKENIZER_DIR=$TOK "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40; rc=${PIPESTATUS[0]} ;;
+  bench) "$PY" benchmarks/gpu_ttft.py --tokenizer "$TOK" "$@" 2>&1 | tee "$OUT/gpu_ttft.log" | grep -v -i warn | tail -60; rc=${PIPESTATUS[0]}
+         cp BENCHMARKS.md "$OUT/" ;;
+  *) echo "unknown mode $MODE"; exit 2 ;;
+esac
+(cd ~/.cache && tar -cf "$OUT/jit-cache.tar" flashinfer 2>/dev/null && ls -la "$OUT/jit-cache.tar")
+exit "$rc"

@@ -308,7 +308,7 @@ class Engine:
 
     def _blend_seq(self, s: _Running) -> BlendSeq:
         positions = [torch.arange(st, st + ln) for st, ln, _ in s.plan.doc_spans]
-        doc_positions = torch.cat(positions).to(self.device) if positions else torch.zeros(0, dtype=torch.int64)
+        doc_positions = torch.cat(positions).to(self.device) if positions else torch.zeros(0, dtype=torch.int64, device=self.device)
         doc_slots = torch.cat([d.slots for d in s.documents]) if s.documents else doc_positions
         return BlendSeq(s.prompt_ids, self.req_to_token_pool.req_to_token[s.row, :s.seq_len],
                         s.plan.recompute.to(self.device), doc_positions, doc_slots, s.plan.blend_ratio)

