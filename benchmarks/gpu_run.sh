@@ -4,6 +4,7 @@
 # BENCHMARKS.md and FlashInfer's JIT cache go to $OUT.
 #   bash benchmarks/gpu_run.sh tests
 #   bash benchmarks/gpu_run.sh bench [gpu_ttft.py args...]
+#   bash benchmarks/gpu_run.sh all [gpu_ttft.py args...]   # both
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:?usage: gpu_run.sh tests|bench [args]}; shift
@@ -17,14 +18,25 @@ for c in /usr/local/cuda $(ls -d /usr/local/cuda-* 2>/dev/null); do
   [ -x "$c/bin/nvcc" ] && { export CUDA_HOME=$c; export PATH="$c/bin:$PATH"; break; }
 done
 # FlashInfer's JIT cache from an earlier run skips minutes of kernel compilation.
-[ -f gpu_bundle/jit-cache.tar ] && mkdir -p ~/.cache && tar -xf gpu_bundle/jit-cache.tar -C ~/.cache
+if ls gpu_bundle/jit-cache.tar.* >/dev/null 2>&1; then
+  mkdir -p ~/.cache && cat gpu_bundle/jit-cache.tar.* | tar -xf - -C ~/.cache
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 TOK=/tmp/devkit/devkit/tokenizer
+run_tests() {
+  EPIC_TOKENIZER_DIR=$TOK "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  return "${PIPESTATUS[0]}"
+}
+run_bench() {
+  "$PY" benchmarks/gpu_ttft.py --tokenizer "$TOK" "$@" 2>&1 | tee "$OUT/gpu_ttft.log" | grep -v -i warn | tail -60
+  local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return "$rc"
+}
 case "$MODE" in
-  tests) EPIC_TOKENIZER_DIR=$TOK "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40; rc=${PIPESTATUS[0]} ;;
-  bench) "$PY" benchmarks/gpu_ttft.py --tokenizer "$TOK" "$@" 2>&1 | tee "$OUT/gpu_ttft.log" | grep -v -i warn | tail -60; rc=${PIPESTATUS[0]}
-         cp BENCHMARKS.md "$OUT/" ;;
+  all) run_tests; t=$?; run_bench "$@"; rc=$?; [ "$t" = 0 ] || rc=$t ;;
+  tests) run_tests; rc=$? ;;
+  bench) run_bench "$@"; rc=$? ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac
-(cd ~/.cache && tar -cf "$OUT/jit-cache.tar" flashinfer 2>/dev/null && ls -la "$OUT/jit-cache.tar")
+# $OUT takes files of at most 16 MiB: split the cache.
+(cd ~/.cache && tar -cf - flashinfer 2>/dev/null | split -b 15M -d -a 2 - "$OUT/jit-cache.tar." && ls -la "$OUT"/jit-cache.tar.*)
 exit "$rc"

@@ -15,8 +15,8 @@ def make_attention(name: str, cfg: ModelConfig, device: torch.device, dtype: tor
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "auto":
-        fits = (device.type == "cuda" and cfg.rope_type in ("default", "linear")
-                and dtype in (torch.bfloat16, torch.float16) and importlib.util.find_spec("flashinfer") is not None)
+        fits = (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+                and importlib.util.find_spec("flashinfer") is not None)
         name = "flashinfer" if fits else "torch"
     if name == "torch":
         return TorchReferenceAttention(cfg, device)

@@ -1,19 +1,29 @@
-"""FlashInfer attention over the paged KV pool (page size 1), RoPE fused in the kernel.
+"""FlashInfer attention over the paged KV pool (page size 1).
 
-Keys sit un-rotated in the pool; `pos_encoding_mode="ROPE_LLAMA"` rotates each key by its
-index in the sequence's KV view, which is its position in the linked prompt. Two ways to
-run a link pass whose queries are scattered (LegoLink: the first k tokens of each document
-plus the question):
+Keys sit un-rotated in the pool, shared by every request that links them. Each forward
+picks one of two ways to apply RoPE (measured on an H100, BENCHMARKS.md):
 
+- fused, in place: FlashInfer rotates keys as it loads them (`ROPE_LLAMA`, FA2 kernels).
+  Nothing is copied, but every key tile is re-rotated once per query tile, so this wins
+  only when the queries are few next to the context: decode, and link passes (naive,
+  LegoLink). The kernel knows theta and linear scaling only.
+- gathered: the layer gathers the batch's K and V into a scratch buffer, rotating K on the
+  way (one memory-bound pass), then runs without positional encoding, which lets Hopper use
+  FA3. Used for dense prefills (compile, fr, CacheBlend's first layers), for queries
+  scattered over many runs, and for every pass of models whose RoPE the kernel cannot do
+  (llama3 scaling).
+
+A link pass has scattered queries (LegoLink: the first k tokens of each document plus the
+question). Two ways to attend:
 - `runs` (default): each maximal run of consecutive query positions [a, b) becomes one
-  causal batch entry over the truncated KV view `kv_slots[:b]`. Bottom-right causal
-  alignment then puts query i at position a + i and lets it see keys [0, a + i]: exactly
-  the link mask, with no mask tensor.
+  causal batch entry over the truncated KV view [0, b). Bottom-right causal alignment puts
+  query i at position a + i, seeing keys [0, a + i]: exactly the link mask, no mask tensor.
+  Each run re-reads its KV prefix, so sequences with more than MAX_RUNS runs (CacheBlend's
+  picked tokens) use the mask instead.
 - `mask`: one entry per sequence over its whole KV view with the custom mask
-  `attend[i, j] = j <= pos_i`. The kernel places query i at n - m + i, so queries are first
-  rotated by the difference to their true position (rotations compose).
+  `attend[i, j] = j <= pos_i` (gathered path; FA2, as FA3 has no custom masks).
 
-Plan once per forward (all layers share it), run per layer: FlashInfer's own pattern.
+Plan once per forward (every layer shares it), run per layer: FlashInfer's own pattern.
 """
 from __future__ import annotations
 
@@ -22,10 +32,12 @@ import torch
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
 from epic_sglang.models.config import ModelConfig
-from epic_sglang.models.rope import inverse_frequencies, rotate_by
+from epic_sglang.models.rope import Rotary, apply_rotation
 
 WORKSPACE_BYTES = 256 << 20
 LINK_MODES = ("runs", "mask")
+MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry reads less KV
+DENSE_RATIO = 4  # queries * DENSE_RATIO >= context tokens: a dense prefill, gather for FA3
 
 
 def query_runs(positions: list[int]) -> list[tuple[int, int]]:
@@ -39,60 +51,75 @@ class FlashInferAttention:
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, link_mode: str = "runs"):
         import flashinfer
 
-        if cfg.rope_type not in ("default", "linear"):
-            raise ValueError(f"FlashInfer's fused RoPE cannot do rope_type {cfg.rope_type!r}; use attention='torch'")
         if link_mode not in LINK_MODES:
             raise ValueError(f"link_mode must be one of {LINK_MODES}, got {link_mode!r}")
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"FlashInfer needs bfloat16 or float16 KV, got {dtype}")
-        self.cfg, self.device, self.link_mode = cfg, device, link_mode
-        rope_scale = float(cfg.rope_scaling["factor"]) if cfg.rope_type == "linear" else 1.0
-        self.common = dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=cfg.rope_theta, rope_scale=rope_scale,
-                           q_data_type=dtype, kv_data_type=dtype)
-        self.inv_freq = inverse_frequencies(cfg).to(device)  # linear scaling included
+        self.cfg, self.device, self.dtype, self.link_mode = cfg, device, dtype, link_mode
+        self.rotary = Rotary(cfg, device)
+        self.can_fuse = cfg.rope_type in ("default", "linear")
+        self.fused_rope = dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=cfg.rope_theta,
+                               rope_scale=float(cfg.rope_scaling.get("factor", 1.0)) if cfg.rope_type == "linear" else 1.0)
         workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
-        self._wrapper = self.prefill
-        self._q_shift: torch.Tensor | None = None
+        # FlashInfer fixes an "auto" wrapper's backend at its first plan, so one wrapper per use.
+        self.wrappers = {
+            "fa3": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD"),
+            "fused": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
+            "masked": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
+            "decode": flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True),
+        }
+        self._wrapper = None
+        self._gather: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # slots, cos, sin
 
     def plan(self, batch: ForwardBatch) -> None:
         c = self.cfg
         i32 = dict(dtype=torch.int32, device=self.device)
-        self._q_shift = None
-        if all(s.last_only for s in batch.seqs):  # decode: one query per sequence, sees all
+        heads = (c.num_heads, c.num_kv_heads, c.head_dim, 1)
+        dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
+        if self.can_fuse and all(s.last_only for s in batch.seqs):  # decode: attend the pool in place
             lens = [s.kv_slots.numel() for s in batch.seqs]
-            self.decode.plan(torch.tensor([0] + lens, **i32).cumsum(0, dtype=torch.int32),
-                             torch.cat([s.kv_slots for s in batch.seqs]).to(torch.int32),
-                             torch.ones(len(lens), **i32), c.num_heads, c.num_kv_heads, c.head_dim, 1, **self.common)
-            self._wrapper = self.decode
+            self._wrapper, self._gather = self.wrappers["decode"], None
+            self._wrapper.plan(torch.tensor([0] + lens, **i32).cumsum(0, dtype=torch.int32),
+                               torch.cat([s.kv_slots for s in batch.seqs]).to(torch.int32),
+                               torch.ones(len(lens), **i32), *heads, **self.fused_rope, **dtypes)
             return
-        qo, kv_len, kv_idx, masks, shifts = [0], [], [], [], []
-        for s in batch.seqs:
-            if self.link_mode == "runs" or s.dense:
-                for count, end in query_runs(s.q_positions.tolist()):
-                    qo.append(s.q_start + count)
-                    kv_len.append(end)
-                    kv_idx.append(s.kv_slots[:end])
-            else:
-                n, m = s.kv_slots.numel(), s.num_queries
+        runs = [query_runs(s.q_positions.tolist()) for s in batch.seqs]
+        masked = self.link_mode == "mask" or any(len(r) > MAX_RUNS for r in runs)
+        context = sum(s.kv_slots.numel() for s in batch.seqs)
+        gathered = masked or not self.can_fuse or batch.input_ids.numel() * DENSE_RATIO >= context
+
+        qo, kv_len, kv_idx, masks, base = [0], [], [], [], 0
+        for s, seq_runs in zip(batch.seqs, runs):
+            n = s.kv_slots.numel()
+            kv = torch.arange(base, base + n, **i32) if gathered else s.kv_slots.to(torch.int32)
+            if masked:
                 qo.append(s.q_end)
                 kv_len.append(n)
-                kv_idx.append(s.kv_slots)
+                kv_idx.append(kv)
                 masks.append((torch.arange(n, device=self.device)[None, :] <= s.q_positions[:, None]).flatten())
-                shifts.append(s.q_positions - (n - m + torch.arange(m, device=self.device)))
-        mask = dict(custom_mask=torch.cat(masks)) if masks else dict(causal=True)
-        self.prefill.plan(torch.tensor(qo, **i32), torch.tensor([0] + kv_len, **i32).cumsum(0, dtype=torch.int32),
-                          torch.cat(kv_idx).to(torch.int32), torch.ones(len(kv_len), **i32),
-                          c.num_heads, c.num_kv_heads, c.head_dim, 1, **self.common, **mask)
-        if shifts:
-            self._q_shift = torch.cat(shifts)
-        self._wrapper = self.prefill
+            else:
+                for count, end in seq_runs:
+                    qo.append(s.q_start + count)
+                    kv_len.append(end)
+                    kv_idx.append(kv[:end])
+            base += n
+        if gathered:
+            positions = torch.cat([torch.arange(s.kv_slots.numel(), device=self.device) for s in batch.seqs])
+            self._gather = (torch.cat([s.kv_slots for s in batch.seqs]), *self.rotary.cos_sin(positions, self.dtype))
+            self._q_rope = self.rotary.cos_sin(batch.positions, self.dtype)
+            rope = dict(pos_encoding_mode="NONE")
+        else:
+            self._gather, rope = None, self.fused_rope
+        self._wrapper = self.wrappers["masked" if masked else "fa3" if gathered else "fused"]
+        mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
+        self._wrapper.plan(torch.tensor(qo, **i32), torch.tensor([0] + kv_len, **i32).cumsum(0, dtype=torch.int32),
+                           torch.cat(kv_idx), torch.ones(len(kv_len), **i32), *heads, **rope, **dtypes, **mask)
 
     def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
-        if self._q_shift is not None:  # mask mode: true position - kernel position
-            q = rotate_by(q, self._q_shift, self.inv_freq)
-        k = pool.get_key_buffer(layer).unsqueeze(1)  # (slots, page_size=1, kv_heads, head_dim)
-        v = pool.get_value_buffer(layer).unsqueeze(1)
-        out = self._wrapper.run(q.contiguous(), (k, v))
+        k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+        if self._gather is not None:
+            slots, cos, sin = self._gather
+            k, v = apply_rotation(k[slots], cos, sin), v[slots]
+            q = apply_rotation(q, *self._q_rope)
+        out = self._wrapper.run(q.contiguous(), (k.unsqueeze(1), v.unsqueeze(1)))
         return out.reshape(q.shape[0], -1)

@@ -47,9 +47,12 @@ class Rotary:
             self._cos, self._sin = emb.cos(), emb.sin()
         return self._cos, self._sin
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._table(int(positions.max()) + 1)
-        return apply_rotation(x, cos[positions], sin[positions])
+        return cos[positions].to(dtype), sin[positions].to(dtype)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return apply_rotation(x, *self.cos_sin(positions, x.dtype))
 
 
 def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -57,10 +60,3 @@ def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def rotate_by(x: torch.Tensor, offsets: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate by arbitrary (also negative) position offsets, in fp32."""
-    freqs = offsets.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return apply_rotation(x.float(), emb.cos(), emb.sin()).to(x.dtype)
