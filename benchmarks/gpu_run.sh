@@ -18,8 +18,8 @@ for c in /usr/local/cuda $(ls -d /usr/local/cuda-* 2>/dev/null); do
   [ -x "$c/bin/nvcc" ] && { export CUDA_HOME=$c; export PATH="$c/bin:$PATH"; break; }
 done
 # FlashInfer's JIT cache from an earlier run skips minutes of kernel compilation.
-if ls gpu_bundle/jit-cache.tar.* >/dev/null 2>&1; then
-  mkdir -p ~/.cache && cat gpu_bundle/jit-cache.tar.* | tar -xf - -C ~/.cache
+if [ -f gpu_bundle/jit-cache.tar.xz ]; then
+  mkdir -p ~/.cache && xz -dc gpu_bundle/jit-cache.tar.xz | tar -xf - -C ~/.cache
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 TOK=/tmp/devkit/devkit/tokenizer
@@ -37,6 +37,6 @@ case "$MODE" in
   bench) run_bench "$@"; rc=$? ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac
-# $OUT takes files of at most 16 MiB: split the cache.
+# $OUT takes files of at most 16 MiB: split the cache (join and xz it into gpu_bundle/jit-cache.tar.xz).
 (cd ~/.cache && tar -cf - flashinfer 2>/dev/null | split -b 15M -d -a 2 - "$OUT/jit-cache.tar." && ls -la "$OUT"/jit-cache.tar.*)
 exit "$rc"
