@@ -78,8 +78,5 @@ class DocumentCache:
             self.evictions += 1
         return freed
 
-    def evictable_tokens(self) -> int:
-        return sum(len(d) for d in self.entries.values() if not d.lock_ref)
-
     def cached_tokens(self) -> int:
         return sum(len(d) for d in self.entries.values())

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -112,7 +111,8 @@ class Engine:
             raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
         self.model = load_causal_lm(self.model_dir, self.dtype, self.device, dummy=load_format == "dummy")
         self.config = self.model.config
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        # BPE tokenizers ignore the cleanup anyway; saying so silences transformers' warning.
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, clean_up_tokenization_spaces=False)
         self.prompts = PromptBuilder(self.tokenizer)
         self.fingerprint = self._fingerprint()
         self.eos_token_ids = self._eos_token_ids()
@@ -176,9 +176,6 @@ class Engine:
     def flush_cache(self) -> int:
         """Drop every compiled document not in use; returns the number of tokens freed."""
         return self.documents.evict(self.documents.cached_tokens())
-
-    def document_key(self, text: str, policy: str = "legolink-16") -> str:
-        return document_key(self.fingerprint, parse_policy(policy).recipe, self.prompts.encode_document(text))
 
     # ----------------------------------------------------------------- admission
     def _admit(self, req: Request) -> _Running:
@@ -394,8 +391,3 @@ class Engine:
         vocab = self.tokenizer.get_vocab()
         ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
         return ids
-
-    def info(self) -> dict:
-        return {"model": self.model_name, "model_dir": str(self.model_dir), "device": str(self.device),
-                "dtype": str(self.dtype), "kv_pool_tokens": self.allocator.size,
-                "max_context_len": self.max_context_len, "config": json.loads((Path(self.model_dir) / "config.json").read_text())}

@@ -75,9 +75,6 @@ class ReqToTokenPool:
         self.req_to_token = torch.zeros((max_requests, max_context_len), dtype=torch.int64, device=device)
         self.free_rows = list(range(max_requests))
 
-    def available_size(self) -> int:
-        return len(self.free_rows)
-
     def alloc(self) -> int | None:
         return self.free_rows.pop() if self.free_rows else None
 

@@ -1,7 +1,6 @@
 """GPU: the FlashInfer backend against the torch reference and transformers (needs CUDA and
 flashinfer; a tokenizer folder from EPIC_TOKENIZER_DIR or the installed SmolLM2)."""
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path

@@ -1,5 +1,4 @@
 """Correctness anchor: `fr` through our engine reproduces transformers' greedy output."""
-import pytest
 import torch
 
 from epic_sglang import Request, SamplingParams
