@@ -37,6 +37,61 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingest(args: argparse.Namespace) -> int:
+    import logging
+
+    from retrieval.ingest import ingest, load_tokenizer
+    from retrieval.store import DocumentStore
+
+    logging.basicConfig(level=logging.WARNING, format="epic-sglang: warning: %(message)s")
+    if args.compile:
+        raise ValueError("--compile needs radix_ext's disk tier, which is not built yet; ingest without it")
+    report = ingest(args.paths, DocumentStore(args.store, args.index), load_tokenizer(args.model),
+                    namespace=args.namespace, chunk_tokens=args.chunk_tokens, progress=not args.quiet)
+    print(f"ingested {report.files} files ({report.skipped_files} skipped): {report.chunks} chunks, "
+          f"{report.added} added, {report.duplicates} duplicates, {report.seconds:.1f}s")
+    if report.files == 0:
+        print("epic-sglang: error: nothing could be ingested; check the paths and file types", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _docs(args: argparse.Namespace) -> int:
+    from retrieval.store import DocumentStore
+
+    store = DocumentStore(args.store)
+    if args.action == "rm":
+        if not args.ids:
+            raise ValueError("docs rm needs document ids")
+        print(f"removed {store.delete(args.ids)} documents")
+        return 0
+    for d in store.list(args.namespace, limit=args.limit):
+        print(f"{d.id}\t{d.namespace}\t{len(d.token_ids)} tokens\t{d.title}\t{d.text[:60]!r}")
+    print(f"{store.count(args.namespace)} documents", file=sys.stderr)
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from epic_sglang.engine import Engine
+    from epic_sglang.policies import parse_policy
+    from retrieval.retriever import Retriever
+
+    parse_policy(args.policy)
+    hits = Retriever(args.store).search(args.question, args.top_k, args.namespace)
+    if not hits:
+        raise ValueError(f"no documents in {args.store}; run epic-sglang ingest first")
+    engine = Engine(model=args.model, device=args.device)
+    result = engine.generate(args.question, [h.document.text for h in hits], system=args.system, policy=args.policy,
+                             max_new_tokens=args.max_new_tokens)
+    print(result.text)
+    for h in hits:
+        print(f"  [{h.document.id}] {h.score:.3f} {h.document.title}", file=sys.stderr)
+    s = result.stats
+    print(f"[{result.policy}] prompt={s.prompt_tokens} reused={s.reused_tokens} recomputed={s.recomputed_tokens} "
+          f"ttft={s.ttft_s * 1000:.0f}ms", file=sys.stderr)
+    return 0
+
+
 def _models(_: argparse.Namespace) -> int:
     for spec in MODELS.values():
         try:
@@ -70,6 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print reuse and TTFT to stderr")
     gen.set_defaults(func=_generate)
 
+    ing = sub.add_parser("ingest", help="add files (txt, md, html, pdf, jsonl; folders, globs) to a document store")
+    ing.add_argument("paths", nargs="+")
+    ing.add_argument("--store", required=True, help="store folder (created if missing)")
+    ing.add_argument("--model", default="qwen2.5-0.5b", help="serving model whose tokens measure chunks")
+    ing.add_argument("--chunk-tokens", type=int, default=512)
+    ing.add_argument("--namespace", default="default")
+    ing.add_argument("--index", default="auto", help="auto | flat | ivf | hnsw")
+    ing.add_argument("--compile", action="store_true", help="precompile KV (needs radix_ext's disk tier)")
+    ing.add_argument("--quiet", action="store_true", help="no progress bar")
+    ing.set_defaults(func=_ingest)
+
+    docs = sub.add_parser("docs", help="list or remove stored documents")
+    docs.add_argument("action", choices=["list", "rm"])
+    docs.add_argument("ids", nargs="*", type=int)
+    docs.add_argument("--store", required=True)
+    docs.add_argument("--namespace", default=None)
+    docs.add_argument("--limit", type=int, default=50)
+    docs.set_defaults(func=_docs)
+
+    ask = sub.add_parser("ask", help="retrieve documents for a question and answer it (local RAG)")
+    ask.add_argument("question")
+    ask.add_argument("--store", required=True)
+    ask.add_argument("--model", default="qwen2.5-0.5b")
+    ask.add_argument("--top-k", type=int, default=5)
+    ask.add_argument("--namespace", default=None)
+    ask.add_argument("--policy", default="legolink-16")
+    ask.add_argument("--system", default="Answer the question from the documents, briefly.")
+    ask.add_argument("--max-new-tokens", type=int, default=64)
+    ask.add_argument("--device", default=None)
+    ask.set_defaults(func=_ask)
+
     models = sub.add_parser("models", help="list bundled models and whether they are installed")
     models.set_defaults(func=_models)
     return parser
@@ -79,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ModelNotInstalled) as e:
+    except (ValueError, TypeError, FileNotFoundError, ModelNotInstalled, RuntimeError) as e:
         print(f"epic-sglang: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,89 @@
+"""Ingest files into a document store: parse, chunk by the serving model's tokens, dedupe,
+embed in batches with a progress bar, commit batch by batch (resumable after a crash)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+from retrieval.chunker import chunk_text
+from retrieval.embedder import Embedder
+from retrieval.parsers import expand, read_records
+from retrieval.store import DocumentStore
+
+log = logging.getLogger("epic_sglang.ingest")
+
+
+@dataclass
+class IngestReport:
+    files: int = 0
+    skipped_files: int = 0
+    chunks: int = 0
+    added: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+
+
+def ingest(paths: list[str], store: DocumentStore, tokenizer, embedder: Embedder | None = None,
+           namespace: str = "default", chunk_tokens: int = 512, batch_size: int = 64,
+           progress: bool = True) -> IngestReport:
+    from epic_sglang.prompt import DOCUMENT_FORMAT
+
+    def count(text: str) -> int:  # tokens of the document as the engine will cache it
+        return len(tokenizer.encode(DOCUMENT_FORMAT.format(text=text), add_special_tokens=False))
+
+    report, t0 = IngestReport(), time.perf_counter()
+    embedder = embedder or Embedder()
+    pending: list[tuple] = []
+    seen: set[str] = set()
+    files = expand(paths)
+    bar = tqdm(total=len(files), unit="file", desc="ingest", disable=not progress, dynamic_ncols=True)
+
+    def flush() -> None:
+        if not pending:
+            return
+        vectors = embedder.encode([row[5] for row in pending], batch_size=batch_size)
+        added = store.add([(*row, vec) for row, vec in zip(pending, vectors)])
+        report.added += added
+        report.duplicates += len(pending) - added
+        pending.clear()
+        bar.set_postfix(chunks=report.chunks, added=report.added,
+                        chunks_per_s=f"{report.chunks / (time.perf_counter() - t0):.1f}")
+
+    for path in files:
+        bar.update(1)
+        try:
+            records = list(read_records(path))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            log.warning("skipped %s: %s", path, e)
+            report.skipped_files += 1
+            continue
+        report.files += 1
+        for rec in records:
+            for ch in chunk_text(rec.text, count, chunk_tokens):
+                report.chunks += 1
+                if ch.text in seen or store.has(namespace, ch.text):
+                    report.duplicates += 1
+                    continue
+                seen.add(ch.text)
+                ids = tokenizer.encode(DOCUMENT_FORMAT.format(text=ch.text), add_special_tokens=False)
+                pending.append((namespace, rec.source, rec.title, ch.start, ch.end, ch.text, ids))
+                if len(pending) >= batch_size * 4:
+                    flush()
+    flush()
+    bar.close()
+    store.index()  # rebuild and persist the index for the new revision
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def load_tokenizer(model: str):
+    """The serving model's tokenizer (chunks are measured in its tokens)."""
+    from transformers import AutoTokenizer
+
+    from epic_sglang.models.loader import resolve_model_dir
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(model), clean_up_tokenization_spaces=False)
+
