@@ -92,6 +92,23 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from epic_sglang.engine import Engine
+    from epic_sglang.evaluation import markdown_table, run_eval, summarize
+
+    policies = [p for p in args.policies.split(",") if p]
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    engine = Engine(model=args.model, device=args.device)
+    out = Path(args.out or f"runs/eval-{Path(args.model).name}-seed{args.seed}.jsonl")
+    rows = run_eval(engine, args.n, policies, out, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    print(markdown_table(summarize(rows)))
+    print(f"results: {out} (model {args.model}, n={args.n}, seed {args.seed})", file=sys.stderr)
+    return 0
+
+
 def _models(_: argparse.Namespace) -> int:
     for spec in MODELS.values():
         try:
@@ -155,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--device", default=None)
     ask.set_defaults(func=_ask)
+
+    ev = sub.add_parser("eval", help="HotpotQA accuracy and fidelity to fr of link policies")
+    ev.add_argument("--model", default="qwen2.5-0.5b")
+    ev.add_argument("--n", type=int, default=300, help="questions (seeded sample of HotpotQA dev)")
+    ev.add_argument("--policies", default="fr,naive,legolink-16,cacheblend-15", help="comma-separated")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--out", default=None, help="JSON-lines results, resumed if present")
+    ev.add_argument("--device", default=None)
+    ev.set_defaults(func=_eval)
 
     models = sub.add_parser("models", help="list bundled models and whether they are installed")
     models.set_defaults(func=_models)

@@ -39,7 +39,8 @@ def ingest(paths: list[str], store: DocumentStore, tokenizer, embedder: Embedder
     pending: list[tuple] = []
     seen: set[str] = set()
     files = expand(paths)
-    bar = tqdm(total=len(files), unit="file", desc="ingest", disable=not progress, dynamic_ncols=True)
+    # Streams (no corpus-sized buffers), so the bar counts embedded chunks and shows their rate.
+    bar = tqdm(unit="chunk", desc="ingest", disable=not progress, dynamic_ncols=True)
 
     def flush() -> None:
         if not pending:
@@ -48,12 +49,11 @@ def ingest(paths: list[str], store: DocumentStore, tokenizer, embedder: Embedder
         added = store.add([(*row, vec) for row, vec in zip(pending, vectors)])
         report.added += added
         report.duplicates += len(pending) - added
+        bar.update(len(pending))
+        bar.set_postfix(files=f"{report.files + report.skipped_files}/{len(files)}", added=report.added)
         pending.clear()
-        bar.set_postfix(chunks=report.chunks, added=report.added,
-                        chunks_per_s=f"{report.chunks / (time.perf_counter() - t0):.1f}")
 
     for path in files:
-        bar.update(1)
         try:
             records = list(read_records(path))
         except (OSError, ValueError, UnicodeDecodeError) as e:
