@@ -10,38 +10,63 @@ from retrieval.embedder import Embedder
 from retrieval.store import DocumentStore, StoredDocument
 
 
+MODES = ("hybrid", "dense")
+RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al.)
+CANDIDATES = 50  # per ranker, before fusion
+
+
 @dataclass(frozen=True)
 class Hit:
-    score: float
+    score: float  # cosine similarity of question and document embeddings
     document: StoredDocument
 
 
 class Retriever:
-    def __init__(self, store: DocumentStore | str | Path, embedder: Embedder | None = None):
+    """`hybrid` (default): FAISS dense ranking fused with SQLite FTS5 BM25 by reciprocal
+    rank; the keywords catch the entity names multi-hop questions hinge on. `dense`: FAISS
+    only. Hits are ordered by the fused rank and carry the dense cosine as their score."""
+
+    def __init__(self, store: DocumentStore | str | Path, embedder: Embedder | None = None, mode: str = "hybrid"):
+        if mode not in MODES:
+            raise ValueError(f"retrieval mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.store = store if isinstance(store, DocumentStore) else DocumentStore(store)
         self.embedder = embedder or Embedder()
+        self.mode = mode
 
     def search(self, question: str, top_k: int = 5, namespace: str | None = None,
                min_score: float | None = None) -> list[Hit]:
-        import faiss
-
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
+        query = self.embedder.encode([question])[0]
+        dense = self._dense(query, max(top_k, CANDIDATES) if self.mode == "hybrid" else top_k, namespace)
+        if self.mode == "dense":
+            ranked = dense
+        else:
+            fused: dict[int, float] = {}
+            for ranking in (dense, self.store.keyword_search(question, max(top_k, CANDIDATES), namespace)):
+                for rank, i in enumerate(ranking):
+                    fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
+            ranked = sorted(fused, key=lambda i: -fused[i])
+        vectors = self.store.vectors(ranked)
+        scored = [(i, float(vectors[i] @ query)) for i in ranked if i in vectors]
+        scored = [(i, s) for i, s in scored if min_score is None or s >= min_score][:top_k]
+        docs = self.store.get([i for i, _ in scored])
+        return [Hit(s, docs[i]) for i, s in scored if i in docs]
+
+    def _dense(self, query: np.ndarray, k: int, namespace: str | None) -> list[int]:
+        import faiss
+
         index = self.store.index()
         if index.ntotal == 0:
             return []
-        query = self.embedder.encode([question])
         params = None
         if namespace is not None:
             allowed = self.store.ids_in(namespace)
             if not len(allowed):
                 return []
             params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-        scores, ids = index.search(query, min(top_k, index.ntotal), params=params)
-        pairs = [(float(s), int(i)) for s, i in zip(scores[0], ids[0]) if i >= 0
-                 and (min_score is None or s >= min_score)]
-        docs = self.store.get([i for _, i in pairs])
-        return [Hit(s, docs[i]) for s, i in pairs if i in docs]
+        _, ids = index.search(query[None, :], min(k, index.ntotal), params=params)
+        return [int(i) for i in ids[0] if i >= 0]
 
 
 def recall_at_k(hits: list[list[str]], gold: list[set[str]]) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,17 @@ CREATE TABLE IF NOT EXISTS documents (
     UNIQUE (namespace, content_hash)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# Full-text (BM25) index kept in step with `documents` by triggers.
+FTS_SCHEMA = """
+CREATE VIRTUAL TABLE documents_fts USING fts5(title, text, content='documents', content_rowid='id');
+CREATE TRIGGER documents_ai AFTER INSERT ON documents BEGIN
+  INSERT INTO documents_fts(rowid, title, text) VALUES (new.id, new.title, new.text);
+END;
+CREATE TRIGGER documents_ad AFTER DELETE ON documents BEGIN
+  INSERT INTO documents_fts(documents_fts, rowid, title, text) VALUES ('delete', old.id, old.title, old.text);
+END;
+INSERT INTO documents_fts(documents_fts) VALUES ('rebuild');
 """
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 AUTO_ANN_THRESHOLD = 200_000  # below this many documents exact search is fast enough
@@ -60,6 +72,9 @@ class DocumentStore:
         self.path.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path / "documents.sqlite3")
         self.db.executescript(SCHEMA)
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'documents_fts'").fetchone():
+            with self.db:  # stores made before the full-text index get it built here
+                self.db.executescript(FTS_SCHEMA)
         self.index_kind = index_kind
         self._index = None
 
@@ -68,13 +83,13 @@ class DocumentStore:
         """rows: (namespace, source, title, start, end, text, token_ids, vector). One
         transaction; duplicates (same namespace and text) are skipped. Returns rows added."""
         with self.db:
-            before = self.db.total_changes
+            before = self.count()  # (total_changes would count the full-text triggers too)
             self.db.executemany(
                 "INSERT OR IGNORE INTO documents (namespace, content_hash, source, title, start, end, text, token_ids, vector)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(ns, content_hash(text), src, title, s, e, text, np.asarray(ids, dtype=np.int32).tobytes(),
                   np.asarray(vec, dtype=np.float32).tobytes()) for ns, src, title, s, e, text, ids, vec in rows])
-            added = self.db.total_changes - before
+            added = self.count() - before
             self._bump_revision()
         self._index = None
         return added
@@ -119,6 +134,22 @@ class DocumentStore:
                                              [*args, limit, offset])]
         docs = self.get(ids)
         return [docs[i] for i in ids]
+
+    def vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
+        q = f"SELECT id, vector FROM documents WHERE id IN ({','.join('?' * len(ids))})"
+        return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in self.db.execute(q, ids)} if ids else {}
+
+    def keyword_search(self, question: str, limit: int, namespace: str | None = None) -> list[int]:
+        """Ids ranked by BM25 over titles and texts (any of the question's words)."""
+        words = {w.lower() for w in re.findall(r"\w+", question) if len(w) > 1}
+        if not words:
+            return []
+        match = " OR ".join(f'"{w}"' for w in sorted(words))
+        where, args = ("AND d.namespace = ?", [namespace]) if namespace is not None else ("", [])
+        rows = self.db.execute(
+            f"SELECT f.rowid FROM documents_fts f JOIN documents d ON d.id = f.rowid "
+            f"WHERE documents_fts MATCH ? {where} ORDER BY bm25(documents_fts) LIMIT ?", [match, *args, limit])
+        return [r[0] for r in rows]
 
     def ids_in(self, namespace: str) -> np.ndarray:
         return np.array([r[0] for r in self.db.execute("SELECT id FROM documents WHERE namespace = ?", (namespace,))],
