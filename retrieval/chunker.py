@@ -55,14 +55,11 @@ def chunk_text(text: str, count_tokens, max_tokens: int = 512) -> list[Chunk]:
 
 def _split_long(text: str, a: int, b: int, count_tokens, max_tokens: int) -> list[tuple[int, int]]:
     words = [(m.start() + a, m.end() + a) for m in re.finditer(r"\S+", text[a:b])]
-    out, s = [], None
-    for ws, we in words:
-        if s is None:
-            s = ws
-        elif count_tokens(text[s:we]) > max_tokens:
-            out.append((s, prev_end))
-            s = ws
-        prev_end = we
-    if s is not None:
-        out.append((s, words[-1][1]))
+    out, (start, end) = [], words[0]
+    for ws, we in words[1:]:
+        if count_tokens(text[start:we]) > max_tokens:
+            out.append((start, end))
+            start = ws
+        end = we
+    out.append((start, end))
     return out
