@@ -125,3 +125,37 @@ def test_kill_9_during_ingest_then_rerun_completes_consistently(tmp_path, engine
     texts = [d.text for d in store.list(limit=10_000)]
     assert len(texts) == len(set(texts)) == unique
     assert store.index().ntotal == unique
+
+
+def minimal_pdf(text: str) -> bytes:
+    """A one-page PDF with one line of Helvetica text (built by hand: no PDF writer needed)."""
+    stream = f"BT /F1 18 Tf 72 720 Td ({text}) Tj ET".encode()
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+               b" /Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def test_pdf_html_markdown_and_text_are_parsed(tmp_path):
+    from retrieval.parsers import read_records
+
+    (tmp_path / "a.pdf").write_bytes(minimal_pdf("The Zephyr line runs to Cobalt Ridge."))
+    (tmp_path / "b.html").write_text("<html><head><title>Harbour</title><style>p{}</style></head>"
+                                     "<body><p>Alder Bay has a harbour.</p><script>x=1</script><p>Ferries leave hourly.</p></body></html>")
+    (tmp_path / "c.md").write_text("# Notes\n\nCobalt Ridge is 400 m high.")
+    pdf = list(read_records(tmp_path / "a.pdf"))
+    assert len(pdf) == 1 and "Zephyr line runs to Cobalt Ridge" in pdf[0].text
+    html = list(read_records(tmp_path / "b.html"))[0]
+    assert html.title == "Harbour" and "Alder Bay has a harbour." in html.text and "Ferries leave hourly." in html.text
+    assert "x=1" not in html.text and "p{}" not in html.text
+    assert "400 m high" in list(read_records(tmp_path / "c.md"))[0].text
