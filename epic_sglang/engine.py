@@ -360,8 +360,8 @@ class Engine:
         return slots
 
     def _release(self, s: _Running) -> None:
-        for slots in s.private:
-            self.allocator.free(slots)
+        if s.private:
+            self.allocator.free(torch.cat(s.private))  # one free, not one per decoded token
         s.private = []
         for d in s.documents:
             self.documents.unlock(d)
