@@ -11,7 +11,7 @@ from tqdm import tqdm
 from retrieval.chunker import chunk_text
 from retrieval.embedder import Embedder
 from retrieval.parsers import expand, read_records
-from retrieval.store import DocumentStore
+from retrieval.store import DocumentStore, content_hash
 
 log = logging.getLogger("epic_sglang.ingest")
 
@@ -37,7 +37,7 @@ def ingest(paths: list[str], store: DocumentStore, tokenizer, embedder: Embedder
     report, t0 = IngestReport(), time.perf_counter()
     embedder = embedder or Embedder()
     pending: list[tuple] = []
-    seen: set[str] = set()
+    seen: set[str] = set()  # content hashes added in this run
     files = expand(paths)
     # Streams (no corpus-sized buffers), so the bar counts embedded chunks and shows their rate.
     bar = tqdm(unit="chunk", desc="ingest", disable=not progress, dynamic_ncols=True)
@@ -64,10 +64,11 @@ def ingest(paths: list[str], store: DocumentStore, tokenizer, embedder: Embedder
         for rec in records:
             for ch in chunk_text(rec.text, count, chunk_tokens):
                 report.chunks += 1
-                if ch.text in seen or store.has(namespace, ch.text):
+                digest = content_hash(ch.text)
+                if digest in seen or store.has(namespace, ch.text):
                     report.duplicates += 1
                     continue
-                seen.add(ch.text)
+                seen.add(digest)
                 ids = tokenizer.encode(DOCUMENT_FORMAT.format(text=ch.text), add_special_tokens=False)
                 pending.append((namespace, rec.source, rec.title, ch.start, ch.end, ch.text, ids))
                 if len(pending) >= batch_size * 4:

@@ -70,6 +70,7 @@ class FlashInferAttention:
         }
         self._wrapper = None
         self._gather: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # slots, cos, sin
+        self._q_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # queries' cos, sin (gathered path)
 
     def plan(self, batch: ForwardBatch) -> None:
         c = self.cfg
