@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.data.hotpotqa import load_hotpotqa  # noqa: E402
-from epic_sglang.models import rope  # noqa: E402
+from epic_sglang.attention import torch_ref  # noqa: E402
 from epic_sglang.policies import Segment  # noqa: E402
 
 POLICIES = ["fr", "cacheblend-15", "legolink-16", "naive"]
@@ -37,26 +37,24 @@ def rag_segments(engine: Engine, num_docs: int, doc_tokens: int, question_tokens
 
 
 class RopeTimer:
-    """Accumulates wall time spent in Rotary.rotate."""
+    """Accumulates wall time the torch reference backend spends rotating queries and keys."""
 
     def __init__(self):
         self.seconds = 0.0
-        self._orig = rope.Rotary.rotate
+        self._orig = torch_ref.apply_rotation
 
     def __enter__(self):
-        timer = self
-
-        def timed(rotary, x, positions):
+        def timed(x, cos, sin):
             t = time.perf_counter()
-            out = timer._orig(rotary, x, positions)
-            timer.seconds += time.perf_counter() - t
+            out = self._orig(x, cos, sin)
+            self.seconds += time.perf_counter() - t
             return out
 
-        rope.Rotary.rotate = timed
+        torch_ref.apply_rotation = timed
         return self
 
     def __exit__(self, *exc):
-        rope.Rotary.rotate = self._orig
+        torch_ref.apply_rotation = self._orig
 
 
 def main() -> None:

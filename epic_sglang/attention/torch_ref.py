@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
 from epic_sglang.models.config import ModelConfig
-from epic_sglang.models.rope import Rotary
+from epic_sglang.models.rope import Rotary, apply_rotation
 
 
 class TorchReferenceAttention:
@@ -21,10 +21,17 @@ class TorchReferenceAttention:
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         self._masks: list[dict] = []
+        self._key_rope: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._query_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def plan(self, batch: ForwardBatch) -> None:
-        """Per sequence, the SDPA mask arguments; shared by every layer of the forward."""
+        """Per sequence, the SDPA mask arguments and the keys' cos/sin; the queries' cos/sin.
+        Shared by every layer of the forward."""
         self._masks = []
+        dtype = torch.float32
+        self._query_rope = self.rotary.cos_sin(batch.positions, dtype)
+        self._key_rope = [self.rotary.cos_sin(torch.arange(s.kv_slots.numel(), device=s.kv_slots.device), dtype)
+                          for s in batch.seqs]
         for s in batch.seqs:
             if s.dense:
                 self._masks.append({"is_causal": True})
@@ -35,12 +42,11 @@ class TorchReferenceAttention:
                 self._masks.append({"attn_mask": torch.arange(n, device=s.kv_slots.device)[None, :] <= s.q_positions[:, None]})
 
     def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
-        q = self.rotary.rotate(q, batch.positions)
+        q = apply_rotation(q, *self._query_rope)
         k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
         out = torch.empty_like(q)
-        for s, mask in zip(batch.seqs, self._masks):
-            n = s.kv_slots.numel()
-            k = self.rotary.rotate(k_buf[s.kv_slots], torch.arange(n, device=q.device))
+        for s, mask, rope in zip(batch.seqs, self._masks, self._key_rope):
+            k = apply_rotation(k_buf[s.kv_slots], *rope)
             v = v_buf[s.kv_slots]
             o = F.scaled_dot_product_attention(q[s.q_start:s.q_end].transpose(0, 1), k.transpose(0, 1),
                                                v.transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)

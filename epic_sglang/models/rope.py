@@ -32,8 +32,8 @@ def inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """Rotates (tokens, heads, head_dim) tensors by position, from a cos/sin table that grows
-    on demand (decode re-rotates a sequence's keys every step, so the table pays off)."""
+    """cos/sin by position from a table that grows on demand (decode re-rotates a
+    sequence's keys every step, so the table pays off); `apply_rotation` uses them."""
 
     def __init__(self, cfg: ModelConfig, device: torch.device):
         self.inv_freq = inverse_frequencies(cfg).to(device)
@@ -50,9 +50,6 @@ class Rotary:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self._table(int(positions.max()) + 1)
         return cos[positions].to(dtype), sin[positions].to(dtype)
-
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return apply_rotation(x, *self.cos_sin(positions, x.dtype))
 
 
 def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
