@@ -10,8 +10,20 @@ from pathlib import Path
 from epic_sglang.models.registry import MODELS, ModelNotInstalled
 
 
-def _generate(args: argparse.Namespace) -> int:
+def default_kv_dir() -> Path:
+    from epic_sglang.models.loader import cache_root
+
+    return cache_root() / "kv"
+
+
+def _engine(args: argparse.Namespace):
+    """The engine of a command that reuses compiled documents across runs (disk tier on)."""
     from epic_sglang.engine import Engine
+
+    return Engine(model=args.model, device=args.device, kv_dir=None if args.kv_dir == "none" else args.kv_dir)
+
+
+def _generate(args: argparse.Namespace) -> int:
     from epic_sglang.policies import parse_policy
 
     parse_policy(args.policy)  # fail before the model loads
@@ -21,7 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
             documents.append(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read document file {path}: {e}") from e
-    engine = Engine(model=args.model, device=args.device)
+    engine = _engine(args)
     result = engine.generate(args.question, documents, system=args.system, policy=args.policy,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, stop=args.stop or [], seed=args.seed)
@@ -44,15 +56,21 @@ def _ingest(args: argparse.Namespace) -> int:
     from retrieval.store import DocumentStore
 
     logging.basicConfig(level=logging.WARNING, format="epic-sglang: warning: %(message)s")
-    if args.compile:
-        raise ValueError("--compile needs radix_ext's disk tier, which is not built yet; ingest without it")
-    report = ingest(args.paths, DocumentStore(args.store, args.index), load_tokenizer(args.model),
+    store = DocumentStore(args.store, args.index)
+    report = ingest(args.paths, store, load_tokenizer(args.model),
                     namespace=args.namespace, chunk_tokens=args.chunk_tokens, progress=not args.quiet)
     print(f"ingested {report.files} files ({report.skipped_files} skipped): {report.chunks} chunks, "
           f"{report.added} added, {report.duplicates} duplicates, {report.seconds:.1f}s")
     if report.files == 0:
         print("epic-sglang: error: nothing could be ingested; check the paths and file types", file=sys.stderr)
         return 1
+    if args.compile:
+        from retrieval.precompile import precompile
+
+        engine = _engine(args)
+        done = precompile(store, engine, args.namespace, args.policy, progress=not args.quiet)
+        print(f"compiled {done.compiled} documents ({done.tokens} tokens; {done.already} already on disk) "
+              f"into {engine.cache.disk.root} in {done.seconds:.1f}s")
     return 0
 
 
@@ -72,23 +90,29 @@ def _docs(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from epic_sglang.engine import Engine
+    from epic_sglang.engine import Request
     from epic_sglang.policies import parse_policy
+    from epic_sglang.sampling import SamplingParams
     from retrieval.retriever import Retriever
 
     parse_policy(args.policy)
     hits = Retriever(args.store).search(args.question, args.top_k, args.namespace)
     if not hits:
         raise ValueError(f"no documents in {args.store}; run epic-sglang ingest first")
-    engine = Engine(model=args.model, device=args.device)
-    result = engine.generate(args.question, [h.document.text for h in hits], system=args.system, policy=args.policy,
-                             max_new_tokens=args.max_new_tokens)
+    from retrieval.precompile import kv_namespace
+
+    namespaces = {h.document.namespace for h in hits}
+    engine = _engine(args)
+    result = engine.generate_batch([Request(
+        args.question, [h.document.text for h in hits], args.system, args.policy,
+        SamplingParams(max_new_tokens=args.max_new_tokens),
+        namespace=kv_namespace(namespaces.pop()) if len(namespaces) == 1 else None)])[0]
     print(result.text)
     for h in hits:
         print(f"  [{h.document.id}] {h.score:.3f} {h.document.title}", file=sys.stderr)
     s = result.stats
     print(f"[{result.policy}] prompt={s.prompt_tokens} reused={s.reused_tokens} recomputed={s.recomputed_tokens} "
-          f"ttft={s.ttft_s * 1000:.0f}ms", file=sys.stderr)
+          f"compiled={s.compiled_tokens} ttft={s.ttft_s * 1000:.0f}ms", file=sys.stderr)
     return 0
 
 
@@ -120,6 +144,11 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
+def add_kv_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-dir", default=str(default_kv_dir()),
+                        help="disk tier of compiled documents, shared by ingest --compile, ask and generate; 'none' = off")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epic-sglang", description="Position-Independent Caching for RAG serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--stats", action="store_true", help="print reuse and TTFT to stderr")
+    add_kv_dir(gen)
     gen.set_defaults(func=_generate)
 
     ing = sub.add_parser("ingest", help="add files (txt, md, html, pdf, jsonl; folders, globs) to a document store")
@@ -149,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--chunk-tokens", type=int, default=512)
     ing.add_argument("--namespace", default="default")
     ing.add_argument("--index", default="auto", help="auto | flat | ivf | hnsw")
-    ing.add_argument("--compile", action="store_true", help="precompile KV (needs radix_ext's disk tier)")
+    ing.add_argument("--compile", action="store_true", help="precompile every document's KV into the disk tier (resumable)")
+    ing.add_argument("--policy", default="legolink-16", help="policy whose compile recipe to use (legolink0 differs)")
+    ing.add_argument("--device", default=None)
     ing.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_kv_dir(ing)
     ing.set_defaults(func=_ingest)
 
     docs = sub.add_parser("docs", help="list or remove stored documents")
@@ -171,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--system", default="Answer the question from the documents, briefly.")
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--device", default=None)
+    add_kv_dir(ask)
     ask.set_defaults(func=_ask)
 
     ev = sub.add_parser("eval", help="HotpotQA accuracy and fidelity to fr of link policies")

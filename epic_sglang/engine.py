@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from epic_sglang.attention import make_attention
-from epic_sglang.doc_cache import CachedDocument, DocumentCache, document_key
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
 from epic_sglang.linker import BlendSeq, Linker
@@ -25,6 +24,9 @@ from epic_sglang.models.weights import load_causal_lm
 from epic_sglang.policies import CompileRecipe, LinkPlan, Policy, Segment, parse_policy, plan_link
 from epic_sglang.prompt import PromptBuilder
 from epic_sglang.sampling import SamplingParams, sample_next
+from radix_ext import KVLayout, PICRadixCache, document_key
+from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+from sglang.srt.mem_cache.radix_cache import TreeNode
 
 COMPILE_TOKENS_PER_FORWARD = 8192  # bounds activation memory of one compile pass
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
@@ -40,6 +42,7 @@ class Request:
     # A pre-tokenized prompt (e.g. from an API's document spans); overrides the three above.
     segments: list[Segment] | None = None
     return_first_logits: bool = False  # keep the logits that chose the first output token
+    namespace: str | None = None  # tenant: documents and prefixes are shared only within one
 
 
 @dataclass
@@ -48,6 +51,7 @@ class GenerateStats:
     reused_tokens: int = 0  # document tokens whose KV came from the cache
     recomputed_tokens: int = 0  # tokens computed in the link pass (cacheblend: past its check layer)
     compiled_tokens: int = 0  # document tokens compiled for this request (cache misses)
+    cached_prefix_tokens: int = 0  # leading tokens whose exact KV came from the prefix tree
     ttft_s: float = 0.0
     compile_s: float = 0.0
     link_s: float = 0.0
@@ -75,8 +79,12 @@ class _Running:
     plan: LinkPlan
     prompt_ids: torch.Tensor
     stats: GenerateStats
-    documents: list[CachedDocument] = field(default_factory=list)  # locked, one per doc span
+    documents: list[TreeNode] = field(default_factory=list)  # locked, one per doc span
+    prefix_node: TreeNode | None = None  # locked end of the matched exact prefix
+    prefix_len: int = 0  # tokens reused from the exact-prefix tree
+    prefix_slots: torch.Tensor | None = None
     row: int | None = None
+    linked: bool = False  # the row holds computed KV (publishable)
     private: list[torch.Tensor] = field(default_factory=list)
     seq_len: int = 0
     output_ids: list[int] = field(default_factory=list)
@@ -95,9 +103,13 @@ class Engine:
     def __init__(self, model: str = "smollm2-135m", device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, kv_cache_gb: float = 2.0, max_requests: int = 64,
                  max_context_len: int | None = None, attention: str = "auto", link_mode: str = "runs",
-                 load_format: str = "auto"):
+                 load_format: str = "auto", kv_dir: str | Path | None = None, host_cache_gb: float = 0.0,
+                 eviction_policy: str = "lru"):
         """`attention`: auto | torch | flashinfer; `link_mode` (flashinfer): runs | mask;
-        `load_format`: auto | dummy (random weights at the model's shape, for speed runs)."""
+        `load_format`: auto | dummy (random weights at the model's shape, for speed runs);
+        `kv_dir`: disk tier for compiled documents (survives restarts); `host_cache_gb`:
+        host-memory tier for documents evicted from the pool; `eviction_policy`: SGLang's
+        (lru, lfu, fifo, ...)."""
         from transformers import AutoTokenizer
 
         self.device = torch.device(device) if device is not None else _default_device()
@@ -125,7 +137,11 @@ class Engine:
         self.pool = KVPool(size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
         self.allocator = SlotAllocator(size, self.device)
         self.req_to_token_pool = ReqToTokenPool(max_requests, self.max_context_len + 1, self.device)
-        self.documents = DocumentCache(self.allocator)
+        layout = KVLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        self.cache = PICRadixCache(
+            CacheInitParams(disable=False, req_to_token_pool=self.req_to_token_pool,
+                            token_to_kv_pool_allocator=self.allocator, page_size=1, eviction_policy=eviction_policy),
+            self.pool, layout, self.fingerprint, host_cache_bytes=int(host_cache_gb * (1 << 30)), disk_dir=kv_dir)
         self.attention = make_attention(attention, cfg, self.device, self.dtype, link_mode)
         self.linker = Linker(self.model, self.pool, self.attention)
 
@@ -142,12 +158,16 @@ class Engine:
         states = [self._admit(r) for r in requests]
         try:
             t0 = time.perf_counter()
+            for s in states:
+                self._match_prefix(s)
             self._compile_for(states)
             t1 = time.perf_counter()
             for s in states:
                 self._assemble_row(s)
             self._link(states)
             t2 = time.perf_counter()
+            for s in states:
+                s.linked = True
             for s in states:
                 s.stats.compile_s, s.stats.link_s, s.stats.ttft_s = t1 - t0, t2 - t1, t2 - t0
             self._decode(states)
@@ -159,23 +179,29 @@ class Engine:
             for s in states:
                 self._release(s)
 
-    def compile(self, documents: list[str], policy: str = "legolink-16") -> list[CachedDocument]:
-        """Compile (or find) the documents' KV for the policy's recipe, ahead of any request."""
-        return self._precompile([self.prompts.encode_document(d) for d in documents], policy)
+    def compile(self, documents: list[str], policy: str = "legolink-16", namespace: str | None = None) -> int:
+        """Compile (or find, on any tier) the documents' KV for the policy's recipe, ahead of
+        any request. Returns the number of tokens compiled (0 = all were cached)."""
+        return self._precompile([self.prompts.encode_document(d) for d in documents], policy, namespace)
 
-    def compile_segments(self, segments: list[Segment], policy: str = "legolink-16") -> list[CachedDocument]:
+    def compile_segments(self, segments: list[Segment], policy: str = "legolink-16", namespace: str | None = None) -> int:
         """Same, for the document segments of a pre-tokenized prompt."""
-        return self._precompile([s.token_ids for s in segments if s.document is not None], policy)
+        return self._precompile([s.token_ids for s in segments if s.document is not None], policy, namespace)
 
-    def _precompile(self, token_seqs: list[tuple[int, ...]], policy: str) -> list[CachedDocument]:
-        docs, _ = self._compile(token_seqs, parse_policy(policy).recipe)
+    def document_key(self, token_ids: tuple[int, ...], policy: str = "legolink-16", namespace: str | None = None) -> str:
+        """The DocKey a document's tokens are cached under for this model and policy."""
+        return document_key(self.fingerprint, parse_policy(policy).recipe.name, namespace, token_ids)
+
+    def _precompile(self, token_seqs: list[tuple[int, ...]], policy: str, namespace: str | None) -> int:
+        docs, compiled = self._compile(token_seqs, parse_policy(policy).recipe, namespace)
         for d in docs:
-            self.documents.unlock(d)
-        return docs
+            self.cache.dec_lock_ref(d)
+        return compiled
 
     def flush_cache(self) -> int:
-        """Drop every compiled document not in use; returns the number of tokens freed."""
-        return self.documents.evict(self.documents.cached_tokens())
+        """Drop every cached document and prefix not in use from device and host (the disk
+        tier stays); returns the number of device tokens freed."""
+        return self.cache.flush()
 
     # ----------------------------------------------------------------- admission
     def _admit(self, req: Request) -> _Running:
@@ -208,41 +234,43 @@ class Engine:
             if not s.plan.doc_spans:
                 continue
             s.documents, s.stats.compiled_tokens = self._compile(
-                [s.segments[i].token_ids for _, _, i in s.plan.doc_spans], s.policy.recipe)
+                [s.segments[i].token_ids for _, _, i in s.plan.doc_spans], s.policy.recipe, s.request.namespace)
 
-    def _compile(self, token_seqs: list[tuple[int, ...]], recipe: CompileRecipe) -> tuple[list[CachedDocument], int]:
-        """Returns the documents, compiling misses (each alone at position 0), and the number
-        of tokens compiled. Each returned document is locked once per occurrence: the caller
-        unlocks them."""
-        keys = [document_key(self.fingerprint, recipe, ids) for ids in token_seqs]
-        held: dict[str, CachedDocument] = {}  # locked while later misses allocate
+    def _compile(self, token_seqs: list[tuple[int, ...]], recipe: CompileRecipe,
+                 namespace: str | None) -> tuple[list[TreeNode], int]:
+        """Returns the documents' nodes, compiling misses (each alone at position 0), and the
+        number of tokens compiled. Each returned node is locked once per occurrence: the
+        caller unlocks them."""
+        keys = [document_key(self.fingerprint, recipe.name, namespace, ids) for ids in token_seqs]
+        held: dict[str, TreeNode] = {}  # locked while later misses allocate
         missing: dict[str, tuple[int, ...]] = {}
         for key, ids in zip(keys, token_seqs):
             if key in held or key in missing:
                 continue
-            doc = self.documents.get(key)
-            if doc is None:
+            node = self.cache.match_document(key, ids)
+            if node is None:
                 missing[key] = ids
             else:
-                self.documents.lock(doc)
-                held[key] = doc
+                self.cache.inc_lock_ref(node)
+                held[key] = node
         sink = self.prompts.sink_tokens(recipe.sink_tokens) if recipe.sink_tokens else []
         batch: list[tuple[str, tuple[int, ...]]] = []
         for key, ids in missing.items():
             if batch and sum(len(b) + len(sink) for _, b in batch) + len(ids) > COMPILE_TOKENS_PER_FORWARD:
-                held.update(self._compile_batch(batch, sink))
+                held.update(self._compile_batch(batch, sink, recipe, namespace))
                 batch = []
             batch.append((key, ids))
         if batch:
-            held.update(self._compile_batch(batch, sink))
+            held.update(self._compile_batch(batch, sink, recipe, namespace))
         docs = [held[k] for k in keys]
         for d in docs:
-            self.documents.lock(d)
+            self.cache.inc_lock_ref(d)
         for d in held.values():
-            self.documents.unlock(d)
+            self.cache.dec_lock_ref(d)
         return docs, sum(len(ids) for ids in missing.values())
 
-    def _compile_batch(self, docs: list[tuple[str, tuple[int, ...]]], sink: list[int]) -> dict[str, CachedDocument]:
+    def _compile_batch(self, docs: list[tuple[str, tuple[int, ...]]], sink: list[int], recipe: CompileRecipe,
+                       namespace: str | None) -> dict[str, TreeNode]:
         """Prefill the documents (each its own sequence) and cache their KV, locked."""
         parts, owned = [], []
         for _, ids in docs:
@@ -254,9 +282,44 @@ class Engine:
         out = {}
         for (key, ids), slots in zip(docs, owned):
             self.allocator.free(slots[:len(sink)])  # the sinks' KV is thrown away
-            out[key] = self.documents.insert(key, ids, slots[len(sink):])
-            self.documents.lock(out[key])
+            out[key] = self.cache.insert_document(key, ids, slots[len(sink):], namespace=namespace, recipe=recipe.name)
+            self.cache.inc_lock_ref(out[key])
         return out
+
+    # ----------------------------------------------------------------- exact prefixes
+    def _leading_len(self, s: _Running) -> int:
+        """Tokens before the first document (all but the last token if there is none): the
+        part of the prompt that is computed exactly and can be shared as a prefix. CacheBlend
+        rows are all private (its first layers recompute every token), so it opts out."""
+        if s.plan.blend_ratio > 0:
+            return 0
+        lead = 0
+        for seg in s.segments:
+            if seg.document is not None:
+                return lead
+            lead += len(seg)
+        return lead - 1
+
+    def _match_prefix(self, s: _Running) -> None:
+        lead = self._leading_len(s)
+        if lead <= 0:
+            return
+        slots, node = self.cache.match_exact_prefix(s.prompt_ids[:lead].tolist(), s.request.namespace)
+        self.cache.inc_lock_ref(node)
+        s.prefix_node, s.prefix_len = node, len(slots)
+        s.prefix_slots = slots
+        s.plan.recompute[:s.prefix_len] = False
+        s.stats.cached_prefix_tokens = s.prefix_len
+
+    def _publish_prefix(self, s: _Running, private: torch.Tensor) -> torch.Tensor:
+        """Give the request's exactly computed leading KV to the prefix tree; returns the
+        private slots the request still owns."""
+        lead = self._leading_len(s)
+        if not s.linked or lead <= s.prefix_len:
+            return private
+        row = self.req_to_token_pool.req_to_token[s.row, :lead]
+        cached = self.cache.publish_exact_prefix(s.prompt_ids[:lead].tolist(), row, s.request.namespace)
+        return private[~torch.isin(private, row[cached:])]  # the tree owns those now
 
     # ----------------------------------------------------------------- link
     def _assemble_row(self, s: _Running) -> None:
@@ -274,9 +337,11 @@ class Engine:
         s.private.append(private)
         slots[fresh.to(self.device)] = private
         if not blend:
+            if s.prefix_len:
+                slots[:s.prefix_len] = s.prefix_slots
             for (start, length, _), doc in zip(s.plan.doc_spans, s.documents):
                 reused = ~s.plan.recompute[start:start + length].to(self.device)
-                slots[start:start + length][reused] = doc.slots[reused]
+                slots[start:start + length][reused] = doc.value[reused]
         self.req_to_token_pool.req_to_token[row, :n] = slots
         s.seq_len = n
 
@@ -306,7 +371,7 @@ class Engine:
     def _blend_seq(self, s: _Running) -> BlendSeq:
         positions = [torch.arange(st, st + ln) for st, ln, _ in s.plan.doc_spans]
         doc_positions = torch.cat(positions).to(self.device) if positions else torch.zeros(0, dtype=torch.int64, device=self.device)
-        doc_slots = torch.cat([d.slots for d in s.documents]) if s.documents else doc_positions
+        doc_slots = torch.cat([d.value for d in s.documents]) if s.documents else doc_positions
         return BlendSeq(s.prompt_ids, self.req_to_token_pool.req_to_token[s.row, :s.seq_len],
                         s.plan.recompute.to(self.device), doc_positions, doc_slots, s.plan.blend_ratio)
 
@@ -350,10 +415,7 @@ class Engine:
 
     # ----------------------------------------------------------------- memory
     def _alloc(self, need: int) -> torch.Tensor:
-        slots = self.allocator.alloc(need)
-        if slots is None:
-            self.documents.evict(need - self.allocator.available_size())
-            slots = self.allocator.alloc(need)
+        slots = self.cache.alloc_slots(need)
         if slots is None:
             raise PoolExhausted(f"KV pool full: need {need} slots, {self.allocator.available_size()} free of "
                                 f"{self.allocator.size} and the rest held by running requests; raise kv_cache_gb")
@@ -361,10 +423,14 @@ class Engine:
 
     def _release(self, s: _Running) -> None:
         if s.private:
-            self.allocator.free(torch.cat(s.private))  # one free, not one per decoded token
+            private = self._publish_prefix(s, torch.cat(s.private))
+            self.allocator.free(private)  # one free, not one per decoded token
         s.private = []
+        if s.prefix_node is not None:
+            self.cache.dec_lock_ref(s.prefix_node)
+            s.prefix_node = None
         for d in s.documents:
-            self.documents.unlock(d)
+            self.cache.dec_lock_ref(d)
         s.documents = []
         if s.row is not None:
             self.req_to_token_pool.free(s.row)

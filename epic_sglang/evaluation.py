@@ -74,8 +74,10 @@ class EvalRow:
 
 
 def sample_questions(n: int, seed: int) -> list[HotpotExample]:
-    data = load_hotpotqa()
-    return random.Random(seed).sample(list(data), min(n, len(data)))
+    """The first n of one seeded shuffle, so a larger n extends a smaller run instead of redrawing it."""
+    data = list(load_hotpotqa())
+    random.Random(seed).shuffle(data)
+    return data[:n]
 
 
 def evaluate_question(engine: Engine, ex: HotpotExample, policies: list[str], max_new_tokens: int) -> list[EvalRow]:

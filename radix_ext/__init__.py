@@ -1,5 +1,9 @@
-"""SGLang's radix cache extended with position-independent document nodes.
+"""SGLang's radix cache extended with position-independent document nodes, tiers and
+persistence (`PICRadixCache`), registered as SGLang's `epic` radix-cache backend."""
+from radix_ext.doc_key import document_key
+from radix_ext.pic_radix_cache import CacheCounters, PICRadixCache
+from radix_ext.sglang_backend import BACKEND_NAME, epic_radix_cache_factory, register
+from radix_ext.tiers import DiskTier, HostTier, KVLayout
 
-Not built yet (issue: radix_ext). Until then the engine keeps compiled documents in
-`epic_sglang.doc_cache.DocumentCache`, whose keys and locking this package will take over.
-"""
+__all__ = ["BACKEND_NAME", "CacheCounters", "DiskTier", "HostTier", "KVLayout", "PICRadixCache",
+           "document_key", "epic_radix_cache_factory", "register"]

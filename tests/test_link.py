@@ -32,27 +32,32 @@ def test_legolink_with_k_at_least_the_longest_document_equals_fr(engine, hotpot)
     lego = run(engine, f"legolink-{k}", docs, hotpot[0].question, n=16)
     assert lego.output_ids == fr.output_ids
     assert torch.equal(lego.first_logits, fr.first_logits)
-    assert lego.stats.reused_tokens == 0 and lego.recomputed_positions == list(range(len(fr.prompt_ids)))
+    # the system prompt's exact KV comes from the prefix tree (fr published it); the rest is recomputed
+    head = lego.stats.cached_prefix_tokens
+    assert head == len(engine.prompts.encode(engine.prompts.template_parts(None)[0]))
+    assert lego.stats.reused_tokens == 0 and lego.recomputed_positions == list(range(head, len(fr.prompt_ids)))
 
 
 def test_recomputed_positions_of_every_policy(engine, hotpot):
     docs = list(hotpot[1].paragraphs[:3])
     spans = doc_spans(engine, docs)
-    r = run(engine, "fr", docs, n=1)
+    r = run(engine, "fr", docs, n=1, namespace="positions")  # a namespace of its own: no prefix hit yet
     n = len(r.prompt_ids)
     in_doc = {p for s, ln in spans for p in range(s, s + ln)}
-    text = sorted(set(range(n)) - in_doc)
-    assert r.recomputed_positions == list(range(n))
+    head = spans[0][0]  # from now on the system prompt's exact KV comes from the prefix tree
+    text = sorted(set(range(head, n)) - in_doc)
+    assert r.recomputed_positions == list(range(n)) and r.stats.cached_prefix_tokens == 0
     for policy in ("naive", "legolink0"):
-        r = run(engine, policy, docs, n=1)
+        r = run(engine, policy, docs, n=1, namespace="positions")
         assert r.recomputed_positions == text and r.stats.reused_tokens == len(in_doc)
     for k in (1, 2, 16):
-        r = run(engine, f"legolink-{k}", docs, n=1)
+        r = run(engine, f"legolink-{k}", docs, n=1, namespace="positions")
         heads = [p for s, ln in spans for p in range(s, s + min(k, ln))]
         assert r.recomputed_positions == sorted(text + heads)
         assert r.stats.reused_tokens == len(in_doc) - len(heads)
     for ratio in (5, 15):
-        r = run(engine, f"cacheblend-{ratio}", docs, n=1)
+        r = run(engine, f"cacheblend-{ratio}", docs, n=1, namespace="positions")
+        text = sorted(set(range(n)) - in_doc)  # CacheBlend recomputes the prefix too
         picked = set(r.recomputed_positions) - set(text)
         assert set(text) <= set(r.recomputed_positions) and picked <= in_doc
         assert len(picked) == math.ceil(len(in_doc) * ratio / 100)
@@ -99,9 +104,9 @@ def test_same_document_twice_reordered_and_at_other_offsets(engine, hotpot):
 
 
 def shared_kv(engine):
-    docs = sorted(engine.documents.entries.values(), key=lambda d: d.key)  # LRU order changes on use
-    slots = torch.cat([d.slots for d in docs])
-    return {d.key: d.slots.clone() for d in docs}, [
+    docs = sorted(engine.cache.document_nodes().items())
+    slots = torch.cat([node.value for _, node in docs])
+    return {key: node.value.clone() for key, node in docs}, [
         (engine.pool.get_key_buffer(i)[slots].clone(), engine.pool.get_value_buffer(i)[slots].clone())
         for i in range(engine.config.num_layers)]
 
@@ -132,8 +137,8 @@ def test_no_slot_leaks_after_requests(engine, hotpot):
     free0 = engine.allocator.available_size()
     docs = list(hotpot[6].paragraphs[:3])
     engine.generate_batch([Request("q?", docs, None, p, SamplingParams(max_new_tokens=3)) for p in POLICIES + ["legolink0"]])
-    cached = engine.documents.cached_tokens()
+    cached = engine.cache.total_size()
     assert cached > 0 and engine.allocator.available_size() == free0 - cached
-    assert all(d.lock_ref == 0 for d in engine.documents.entries.values())
+    assert engine.cache.protected_size() == 0  # nothing left locked
     engine.flush_cache()
     assert engine.allocator.available_size() == free0

@@ -159,3 +159,20 @@ def test_pdf_html_markdown_and_text_are_parsed(tmp_path):
     assert html.title == "Harbour" and "Alder Bay has a harbour." in html.text and "Ferries leave hourly." in html.text
     assert "x=1" not in html.text and "p{}" not in html.text
     assert "400 m high" in list(read_records(tmp_path / "c.md"))[0].text
+
+
+def test_ingest_compile_fills_the_disk_tier_resumably_and_ask_reuses_it(tmp_path, hotpot):
+    write_jsonl(tmp_path / "docs.jsonl", hotpot[:3])
+    common = ["--store", str(tmp_path / "s"), "--model", "smollm2-135m", "--kv-dir", str(tmp_path / "kv"),
+              "--quiet", "--device", "cpu"]
+    first = cli("ingest", str(tmp_path / "docs.jsonl"), "--compile", *common)
+    assert first.returncode == 0, first.stderr
+    count = DocumentStore(tmp_path / "s").count()
+    assert f"compiled {count} documents" in first.stdout and "0 already on disk" in first.stdout
+    assert len(list((tmp_path / "kv" / "docs").rglob("*.safetensors"))) == count
+    again = cli("ingest", str(tmp_path / "docs.jsonl"), "--compile", *common)  # resumes: nothing left to do
+    assert again.returncode == 0 and f"compiled 0 documents (0 tokens; {count} already on disk)" in again.stdout
+    asked = cli("ask", hotpot[0].question, "--top-k", "3", "--max-new-tokens", "4",
+                *[a for a in common if a != "--quiet"])
+    assert asked.returncode == 0, asked.stderr
+    assert "compiled=0 " in asked.stderr  # every retrieved document came from the disk tier

@@ -1,0 +1,196 @@
+"""Lower tiers for compiled documents: host memory and disk.
+
+A document evicted from the device pool is demoted to the host tier (an LRU bounded in
+bytes); every compiled document is also written through to the disk tier when one is
+configured (one safetensors file per document plus an SQLite index), so it survives a
+restart. A file is used only after it is verified: format, model fingerprint, DocKey
+recomputed from its own token ids, shapes, dtype and a sha256 of the KV bytes. Anything
+else is refused with one log line, deleted, and the document is compiled again.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from radix_ext.doc_key import document_key
+
+logger = logging.getLogger(__name__)
+
+DISK_FORMAT = "epic-sglang-doc-kv/1"
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of one token's KV in the pool: what a stored document must match."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def token_bytes(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def shape(self, num_tokens: int) -> tuple[int, int, int, int]:
+        return (self.num_layers, num_tokens, self.num_kv_heads, self.head_dim)
+
+
+def gather_kv(pool, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, tokens, heads, dim) copies of K and V at `slots` (SGLang pool interface)."""
+    k = torch.stack([pool.k_buffer[i][slots] for i in range(len(pool.k_buffer))])
+    v = torch.stack([pool.v_buffer[i][slots] for i in range(len(pool.v_buffer))])
+    return k, v
+
+
+def scatter_kv(pool, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    device = pool.k_buffer[0].device
+    k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+    for i in range(len(pool.k_buffer)):
+        pool.k_buffer[i][slots] = k[i]
+        pool.v_buffer[i][slots] = v[i]
+
+
+@dataclass
+class HostEntry:
+    token_ids: tuple[int, ...]
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class HostTier:
+    """Documents demoted from the device, least recently used dropped first."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self.entries: OrderedDict[str, HostEntry] = OrderedDict()
+        self.nbytes = 0
+        self.evictions = 0
+
+    def put(self, key: str, token_ids: tuple[int, ...], k: torch.Tensor, v: torch.Tensor) -> None:
+        entry = HostEntry(token_ids, k.to("cpu"), v.to("cpu"))
+        if entry.nbytes > self.capacity_bytes:
+            return
+        while self.nbytes + entry.nbytes > self.capacity_bytes:
+            _, dropped = self.entries.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+            self.evictions += 1
+        self.entries[key] = entry
+        self.nbytes += entry.nbytes
+
+    def pop(self, key: str) -> HostEntry | None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+        return entry
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
+
+
+def _kv_digest(k: torch.Tensor, v: torch.Tensor) -> str:
+    h = hashlib.sha256(k.contiguous().view(torch.uint8).numpy())
+    h.update(v.contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class RefusedFile(ValueError):
+    pass
+
+
+class DiskTier:
+    """One safetensors file per document under `root/docs/`, indexed in `root/index.sqlite3`."""
+
+    def __init__(self, root: str | Path, fingerprint: str, layout: KVLayout):
+        self.root = Path(root)
+        (self.root / "docs").mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        self.layout = layout
+        self.refused = 0
+        self.db = sqlite3.connect(self.root / "index.sqlite3", check_same_thread=False)
+        self.db.execute("CREATE TABLE IF NOT EXISTS documents (key TEXT PRIMARY KEY, namespace TEXT, "
+                        "recipe TEXT, tokens INTEGER, bytes INTEGER, fingerprint TEXT, created REAL)")
+        self.db.commit()
+
+    def path(self, key: str) -> Path:
+        return self.root / "docs" / key[:2] / f"{key}.safetensors"
+
+    def contains(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def put(self, key: str, namespace: str | None, recipe: str, token_ids: tuple[int, ...],
+            k: torch.Tensor, v: torch.Tensor) -> None:
+        k, v = k.to("cpu").contiguous(), v.to("cpu").contiguous()
+        meta = {"format": DISK_FORMAT, "key": key, "fingerprint": self.fingerprint, "recipe": recipe,
+                "namespace": namespace or "", "dtype": str(self.layout.dtype), "kv_sha256": _kv_digest(k, v)}
+        path = self.path(key)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"k": k, "v": v, "token_ids": torch.tensor(token_ids, dtype=torch.int64)}, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # readers see the whole file or none
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (key, namespace or "", recipe, len(token_ids), path.stat().st_size,
+                             self.fingerprint, time.time()))
+
+    def get(self, key: str) -> HostEntry | None:
+        """The verified document, or None (missing, or refused and deleted)."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            return self._read_verified(key, path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is refused the same way
+            logger.warning("refusing cached KV file %s: %s; the document will be recompiled", path, e)
+            self.refused += 1
+            self.remove(key)
+            return None
+
+    def _read_verified(self, key: str, path: Path) -> HostEntry:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in ("k", "v", "token_ids")}
+        if meta.get("format") != DISK_FORMAT:
+            raise RefusedFile(f"unknown format {meta.get('format')!r}")
+        if meta.get("fingerprint") != self.fingerprint:
+            raise RefusedFile(f"compiled by another model (fingerprint {meta.get('fingerprint')!r})")
+        ids = tuple(tensors["token_ids"].tolist())
+        if meta.get("key") != key or document_key(self.fingerprint, meta.get("recipe", ""),
+                                                  meta.get("namespace") or None, ids) != key:
+            raise RefusedFile("content hash does not match its token ids")
+        k, v = tensors["k"], tensors["v"]
+        expected = self.layout.shape(len(ids))
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise RefusedFile(f"KV shape {tuple(k.shape)} != expected {expected}")
+        if k.dtype != self.layout.dtype or v.dtype != self.layout.dtype:
+            raise RefusedFile(f"KV dtype {k.dtype} != pool dtype {self.layout.dtype}")
+        if _kv_digest(k, v) != meta.get("kv_sha256"):
+            raise RefusedFile("KV bytes do not match their checksum")
+        return HostEntry(ids, k, v)
+
+    def remove(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+        with self.db:
+            self.db.execute("DELETE FROM documents WHERE key = ?", (key,))
+
+    def keys(self, namespace: str | None = None) -> list[str]:
+        if namespace is None:
+            return [r[0] for r in self.db.execute("SELECT key FROM documents")]
+        return [r[0] for r in self.db.execute("SELECT key FROM documents WHERE namespace = ?", (namespace,))]
+
+    def nbytes(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM documents").fetchone()[0])
