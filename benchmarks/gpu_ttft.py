@@ -163,6 +163,8 @@ def main() -> None:
 
 Card: {machine()}. {args.doc_tokens}-token documents (precompiled) + {args.question_tokens}-token question + {head}-token head;
 TTFT = engine link pass + first token (no HTTP), median of {args.repeats} after two warm-ups.
+The {head}-token head precedes the first document, so after the warm-ups every policy but
+cacheblend takes its exact KV from the radix prefix tree (as SGLang would); all else is as listed.
 Floor = one forward of legolink-16's number of new tokens over an already cached context of the same length.
 
 | context | docs | fr ms | cacheblend-15 ms | legolink-16 ms | naive ms | floor ms | fr / lego | cb / lego | lego / floor |
