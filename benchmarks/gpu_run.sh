@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_run.sh tests
 #   bash benchmarks/gpu_run.sh bench [gpu_ttft.py args...]
 #   bash benchmarks/gpu_run.sh all [gpu_ttft.py args...]   # both
+#   bash benchmarks/gpu_run.sh profile [gpu_profile.py args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:?usage: gpu_run.sh tests|bench [args]}; shift
@@ -27,14 +28,16 @@ run_tests() {
   EPIC_TOKENIZER_DIR=$TOK "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
-run_bench() {
-  "$PY" benchmarks/gpu_ttft.py --tokenizer "$TOK" "$@" 2>&1 | tee "$OUT/gpu_ttft.log" | grep -v -i warn | tail -60
+run_script() {  # benchmarks/<name>.py with the shipped tokenizer; BENCHMARKS.md back to $OUT
+  local name=$1; shift
+  "$PY" "benchmarks/$name.py" --tokenizer "$TOK" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | tail -60
   local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return "$rc"
 }
 case "$MODE" in
-  all) run_tests; t=$?; run_bench "$@"; rc=$?; [ "$t" = 0 ] || rc=$t ;;
+  all) run_tests; t=$?; run_script gpu_ttft "$@"; rc=$?; [ "$t" = 0 ] || rc=$t ;;
   tests) run_tests; rc=$? ;;
-  bench) run_bench "$@"; rc=$? ;;
+  bench) run_script gpu_ttft "$@"; rc=$? ;;
+  profile) run_script gpu_profile "$@"; rc=$? ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac
 # $OUT takes files of at most 16 MiB: split the cache (join and xz it into gpu_bundle/jit-cache.tar.xz).
