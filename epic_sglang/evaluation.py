@@ -80,6 +80,12 @@ def sample_questions(n: int, seed: int) -> list[HotpotExample]:
     return data[:n]
 
 
+def exact_fraction(stats) -> float:
+    """Share of the prompt whose KV is exact: recomputed in context, or an exact prefix hit
+    (the system prompt is cached after the first question; it counts as the policy's)."""
+    return (stats.recomputed_tokens + stats.cached_prefix_tokens) / stats.prompt_tokens
+
+
 def evaluate_question(engine: Engine, ex: HotpotExample, policies: list[str], max_new_tokens: int) -> list[EvalRow]:
     """All policies of one question in one batch; `fr` always runs as the fidelity reference."""
     names = ["fr"] + [p for p in policies if parse_policy(p).name != "fr"]
@@ -97,7 +103,7 @@ def evaluate_question(engine: Engine, ex: HotpotExample, policies: list[str], ma
         rows.append(EvalRow(ex.id, parse_policy(name).name, ex.answer, r.text.strip(), f1, em,
                             float(r.output_ids[:1] == ref.output_ids[:1]), token_agreement(r.output_ids, ref.output_ids),
                             float((ref_logp.exp() * (ref_logp - logp)).sum()),
-                            r.stats.recomputed_tokens / r.stats.prompt_tokens, r.stats.prompt_tokens))
+                            exact_fraction(r.stats), r.stats.prompt_tokens))
     return rows
 
 
