@@ -81,8 +81,7 @@ class _Running:
     stats: GenerateStats
     documents: list[TreeNode] = field(default_factory=list)  # locked, one per doc span
     prefix_node: TreeNode | None = None  # locked end of the matched exact prefix
-    prefix_len: int = 0  # tokens reused from the exact-prefix tree
-    prefix_slots: torch.Tensor | None = None
+    prefix_slots: torch.Tensor | None = None  # its slots: the tokens reused from the prefix tree
     row: int | None = None
     linked: bool = False  # the row holds computed KV (publishable)
     private: list[torch.Tensor] = field(default_factory=list)
@@ -93,6 +92,10 @@ class _Running:
     text: str = ""
     generator: torch.Generator | None = None
     first_logits: torch.Tensor | None = None
+
+    @property
+    def prefix_len(self) -> int:
+        return 0 if self.prefix_slots is None else len(self.prefix_slots)
 
 
 def _default_device() -> torch.device:
@@ -168,7 +171,6 @@ class Engine:
             t2 = time.perf_counter()
             for s in states:
                 s.linked = True
-            for s in states:
                 s.stats.compile_s, s.stats.link_s, s.stats.ttft_s = t1 - t0, t2 - t1, t2 - t0
             self._decode(states)
             t3 = time.perf_counter()
@@ -306,8 +308,7 @@ class Engine:
             return
         slots, node = self.cache.match_exact_prefix(s.prompt_ids[:lead].tolist(), s.request.namespace)
         self.cache.inc_lock_ref(node)
-        s.prefix_node, s.prefix_len = node, len(slots)
-        s.prefix_slots = slots
+        s.prefix_node, s.prefix_slots = node, slots
         s.plan.recompute[:s.prefix_len] = False
         s.stats.cached_prefix_tokens = s.prefix_len
 

@@ -165,7 +165,7 @@ class PICRadixCache(RadixCache):
             "host_documents": len(self.host.entries) if self.host else 0,
             "host_bytes": self.host.nbytes if self.host else 0,
             "host_evictions": self.host.evictions if self.host else 0,
-            "disk_documents": len(self.disk.keys()) if self.disk else 0,
+            "disk_documents": self.disk.count() if self.disk else 0,
             "disk_bytes": self.disk.nbytes() if self.disk else 0,
             "disk_refused": self.disk.refused if self.disk else 0,
         }

@@ -187,10 +187,8 @@ class DiskTier:
         with self.db:
             self.db.execute("DELETE FROM documents WHERE key = ?", (key,))
 
-    def keys(self, namespace: str | None = None) -> list[str]:
-        if namespace is None:
-            return [r[0] for r in self.db.execute("SELECT key FROM documents")]
-        return [r[0] for r in self.db.execute("SELECT key FROM documents WHERE namespace = ?", (namespace,))]
+    def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0])
 
     def nbytes(self) -> int:
         return int(self.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM documents").fetchone()[0])
