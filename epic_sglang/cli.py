@@ -133,6 +133,32 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from epic_sglang.policies import parse_policy
+    from epic_sglang.server import ServerConfig, create_app
+
+    parse_policy(args.policy)  # fail before the model loads
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
+    config = ServerConfig(
+        model=args.model, served_model_name=args.served_model_name, device=args.device, policy=args.policy,
+        store=Path(args.store).expanduser() if args.store else None,
+        kv_dir=None if args.kv_dir == "none" else Path(args.kv_dir).expanduser(),
+        kv_cache_gb=args.kv_cache_gb, host_cache_gb=args.host_cache_gb,
+        transparent_documents=not args.no_transparent, api_key=args.api_key, admin_api_key=args.admin_api_key,
+        max_running=args.max_running, prefill_token_budget=args.prefill_token_budget)
+    app = create_app(config)
+    print(f"epic-sglang: serving {config.model_name} on http://{args.host}:{args.port} "
+          f"(policy {config.policy}, store {config.store or 'none'})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)
+    return 0
+
+
 def _models(_: argparse.Namespace) -> int:
     for spec in MODELS.values():
         try:
@@ -216,6 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="JSON-lines results, resumed if present")
     ev.add_argument("--device", default=None)
     ev.set_defaults(func=_eval)
+
+    srv = sub.add_parser("serve", help="HTTP server: SGLang native API, OpenAI API, /v1/rag, /v1/documents, /metrics")
+    srv.add_argument("--model", default="qwen2.5-0.5b", help=f"one of {', '.join(MODELS)}, a HF folder or a .gguf file")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients see")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=30000)
+    srv.add_argument("--policy", default="legolink-16", help="default link policy (requests may name another)")
+    srv.add_argument("--store", default=None, help="document store folder (from epic-sglang ingest; created if missing)")
+    srv.add_argument("--no-transparent", action="store_true", help="do not look for ingested documents inside prompts")
+    srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route")
+    srv.add_argument("--admin-api-key", default=None, help="key for /v1/documents and /flush_cache (default: --api-key)")
+    srv.add_argument("--kv-cache-gb", type=float, default=2.0)
+    srv.add_argument("--host-cache-gb", type=float, default=0.0)
+    srv.add_argument("--max-running", type=int, default=32)
+    srv.add_argument("--prefill-token-budget", type=int, default=8192)
+    srv.add_argument("--device", default=None)
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_kv_dir(srv)
+    srv.set_defaults(func=_serve)
 
     models = sub.add_parser("models", help="list bundled models and whether they are installed")
     models.set_defaults(func=_models)

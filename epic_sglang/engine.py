@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from epic_sglang.attention import make_attention
+from epic_sglang.constrained import Grammar, GrammarBackend
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
 from epic_sglang.linker import BlendSeq, Linker
@@ -23,12 +25,13 @@ from epic_sglang.models.loader import resolve_model_dir
 from epic_sglang.models.weights import load_causal_lm
 from epic_sglang.policies import CompileRecipe, LinkPlan, Policy, Segment, parse_policy, plan_link
 from epic_sglang.prompt import PromptBuilder
-from epic_sglang.sampling import SamplingParams, sample_next
+from epic_sglang.sampling import SamplingParams, adjust_logits, sample_next
 from radix_ext import KVLayout, PICRadixCache, document_key
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import TreeNode
 
 COMPILE_TOKENS_PER_FORWARD = 8192  # bounds activation memory of one compile pass
+LOGPROB_ROWS_PER_CHUNK = 1024  # bounds the (rows x vocab) logits of prompt logprobs
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
 
@@ -43,6 +46,12 @@ class Request:
     segments: list[Segment] | None = None
     return_first_logits: bool = False  # keep the logits that chose the first output token
     namespace: str | None = None  # tenant: documents and prefixes are shared only within one
+    # SGLang's logprob options: output tokens' logprobs, and the prompt's from logprob_start_len
+    # (-1 = none); top_logprobs_num alternatives per position.
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
 
 
 @dataclass
@@ -68,10 +77,15 @@ class GenerateResult:
     stats: GenerateStats
     recomputed_positions: list[int]
     first_logits: torch.Tensor | None = None
+    # SGLang's shapes: [logprob, token_id, text or None]; top: one list of those per position.
+    input_token_logprobs: list[list] | None = None
+    output_token_logprobs: list[list] | None = None
+    input_top_logprobs: list[list[list]] | None = None
+    output_top_logprobs: list[list[list]] | None = None
 
 
 @dataclass
-class _Running:
+class RunningRequest:
     """A request between admission and release: its plan, its row and what it holds."""
     request: Request
     policy: Policy
@@ -91,11 +105,23 @@ class _Running:
     finish_reason: dict | None = None
     text: str = ""
     generator: torch.Generator | None = None
+    grammar: Grammar | None = None
     first_logits: torch.Tensor | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    logits_from: int = 0  # first position whose logits the link keeps (prompt logprobs)
+    input_logprobs: list[list] = field(default_factory=list)
+    input_top: list[list[list]] = field(default_factory=list)
+    output_logprobs: list[list] = field(default_factory=list)
+    output_top: list[list[list]] = field(default_factory=list)
 
     @property
     def prefix_len(self) -> int:
         return 0 if self.prefix_slots is None else len(self.prefix_slots)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 def _default_device() -> torch.device:
@@ -145,6 +171,7 @@ class Engine:
             CacheInitParams(disable=False, req_to_token_pool=self.req_to_token_pool,
                             token_to_kv_pool_allocator=self.allocator, page_size=1, eviction_policy=eviction_policy),
             self.pool, layout, self.fingerprint, host_cache_bytes=int(host_cache_gb * (1 << 30)), disk_dir=kv_dir)
+        self.grammars = GrammarBackend(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
         self.attention = make_attention(attention, cfg, self.device, self.dtype, link_mode)
         self.linker = Linker(self.model, self.pool, self.attention)
 
@@ -158,28 +185,93 @@ class Engine:
     def generate_batch(self, requests: list[Request]) -> list[GenerateResult]:
         """Runs the requests together: one compile pass for their missing documents, one link
         pass, then batched decode steps until each finishes."""
-        states = [self._admit(r) for r in requests]
+        states = [self.admit(r) for r in requests]
         try:
-            t0 = time.perf_counter()
-            for s in states:
-                self._match_prefix(s)
-            self._compile_for(states)
-            t1 = time.perf_counter()
-            for s in states:
-                self._assemble_row(s)
-            self._link(states)
-            t2 = time.perf_counter()
-            for s in states:
-                s.linked = True
-                s.stats.compile_s, s.stats.link_s, s.stats.ttft_s = t1 - t0, t2 - t1, t2 - t0
-            self._decode(states)
-            t3 = time.perf_counter()
-            for s in states:
-                s.stats.decode_s = t3 - t2
-            return [self._result(s) for s in states]
+            self.prefill(states)
+            self.step(states, [])
+            active = [s for s in states if not s.finished]
+            while active:
+                self.step([], active)
+                active = [s for s in active if not s.finished]
+            return [self.finish(s) for s in states]
         finally:
             for s in states:
                 self._release(s)
+
+    # ----------------------------------------------------------------- step-level API (the scheduler's)
+    def admit(self, req: Request) -> RunningRequest:
+        """Validate and plan one request (tokens, policy, grammar); holds no memory yet.
+        Raises ValueError with a message for the client."""
+        policy = parse_policy(req.policy)
+        req.sampling.validate()
+        segments = req.segments if req.segments is not None else self.prompts.build(req.question, req.documents, req.system)
+        self._check_segments(segments)
+        plan = plan_link(policy, segments)
+        n = plan.num_tokens
+        if n + req.sampling.max_new_tokens > self.max_context_len:
+            raise ValueError(f"prompt of {n} tokens + max_new_tokens {req.sampling.max_new_tokens} exceeds "
+                             f"the model's context of {self.max_context_len} tokens; drop documents or lower max_new_tokens")
+        prompt_ids = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.int64, device=self.device)
+        s = RunningRequest(req, policy, segments, plan, prompt_ids, GenerateStats(prompt_tokens=n),
+                           generator=req.sampling.generator(),
+                           grammar=self.grammars.grammar(req.sampling.regex, req.sampling.json_schema))
+        s.logits_from = self._logits_from(s)
+        return s
+
+    def prefill(self, states: list[RunningRequest]) -> None:
+        """Give admitted requests their KV rows: exact prefix from the tree, documents from
+        any tier (misses compiled in one pass), private slots for what the link recomputes.
+        On PoolExhausted nothing stays held."""
+        t0 = time.perf_counter()
+        try:
+            for s in states:
+                self._match_prefix(s)
+            self._compile_for(states)
+            for s in states:
+                self._assemble_row(s)
+        except PoolExhausted:
+            for s in states:
+                self._release(s)
+            raise
+        for s in states:
+            s.stats.compile_s = time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def step(self, linking: list[RunningRequest], decoding: list[RunningRequest]) -> None:
+        """One forward: the link pass of newly prefilled requests and one decode token of
+        running ones, batched together (cacheblend links run their own selective pass).
+        Raises PoolExhausted before changing anything if the decode tokens find no slots."""
+        t0 = time.perf_counter()
+        slots = self._alloc(len(decoding)) if decoding else None
+        plain = [s for s in linking if s.plan.blend_ratio == 0]
+        blend = [s for s in linking if s.plan.blend_ratio > 0]
+        parts = [self._link_part(s) for s in plain]
+        for s, slot in zip(decoding, slots if slots is not None else []):
+            parts.append(self._decode_part(s, slot))
+        if parts:
+            batch = ForwardBatch.build(parts)
+            counts = [s.plan.num_tokens - s.logits_from for s in plain] + [1] * len(decoding)
+            index = torch.cat([torch.arange(v.q_end - c, v.q_end) for v, c in zip(batch.seqs, counts)]).to(self.device)
+            hidden = self.linker.run(batch, index).split(counts)
+            for s, h in zip(plain + decoding, hidden):
+                self._accept(s, h)
+        if blend:
+            seqs = [self._blend_seq(s) for s in blend]
+            logits, picked = self.linker.run_cacheblend(seqs)
+            for s, p, row in zip(blend, picked, logits):
+                s.recomputed_positions = p.tolist()
+                self._accept(s, row.unsqueeze(0), hidden=False)
+        for s in linking:
+            s.linked = True
+            s.stats.link_s = time.perf_counter() - t0
+            self._count_link(s)
+
+    def finish(self, s: RunningRequest, abort: str | None = None) -> GenerateResult:
+        """Release the request (publishing its exact prefix) and return its result."""
+        if abort is not None and not s.finished:
+            s.finish_reason = {"type": "abort", "message": abort}
+        self._release(s)
+        return self._result(s)
 
     def compile(self, documents: list[str], policy: str = "legolink-16", namespace: str | None = None) -> int:
         """Compile (or find, on any tier) the documents' KV for the policy's recipe, ahead of
@@ -206,19 +298,18 @@ class Engine:
         return self.cache.flush()
 
     # ----------------------------------------------------------------- admission
-    def _admit(self, req: Request) -> _Running:
-        policy = parse_policy(req.policy)
-        req.sampling.validate()
-        segments = req.segments if req.segments is not None else self.prompts.build(req.question, req.documents, req.system)
-        self._check_segments(segments)
-        plan = plan_link(policy, segments)
-        n = plan.num_tokens
-        if n + req.sampling.max_new_tokens > self.max_context_len:
-            raise ValueError(f"prompt of {n} tokens + max_new_tokens {req.sampling.max_new_tokens} exceeds "
-                             f"the model's context of {self.max_context_len} tokens; drop documents or lower max_new_tokens")
-        prompt_ids = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.int64, device=self.device)
-        return _Running(req, policy, segments, plan, prompt_ids, GenerateStats(prompt_tokens=n),
-                        generator=req.sampling.generator())
+    def _logits_from(self, s: RunningRequest) -> int:
+        """First position whose logits the link must produce: the last one, or one before
+        logprob_start_len when the prompt's logprobs are asked for (those positions are then
+        recomputed exactly and never taken from a cache)."""
+        n, req = s.plan.num_tokens, s.request
+        if not req.return_logprob or req.logprob_start_len < 0 or req.logprob_start_len >= n:
+            return n - 1
+        if s.plan.blend_ratio > 0:
+            raise ValueError("prompt logprobs (logprob_start_len) are not available with cacheblend policies")
+        start = max(req.logprob_start_len - 1, 0)
+        s.plan.recompute[start:] = True
+        return start
 
     def _check_segments(self, segments: list[Segment]) -> None:
         if not segments or not any(len(s) for s in segments):
@@ -231,7 +322,7 @@ class Engine:
                 raise ValueError(f"token id out of range [0, {vocab})")
 
     # ----------------------------------------------------------------- compile
-    def _compile_for(self, states: list[_Running]) -> None:
+    def _compile_for(self, states: list[RunningRequest]) -> None:
         for s in states:
             if not s.plan.doc_spans:
                 continue
@@ -289,7 +380,7 @@ class Engine:
         return out
 
     # ----------------------------------------------------------------- exact prefixes
-    def _leading_len(self, s: _Running) -> int:
+    def _leading_len(self, s: RunningRequest) -> int:
         """Tokens before the first document (all but the last token if there is none): the
         part of the prompt that is computed exactly and can be shared as a prefix. CacheBlend
         rows are all private (its first layers recompute every token), so it opts out."""
@@ -302,8 +393,8 @@ class Engine:
             lead += len(seg)
         return lead - 1
 
-    def _match_prefix(self, s: _Running) -> None:
-        lead = self._leading_len(s)
+    def _match_prefix(self, s: RunningRequest) -> None:
+        lead = min(self._leading_len(s), s.logits_from)
         if lead <= 0:
             return
         slots, node = self.cache.match_exact_prefix(s.prompt_ids[:lead].tolist(), s.request.namespace)
@@ -312,7 +403,7 @@ class Engine:
         s.plan.recompute[:s.prefix_len] = False
         s.stats.cached_prefix_tokens = s.prefix_len
 
-    def _publish_prefix(self, s: _Running, private: torch.Tensor) -> torch.Tensor:
+    def _publish_prefix(self, s: RunningRequest, private: torch.Tensor) -> torch.Tensor:
         """Give the request's exactly computed leading KV to the prefix tree; returns the
         private slots the request still owns."""
         lead = self._leading_len(s)
@@ -323,7 +414,7 @@ class Engine:
         return private[~torch.isin(private, row[cached:])]  # the tree owns those now
 
     # ----------------------------------------------------------------- link
-    def _assemble_row(self, s: _Running) -> None:
+    def _assemble_row(self, s: RunningRequest) -> None:
         """Fill the request's req_to_token row: cached document slots where KV is reused,
         fresh private slots where the plan recomputes (cacheblend: private everywhere)."""
         n = s.plan.num_tokens
@@ -346,30 +437,19 @@ class Engine:
         self.req_to_token_pool.req_to_token[row, :n] = slots
         s.seq_len = n
 
-    def _link(self, states: list[_Running]) -> None:
-        plain = [s for s in states if s.plan.blend_ratio == 0]
-        blend = [s for s in states if s.plan.blend_ratio > 0]
-        if plain:
-            parts = []
-            for s in plain:
-                computed = s.plan.recompute.nonzero().flatten().to(self.device)
-                row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
-                parts.append((s.prompt_ids[computed], computed, row[computed], row))
-                s.recomputed_positions = computed.tolist()
-            self._accept(plain, self.linker.run(ForwardBatch.build(parts)))
-        if blend:
-            seqs = [self._blend_seq(s) for s in blend]
-            logits, picked = self.linker.run_cacheblend(seqs)
-            for s, p in zip(blend, picked):
-                s.recomputed_positions = p.tolist()
-            self._accept(blend, logits)
-        for s in states:
-            recomputed = torch.zeros(s.plan.num_tokens, dtype=torch.bool)
-            recomputed[s.recomputed_positions] = True
-            s.stats.recomputed_tokens = int(recomputed.sum())
-            s.stats.reused_tokens = int((s.plan.document_mask() & ~recomputed).sum())
+    def _link_part(self, s: RunningRequest) -> tuple:
+        computed = s.plan.recompute.nonzero().flatten().to(self.device)
+        row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
+        s.recomputed_positions = computed.tolist()
+        return s.prompt_ids[computed], computed, row[computed], row
 
-    def _blend_seq(self, s: _Running) -> BlendSeq:
+    def _count_link(self, s: RunningRequest) -> None:
+        recomputed = torch.zeros(s.plan.num_tokens, dtype=torch.bool)
+        recomputed[s.recomputed_positions] = True
+        s.stats.recomputed_tokens = int(recomputed.sum())
+        s.stats.reused_tokens = int((s.plan.document_mask() & ~recomputed).sum())
+
+    def _blend_seq(self, s: RunningRequest) -> BlendSeq:
         positions = [torch.arange(st, st + ln) for st, ln, _ in s.plan.doc_spans]
         doc_positions = torch.cat(positions).to(self.device) if positions else torch.zeros(0, dtype=torch.int64, device=self.device)
         doc_slots = torch.cat([d.value for d in s.documents]) if s.documents else doc_positions
@@ -377,42 +457,96 @@ class Engine:
                         s.plan.recompute.to(self.device), doc_positions, doc_slots, s.plan.blend_ratio)
 
     # ----------------------------------------------------------------- decode
-    def _decode(self, states: list[_Running]) -> None:
-        active = [s for s in states if s.finish_reason is None]
-        while active:
-            slots = self._alloc(len(active))
-            parts = []
-            for s, slot in zip(active, slots):
-                s.private.append(slot.view(1))
-                self.req_to_token_pool.req_to_token[s.row, s.seq_len] = slot
-                pos = torch.tensor([s.seq_len], device=self.device)
-                ids = torch.tensor([s.output_ids[-1]], device=self.device)
-                s.seq_len += 1
-                parts.append((ids, pos, slot.view(1), self.req_to_token_pool.req_to_token[s.row, :s.seq_len]))
-            self._accept(active, self.linker.run(ForwardBatch.build(parts)))
-            active = [s for s in active if s.finish_reason is None]
+    def _decode_part(self, s: RunningRequest, slot: torch.Tensor) -> tuple:
+        slot = slot.view(1)
+        s.private.append(slot)
+        self.req_to_token_pool.req_to_token[s.row, s.seq_len] = slot
+        pos = torch.tensor([s.seq_len], device=self.device)
+        ids = torch.tensor([s.output_ids[-1]], device=self.device)
+        s.seq_len += 1
+        return ids, pos, slot, self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
 
-    def _accept(self, states: list[_Running], logits: torch.Tensor) -> None:
-        """Sample one token per request and decide whether it finished."""
-        for s, row in zip(states, logits):
-            params = s.request.sampling
-            if s.request.return_first_logits and not s.output_ids:
-                s.first_logits = row.detach().float().cpu()
-            token = sample_next(row, params, s.generator)
-            s.output_ids.append(token)
-            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-            if token in stop_ids:
-                s.finish_reason = {"type": "stop", "matched": token}
-                s.text = self.tokenizer.decode(s.output_ids[:-1], skip_special_tokens=True)
-                continue
-            s.text = self.tokenizer.decode(s.output_ids, skip_special_tokens=True)
-            hits = [(s.text.find(stop), stop) for stop in params.stop if stop in s.text]
-            if hits:
-                cut, stop = min(hits)
-                s.text = s.text[:cut]
-                s.finish_reason = {"type": "stop", "matched": stop}
-            elif len(s.output_ids) >= params.max_new_tokens:
-                s.finish_reason = {"type": "length", "length": len(s.output_ids)}
+    def _accept(self, s: RunningRequest, rows: torch.Tensor, hidden: bool = True) -> None:
+        """Take one forward's output for a request: prompt logprobs (link only), then the
+        next token (its last row) and whether the request finished."""
+        if hidden and len(rows) > 1:
+            self._prompt_logprobs(s, rows[:-1])
+        last = self.model.logits(rows[-1:])[0] if hidden else rows[-1]
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
+            s.stats.ttft_s = s.first_token_at - s.arrival
+        params = s.request.sampling
+        if params.max_new_tokens == 0:
+            s.finish_reason = {"type": "length", "length": 0}
+            return
+        if s.request.return_first_logits and not s.output_ids:
+            s.first_logits = last.detach().float().cpu()
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        adjusted = adjust_logits(last, params, s.output_ids, stop_ids)
+        if s.grammar is not None:
+            adjusted = s.grammar.mask(adjusted)
+        token = sample_next(adjusted, params, s.generator)
+        if s.request.return_logprob:
+            self._record_logprobs(s, last.unsqueeze(0), [token], s.output_logprobs, s.output_top)
+        s.output_ids.append(token)
+        self._check_finished(s, token, stop_ids)
+
+    def _check_finished(self, s: RunningRequest, token: int, stop_ids: set[int]) -> None:
+        params = s.request.sampling
+        if s.grammar is not None and token not in stop_ids:
+            s.grammar.accept(token)
+        if token in stop_ids:
+            s.finish_reason = {"type": "stop", "matched": token}
+            s.text = self._detok(s.output_ids[:-1], params)
+            return
+        s.text = self._detok(s.output_ids, params)
+        hits = [(s.text.find(stop), stop) for stop in params.stop if stop in s.text]
+        hits += [(m.start(), m.group(0)) for m in (re.search(r, s.text) for r in params.stop_regex) if m]
+        if hits:
+            cut, stop = min(hits)
+            s.text = s.text[:cut + len(stop)] if params.no_stop_trim else s.text[:cut]
+            s.finish_reason = {"type": "stop", "matched": stop}
+        elif s.grammar is not None and s.grammar.done:
+            s.finish_reason = {"type": "stop", "matched": None}
+        elif len(s.output_ids) >= params.max_new_tokens:
+            s.finish_reason = {"type": "length", "length": len(s.output_ids)}
+
+    def streamable_text(self, s: RunningRequest) -> str:
+        """The text so far minus what may still change: a partly decoded character, or a tail
+        that could be the start of a stop string (it is cut if the stop completes)."""
+        text = s.text.rstrip("\ufffd")
+        if s.finished:
+            return s.text
+        hold = max((k for stop in s.request.sampling.stop for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        return text[:len(text) - hold]
+
+    def _detok(self, ids: list[int], params: SamplingParams) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+    # ----------------------------------------------------------------- logprobs
+    def _prompt_logprobs(self, s: RunningRequest, rows: torch.Tensor) -> None:
+        """Hidden rows of positions logits_from..n-2 score the prompt's tokens logits_from+1..n-1."""
+        start = s.request.logprob_start_len
+        if start == 0:
+            s.input_logprobs.append([None, int(s.prompt_ids[0]), self._token_text(s, int(s.prompt_ids[0]))])
+            s.input_top.append(None)
+        targets = s.prompt_ids[s.logits_from + 1:].tolist()
+        for i in range(0, len(rows), LOGPROB_ROWS_PER_CHUNK):
+            logits = self.model.logits(rows[i:i + LOGPROB_ROWS_PER_CHUNK])
+            self._record_logprobs(s, logits, targets[i:i + LOGPROB_ROWS_PER_CHUNK], s.input_logprobs, s.input_top)
+
+    def _record_logprobs(self, s: RunningRequest, logits: torch.Tensor, tokens: list[int], out: list, top: list) -> None:
+        logp = torch.log_softmax(logits.float(), -1)
+        chosen = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1))[:, 0].tolist()
+        out.extend([lp, t, self._token_text(s, t)] for lp, t in zip(chosen, tokens))
+        k = s.request.top_logprobs_num
+        if k:
+            values, ids = logp.topk(k, -1)
+            for vs, ts in zip(values.tolist(), ids.tolist()):
+                top.append([[v, t, self._token_text(s, t)] for v, t in zip(vs, ts)])
+
+    def _token_text(self, s: RunningRequest, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if s.request.return_text_in_logprobs else None
 
     # ----------------------------------------------------------------- memory
     def _alloc(self, need: int) -> torch.Tensor:
@@ -422,7 +556,7 @@ class Engine:
                                 f"{self.allocator.size} and the rest held by running requests; raise kv_cache_gb")
         return slots
 
-    def _release(self, s: _Running) -> None:
+    def _release(self, s: RunningRequest) -> None:
         if s.private:
             private = self._publish_prefix(s, torch.cat(s.private))
             self.allocator.free(private)  # one free, not one per decoded token
@@ -437,9 +571,15 @@ class Engine:
             self.req_to_token_pool.free(s.row)
             s.row = None
 
-    def _result(self, s: _Running) -> GenerateResult:
+    def _result(self, s: RunningRequest) -> GenerateResult:
+        if s.first_token_at is not None:
+            s.stats.decode_s = time.perf_counter() - s.first_token_at
+        logprobs = s.request.return_logprob
         return GenerateResult(s.text, list(s.output_ids), s.prompt_ids.tolist(), s.finish_reason or {},
-                              s.policy.name, s.stats, s.recomputed_positions, s.first_logits)
+                              s.policy.name, s.stats, s.recomputed_positions, s.first_logits,
+                              s.input_logprobs if logprobs else None, s.output_logprobs if logprobs else None,
+                              s.input_top if logprobs and s.request.top_logprobs_num else None,
+                              s.output_top if logprobs and s.request.top_logprobs_num else None)
 
     # ----------------------------------------------------------------- identity
     def _fingerprint(self) -> str:

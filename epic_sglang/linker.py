@@ -1,6 +1,7 @@
 """The forward passes of compile and link, on one model, pool and attention backend.
 
-- `run`: every token of the batch through every layer (compile, fr, naive, legolink, decode).
+- `run`: every token of the batch through every layer (compile, fr, naive, legolink, decode)
+  together in one ragged batch.
 - `run_cacheblend`: CacheBlend's selective pass; layers up to the check layer for all
   tokens, then only the picked tokens, reusing cached KV for the rest.
 """
@@ -33,11 +34,12 @@ class Linker:
         self.model, self.pool, self.attn = model, pool, attn
 
     @torch.inference_mode()
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Returns logits at the last query of every sequence."""
+    def run(self, batch: ForwardBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns the last layer's hidden states at `rows` of the batch, by default the
+        last query of every sequence; `model.logits` turns them into logits."""
         self.attn.plan(batch)
         hidden = self.model.forward(batch, self.pool, self.attn)
-        return self.model.logits(hidden[batch.last_token_index()])
+        return hidden[batch.last_token_index() if rows is None else rows]
 
     @torch.inference_mode()
     def run_cacheblend(self, seqs: list[BlendSeq]) -> tuple[torch.Tensor, list[torch.Tensor]]:

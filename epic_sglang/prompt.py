@@ -36,25 +36,36 @@ class PromptBuilder:
             raise TypeError(f"a document must be a string, got {type(text).__name__}")
         return self._encode_document(text)
 
-    def template_parts(self, system: str | None) -> tuple[str, str]:
-        """(head, tail) of the chat template around the user turn's content."""
-        messages = ([{"role": "system", "content": system}] if system is not None else [])
+    def template_parts(self, system: str | None, history: list[dict] | None = None) -> tuple[str, str]:
+        """(head, tail) of the chat template around the content of the last user turn."""
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + list(history or [])
         messages.append({"role": "user", "content": _CONTENT})
         if getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             head, tail = text.split(_CONTENT)
             return head, tail
-        return (f"{system}\n\n" if system else ""), "\n"
+        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages[:-1] if m["role"] != "system")
+        return (f"{system}\n\n" if system else "") + turns, "\n"
 
-    def build(self, question: str, documents: list[str], system: str | None = None) -> list[Segment]:
+    def build(self, question: str, documents: list[str], system: str | None = None,
+              history: list[dict] | None = None) -> list[Segment]:
+        """[template head (system, earlier turns)] [doc_1..doc_N] [question + template tail]."""
         if not isinstance(question, str) or not question.strip():
             raise ValueError("empty question: pass the text to answer")
-        head, tail = self.template_parts(system)
+        head, tail = self.template_parts(system, history)
         segments = [Segment(tuple(self.encode(head)))] if head else []
         segments += [Segment(self.encode_document(d), document=i) for i, d in enumerate(documents)]
         question_text = QUESTION_FORMAT.format(question=question) if documents else question
         segments.append(Segment(tuple(self.encode(question_text + tail))))
         return segments
+
+    def render(self, messages: list[dict]) -> str:
+        """The whole chat as the model sees it, ready for the assistant's turn."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        head, tail = self.template_parts(system, [m for m in messages[:-1] if m["role"] != "system"])
+        return head + messages[-1]["content"] + tail
 
     def sink_tokens(self, count: int) -> list[int]:
         """Throw-away tokens for `legolink0`: the template's first token (an attention sink by

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 from retrieval.chunker import chunk_text
 from retrieval.embedder import Embedder
-from retrieval.parsers import expand, read_records
+from retrieval.parsers import Record, expand, read_records
 from retrieval.store import DocumentStore, content_hash
 
 log = logging.getLogger("epic_sglang.ingest")
@@ -29,17 +30,42 @@ class IngestReport:
 def ingest(paths: list[str], store: DocumentStore, tokenizer, embedder: Embedder | None = None,
            namespace: str = "default", chunk_tokens: int = 512, batch_size: int = 64,
            progress: bool = True) -> IngestReport:
+    """Files (folders, globs) into the store; unreadable files are skipped with a warning."""
+    report, t0 = IngestReport(), time.perf_counter()
+    files = expand(paths)
+
+    def records() -> Iterator[Record]:
+        for path in files:
+            try:
+                recs = list(read_records(path))
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                log.warning("skipped %s: %s", path, e)
+                report.skipped_files += 1
+                continue
+            report.files += 1
+            yield from recs
+
+    ingest_records(records(), store, tokenizer, embedder, namespace, chunk_tokens, batch_size, progress, report,
+                   total_files=len(files))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def ingest_records(records: Iterable[Record], store: DocumentStore, tokenizer, embedder: Embedder | None = None,
+                   namespace: str = "default", chunk_tokens: int = 512, batch_size: int = 64, progress: bool = False,
+                   report: IngestReport | None = None, total_files: int | None = None) -> list[int]:
+    """Chunk, dedupe, embed and store records; returns the ids of every chunk (new or already
+    stored), in order. Streams: no corpus-sized buffers."""
     from epic_sglang.prompt import DOCUMENT_FORMAT
 
     def count(text: str) -> int:  # tokens of the document as the engine will cache it
         return len(tokenizer.encode(DOCUMENT_FORMAT.format(text=text), add_special_tokens=False))
 
-    report, t0 = IngestReport(), time.perf_counter()
+    report = report if report is not None else IngestReport()
     embedder = embedder or Embedder()
     pending: list[tuple] = []
+    hashes: list[str] = []  # every chunk's content hash, in order
     seen: set[str] = set()  # content hashes added in this run
-    files = expand(paths)
-    # Streams (no corpus-sized buffers), so the bar counts embedded chunks and shows their rate.
     bar = tqdm(unit="chunk", desc="ingest", disable=not progress, dynamic_ncols=True)
 
     def flush() -> None:
@@ -50,34 +76,26 @@ def ingest(paths: list[str], store: DocumentStore, tokenizer, embedder: Embedder
         report.added += added
         report.duplicates += len(pending) - added
         bar.update(len(pending))
-        bar.set_postfix(files=f"{report.files + report.skipped_files}/{len(files)}", added=report.added)
+        bar.set_postfix(files=f"{report.files + report.skipped_files}/{total_files}", added=report.added)
         pending.clear()
 
-    for path in files:
-        try:
-            records = list(read_records(path))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            log.warning("skipped %s: %s", path, e)
-            report.skipped_files += 1
-            continue
-        report.files += 1
-        for rec in records:
-            for ch in chunk_text(rec.text, count, chunk_tokens):
-                report.chunks += 1
-                digest = content_hash(ch.text)
-                if digest in seen or store.has(namespace, ch.text):
-                    report.duplicates += 1
-                    continue
-                seen.add(digest)
-                ids = tokenizer.encode(DOCUMENT_FORMAT.format(text=ch.text), add_special_tokens=False)
-                pending.append((namespace, rec.source, rec.title, ch.start, ch.end, ch.text, ids))
-                if len(pending) >= batch_size * 4:
-                    flush()
+    for rec in records:
+        for ch in chunk_text(rec.text, count, chunk_tokens):
+            report.chunks += 1
+            digest = content_hash(ch.text)
+            hashes.append(digest)
+            if digest in seen or store.has(namespace, ch.text):
+                report.duplicates += 1
+                continue
+            seen.add(digest)
+            ids = tokenizer.encode(DOCUMENT_FORMAT.format(text=ch.text), add_special_tokens=False)
+            pending.append((namespace, rec.source, rec.title, ch.start, ch.end, ch.text, ids))
+            if len(pending) >= batch_size * 4:
+                flush()
     flush()
     bar.close()
     store.index()  # rebuild and persist the index for the new revision
-    report.seconds = time.perf_counter() - t0
-    return report
+    return store.ids_of(namespace, hashes)
 
 
 def load_tokenizer(model: str):

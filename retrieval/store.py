@@ -128,6 +128,15 @@ class DocumentStore:
                 out[r[0]] = StoredDocument(*r[:7], tuple(np.frombuffer(r[7], dtype=np.int32).tolist()))
         return out
 
+    def ids_of(self, namespace: str, hashes: list[str]) -> list[int]:
+        """The ids of documents by content hash, in the order given."""
+        found = {}
+        for chunk in range(0, len(hashes), 500):
+            part = hashes[chunk:chunk + 500]
+            q = f"SELECT content_hash, id FROM documents WHERE namespace = ? AND content_hash IN ({','.join('?' * len(part))})"
+            found.update(self.db.execute(q, [namespace, *part]).fetchall())
+        return [found[h] for h in hashes if h in found]
+
     def list(self, namespace: str | None = None, limit: int = 100, offset: int = 0) -> list[StoredDocument]:
         where, args = ("WHERE namespace = ?", [namespace]) if namespace is not None else ("", [])
         ids = [r[0] for r in self.db.execute(f"SELECT id FROM documents {where} ORDER BY id LIMIT ? OFFSET ?",

@@ -1,0 +1,176 @@
+"""The HTTP server: SGLang's native API, the OpenAI API, RAG and documents, metrics.
+
+    app = create_app(ServerConfig(model="smollm2-135m", store=Path("~/rag-store")))
+    uvicorn.run(app, host="127.0.0.1", port=30000)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from epic_sglang.engine import Engine
+from epic_sglang.scheduler import Scheduler, ServerBusy
+from epic_sglang.server import native, openai_api, rag
+from epic_sglang.server.config import ServerConfig
+from epic_sglang.server.documents import DocumentService
+from epic_sglang.server.inputs import NotFound, PromptResolver
+from epic_sglang.server.metrics import Metrics
+from epic_sglang.server.runtime import RequestFailed, Runtime
+
+log = logging.getLogger("epic_sglang.server")
+OPEN_PATHS = {"/health", "/metrics"}  # reachable without the API key (probes, scrapers)
+
+
+def _admin(path: str) -> bool:
+    return path.startswith("/v1/documents") or path == "/flush_cache"
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+class Gate:
+    """ASGI middleware: API keys, body size limit, one JSON log line per request. (Pure ASGI,
+    so streaming responses and client-disconnect detection pass through untouched.)"""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, path, method = time.perf_counter(), scope["path"], scope["method"]
+        status = {"code": 0}
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        refusal = self._refuse(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send_logged)
+        else:
+            await self.app(scope, self._limited(receive), send_logged)
+        if status["code"] >= 400:
+            self.metrics.http_errors.labels(str(status["code"])).inc()
+        log.info(json.dumps({"method": method, "path": path, "status": status["code"],
+                             "ms": round(1000 * (time.perf_counter() - t0), 1)}))
+
+    def _refuse(self, scope) -> JSONResponse | None:
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        if path not in OPEN_PATHS:
+            key = self.config.admin_api_key if _admin(path) and self.config.admin_api_key else self.config.api_key
+            if key is not None and headers.get(b"authorization", b"").decode() != f"Bearer {key}":
+                return error(401, "missing or wrong API key: send Authorization: Bearer <key>", "authentication_error")
+        length = headers.get(b"content-length")
+        if length is not None and int(length) > self.config.max_body_bytes:
+            return error(413, f"request body over {self.config.max_body_bytes} bytes")
+        return None
+
+    def _limited(self, receive):
+        seen = {"bytes": 0}
+        limit = self.config.max_body_bytes
+
+        async def limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["bytes"] += len(message.get("body", b""))
+                if seen["bytes"] > limit:
+                    raise BodyTooLarge()
+            return message
+        return limited
+
+
+class BodyTooLarge(ValueError):
+    pass
+
+
+def _version() -> str:
+    try:
+        return version("epic-sglang")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
+    """The app over an engine (built from the config when not given); the scheduler starts
+    with the app and, at shutdown, finishes in-flight requests before it stops."""
+    if engine is None:
+        engine = Engine(config.model, device=config.device, kv_cache_gb=config.kv_cache_gb,
+                        kv_dir=config.kv_dir, host_cache_gb=config.host_cache_gb,
+                        max_requests=max(64, config.max_running))
+    scheduler = Scheduler(engine, config.max_running, config.prefill_token_budget, config.max_queued)
+    metrics = Metrics()
+    documents = DocumentService(config.store, engine.tokenizer) if config.store else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        scheduler.shutdown()
+        if documents is not None:
+            documents.close()
+
+    app = FastAPI(title="epic-sglang", version=_version(), lifespan=lifespan)
+    app.state.config, app.state.engine, app.state.metrics = config, engine, metrics
+    app.state.runtime = runtime = Runtime(scheduler, on_result=metrics.observe)
+    app.state.documents = documents
+    app.state.resolver = PromptResolver(config, engine.tokenizer, documents)
+    app.state.version, app.state.started = _version(), time.time()
+    metrics.add_gauges(lambda: {**scheduler.call(_gauges).result(), "queue_depth": scheduler.queue_depth,
+                                "running": scheduler.num_running})
+    for router in (native.router, openai_api.router, rag.router):
+        app.include_router(router)
+
+    @app.get("/metrics")
+    async def prometheus():
+        body = await _run_blocking(generate_latest, metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: HTTPRequest, e: NotFound):
+        return error(404, str(e), "not_found_error")
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: HTTPRequest, e: BodyTooLarge):
+        return error(413, f"request body over {config.max_body_bytes} bytes")
+
+    @app.exception_handler(ValueError)
+    async def bad_request(_: HTTPRequest, e: ValueError):
+        return error(400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: HTTPRequest, e: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body')}: {err['msg']}" for err in e.errors()]
+        return error(400, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(ServerBusy)
+    async def busy(_: HTTPRequest, e: ServerBusy):
+        return error(503, str(e), "server_busy")
+
+    @app.exception_handler(RequestFailed)
+    async def failed(_: HTTPRequest, e: RequestFailed):
+        return error(503 if "memory" in str(e) or "KV" in str(e) else 500, str(e), "server_error")
+
+    return app
+
+
+def _gauges(engine: Engine) -> dict:
+    return {"kv_used_tokens": engine.allocator.size - engine.allocator.available_size(),
+            "kv_total_tokens": engine.allocator.size, "cache": engine.cache.stats()}
+
+
+async def _run_blocking(fn, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn, *args)

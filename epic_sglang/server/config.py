@@ -1,0 +1,32 @@
+"""Everything `epic-sglang serve` can be told, in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    model: str = "qwen2.5-0.5b"
+    served_model_name: str | None = None  # the name clients see; the model's by default
+    device: str | None = None
+    policy: str = "legolink-16"  # link policy of requests that do not name one
+    store: Path | None = None  # document store (retrieval, /v1/documents, transparent PIC)
+    kv_dir: Path | None = None  # disk tier for compiled documents
+    kv_cache_gb: float = 2.0
+    host_cache_gb: float = 0.0
+    transparent_documents: bool = True  # find ingested documents inside plain prompts
+    api_key: str | None = None  # Bearer key for every route (but /health and /metrics)
+    admin_api_key: str | None = None  # for admin routes (documents, flush); api_key when unset
+    max_running: int = 32
+    prefill_token_budget: int = 8192
+    max_queued: int = 1024
+    max_body_bytes: int = 8 << 20
+    max_batch: int = 128  # prompts in one /generate or /v1/completions call
+    max_n: int = 16
+    max_documents: int = 64  # documents in one request
+    default_max_new_tokens: int = 128
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model

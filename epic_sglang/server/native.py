@@ -1,0 +1,193 @@
+"""SGLang's native API, as SGLang 0.5.16's frontend (`sgl.RuntimeEndpoint`) and clients use it."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from epic_sglang.engine import GenerateResult
+from epic_sglang.scheduler import Progress
+from epic_sglang.server.inputs import (engine_request, json_body, merge, require_object, sampling_params,
+                                       samples)
+
+GENERATE_KEYS = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
+                 "top_logprobs_num", "return_text_in_logprobs", "kv_hints", "image_data"}
+
+router = APIRouter()
+
+
+def meta_info(rid: str, result: GenerateResult, e2e: float) -> dict:
+    s = result.stats
+    meta = {"id": rid, "finish_reason": result.finish_reason or None, "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": len(result.output_ids), "cached_tokens": s.prompt_tokens - s.recomputed_tokens,
+            "reused_tokens": s.reused_tokens, "recomputed_tokens": s.recomputed_tokens,
+            "compiled_tokens": s.compiled_tokens, "cached_prefix_tokens": s.cached_prefix_tokens,
+            "policy": result.policy, "ttft": s.ttft_s, "e2e_latency": e2e}
+    if result.output_token_logprobs is not None:
+        meta.update(input_token_logprobs=result.input_token_logprobs, output_token_logprobs=result.output_token_logprobs)
+        if result.output_top_logprobs is not None:
+            meta.update(input_top_logprobs=result.input_top_logprobs, output_top_logprobs=result.output_top_logprobs)
+    return meta
+
+
+def progress_json(p: Progress, t0: float, index: int | None) -> dict:
+    if p.result is not None:
+        out = {"text": p.result.text, "output_ids": p.result.output_ids, "meta_info": meta_info(p.rid, p.result, time.perf_counter() - t0)}
+    else:
+        out = {"text": p.text, "output_ids": p.output_ids,
+               "meta_info": {"id": p.rid, "finish_reason": None, "prompt_tokens": p.prompt_tokens,
+                             "completion_tokens": len(p.output_ids)}}
+    if index is not None:
+        out["index"] = index
+    return out
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _jobs(app, body: dict) -> tuple[list, bool]:
+    """(engine requests with their rids, whether the input was a batch)."""
+    resolver = app.state.resolver
+    if ("text" in body) == ("input_ids" in body):
+        raise ValueError("give exactly one of text or input_ids")
+    if body.get("image_data") is not None:
+        raise ValueError("image_data is not supported: this server runs text models")
+    prompts = body.get("text", body.get("input_ids"))
+    is_text = "text" in body
+    batch = isinstance(prompts, list) and (is_text or (prompts and isinstance(prompts[0], list)))
+    prompts = prompts if batch else [prompts]
+    if not prompts or len(prompts) > app.state.config.max_batch:
+        raise ValueError(f"a batch holds 1 to {app.state.config.max_batch} prompts, got {len(prompts)}")
+
+    def per_prompt(key: str) -> list:
+        v = body.get(key)
+        if batch and isinstance(v, list):
+            if len(v) != len(prompts):
+                raise ValueError(f"{key} has {len(v)} entries for {len(prompts)} prompts")
+            return v
+        return [v] * len(prompts)
+
+    params_list, hints_list, rids = per_prompt("sampling_params"), per_prompt("kv_hints"), per_prompt("rid")
+    logprobs = {k: body[k] for k in ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
+                if body.get(k) is not None}
+    _check_logprob_options(logprobs)
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        hints = resolver.hints(hints_list[i])
+        segments = (await resolver.text_segments(prompt, hints)) if is_text else resolver.id_segments(prompt, hints)
+        params, n = sampling_params(params_list[i], app.state.config)
+        policy = resolver.policy_of(hints.get("policy"))
+        rid = rids[i] if isinstance(rids[i], str) else uuid.uuid4().hex
+        for j, p in enumerate(samples(params, n)):
+            jobs.append((engine_request(segments, policy, p, hints.get("namespace"), logprobs),
+                         rid if n == 1 else f"{rid}-{j}"))
+    return jobs, batch or len(jobs) > 1
+
+
+def _check_logprob_options(opts: dict) -> None:
+    for key, kind in (("return_logprob", bool), ("return_text_in_logprobs", bool), ("logprob_start_len", int),
+                      ("top_logprobs_num", int)):
+        if key in opts and (not isinstance(opts[key], kind) or (kind is int and isinstance(opts[key], bool))):
+            raise ValueError(f"{key} must be {'a boolean' if kind is bool else 'an integer'}")
+    if opts.get("top_logprobs_num", 0) < 0 or opts.get("top_logprobs_num", 0) > 20:
+        raise ValueError("top_logprobs_num must be in [0, 20]")
+
+
+@router.post("/generate")
+async def generate(http: HTTPRequest):
+    t0 = time.perf_counter()
+    app = http.app
+    body = require_object(await json_body(http), GENERATE_KEYS, "the /generate body")
+    jobs, batch = await _jobs(app, body)
+    runtime = app.state.runtime
+    streams = [runtime.stream(req, rid, http) for req, rid in jobs]
+    if body.get("stream"):
+        merged = merge(streams)
+        first = await anext(merged, None)  # errors before the first token become a 4xx, not a broken stream
+
+        async def events():
+            item = first
+            try:
+                while item is not None:
+                    i, p = item
+                    yield sse(progress_json(p, t0, i if batch else None))
+                    item = await anext(merged, None)
+                yield "data: [DONE]\n\n"
+            finally:
+                await merged.aclose()
+        return StreamingResponse(events(), media_type="text/event-stream")
+    finals: dict[int, Progress] = {}
+    async for i, p in merge(streams):
+        if p.done:
+            finals[i] = p
+    if len(finals) < len(jobs):  # the client went away
+        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+    outs = [progress_json(finals[i], t0, None) for i in range(len(jobs))]
+    return outs if batch else outs[0]
+
+
+@router.api_route("/flush_cache", methods=["GET", "POST"])
+async def flush_cache(http: HTTPRequest):
+    freed = await http.app.state.runtime.call(lambda e: e.flush_cache())
+    return JSONResponse({"message": "Cache flushed.", "freed_tokens": freed})
+
+
+@router.post("/abort_request")
+async def abort_request(http: HTTPRequest):
+    body = require_object(await json_body(http), {"rid", "abort_all"}, "the /abort_request body")
+    scheduler = http.app.state.runtime.scheduler
+    if body.get("abort_all"):
+        scheduler.abort_all()
+    elif isinstance(body.get("rid"), str):
+        scheduler.abort(body["rid"])
+    else:
+        raise ValueError("give rid (a string) or abort_all: true")
+    return {"message": "abort requested"}
+
+
+def _model_info(http: HTTPRequest) -> dict:
+    state = http.app.state
+    return {"model_path": state.config.model_name, "tokenizer_path": str(state.engine.model_dir),
+            "is_generation": True, "preferred_sampling_params": None, "weight_version": "default",
+            "has_image_understanding": False, "has_audio_understanding": False, "model_type": state.engine.config.model_type}
+
+
+@router.get("/model_info")
+@router.get("/get_model_info")
+async def model_info(http: HTTPRequest):
+    return _model_info(http)
+
+
+@router.get("/server_info")
+@router.get("/get_server_info")
+async def server_info(http: HTTPRequest):
+    state = http.app.state
+    stats = await state.runtime.call(lambda e: e.cache.stats())
+    cfg = state.config
+    return {"version": state.version, "model_path": cfg.model_name, "engine": "epic-sglang in-process",
+            "device": str(state.engine.device), "dtype": str(state.engine.dtype), "default_policy": cfg.policy,
+            "context_length": state.engine.max_context_len, "max_running_requests": state.runtime.scheduler.max_running,
+            "prefill_token_budget": cfg.prefill_token_budget, "transparent_documents": cfg.transparent_documents,
+            "document_store": str(cfg.store) if cfg.store else None, "kv_dir": str(cfg.kv_dir) if cfg.kv_dir else None,
+            "kv_pool_tokens": state.engine.allocator.size, "cache": stats,
+            "queue_depth": state.runtime.scheduler.queue_depth, "running": state.runtime.scheduler.num_running}
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/health_generate")
+async def health_generate(http: HTTPRequest):
+    """A one-token generation through the scheduler: the engine is alive, not just the server."""
+    state = http.app.state
+    params, _ = sampling_params({"max_new_tokens": 1}, state.config)
+    segments = state.resolver.builder.from_text("ping", [])
+    result = await state.runtime.generate(engine_request(segments, "fr", params, "epic-health"), None, http)
+    return {"status": "ok", "generated_tokens": len(result.output_ids) if result else 0}
