@@ -292,6 +292,14 @@ class Engine:
             self.cache.dec_lock_ref(d)
         return compiled
 
+    def kv_usage(self) -> dict[str, int]:
+        """Pool slots: free, held by the cache (of which locked by running requests), held
+        privately by requests; free + cached + private == total always."""
+        free, cached = self.allocator.available_size(), self.cache.total_size()
+        return {"total": self.allocator.size, "free": free, "cached": cached, "locked": self.cache.protected_size(),
+                "private": self.allocator.size - free - cached,
+                "request_rows_in_use": len(self.req_to_token_pool.req_to_token) - len(self.req_to_token_pool.free_rows)}
+
     def flush_cache(self) -> int:
         """Drop every cached document and prefix not in use from device and host (the disk
         tier stays); returns the number of device tokens freed."""

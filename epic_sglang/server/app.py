@@ -131,6 +131,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                                 "running": scheduler.num_running})
     for router in (native.router, openai_api.router, rag.router):
         app.include_router(router)
+    app.add_middleware(Gate, config=config, metrics=metrics)
 
     @app.get("/metrics")
     async def prometheus():
@@ -166,8 +167,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
 
 def _gauges(engine: Engine) -> dict:
-    return {"kv_used_tokens": engine.allocator.size - engine.allocator.available_size(),
-            "kv_total_tokens": engine.allocator.size, "cache": engine.cache.stats()}
+    kv = engine.kv_usage()
+    return {"kv_used_tokens": kv["total"] - kv["free"], "kv_total_tokens": kv["total"], "cache": engine.cache.stats()}
 
 
 async def _run_blocking(fn, *args):

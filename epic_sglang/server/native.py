@@ -167,14 +167,14 @@ async def model_info(http: HTTPRequest):
 @router.get("/get_server_info")
 async def server_info(http: HTTPRequest):
     state = http.app.state
-    stats = await state.runtime.call(lambda e: e.cache.stats())
+    stats, kv = await state.runtime.call(lambda e: (e.cache.stats(), e.kv_usage()))
     cfg = state.config
     return {"version": state.version, "model_path": cfg.model_name, "engine": "epic-sglang in-process",
             "device": str(state.engine.device), "dtype": str(state.engine.dtype), "default_policy": cfg.policy,
             "context_length": state.engine.max_context_len, "max_running_requests": state.runtime.scheduler.max_running,
             "prefill_token_budget": cfg.prefill_token_budget, "transparent_documents": cfg.transparent_documents,
             "document_store": str(cfg.store) if cfg.store else None, "kv_dir": str(cfg.kv_dir) if cfg.kv_dir else None,
-            "kv_pool_tokens": state.engine.allocator.size, "cache": stats,
+            "kv": kv, "cache": stats,
             "queue_depth": state.runtime.scheduler.queue_depth, "running": state.runtime.scheduler.num_running}
 
 
