@@ -39,7 +39,7 @@ class GrammarBackend:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]):
         import xgrammar as xgr
 
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids))
+        info = _tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(info)
         self._compile = lru_cache(maxsize=256)(self._compile_uncached)
@@ -49,7 +49,8 @@ class GrammarBackend:
             if kind == "regex":
                 return self._compiler.compile_regex(spec)
             json.loads(spec)
-            return self._compiler.compile_json_schema(spec)
+            # compact JSON: free whitespace lets small models pad until max_new_tokens runs out
+            return self._compiler.compile_json_schema(spec, any_whitespace=False)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError with its parser's message
             raise ValueError(f"cannot compile {kind} {spec[:80]!r}: {str(e).splitlines()[0] if str(e) else e}") from e
 
@@ -60,3 +61,30 @@ class GrammarBackend:
             return Grammar(self._compile("regex", regex), self.vocab_size)
         spec = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
         return Grammar(self._compile("json_schema", spec), self.vocab_size)
+
+
+def _tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: set[int]):
+    """xgrammar's view of the vocabulary. Its own `from_huggingface` misreads transformers 5
+    tokenizers (GPT-2 byte-level BPE taken for byte-fallback, so spaces never match); the
+    decoder in the tokenizer's JSON says which it is."""
+    import xgrammar as xgr
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+
+    def kinds(part: str) -> set[str]:
+        d = spec.get(part) or {}
+        return {d.get("type")} | {x.get("type") for x in d.get("decoders") or d.get("pretokenizers") or []}
+
+    # transformers 5 decorates byte-level decoders with ByteFallback; the pre-tokenizer is the truth
+    if "ByteLevel" in kinds("pre_tokenizer"):
+        vocab_type, prefix_space = xgr.VocabType.BYTE_LEVEL, False
+    elif "ByteFallback" in kinds("decoder"):
+        vocab_type, prefix_space = xgr.VocabType.BYTE_FALLBACK, True
+    else:
+        vocab_type, prefix_space = xgr.VocabType.RAW, False
+    vocab = [""] * vocab_size
+    for token, i in tokenizer.get_vocab().items():
+        if i < vocab_size:
+            vocab[i] = token
+    return xgr.TokenizerInfo(vocab, vocab_type, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids),
+                             add_prefix_space=prefix_space)

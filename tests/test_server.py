@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -99,6 +101,44 @@ def test_sglang_frontend_program(server):
     streamed = program.run(question="What is 2+2?", backend=backend, stream=True)
     text = "".join(streamed.text_iter())
     assert text == state.text()  # greedy: streaming gives the same program text
+
+
+def test_frontend_program_marks_documents_with_the_lang_helper(server, hotpot):
+    import sglang as sgl
+
+    from epic_sglang.lang import EpicEndpoint, document
+
+    backend = EpicEndpoint(server, api_key=KEY, policy="legolink-16")
+    ex = hotpot[9]
+
+    @sgl.function
+    def rag(s, system):
+        s += system + "\n" + "".join(document(d) for d in ex.paragraphs[:3])
+        s += "Question: " + ex.question + "\nAnswer:" + sgl.gen("answer", max_tokens=4, temperature=0)
+
+    first = rag.run(system=SYSTEM_A, backend=backend).get_meta_info("answer")
+    second = rag.run(system=SYSTEM_B, backend=backend).get_meta_info("answer")
+    assert first["compiled_tokens"] > 0 and second["compiled_tokens"] == 0
+    assert second["reused_tokens"] == first["compiled_tokens"] - 3 * 16  # legolink-16 recomputes 16 per document
+
+
+def test_examples_run_against_the_server(server):
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    runs = [[sys.executable, root / "openai_client.py", "--url", f"{server}/v1", "--api-key", KEY],
+            [sys.executable, root / "sglang_rag_program.py", "--url", server, "--api-key", KEY]]
+    if shutil.which("curl"):
+        runs.append(["bash", root / "curl.sh"])
+    env = {**os.environ, "URL": server, "API_KEY": KEY, "ADMIN_KEY": ADMIN}
+    for cmd in runs:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert out.returncode == 0, (cmd, out.stdout[-2000:], out.stderr[-2000:])
+        assert out.stdout.strip()
+    reused = re.findall(r"reused=(\d+)", subprocess.run(runs[1], capture_output=True, text=True, env=env).stdout)
+    assert len(reused) == 2 and int(reused[1]) > 0
 
 
 def test_openai_client_chat_and_completions(server):
