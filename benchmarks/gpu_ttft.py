@@ -109,6 +109,30 @@ def median_ttft(engine: Engine, segs: list[Segment], policy: str, repeats: int) 
     return statistics.median(first_token(engine, segs, policy)[1] for _ in range(repeats))
 
 
+def decode_ms_per_step(engine: Engine, batch: int, context: int, steps: int = 32) -> float:
+    """Median over the batch of decode time per step (32 steps after the first token)."""
+    reqs = [Request(segments=segments(0, 0, context, 0, LLAMA_8B["vocab_size"], seed=1000 + i)[1:], policy="fr",
+                    sampling=SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)) for i in range(batch)]
+    engine.generate_batch(reqs[:1])  # warm-up
+    results = engine.generate_batch(reqs)
+    engine.flush_cache()
+    return statistics.median(r.stats.decode_s for r in results) / steps
+
+
+def decode_rows(engine: Engine, context: int) -> list[str]:
+    """Decode step latency, CUDA graphs against eager launches, same engine and weights."""
+    rows = []
+    graphs = engine.decode_graphs
+    for batch in (1, 8, 32):
+        engine.decode_graphs = None
+        eager = decode_ms_per_step(engine, batch, context)
+        engine.decode_graphs = graphs
+        graphed = decode_ms_per_step(engine, batch, context)
+        rows.append(f"| {batch} | {context:,} | {eager * 1000:.2f} | {graphed * 1000:.2f} | {eager / graphed:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json (vocab 49,152)")
@@ -159,6 +183,8 @@ def main() -> None:
                     + f" | {ttft['legolink-16'] / ttft['floor']:.2f}x |")
         print(rows[-1], flush=True)
 
+    decode = decode_rows(engine, 2048)
+
     body = f"""## GPU TTFT (Llama-3-8B shape, RoPE {args.rope}, random bf16 weights, FlashInfer backend)
 
 Card: {machine()}. {args.doc_tokens}-token documents (precompiled) + {args.question_tokens}-token question + {head}-token head;
@@ -173,6 +199,13 @@ Floor = one forward of legolink-16's number of new tokens over an already cached
 
 Link modes for legolink-16 at 16K: `runs` (causal entry per run, truncated KV) {modes['runs'] * 1000:.1f} ms,
 `mask` (one entry, custom mask) {modes['mask'] * 1000:.1f} ms; default: `runs`.
+
+Decode step latency (fr prompts of 2,048 tokens, 32 steps after the first token, median over the batch):
+eager launches against CUDA graphs (one captured forward per batch bucket, FlashInfer decode with fused RoPE).
+
+| batch | context | eager ms/step | CUDA graph ms/step | speedup |
+|---|---|---|---|---|
+{chr(10).join(decode)}
 
 FlashInfer vs torch reference (same weights, both bf16, first-token logits; 4 x {args.doc_tokens}-token documents; pass: cosine > 0.995):
 

@@ -133,12 +133,13 @@ class Engine:
                  dtype: torch.dtype | None = None, kv_cache_gb: float = 2.0, max_requests: int = 64,
                  max_context_len: int | None = None, attention: str = "auto", link_mode: str = "runs",
                  load_format: str = "auto", kv_dir: str | Path | None = None, host_cache_gb: float = 0.0,
-                 eviction_policy: str = "lru"):
+                 eviction_policy: str = "lru", cuda_graphs: bool = True):
         """`attention`: auto | torch | flashinfer; `link_mode` (flashinfer): runs | mask;
         `load_format`: auto | dummy (random weights at the model's shape, for speed runs);
         `kv_dir`: disk tier for compiled documents (survives restarts); `host_cache_gb`:
         host-memory tier for documents evicted from the pool; `eviction_policy`: SGLang's
-        (lru, lfu, fifo, ...)."""
+        (lru, lfu, fifo, ...); `cuda_graphs`: replay decode steps from CUDA graphs (GPU,
+        FlashInfer with fused RoPE)."""
         from transformers import AutoTokenizer
 
         self.device = torch.device(device) if device is not None else _default_device()
@@ -174,6 +175,11 @@ class Engine:
         self.grammars = GrammarBackend(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
         self.attention = make_attention(attention, cfg, self.device, self.dtype, link_mode)
         self.linker = Linker(self.model, self.pool, self.attention)
+        self.decode_graphs = None
+        if cuda_graphs and self.device.type == "cuda" and getattr(self.attention, "can_fuse", False):
+            from epic_sglang.cuda_graph import DecodeGraphs
+
+            self.decode_graphs = DecodeGraphs(self.model, self.pool, self.attention, min(max_requests, 64), size)
 
     # ----------------------------------------------------------------- public API
     def generate(self, question: str, documents: list[str] | None = None, system: str | None = None,
@@ -243,6 +249,8 @@ class Engine:
         Raises PoolExhausted before changing anything if the decode tokens find no slots."""
         t0 = time.perf_counter()
         slots = self._alloc(len(decoding)) if decoding else None
+        if not linking and self.decode_graphs is not None and len(decoding) <= self.decode_graphs.max_batch:
+            return self._decode_graphed(decoding, slots)
         plain = [s for s in linking if s.plan.blend_ratio == 0]
         blend = [s for s in linking if s.plan.blend_ratio > 0]
         parts = [self._link_part(s) for s in plain]
@@ -465,14 +473,24 @@ class Engine:
                         s.plan.recompute.to(self.device), doc_positions, doc_slots, s.plan.blend_ratio)
 
     # ----------------------------------------------------------------- decode
-    def _decode_part(self, s: RunningRequest, slot: torch.Tensor) -> tuple:
-        slot = slot.view(1)
-        s.private.append(slot)
+    def _grow(self, s: RunningRequest, slot: torch.Tensor) -> torch.Tensor:
+        """Append one private slot (the next token's) to the request's row; returns the row."""
+        s.private.append(slot.view(1))
         self.req_to_token_pool.req_to_token[s.row, s.seq_len] = slot
-        pos = torch.tensor([s.seq_len], device=self.device)
-        ids = torch.tensor([s.output_ids[-1]], device=self.device)
         s.seq_len += 1
-        return ids, pos, slot, self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
+        return self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
+
+    def _decode_part(self, s: RunningRequest, slot: torch.Tensor) -> tuple:
+        row = self._grow(s, slot)
+        pos = torch.tensor([s.seq_len - 1], device=self.device)
+        ids = torch.tensor([s.output_ids[-1]], device=self.device)
+        return ids, pos, slot.view(1), row
+
+    def _decode_graphed(self, decoding: list[RunningRequest], slots: torch.Tensor) -> None:
+        rows = [self._grow(s, slot) for s, slot in zip(decoding, slots)]
+        ids = torch.tensor([s.output_ids[-1] for s in decoding], device=self.device)
+        for s, row in zip(decoding, self.decode_graphs.run(ids, slots, rows)):
+            self._accept(s, row.unsqueeze(0), hidden=False)
 
     def _accept(self, s: RunningRequest, rows: torch.Tensor, hidden: bool = True) -> None:
         """Take one forward's output for a request: prompt logprobs (link only), then the

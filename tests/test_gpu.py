@@ -42,6 +42,28 @@ def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir):
     assert len(rows) == 12 and all(r.endswith("| ok |") for r in rows)
 
 
+def test_decode_cuda_graphs_match_eager_decode(tokenizer_dir):
+    from benchmarks.gpu_ttft import model_dir, segments
+    from epic_sglang import Engine, Request, SamplingParams
+
+    engine = Engine(str(model_dir(TINY, tokenizer_dir)), device="cuda", load_format="dummy", kv_cache_gb=1)
+    assert engine.decode_graphs is not None
+    with torch.no_grad():  # peaky logits: greedy tokens well defined
+        for _, p in engine.model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+
+    def run():  # 3 sequences: the 4-wide graph pads one row
+        return engine.generate_batch([Request(segments=segments(2, 100, 10, 5, TINY["vocab_size"], seed=i),
+                                              policy="legolink-16", sampling=SamplingParams(max_new_tokens=12, ignore_eos=True))
+                                      for i in range(3)])
+    graphed = run()
+    graphs, engine.decode_graphs = engine.decode_graphs, None
+    eager = run()
+    engine.decode_graphs = graphs
+    assert [g.output_ids for g in graphed] == [e.output_ids for e in eager]
+
+
 def tiny_qwen2(tokenizer_dir: Path, out: Path, widen: bool):
     import transformers
 

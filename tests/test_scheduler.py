@@ -88,3 +88,18 @@ def test_bad_request_is_refused_at_submit_and_holds_nothing(engine, scheduler):
     with pytest.raises(ValueError, match="unknown policy"):
         scheduler.submit(Request("q?", [], None, "magic"), Collector())
     assert engine.kv_usage() == before
+
+
+def test_namespaces_are_served_round_robin(engine):
+    scheduler = Scheduler(engine, max_running=8, prefill_token_budget=1)  # one admission per step
+    got = Collector()
+    got.expected = 4
+    rids = {}
+    for name, ns in (("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b")):
+        r = req(f"Say {name}.", 2, ignore_eos=True)
+        r.namespace = ns
+        rids[scheduler.submit(r, got)] = name
+    scheduler.start()  # everything is queued before the first step
+    scheduler.shutdown(timeout=300)
+    first_seen = list(dict.fromkeys(rids[p.rid] for p in got.order))
+    assert first_seen == ["a1", "b1", "a2", "a3"]  # b1 does not wait behind tenant a's burst

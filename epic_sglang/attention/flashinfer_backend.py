@@ -60,7 +60,7 @@ class FlashInferAttention:
         self.can_fuse = cfg.rope_type in ("default", "linear")
         self.fused_rope = dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=cfg.rope_theta,
                                rope_scale=float(cfg.rope_scaling.get("factor", 1.0)) if cfg.rope_type == "linear" else 1.0)
-        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.workspace = workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         # FlashInfer fixes an "auto" wrapper's backend at its first plan, so one wrapper per use.
         self.wrappers = {
             "fa3": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD"),
@@ -78,11 +78,7 @@ class FlashInferAttention:
         heads = (c.num_heads, c.num_kv_heads, c.head_dim, 1)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if self.can_fuse and all(s.last_only for s in batch.seqs):  # decode: attend the pool in place
-            lens = [s.kv_slots.numel() for s in batch.seqs]
-            self._wrapper, self._gather = self.wrappers["decode"], None
-            self._wrapper.plan(torch.tensor([0] + lens, **i32).cumsum(0, dtype=torch.int32),
-                               torch.cat([s.kv_slots for s in batch.seqs]).to(torch.int32),
-                               torch.ones(len(lens), **i32), *heads, **self.fused_rope, **dtypes)
+            self.plan_decode(self.wrappers["decode"], [s.kv_slots for s in batch.seqs])
             return
         runs = [query_runs(s.q_positions.tolist()) for s in batch.seqs]
         masked = self.link_mode == "mask" or any(len(r) > MAX_RUNS for r in runs)
@@ -115,6 +111,17 @@ class FlashInferAttention:
         mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
         self._wrapper.plan(torch.tensor(qo, **i32), torch.tensor([0] + kv_len, **i32).cumsum(0, dtype=torch.int32),
                            torch.cat(kv_idx), torch.ones(len(kv_len), **i32), *heads, **rope, **dtypes, **mask)
+
+    def plan_decode(self, wrapper, kv_slots: list[torch.Tensor]) -> None:
+        """One query at each sequence's last position over its slots, keys rotated in the
+        kernel; `wrapper` may be a CUDA-graph one (its buffers are what the graph reads)."""
+        c = self.cfg
+        lens = torch.tensor([0] + [k.numel() for k in kv_slots], dtype=torch.int32)
+        self._wrapper, self._gather = wrapper, None
+        wrapper.plan(lens.cumsum(0, dtype=torch.int32).to(self.device), torch.cat(kv_slots).to(torch.int32),
+                     torch.ones(len(kv_slots), dtype=torch.int32, device=self.device),
+                     c.num_heads, c.num_kv_heads, c.head_dim, 1, **self.fused_rope,
+                     q_data_type=self.dtype, kv_data_type=self.dtype)
 
     def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
         k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
