@@ -498,11 +498,11 @@ class Engine:
         if hidden and len(rows) > 1:
             self._prompt_logprobs(s, rows[:-1])
         last = self.model.logits(rows[-1:])[0] if hidden else rows[-1]
-        if s.first_token_at is None:
-            s.first_token_at = time.perf_counter()
-            s.stats.ttft_s = s.first_token_at - s.arrival
         params = s.request.sampling
         if params.max_new_tokens == 0:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the prefill is done when its KV is
+            self._first_token_time(s)
             s.finish_reason = {"type": "length", "length": 0}
             return
         if s.request.return_first_logits and not s.output_ids:
@@ -511,11 +511,18 @@ class Engine:
         adjusted = adjust_logits(last, params, s.output_ids, stop_ids)
         if s.grammar is not None:
             adjusted = s.grammar.mask(adjusted)
-        token = sample_next(adjusted, params, s.generator)
+        token = sample_next(adjusted, params, s.generator)  # int(): waits for the GPU
+        self._first_token_time(s)
         if s.request.return_logprob:
             self._record_logprobs(s, last.unsqueeze(0), [token], s.output_logprobs, s.output_top)
         s.output_ids.append(token)
         self._check_finished(s, token, stop_ids)
+
+    @staticmethod
+    def _first_token_time(s: RunningRequest) -> None:
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
+            s.stats.ttft_s = s.first_token_at - s.arrival
 
     def _check_finished(self, s: RunningRequest, token: int, stop_ids: set[int]) -> None:
         params = s.request.sampling
