@@ -204,13 +204,9 @@ def test_a_document_linked_by_100_requests_is_stored_once(docs):
     doc_tokens = len(engine.prompts.encode_document(docs[0]))
     requests = [Request(f"Question {i}?", [docs[0]], None, "legolink-16", SamplingParams(max_new_tokens=1))
                 for i in range(100)]
-    states = [engine._admit(r) for r in requests]
+    states = [engine.admit(r) for r in requests]
     try:
-        for s in states:
-            engine._match_prefix(s)
-        engine._compile_for(states)
-        for s in states:
-            engine._assemble_row(s)
+        engine.prefill(states)  # rows assembled, nothing linked yet
         private = sum(sum(p.numel() for p in s.private) for s in states)
         in_use = free0 - engine.allocator.available_size()
         assert in_use == doc_tokens + private  # one copy of the document + each request's private tokens

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 import requests
 
 from epic_sglang.server import ServerConfig, create_app
+from epic_sglang.server.background import free_port, serve_in_thread
 
 KEY, ADMIN = "test-key", "admin-key"
 AUTH, ADMIN_AUTH = {"Authorization": f"Bearer {KEY}"}, {"Authorization": f"Bearer {ADMIN}"}
@@ -23,23 +22,10 @@ SYSTEM_A, SYSTEM_B = "Answer from the documents.", "You are a terse assistant. U
 
 @pytest.fixture(scope="module")
 def server(engine, tmp_path_factory):
-    import uvicorn
-
     config = ServerConfig(model="smollm2-135m", store=tmp_path_factory.mktemp("store"), api_key=KEY,
                           admin_api_key=ADMIN, max_running=16)
-    app = create_app(config, engine=engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(60)
+    with serve_in_thread(create_app(config, engine=engine)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -336,10 +322,7 @@ def test_serve_cli_finishes_in_flight_requests_on_sigterm(tmp_path):
     import subprocess
     import sys
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "epic_sglang.cli", "serve", "--model", "smollm2-135m",
                              "--port", str(port), "--kv-dir", "none", "--device", "cpu", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
