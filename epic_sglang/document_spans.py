@@ -38,9 +38,6 @@ class DocumentIndex:
         if anchor is not None:
             self._by_anchor[anchor].pop(doc_id, None)
 
-    def __len__(self) -> int:
-        return len(self._anchor_of)
-
     def find(self, text: str) -> list[tuple[int, int]]:
         """Non-overlapping [start, end) spans of ingested documents in text, left to right,
         the longest document winning at each start."""

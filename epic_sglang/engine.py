@@ -547,9 +547,9 @@ class Engine:
     def streamable_text(self, s: RunningRequest) -> str:
         """The text so far minus what may still change: a partly decoded character, or a tail
         that could be the start of a stop string (it is cut if the stop completes)."""
-        text = s.text.rstrip("\ufffd")
         if s.finished:
             return s.text
+        text = s.text.rstrip("\ufffd")
         hold = max((k for stop in s.request.sampling.stop for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
         return text[:len(text) - hold]
 

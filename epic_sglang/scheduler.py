@@ -72,7 +72,6 @@ class Scheduler:
         self._accepting = True
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="epic-scheduler", daemon=True)
-        self.steps = 0
 
     # ----------------------------------------------------------------- client side (any thread)
     def start(self) -> None:
@@ -176,7 +175,6 @@ class Scheduler:
                 self._fail(entry, f"internal error: {e}")
             self._running = []
             return
-        self.steps += 1
         still = []
         for entry in admitted + self._running:
             if entry.state.finished:

@@ -94,7 +94,8 @@ _INSTALLED = threading.Lock()
 
 
 def _install(module) -> None:
-    """Route the frontend's /generate calls to epic endpoints through `_with_hints` (once)."""
+    """Wrap the frontend's `http_request` (once) so /generate calls to an EpicEndpoint carry
+    kv_hints for the documents found in their text."""
     with _INSTALLED:
         if getattr(module.http_request, "_epic", False):
             return

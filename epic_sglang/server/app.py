@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from epic_sglang.engine import Engine
 from epic_sglang.scheduler import Scheduler, ServerBusy
@@ -123,7 +124,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="epic-sglang", version=_version(), lifespan=lifespan)
     app.state.config, app.state.engine, app.state.metrics = config, engine, metrics
-    app.state.runtime = runtime = Runtime(scheduler, on_result=metrics.observe)
+    app.state.runtime = Runtime(scheduler, on_result=metrics.observe)
     app.state.documents = documents
     app.state.resolver = PromptResolver(config, engine.tokenizer, documents)
     app.state.version, app.state.started = _version(), time.time()
@@ -135,7 +136,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        body = await _run_blocking(generate_latest, metrics.registry)
+        body = await run_in_threadpool(generate_latest, metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(NotFound)
@@ -170,8 +171,3 @@ def _gauges(engine: Engine) -> dict:
     kv = engine.kv_usage()
     return {"kv_used_tokens": kv["total"] - kv["free"], "kv_total_tokens": kv["total"], "cache": engine.cache.stats()}
 
-
-async def _run_blocking(fn, *args):
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(fn, *args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -48,6 +48,30 @@ def progress_json(p: Progress, t0: float, index: int | None) -> dict:
 
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def sse_response(items: AsyncIterator, render: Callable[[Any], list[dict]], head: list[dict] = (),
+                       tail: Callable[[], list[dict]] = list) -> StreamingResponse:
+    """An SSE stream: `head`, `render(item)` for each item, `tail()`, then `data: [DONE]`.
+    The first item is awaited before the response starts, so a request refused before its
+    first token gets a 4xx instead of a broken stream; closing the stream aborts the work."""
+    first = await anext(items, None)
+
+    async def events():
+        try:
+            for obj in head:
+                yield sse(obj)
+            item = first
+            while item is not None:
+                for obj in render(item):
+                    yield sse(obj)
+                item = await anext(items, None)
+            for obj in tail():
+                yield sse(obj)
+            yield "data: [DONE]\n\n"
+        finally:
+            await items.aclose()
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 async def _jobs(app, body: dict) -> tuple[list, bool]:
@@ -107,20 +131,7 @@ async def generate(http: HTTPRequest):
     runtime = app.state.runtime
     streams = [runtime.stream(req, rid, http) for req, rid in jobs]
     if body.get("stream"):
-        merged = merge(streams)
-        first = await anext(merged, None)  # errors before the first token become a 4xx, not a broken stream
-
-        async def events():
-            item = first
-            try:
-                while item is not None:
-                    i, p = item
-                    yield sse(progress_json(p, t0, i if batch else None))
-                    item = await anext(merged, None)
-                yield "data: [DONE]\n\n"
-            finally:
-                await merged.aclose()
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return await sse_response(merge(streams), lambda item: [progress_json(item[1], t0, item[0] if batch else None)])
     finals: dict[int, Progress] = {}
     async for i, p in merge(streams):
         if p.done:

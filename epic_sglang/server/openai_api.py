@@ -12,14 +12,13 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from epic_sglang.engine import GenerateResult
 from epic_sglang.policies import Segment
-from epic_sglang.scheduler import Progress
 from epic_sglang.server.inputs import engine_request, merge, samples, sampling_params
-from epic_sglang.server.native import sse
+from epic_sglang.server.native import sse_response
 
 router = APIRouter()
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -186,36 +185,27 @@ async def _run(http: HTTPRequest, jobs: list, stream_chunk, final_body, include_
     streams = [runtime.stream(r, None, http) for r in jobs]
     merged = merge(streams)
     if stream:
-        first = await anext(merged, None)
+        sent = [""] * len(jobs)
+        results: list[GenerateResult | None] = [None] * len(jobs)
 
-        async def events():
-            sent = [""] * len(jobs)
-            results: list[GenerateResult | None] = [None] * len(jobs)
-            item = first
-            try:
-                yield sse(stream_chunk(None, None, None, first_chunk=True))
-                while item is not None:
-                    i, p = item
-                    delta = p.text[len(sent[i]):] if p.text.startswith(sent[i]) else ""
-                    sent[i] = p.text if p.text.startswith(sent[i]) else sent[i]
-                    if delta or p.result is not None:
-                        yield sse(stream_chunk(i, delta, p.result))
-                    if p.result is not None:
-                        results[i] = p.result
-                    item = await anext(merged, None)
-                if include_usage and all(results):
-                    yield sse(final_body(results, usage_only=True))
-                yield "data: [DONE]\n\n"
-            finally:
-                await merged.aclose()
-        return StreamingResponse(events(), media_type="text/event-stream")
-    results: list[Progress | None] = [None] * len(jobs)
+        def render(item) -> list[dict]:
+            i, p = item
+            delta = p.text[len(sent[i]):] if p.text.startswith(sent[i]) else ""
+            sent[i] += delta
+            if p.result is not None:
+                results[i] = p.result
+            return [stream_chunk(i, delta, p.result)] if delta or p.result is not None else []
+
+        def usage() -> list[dict]:
+            return [final_body(results, usage_only=True)] if include_usage and all(results) else []
+        return await sse_response(merged, render, [stream_chunk(None, None, None, first_chunk=True)], usage)
+    finals: list[GenerateResult | None] = [None] * len(jobs)
     async for i, p in merged:
         if p.result is not None:
-            results[i] = p
-    if not all(results):
+            finals[i] = p.result
+    if not all(finals):
         return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-    return final_body([p.result for p in results])
+    return final_body(finals)
 
 
 @router.post("/v1/chat/completions")

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Request as HTTPRequest
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse
 
 from epic_sglang.engine import Request
 from epic_sglang.server.inputs import NotFound, json_body, require_object, sampling_params
-from epic_sglang.server.native import sse
+from epic_sglang.server.native import sse_response
 from retrieval.parsers import Record
 from retrieval.precompile import kv_namespace
 
@@ -70,23 +70,12 @@ async def rag(http: HTTPRequest):
 
     stream = app.state.runtime.stream(req, None, http)
     if body.get("stream"):
-        first = await anext(stream, None)
-
-        async def events():
-            p = first
-            try:
-                yield sse({"documents": cited})
-                while p is not None:
-                    yield sse(answer(p.result) if p.result is not None else {"text": p.text})
-                    p = await anext(stream, None)
-                yield "data: [DONE]\n\n"
-            finally:
-                await stream.aclose()
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return await sse_response(stream, lambda p: [answer(p.result) if p.result is not None else {"text": p.text}],
+                                  [{"documents": cited}])
     async for p in stream:
         if p.result is not None:
             return answer(p.result)
-    return {"error": {"message": "client disconnected"}}
+    return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
 
 
 DOC_KEYS = {"documents", "namespace", "precompile", "policy"}
