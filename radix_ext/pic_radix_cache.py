@@ -6,6 +6,9 @@ document nodes.
 - A compiled document is one node directly under the root whose `extra_key` is
   "epic-doc:<DocKey>" (see `doc_key.py`): a lookup is an exact match on that key, and a
   prefix lookup can never reach it, so linked (approximate) KV and exact prefixes never mix.
+- A request may bring its own KV row: inside a SGLang server the plugin attaches
+  `req.epic_link` (`epic_sglang/sglang_plugin/link_request.py`), and match and release
+  defer to it (a document compile, or a LegoLink row of prefix + documents).
 - Both kinds share SGLang's lock references and eviction policy (LRU by default). An
   evicted document is demoted to the host tier; every compiled document is written through
   to the disk tier when one is configured; a device miss is served from host, then disk,
@@ -19,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
@@ -62,6 +65,30 @@ class PICRadixCache(RadixCache):
             self.evict(EvictParams(num_tokens=need - allocator.available_size()))
             slots = allocator.alloc(need)
         return slots
+
+    # ----------------------------------------------------------------- SGLang's request hooks
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        link = getattr(params.req, "epic_link", None)
+        return link.match(self, params) if link is not None else super().match_prefix(params)
+
+    def match_plain(self, params: MatchPrefixParams) -> MatchResult:
+        return super().match_prefix(params)
+
+    def cache_finished_req(self, req, is_insert: bool = True, *, kv_len_to_handle: int) -> None:
+        link = getattr(req, "epic_link", None)
+        if link is None:
+            super().cache_finished_req(req, is_insert, kv_len_to_handle=kv_len_to_handle)
+        else:
+            link.release(self, req, kv_len_to_handle)
+
+    def cache_unfinished_req(self, req, chunked: bool = False) -> None:
+        if getattr(req, "epic_link", None) is None:  # linked KV is never published mid-request
+            super().cache_unfinished_req(req, chunked=chunked)
+
+    def is_live(self, node: TreeNode) -> bool:
+        """False once the node was evicted (or is the root's stand-in of nothing)."""
+        parent = node.parent
+        return parent is None or parent.children.get(node.key.child_key(self.page_size)) is node
 
     # ----------------------------------------------------------------- exact prefixes
     def match_exact_prefix(self, token_ids: Sequence[int], namespace: str | None) -> tuple[torch.Tensor, TreeNode]:
@@ -107,11 +134,24 @@ class PICRadixCache(RadixCache):
                         namespace: str | None, recipe: str) -> TreeNode:
         """Adopt freshly compiled document KV (the tree now owns `slots`); write it through
         to disk when a disk tier is configured."""
-        node = self._insert_document_node(key, token_ids, slots)
-        if self.disk is not None and not self.disk.contains(key):
+        result = self._adopt(key, token_ids, slots, namespace, recipe)
+        if result.prefix_len:
+            raise RuntimeError(f"document {key[:12]} is already cached; match it before compiling")
+        return result.last_device_node
+
+    def adopt_document(self, key: str, token_ids: Sequence[int], slots: torch.Tensor, *,
+                       namespace: str | None, recipe: str) -> int:
+        """`insert_document` for a compile that may have raced another: returns how many
+        leading tokens were already cached (the caller frees its slots for those)."""
+        return self._adopt(key, token_ids, slots, namespace, recipe).prefix_len
+
+    def _adopt(self, key: str, token_ids: Sequence[int], slots: torch.Tensor, namespace: str | None, recipe: str):
+        result = self.insert(InsertParams(key=RadixKey(array("q", token_ids), doc_extra_key(key)),
+                                          value=slots.to(torch.int64)))
+        if result.prefix_len < len(token_ids) and self.disk is not None and not self.disk.contains(key):
             k, v = gather_kv(self.kv_pool, slots)
             self.disk.put(key, namespace, recipe, tuple(token_ids), k, v)
-        return node
+        return result
 
     def _insert_document_node(self, key: str, token_ids: Sequence[int], slots: torch.Tensor) -> TreeNode:
         result = self.insert(InsertParams(key=RadixKey(array("q", token_ids), doc_extra_key(key)),

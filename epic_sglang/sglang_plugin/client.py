@@ -1,0 +1,44 @@
+"""Request bodies for a SGLang server running the plugin (`/generate`, SGLang's native API).
+
+A prompt is a list of `Segment`s (text and documents, already tokenized as the engine
+does); the body carries its token ids and, for a caching policy, the link hint.
+"""
+from __future__ import annotations
+
+from epic_sglang.policies import Policy, Segment, parse_policy
+from epic_sglang.sglang_plugin.wire import LinkHint
+
+SERVED_POLICIES = "fr, naive, legolink-<k> (k >= 1)"
+
+
+def document_spans(segments: list[Segment]) -> list[tuple[int, int]]:
+    spans, pos = [], 0
+    for seg in segments:
+        if seg.document is not None:
+            spans.append((pos, pos + len(seg)))
+        pos += len(seg)
+    return spans
+
+
+def generate_body(segments: list[Segment], policy: str | Policy, sampling_params: dict,
+                  namespace: str | None = None, **fields) -> dict:
+    """The /generate body of one prompt under `policy`."""
+    policy = parse_policy(policy) if isinstance(policy, str) else policy
+    body = {"input_ids": [t for s in segments for t in s.token_ids], "sampling_params": sampling_params, **fields}
+    spans = document_spans(segments)
+    if policy.kind == "fr" or not spans:
+        if namespace is not None:
+            body["extra_key"] = namespace
+        return body
+    if policy.kind not in ("naive", "legolink"):
+        raise ValueError(f"the SGLang plugin serves {SERVED_POLICIES}, not {policy.name}")
+    body["extra_key"] = LinkHint(namespace, tuple(spans), policy.k).encode()
+    return body
+
+
+def compile_bodies(segments: list[Segment], namespace: str | None = None) -> list[dict]:
+    """One prefill-only /generate body per document of the prompt: each leaves the
+    document's KV in the server's cache."""
+    hint = LinkHint(namespace, compile=True).encode()
+    return [{"input_ids": list(s.token_ids), "sampling_params": {"max_new_tokens": 0}, "extra_key": hint}
+            for s in segments if s.document is not None]

@@ -1,0 +1,165 @@
+"""What the `epic` radix cache does for a request that carries a link hint.
+
+`PICRadixCache` hands `match_prefix` and the end of a request to `req.epic_link` when
+the plugin attached one (see `hooks.py`):
+
+- `CompileRequest`: the input is one document. It is prefilled like any prompt, at
+  position 0 with nothing before it, and at the end its KV becomes the document's node
+  (under its DocKey) instead of an exact prefix.
+- `LinkRequest`: at match time the exact prefix and every document are looked up, the row
+  is planned (`layout.py`) and the request's token order is set to the row order, so
+  SGLang's "cached prefix + new tokens" extend computes exactly LegoLink's tokens. The
+  documents' nodes are locked when the scheduler admits the request; just before the
+  forward their reused tokens are copied, re-rotated, into private slots (`rotary.py`);
+  the forward writes only private slots. At the end the exact prefix (exact KV) is
+  published and everything else is freed: linked KV never enters the exact-prefix tree
+  and shared document KV is never written.
+"""
+from __future__ import annotations
+
+from array import array
+
+import numpy as np
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows
+from epic_sglang.sglang_plugin.rotary import RopeTable, copy_rotated
+from epic_sglang.sglang_plugin.wire import LinkHint
+from radix_ext.doc_key import doc_extra_key, document_key
+
+RECIPE = "plain"  # documents compiled alone at position 0 (legolink0's sinks are not served here)
+
+
+class CompileRequest:
+    def __init__(self, namespace: str | None, token_ids: array):
+        self.namespace = namespace
+        self.token_ids = token_ids
+        self.key: str | None = None
+
+    def match(self, cache, params: MatchPrefixParams) -> MatchResult:
+        self.key = document_key(cache.fingerprint, RECIPE, self.namespace, self.token_ids)
+        req = params.req
+        req.extra_key = doc_extra_key(self.key)  # an already cached copy is matched, not recomputed
+        key = RadixKey(params.key.token_ids, req.extra_key, limit=params.key.limit)
+        return cache.match_plain(MatchPrefixParams(key=key, req=req))
+
+    def release(self, cache, req, kv_len: int) -> None:
+        row = cache.req_to_token_pool.req_to_token[req.req_pool_idx, :kv_len].to(torch.int64)
+        n, kept = len(self.token_ids), req.cache_protected_len
+        free = [row[kept:kv_len]]
+        if kv_len >= n:
+            cached = cache.adopt_document(self.key, self.token_ids, row[:n].clone(),
+                                          namespace=self.namespace, recipe=RECIPE)
+            free = [row[kept:max(kept, cached)], row[n:kv_len]]  # duplicates, and the sampled tail
+        cache.token_to_kv_pool_allocator.free(torch.cat(free))
+        cache.dec_lock_ref(req.last_node)
+
+
+class LinkRequest:
+    def __init__(self, hint: LinkHint, token_ids: array):
+        self.hint = hint
+        self.prompt = token_ids  # prompt order; the request's own origin_input_ids get the row order
+        self.layout: RowLayout | None = None
+        self.doc_nodes: list = []
+        self.locked: list = []
+        self.pending_copy: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.admitted = False  # taken into a prefill batch, documents locked
+        self.materialized = False  # private slots in the row
+        self.extending = False  # the next extend forward is this request's link pass
+
+    # ------------------------------------------------------------- scheduling
+    def match(self, cache, params: MatchPrefixParams) -> MatchResult:
+        req, ns, docs = params.req, self.hint.namespace, self.hint.docs
+        self._unlock(cache)  # admitted earlier, but that batch never ran
+        if req.return_logprob and 0 <= req.logprob_start_len < len(self.prompt):
+            req.epic_link = None  # prompt logprobs need the exact prompt: a plain request
+            return cache.match_plain(params)
+        ids = np.asarray(self.prompt.tolist() + list(req.output_ids), dtype=np.int64)
+        nodes = []
+        for start, end in docs:
+            tokens = ids[start:end].tolist()
+            node = cache.match_document(document_key(cache.fingerprint, RECIPE, ns, tokens), tokens)
+            if node is not None:
+                cache.inc_lock_ref(node)  # a later document's reload may evict: hold this one meanwhile
+            nodes.append(node)
+        exact, last_node = cache.match_exact_prefix(ids[:docs[0][0]].tolist(), ns)
+        for node in nodes:
+            if node is not None:
+                cache.dec_lock_ref(node)
+        self.layout = plan_rows(len(ids), docs, self.hint.k, [n is not None for n in nodes], len(exact))
+        self.doc_nodes = nodes
+        fill = ids[self.layout.order]
+        req.origin_input_ids = array("q", fill[:len(self.prompt)].tolist())
+        req.full_untruncated_fill_ids = array("q", fill.tolist())
+        # Stand-ins of the right length; `materialize` puts the re-rotated copies there.
+        shared = [nodes[r.doc].value[r.offset:r.offset + r.length] for r in self.layout.cached_runs]
+        prefix = torch.cat([exact.to(torch.int64), *[s.to(torch.int64) for s in shared]])
+        return MatchResult(device_indices=prefix, last_device_node=last_node, last_host_node=last_node,
+                           best_match_node=last_node, cache_protected_len=len(exact))
+
+    def still_matched(self, cache, req) -> bool:
+        """False when a node found at match time was evicted since (match again)."""
+        return all(cache.is_live(n) for n in [*self.doc_nodes, req.last_node] if n is not None)
+
+    def admit(self, cache) -> None:
+        """The scheduler took the request: hold its documents until it ends."""
+        self.locked = [n for n in self.doc_nodes if n is not None]
+        for node in self.locked:
+            cache.inc_lock_ref(node)
+        self.admitted = True
+
+    def fall_back(self, req, cache) -> None:
+        """Serve the request as a plain prompt (full prefill, exact prefix caching)."""
+        req.epic_link = None
+        req.origin_input_ids = self.prompt
+        req.full_untruncated_fill_ids = self.prompt + array("q", req.output_ids)
+        req.init_next_round_input(cache)
+
+    def _unlock(self, cache) -> None:
+        for node in self.locked:
+            cache.dec_lock_ref(node)
+        self.locked, self.admitted = [], False
+
+    def materialize(self, cache, req) -> None:
+        """Before the extend: private slots for the reused tokens (the copy runs on the
+        forward stream, see `copy_pending`)."""
+        runs = self.layout.cached_runs
+        self.materialized = self.extending = True
+        if not runs:
+            return
+        dst = cache.alloc_slots(self.layout.private_tokens)
+        if dst is None:
+            raise RuntimeError("epic: KV pool exhausted while linking (admission accounted for it)")
+        src = torch.cat([self.doc_nodes[r.doc].value[r.offset:r.offset + r.length].to(torch.int64) for r in runs])
+        delta = torch.cat([torch.full((r.length,), r.start - r.offset, dtype=torch.int64) for r in runs])
+        self.pending_copy = (src, dst, delta.to(dst.device))
+        req.prefix_indices = torch.cat([req.prefix_indices[:self.layout.exact_prefix_len], dst.to(torch.int64)])
+
+    def copy_pending(self, kv_pool, rope: RopeTable) -> None:
+        if self.pending_copy is not None:
+            copy_rotated(kv_pool, rope, *self.pending_copy)
+            self.pending_copy = None
+
+    # ------------------------------------------------------------- end
+    def release(self, cache, req, kv_len: int) -> None:
+        """Publish the exact prefix (computed exactly), free every other slot this request
+        owns, unlock. Also runs on retraction: the next match starts over."""
+        layout = self.layout
+        row = cache.req_to_token_pool.req_to_token[req.req_pool_idx, :kv_len].to(torch.int64)
+        owned = np.ones(kv_len, dtype=bool)
+        owned[:layout.exact_prefix_len] = False  # the tree's
+        prefix_end = self.hint.docs[0][0]
+        row_of = np.empty_like(layout.order)
+        row_of[layout.order] = np.arange(len(layout.order))
+        prefix_rows = row_of[:prefix_end]
+        if prefix_end and prefix_rows.max() < kv_len:
+            index = torch.from_numpy(prefix_rows).to(row.device)
+            cached = cache.publish_exact_prefix(self.prompt[:prefix_end].tolist(), row[index], self.hint.namespace)
+            owned[prefix_rows[max(cached, layout.exact_prefix_len):]] = False  # now the tree's
+        cache.token_to_kv_pool_allocator.free(row[torch.from_numpy(np.flatnonzero(owned)).to(row.device)])
+        cache.dec_lock_ref(req.last_node)
+        self._unlock(cache)
+        self.doc_nodes, self.layout, self.pending_copy = [], None, None
+        self.materialized = self.extending = False

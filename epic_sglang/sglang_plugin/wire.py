@@ -1,0 +1,70 @@
+"""How a link plan travels through SGLang unchanged: in the request's `extra_key`.
+
+SGLang carries `extra_key` from `/generate` to the scheduler's `Req` untouched (it is the
+radix cache's namespace), so the plugin needs no new request field. A link request is
+`extra_key = "epic:" + JSON` naming the tenant namespace, the documents' token spans
+in `input_ids` and LegoLink's k; a compile request names only the namespace: its whole
+`input_ids` is one document, prefilled alone at position 0.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+PREFIX = "epic:"
+
+
+class HintError(ValueError):
+    """A malformed link hint (the request is refused with this message)."""
+
+
+@dataclass(frozen=True)
+class LinkHint:
+    namespace: str | None
+    docs: tuple[tuple[int, int], ...] = ()  # [start, end) token spans, sorted, disjoint
+    k: int = 0  # LegoLink: first k tokens of each document recomputed (0 = naive)
+    compile: bool = False  # this request compiles its input as one document
+
+    def encode(self) -> str:
+        body = {"ns": self.namespace}
+        if self.compile:
+            body["compile"] = True
+        else:
+            body.update(docs=[list(d) for d in self.docs], k=self.k)
+        return PREFIX + json.dumps(body, separators=(",", ":"))
+
+    def validate(self, num_tokens: int) -> None:
+        if self.compile:
+            if num_tokens == 0:
+                raise HintError("epic: a compile request needs a non-empty document")
+            return
+        if self.k < 0:
+            raise HintError(f"epic: k must be >= 0, got {self.k}")
+        if not self.docs:
+            raise HintError("epic: a link request names no documents")
+        prev_end = 0
+        for start, end in self.docs:
+            if not prev_end <= start < end <= num_tokens:
+                raise HintError(f"epic: document span [{start}, {end}) is empty, overlaps the one before "
+                                f"or lies outside the {num_tokens} input tokens")
+            prev_end = end
+
+
+def is_hint(extra_key: str | None) -> bool:
+    return bool(extra_key) and extra_key.startswith(PREFIX)
+
+
+def decode(extra_key: str) -> LinkHint:
+    try:
+        body = json.loads(extra_key[len(PREFIX):])
+        ns = body.get("ns")
+        if ns is not None and not isinstance(ns, str):
+            raise HintError("epic: ns must be a string")
+        if body.get("compile"):
+            return LinkHint(ns, compile=True)
+        docs = tuple((int(s), int(e)) for s, e in body["docs"])
+        return LinkHint(ns, docs, int(body.get("k", 0)))
+    except HintError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HintError(f"epic: malformed link hint in extra_key ({e})") from None

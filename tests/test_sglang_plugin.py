@@ -1,0 +1,342 @@
+"""The SGLang plugin on CPU with SGLang's real scheduler classes: `Req`, `PrefillAdder`,
+`ScheduleBatch.prepare_for_extend`, `ReqToTokenPool`, `MHATokenToKVPool`, the token
+allocator and `release_kv_cache`, patched by the plugin's real `HookRegistry` hooks.
+
+The model forward is the one part that needs CUDA (SGLang's kernels): here a stand-in
+writes each computed token's K as RoPE(position) applied to a per-token vector, which is
+what a layer stores for a token at that position. The GPU script
+(`benchmarks/sglang_pic.py`) runs the real forward in a real server.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import types
+from array import array
+
+import numpy as np
+import pytest
+import torch
+
+import radix_ext  # noqa: F401  (imports SGLang quietly)
+from epic_sglang.policies import Segment, parse_policy, plan_link
+from epic_sglang.sglang_plugin import attention, client, load
+from epic_sglang.sglang_plugin.layout import plan_rows
+from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
+from epic_sglang.sglang_plugin.rotary import RopeTable
+from epic_sglang.sglang_plugin.wire import HintError, LinkHint, decode
+from radix_ext import KVLayout, PICRadixCache
+
+HEADS, DIM, LAYERS = 2, 8, 2
+
+
+@pytest.fixture(scope="module")
+def sglang_runtime():
+    """SGLang's process-wide server args (CPU, torch attention) and the plugin's hooks."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.runtime_context import get_context, get_parallel
+    from sglang.srt.server_args import ServerArgs
+
+    args = ServerArgs.__new__(ServerArgs)  # the defaults, without __post_init__'s model lookup
+    for f in dataclasses.fields(ServerArgs):
+        if f.default is not dataclasses.MISSING:
+            setattr(args, f.name, f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            setattr(args, f.name, f.default_factory())
+    args.device, args.attention_backend, args.page_size = "cpu", "torch_native", 1
+    context = get_context()
+    previous = getattr(context, "_server_args", None)
+    context.set_server_args(args)
+    load()
+    HookRegistry.apply_hooks()
+    with get_parallel().override(tp_rank=0):  # one scheduler, no process group
+        yield
+    if previous is not None:
+        context.set_server_args(previous)
+
+
+class Scheduler:
+    """One SGLang scheduler's cache state on CPU, driven the way `Scheduler` drives it."""
+
+    def __init__(self, size: int = 1024, chunk: int | None = 4096):
+        from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
+        from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+        self.kv = MHATokenToKVPool(size=size, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
+                                   layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+        self.req_pool = ReqToTokenPool(16, 512, "cpu", False)
+        self.allocator = TokenToKVPoolAllocator(size, torch.float32, "cpu", self.kv, False)
+        params = CacheInitParams(disable=False, req_to_token_pool=self.req_pool,
+                                 token_to_kv_pool_allocator=self.allocator, page_size=1)
+        self.cache = PICRadixCache(params, self.kv, KVLayout(LAYERS, HEADS, DIM, torch.float32), "fp-test")
+        # SGLang's own table (its constructor wants a GPU kernel, so set the fields it reads)
+        rotary = RotaryEmbedding.__new__(RotaryEmbedding)
+        torch.nn.Module.__init__(rotary)
+        rotary.head_size = rotary.rotary_dim = DIM
+        rotary.max_position_embeddings, rotary.base, rotary.is_neox_style = 4096, 10000, True
+        rotary.register_buffer("cos_sin_cache", rotary._compute_cos_sin_cache(), persistent=False)
+        self.rope = RopeTable.of_model(torch.nn.Sequential(rotary))
+        self.chunk = chunk
+        self.rids = itertools.count()
+
+    # ------------------------------------------------------------- what a layer writes
+    @staticmethod
+    def base(token: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(token)
+        return torch.randn(HEADS, DIM, generator=g)
+
+    def key(self, token: int, position: int) -> torch.Tensor:
+        return self.rope.rotate(self.base(token)[None], torch.tensor([position]))[0]
+
+    # ------------------------------------------------------------- scheduling
+    def request(self, ids, hint: LinkHint | str | None = None, max_new_tokens: int = 4):
+        from sglang.srt.managers.schedule_batch import Req
+        from sglang.srt.sampling.sampling_params import SamplingParams
+
+        return Req(f"r{next(self.rids)}", "", array("q", ids), SamplingParams(max_new_tokens=max_new_tokens),
+                   extra_key=hint.encode() if isinstance(hint, LinkHint) else hint)
+
+    def prefill(self, reqs: list) -> tuple[list, attention.LinkAttentionPlan | None]:
+        """Match, admit, prepare the extend, then 'run' it: returns the admitted requests and
+        the link plan the FlashInfer backend would get."""
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
+        from sglang.srt.managers.schedule_policy import PrefillAdder
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+        adder = PrefillAdder(1, self.cache, self.allocator, None, 0.0, 8192, self.chunk)
+        for req in reqs:
+            req.init_next_round_input(self.cache)
+            adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
+        admitted = adder.can_run_list
+        if not admitted:
+            return [], None
+        batch = ScheduleBatch.init_new(admitted, self.req_pool, self.allocator, self.cache,
+                                       types.SimpleNamespace(is_encoder_decoder=False, vocab_size=1 << 16),
+                                       False, SpeculativeAlgorithm.NONE)
+        batch.prepare_for_extend()
+        links = {i: r.epic_link for i, r in enumerate(batch.reqs) if isinstance(r.epic_link, LinkRequest)}
+        for link in links.values():  # what the ForwardBatch.init_new hook does on the forward stream
+            link.copy_pending(self.kv, self.rope)
+            link.extending = False
+        plan = attention.build_plan(batch, links) if links else None
+        offset = 0
+        for i, req in enumerate(batch.reqs):
+            n = batch.extend_lens[i]
+            prefix = batch.prefix_lens[i]
+            positions = plan.positions.get(offset) if plan else None
+            positions = positions.tolist() if positions is not None else list(range(prefix, prefix + n))
+            tokens = req.full_untruncated_fill_ids[prefix:prefix + n]
+            slots = batch.out_cache_loc[offset:offset + n]
+            for layer in range(LAYERS):
+                self.kv.k_buffer[layer][slots] = torch.stack([self.key(t, p) for t, p in zip(tokens, positions)])
+                self.kv.v_buffer[layer][slots] = torch.stack([self.base(t) for t in tokens])
+            offset += n
+        return admitted, plan
+
+    def finish(self, req) -> None:
+        from sglang.srt.mem_cache.common import release_kv_cache
+
+        req.output_ids.append(3)
+        release_kv_cache(req, self.cache)
+
+    def compile(self, doc: list[int], namespace: str | None = "ns") -> None:
+        req = self.request(doc, LinkHint(namespace, compile=True), max_new_tokens=0)
+        assert self.prefill([req])[0] == [req]
+        self.finish(req)
+
+    def row(self, req) -> torch.Tensor:
+        return self.req_pool.req_to_token[req.req_pool_idx, :len(req.full_untruncated_fill_ids)]
+
+
+def prompt(rng: random.Random, sizes=(6, 20, 3, 17, 9)) -> tuple[list[int], list[tuple[int, int]], list[list[int]]]:
+    """prefix | doc | gap | doc | question, with distinct token ids."""
+    ids = list(range(1000, 1000 + sum(sizes)))
+    rng.shuffle(ids)
+    bounds = np.cumsum((0,) + sizes)
+    spans = [(int(bounds[1]), int(bounds[2])), (int(bounds[3]), int(bounds[4]))]
+    return ids, spans, [ids[s:e] for s, e in spans]
+
+
+def visible_positions(plan, req, layout, row) -> list[tuple[int, list[int]]]:
+    """(query position, positions of the keys its entry attends) for every link query."""
+    position_of_slot = {int(s): int(p) for s, p in zip(row, layout.order)}
+    out = []
+    qo, kv = plan.qo_indptr.tolist(), plan.kv_indptr.tolist()
+    queries = layout.extend_positions.tolist()
+    for e in range(len(qo) - 1):
+        keys = [position_of_slot[int(s)] for s in plan.kv_indices[kv[e]:kv[e + 1]]]
+        run = queries[qo[e]:qo[e + 1]]
+        for j, q in enumerate(run):  # causal: query j sees all but the run's later tokens
+            out.append((q, keys[:len(keys) - len(run) + j + 1]))
+    return out
+
+
+# ----------------------------------------------------------------- pure parts
+def test_hint_round_trip_and_refusals():
+    hint = LinkHint("tenant", ((3, 9), (9, 20)), 16)
+    assert decode(hint.encode()) == hint
+    assert decode(LinkHint(None, compile=True).encode()).compile
+    for bad in ["epic:{", 'epic:{"docs": 3}', 'epic:{"ns": 1, "docs": []}']:
+        with pytest.raises(HintError, match="epic:"):
+            decode(bad)
+    for docs, n in [(((3, 9), (8, 12)), 20), (((3, 30),), 20), ((), 20), (((5, 5),), 20)]:
+        with pytest.raises(HintError, match="epic:"):
+            LinkHint(None, docs, 4).validate(n)
+
+
+@pytest.mark.parametrize("policy", ["naive", "legolink-1", "legolink-4", "legolink-16"])
+def test_computed_tokens_are_the_policy_plan_of_the_in_process_engine(policy):
+    rng = random.Random(policy)
+    for _ in range(20):
+        sizes = [rng.randint(0, 5)] + [rng.randint(1, 30) for _ in range(rng.randint(1, 4))] + [rng.randint(0, 6)]
+        segments = [Segment(tuple(range(sizes[0])))] + [Segment(tuple(range(n)), document=j)
+                                                        for j, n in enumerate(sizes[1:-1])] + [Segment(tuple(range(sizes[-1])))]
+        segments = [s for s in segments if len(s)]
+        p = parse_policy(policy)
+        recompute = plan_link(p, segments).recompute
+        layout = plan_rows(len(recompute), client.document_spans(segments), p.k, [True] * 8, 0)
+        assert sorted(layout.extend_positions.tolist()) == torch.nonzero(recompute).flatten().tolist()
+
+
+def test_every_link_query_attends_exactly_the_keys_at_or_before_it():
+    rng = random.Random(0)
+    for _ in range(200):
+        n_docs = rng.randint(1, 5)
+        cuts = sorted(rng.sample(range(1, 80), 2 * n_docs))
+        spans = [(cuts[2 * j], cuts[2 * j + 1]) for j in range(n_docs)]
+        total = rng.choice([spans[-1][1], 80])
+        layout = plan_rows(total, spans, rng.randint(0, 6), [rng.random() < 0.8 for _ in spans],
+                           rng.randint(0, spans[0][0]))
+        rows, ends = layout.kv_rows()
+        keys_at = layout.order[rows]
+        start = 0
+        queries = iter(layout.extend_positions.tolist())
+        for (s, e), n in zip(layout.compute_runs, ends):
+            for j in range(e - s):
+                q = next(queries)
+                assert sorted(keys_at[start:start + n - (e - s) + j + 1].tolist()) == list(range(q + 1))
+            start += n
+        assert total - 1 in layout.extend_positions  # the last token always yields fresh logits
+
+
+def test_generate_body_carries_the_link_hint_and_refuses_unserved_policies():
+    segs = [Segment((1, 2)), Segment((5, 6, 7), document=0), Segment((9,))]
+    body = client.generate_body(segs, "legolink-2", {"max_new_tokens": 4}, namespace="t")
+    assert body["input_ids"] == [1, 2, 5, 6, 7, 9]
+    assert decode(body["extra_key"]) == LinkHint("t", ((2, 5),), 2)
+    assert "extra_key" not in client.generate_body(segs, "fr", {})
+    assert [b["input_ids"] for b in client.compile_bodies(segs)] == [[5, 6, 7]]
+    with pytest.raises(ValueError, match="serves fr, naive"):
+        client.generate_body(segs, "cacheblend-15", {})
+
+
+# ----------------------------------------------------------------- through SGLang's scheduler classes
+def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_unchanged(sglang_runtime):
+    s = Scheduler()
+    ids, spans, docs = prompt(random.Random(1))
+    for doc in docs:
+        s.compile(doc)
+    nodes = s.cache.document_nodes()
+    assert len(nodes) == 2
+    shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in nodes.items()}
+
+    req = s.request(ids, LinkHint("ns", tuple(spans), 4))
+    admitted, plan = s.prefill([req])
+    assert admitted == [req]
+    layout = req.epic_link.layout
+    assert [r.length for r in layout.cached_runs] == [16, 13] and layout.extend_len == 6 + 4 + 3 + 4 + 9
+    assert list(req.origin_input_ids_unpadded) == ids  # what SGLang detokenizes against stays the prompt
+    row = s.row(req)
+    for slot, position in zip(row.tolist(), layout.order.tolist()):  # re-rotated copies and new tokens
+        torch.testing.assert_close(s.kv.k_buffer[1][slot], s.key(ids[position], position), atol=1e-5, rtol=1e-5)
+    for q, keys in visible_positions(plan, req, layout, row):
+        assert sorted(keys) == list(range(q + 1))
+    for k, n in s.cache.document_nodes().items():
+        assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
+        assert n.lock_ref > 0  # held while the request runs
+
+
+def test_release_publishes_the_exact_prefix_frees_everything_else_and_unlocks(sglang_runtime):
+    s = Scheduler()
+    ids, spans, docs = prompt(random.Random(2))
+    for doc in docs:
+        s.compile(doc)
+    free_after_compile = s.allocator.available_size()
+    req = s.request(ids, LinkHint("ns", tuple(spans), 4))
+    s.prefill([req])
+    s.finish(req)
+    assert s.allocator.available_size() == free_after_compile - spans[0][0]  # only the prefix stays
+    assert all(n.lock_ref == 0 for n in s.cache.document_nodes().values())
+    slots, _ = s.cache.match_exact_prefix(ids[:spans[0][0]], "ns")
+    assert len(slots) == spans[0][0]
+    assert len(s.cache.match_exact_prefix(ids[:spans[0][0]], None)[0]) == 0  # under its namespace only
+
+    again = s.request(ids, LinkHint("ns", tuple(spans), 4))
+    s.prefill([again])
+    assert again.epic_link.layout.exact_prefix_len == spans[0][0] and again.cache_protected_len == spans[0][0]
+    assert torch.equal(s.row(again)[:spans[0][0]], slots)
+    s.finish(again)
+    assert s.allocator.available_size() == free_after_compile - spans[0][0]
+    assert s.cache.evictable_size() == s.cache.total_size()  # nothing left locked
+
+
+def test_a_document_not_cached_is_computed_in_place_and_an_evicted_one_is_matched_again(sglang_runtime):
+    s = Scheduler()
+    ids, spans, docs = prompt(random.Random(3))
+    s.compile(docs[0])
+    req = s.request(ids, LinkHint("ns", tuple(spans), 2))
+    req.init_next_round_input(s.cache)
+    assert [r.doc for r in req.epic_link.layout.cached_runs] == [0]
+    s.cache.flush()  # the matched document is evicted before the scheduler admits the request
+    admitted, plan = s.prefill([req])
+    layout = req.epic_link.layout
+    assert admitted == [req] and layout.cached_runs == () and layout.extend_len == len(ids)
+    for slot, position in zip(s.row(req).tolist(), layout.order.tolist()):
+        torch.testing.assert_close(s.kv.k_buffer[0][slot], s.key(ids[position], position), atol=1e-5, rtol=1e-5)
+    s.finish(req)
+
+
+def test_compiling_a_cached_document_again_keeps_one_copy(sglang_runtime):
+    s = Scheduler()
+    doc = list(range(50, 80))
+    s.compile(doc)
+    free = s.allocator.available_size()
+    s.compile(doc)
+    assert s.allocator.available_size() == free and len(s.cache.document_nodes()) == 1
+    s.compile(doc, namespace="other")  # another tenant gets its own copy
+    assert len(s.cache.document_nodes()) == 2
+
+
+def test_a_link_pass_wider_than_a_prefill_chunk_falls_back_to_a_full_prefill(sglang_runtime):
+    s = Scheduler(chunk=16)
+    ids, spans, docs = prompt(random.Random(4))
+    for doc in docs:
+        s.compile(doc)
+    req = s.request(ids, LinkHint("ns", tuple(spans), 4))
+    s.chunk = 64
+    admitted, plan = s.prefill([req])  # fits: linked
+    assert plan is not None and req.epic_link is not None
+    s.finish(req)
+    s.chunk = 16
+    req = s.request(ids, LinkHint("ns", tuple(spans), 4))
+    admitted, plan = s.prefill([req])
+    assert req.epic_link is None and plan is None and list(req.origin_input_ids) == ids
+
+
+def test_bad_hints_and_prompt_logprobs_are_refused_with_a_message(sglang_runtime):
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    s = Scheduler()
+    for hint in ['epic:{"docs": [[0, 99]], "k": 4}', "epic:not json"]:
+        req = s.request(range(10), hint)
+        assert isinstance(req.to_finish, FINISH_ABORT) and "epic:" in req.to_finish.message
+        assert getattr(req, "epic_link", None) is None
+    req = s.request(range(10), LinkHint(None, ((2, 6),), 1))
+    assert isinstance(req.epic_link, LinkRequest) and req.extra_key is None
+    req.return_logprob, req.logprob_start_len = True, 0  # prompt logprobs: served exactly, unlinked
+    req.init_next_round_input(s.cache)
+    assert req.epic_link is None and list(req.origin_input_ids) == list(range(10))
+    assert isinstance(s.request(range(10), LinkHint("t", compile=True)).epic_link, CompileRequest)
