@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_run.sh bench [gpu_ttft.py args...]
 #   bash benchmarks/gpu_run.sh all [gpu_ttft.py args...]   # both
 #   bash benchmarks/gpu_run.sh profile [gpu_profile.py args...]
+#   bash benchmarks/gpu_run.sh sglang [sglang_pic.py args...]   # real SGLang server + the plugin
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:?usage: gpu_run.sh tests|bench [args]}; shift
@@ -22,6 +23,10 @@ done
 if [ -f gpu_bundle/jit-cache.tar.xz ]; then
   mkdir -p ~/.cache && xz -dc gpu_bundle/jit-cache.tar.xz | tar -xf - -C ~/.cache
 fi
+# The plugin is found through its entry point: what `pip install` would write for this checkout.
+DIST=/tmp/site/epic_sglang-0.1.0.dist-info
+mkdir -p "$DIST" && printf 'Metadata-Version: 2.1\nName: epic-sglang\nVersion: 0.1.0\n' > "$DIST/METADATA"
+sed -n '/entry-points."sglang.srt.plugins"/,/^$/p' pyproject.toml | sed 's/^\[project.entry-points."sglang.srt.plugins"\]/[sglang.srt.plugins]/' | tr -d '"' > "$DIST/entry_points.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 TOK=/tmp/devkit/devkit/tokenizer
 run_tests() {
@@ -38,8 +43,10 @@ case "$MODE" in
   tests) run_tests; rc=$? ;;
   bench) run_script gpu_ttft "$@"; rc=$? ;;
   profile) run_script gpu_profile "$@"; rc=$? ;;
+  sglang) run_script sglang_pic --logs "$OUT" "$@"; rc=$? ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac
-# $OUT takes files of at most 16 MiB: split the cache (join and xz it into gpu_bundle/jit-cache.tar.xz).
-(cd ~/.cache && tar -cf - flashinfer 2>/dev/null | split -b 15M -d -a 2 - "$OUT/jit-cache.tar." && ls -la "$OUT"/jit-cache.tar.*)
+# $OUT takes files of at most 16 MiB: split the JIT caches (FlashInfer's, SGLang's; join and
+# xz them into gpu_bundle/jit-cache.tar.xz).
+(cd ~/.cache && tar -cf - --exclude=pip --exclude=huggingface . 2>/dev/null | split -b 15M -d -a 2 - "$OUT/jit-cache.tar." && ls -la "$OUT"/jit-cache.tar.*)
 exit "$rc"

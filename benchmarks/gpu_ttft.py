@@ -58,6 +58,26 @@ def model_dir(config: dict, tokenizer: Path) -> Path:
     return out
 
 
+def random_checkpoint(config: dict, tokenizer: Path, out: Path, widen: bool, seed: int = 0):
+    """A real checkpoint (safetensors + tokenizer) of `config`'s architecture with random
+    weights, for checks that compare two runtimes on the same weights. `widen`: peaky
+    logits, so greedy tokens are well defined. Returns the transformers model (fp32)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if widen:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    hf.save_pretrained(out)
+    for f in tokenizer.iterdir():
+        if f.is_file() and f.name.startswith("tokenizer"):
+            shutil.copy(f, out / f.name)
+    return hf
+
+
 def segments(num_docs: int, doc_tokens: int, question_tokens: int, head_tokens: int, vocab: int,
              seed: int = 0) -> list[Segment]:
     g = torch.Generator().manual_seed(seed)

@@ -2,7 +2,6 @@
 flashinfer; a tokenizer folder from EPIC_TOKENIZER_DIR or the installed SmolLM2)."""
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -65,20 +64,10 @@ def test_decode_cuda_graphs_match_eager_decode(tokenizer_dir):
 
 
 def tiny_qwen2(tokenizer_dir: Path, out: Path, widen: bool):
-    import transformers
+    from benchmarks.gpu_ttft import random_checkpoint
 
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(**{k: v for k, v in TINY.items() if k not in ("architectures", "model_type")})
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if widen:  # peaky logits, so greedy tokens are well defined (fp32 only: bf16 cannot follow)
-        with torch.no_grad():
-            for p in hf.parameters():
-                p.normal_(0, 0.08) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    hf.save_pretrained(out)
-    for f in tokenizer_dir.iterdir():
-        if f.is_file() and f.name.startswith("tokenizer"):
-            shutil.copy(f, out / f.name)
-    return hf
+    return random_checkpoint(TINY | {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+                             tokenizer_dir, out, widen)
 
 
 def engine_fr(engine, ids, n):

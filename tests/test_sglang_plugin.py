@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-import radix_ext  # noqa: F401  (imports SGLang quietly)
 from epic_sglang.policies import Segment, parse_policy, plan_link
 from epic_sglang.sglang_plugin import attention, client, load
 from epic_sglang.sglang_plugin.layout import plan_rows

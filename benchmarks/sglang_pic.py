@@ -1,0 +1,191 @@
+"""GPU: EPIC inside a real SGLang 0.5.16 server (the `epic` plugin), checked, then timed.
+
+    python benchmarks/sglang_pic.py --tokenizer DIR [--part check|speed|all]
+                                    [--contexts 8192 16384 32768]
+
+1. check, on a small real-architecture checkpoint (Qwen2, random widened weights saved as
+   safetensors, so both runtimes read the same bf16 weights):
+   - `fr` through the plugin server equals a plain SGLang server (no plugin), token for token;
+   - legolink-16 and naive through the plugin against the in-process engine (FlashInfer,
+     same weights): first-token log-probabilities and greedy tokens; `cached_tokens`
+     proves the documents' KV was reused; asking again (exact prefix now cached) gives
+     the same tokens.
+2. speed, on one plugin server with a Llama-3-8B-shaped model and dummy weights (speed does
+   not depend on weight values): client-side TTFT over HTTP of RAG prompts (512-token
+   documents, 64-token question) whose documents are cached but whose 32-token head is new:
+   SGLang's full prefill (a prefix miss), SGLang's exact prefix hit with 64 new tokens
+   (the same prompt with another question), legolink-16 and naive through the plugin.
+Writes its tables to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.gpu_ttft import LLAMA_8B, model_dir, random_checkpoint, segments  # noqa: E402
+from benchmarks.report import machine, write_section  # noqa: E402
+from epic_sglang.policies import Segment  # noqa: E402
+from epic_sglang.sglang_plugin import client  # noqa: E402
+from epic_sglang.sglang_plugin.launch import SGLangServer  # noqa: E402
+
+SMALL = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=512, intermediate_size=1024,
+             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5,
+             rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=False, vocab_size=49152,
+             bos_token_id=1, eos_token_id=2)
+GREEDY = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
+PORT = 31000
+
+
+def generate(url: str, body: dict) -> dict:
+    r = requests.post(url + "/generate", json=body, timeout=600)
+    r.raise_for_status()
+    return r.json()
+
+
+def compile_documents(url: str, segs: list[Segment]) -> None:
+    for body in client.compile_bodies(segs):
+        generate(url, body)
+
+
+def first_logprobs(out: dict) -> dict[int, float]:
+    return {tok: lp for lp, tok, _ in out["meta_info"]["output_top_logprobs"][0]}
+
+
+# ----------------------------------------------------------------- 1. check
+def check(tokenizer: Path, logs: Path) -> list[str]:
+    from epic_sglang import Engine, Request, SamplingParams
+
+    ckpt = Path(tempfile.mkdtemp(prefix="epic-small-"))
+    random_checkpoint(SMALL, tokenizer, ckpt, widen=True)
+    prompts = [segments(4, 120, 24, 16, SMALL["vocab_size"], seed=s) for s in range(6)]
+    flags = ["--dtype", "bfloat16", "--mem-fraction-static", "0.5"]
+
+    with SGLangServer(ckpt, PORT, plugin=False, extra=flags, log_path=logs / "sglang_plain.log") as url:
+        plain = [generate(url, client.generate_body(p, "fr", GREEDY))["output_ids"] for p in prompts]
+    linked: dict[str, list[dict]] = {}
+    with SGLangServer(ckpt, PORT, plugin=True, extra=flags, log_path=logs / "sglang_epic.log") as url:
+        fr = [generate(url, client.generate_body(p, "fr", GREEDY))["output_ids"] for p in prompts]
+        for p in prompts:
+            compile_documents(url, p)
+        for policy in ("legolink-16", "naive", "legolink-16-again"):
+            linked[policy] = [generate(url, client.generate_body(
+                p, policy.removesuffix("-again"), GREEDY, return_logprob=True, top_logprobs_num=10)) for p in prompts]
+
+    engine = Engine(str(ckpt), device="cuda", kv_cache_gb=1)
+    rows = [f"| fr: plugin server = plain SGLang server, token for token | {sum(a == b for a, b in zip(fr, plain))}/{len(prompts)} |"]
+    for policy in ("legolink-16", "naive"):
+        ours = engine.generate_batch([Request(segments=p, policy=policy, return_first_logits=True,
+                                              sampling=SamplingParams(max_new_tokens=16, ignore_eos=True))
+                                      for p in prompts])
+        gaps, same_tokens, reused = [], 0, True
+        for p, sg, en in zip(prompts, linked[policy], ours):
+            lp = torch.log_softmax(en.first_logits.float(), dim=-1)
+            gaps += [abs(v - lp[t].item()) for t, v in first_logprobs(sg).items()]
+            same_tokens += sg["output_ids"] == en.output_ids
+            doc_tokens = sum(len(s) for s in p if s.document is not None)
+            k = 16 if policy.startswith("legolink") else 0
+            reused &= sg["meta_info"]["cached_tokens"] >= doc_tokens - k * 4
+        again = sum(a["output_ids"] == b["output_ids"] for a, b in zip(linked[policy], linked[policy + "-again"])
+                    ) if policy == "legolink-16" else None
+        rows.append(f"| {policy}: plugin vs in-process engine, max abs first-token logprob gap over SGLang's top-10 "
+                    f"| {max(gaps):.4f} |")
+        rows.append(f"| {policy}: same 16 greedy tokens as the in-process engine | {same_tokens}/{len(prompts)} |")
+        rows.append(f"| {policy}: documents' KV reused (cached_tokens) | {'yes' if reused else 'NO'} |")
+        if again is not None:
+            rows.append(f"| {policy}: asked again (exact prefix now cached), same tokens | {again}/{len(prompts)} |")
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------- 2. speed
+def timed(url: str, body: dict) -> float:
+    t0 = time.perf_counter()
+    generate(url, body)
+    return time.perf_counter() - t0
+
+
+def prompt(docs: list[Segment], seed: int, head: int = 32, question: int = 64) -> list[Segment]:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: tuple(torch.randint(100, LLAMA_8B["vocab_size"], (n,), generator=g).tolist())  # noqa: E731
+    return [Segment(ids(head))] + docs + [Segment(ids(question))]
+
+
+def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int) -> list[str]:
+    one = {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True}
+    rows = []
+    flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--context-length", str(max(contexts) + 2048),
+             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "16"]
+    with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags,
+                      log_path=logs / "sglang_speed.log") as url:
+        seed = 1000
+        for ctx in contexts:
+            n_docs = (ctx - 32 - 64) // 512
+            docs = [s for s in segments(n_docs, 512, 0, 0, LLAMA_8B["vocab_size"], seed=ctx) if s.document is not None]
+            compile_documents(url, docs)
+            t = {k: [] for k in ("fr", "hit", "legolink-16", "naive")}
+            for i in range(repeats + 2):  # two warm-ups
+                seed += 1
+                base = prompt(docs, seed)
+                miss = timed(url, client.generate_body(base, "fr", one))
+                hit = timed(url, client.generate_body(base[:-1] + prompt([], seed + 10_000)[-1:], "fr", one))
+                lego = timed(url, client.generate_body(prompt(docs, seed + 20_000), "legolink-16", one))
+                naive = timed(url, client.generate_body(prompt(docs, seed + 30_000), "naive", one))
+                if i >= 2:
+                    for k, v in zip(t, (miss, hit, lego, naive)):
+                        t[k].append(v)
+            m = {k: statistics.median(v) * 1000 for k, v in t.items()}
+            rows.append(f"| {ctx:,} | {n_docs} | {m['fr']:,.1f} | {m['hit']:,.1f} | {m['legolink-16']:,.1f} | "
+                        f"{m['naive']:,.1f} | {m['fr'] / m['legolink-16']:.1f}x | {m['legolink-16'] / m['hit']:.2f}x |")
+            print(rows[-1], flush=True)
+            requests.post(url + "/flush_cache", timeout=60)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json (vocab 49,152)")
+    ap.add_argument("--part", choices=["check", "speed", "all"], default="all")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()))
+    args = ap.parse_args()
+    if args.part in ("check", "all"):
+        rows = check(args.tokenizer, args.logs)
+        write_section("sglang-plugin-check", f"""## SGLang plugin on GPU: correctness (small Qwen2 checkpoint, random widened weights, bf16)
+
+Card: {machine()}. SGLang 0.5.16, FlashInfer attention, `--radix-cache-backend epic` vs no plugin.
+
+Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question; 16 greedy tokens.
+
+| check | result |
+|---|---|
+{chr(10).join(rows)}
+""")
+    if args.part in ("speed", "all"):
+        rows = speed(args.tokenizer, args.logs, args.contexts, args.repeats)
+        write_section("sglang-plugin-speed", f"""## SGLang plugin on GPU: TTFT over HTTP (Llama-3-8B shape, dummy bf16 weights)
+
+Card: {machine()}. One SGLang 0.5.16 server with the plugin (FlashInfer attention).
+
+512-token documents (compiled through the plugin) + a new 32-token head + a 64-token question;
+client-side latency of a 1-token request, median of {args.repeats} after two warm-ups.
+prefix hit = SGLang's own exact prefix cache with 64 new tokens (same prompt, another question).
+
+| context | docs | SGLang full prefill ms | SGLang prefix hit ms | legolink-16 ms | naive ms | fr / lego | lego / hit |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+""")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Start and stop a SGLang server, with the plugin or (for comparisons) without it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+PLUGIN_FLAGS = ["--radix-cache-backend", "epic", "--disable-prefill-cuda-graph"]
+
+
+def server_command(model_path: str | Path, port: int, plugin: bool = True, extra: list[str] | tuple = ()) -> list[str]:
+    """SGLang's own launcher; the plugin needs FlashInfer attention and eager link passes."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
+           "--host", "127.0.0.1", "--port", str(port), "--attention-backend", "flashinfer"]
+    return cmd + (PLUGIN_FLAGS if plugin else []) + list(extra)
+
+
+class SGLangServer:
+    """`with SGLangServer(model, port) as url:` a ready server (its /health_generate answered)."""
+
+    def __init__(self, model_path: str | Path, port: int, plugin: bool = True, extra: list[str] | tuple = (),
+                 log_path: str | Path | None = None, ready_timeout_s: float = 900):
+        self.cmd = server_command(model_path, port, plugin, extra)
+        self.url = f"http://127.0.0.1:{port}"
+        # SGLANG_PLUGINS whitelists entry points by name: "epic" or none at all.
+        self.env = {**os.environ, "SGLANG_PLUGINS": "epic" if plugin else "-"}
+        self.log_path = Path(log_path) if log_path else None
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"SGLang server exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
+                    return self.url
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"SGLang server not ready after {self.ready_timeout_s:.0f} s; see {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
