@@ -8,6 +8,7 @@
 | `ScheduleBatch.prepare_for_extend` (before)| private slots into the row                      |
 | `ForwardBatch.init_new` (after)           | copy + re-rotate documents, positions, plan     |
 | `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
+| `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
 
 Matching and release need no hook: the `epic` radix cache defers to `req.epic_link`.
@@ -105,6 +106,15 @@ def eager_for_links(original, runner, forward_batch, *args, **kwargs):
     return False if getattr(forward_batch, "epic_plan", None) is not None else original(runner, forward_batch, *args, **kwargs)
 
 
+def keep_plan(result, runner, forward_batch, *args, **kwargs):
+    """The eager runner hands the model a `dataclasses.replace` copy of the batch, which
+    drops attributes that are not fields."""
+    plan = getattr(forward_batch, "epic_plan", None)
+    if plan is not None:
+        result.epic_plan = plan
+    return result
+
+
 def plan_link_attention(original, backend, forward_batch, *args, **kwargs):
     plan = getattr(forward_batch, "epic_plan", None)
     if plan is None or forward_batch.forward_mode.is_decode_or_idle():
@@ -120,6 +130,7 @@ def install() -> None:
         ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", link_forward_batch, HookType.AFTER),
         ("sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
          eager_for_links, HookType.AROUND),
+        ("sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch", keep_plan, HookType.AFTER),
         ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata",
          plan_link_attention, HookType.AROUND),
     ]:
