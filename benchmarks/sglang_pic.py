@@ -170,6 +170,9 @@ def main() -> None:
 Card: {machine()}. SGLang 0.5.16, FlashInfer attention, `--radix-cache-backend epic` vs no plugin.
 
 Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question; 16 greedy tokens.
+The two runtimes use different kernels (SGLang stores rotated keys, the plugin re-rotates document
+keys in fp32 and rounds them to bf16; the in-process engine rotates in FlashInfer's fused RoPE), so fr's
+gap between them is the bf16 tolerance; the widened weights (std 0.08) make logits peaky and amplify it.
 
 | check | result |
 |---|---|
