@@ -1,6 +1,6 @@
 """GPU: EPIC inside a real SGLang 0.5.16 server (the `epic` plugin), checked, then timed.
 
-    python benchmarks/sglang_pic.py --tokenizer DIR [--part check|speed|all]
+    python benchmarks/sglang_pic.py --tokenizer DIR [--part check speed load | all]
                                     [--contexts 8192 16384 32768]
 
 1. check, on a small real-architecture checkpoint (Qwen2, random widened weights saved as
@@ -20,10 +20,14 @@ Writes its tables to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -155,15 +159,103 @@ def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int) -> lis
     return rows
 
 
+# ----------------------------------------------------------------- 3. load
+class RagLoad:
+    """RAG requests over a corpus: 8 documents drawn by Zipf popularity, a shared system
+    head, a fresh 64-token question, 32 output tokens, streamed (TTFT = first chunk)."""
+
+    def __init__(self, url: str, corpus: list[Segment], policy: str, seed: int):
+        self.url, self.corpus, self.policy = url, corpus, policy
+        self.rng = random.Random(seed)
+        self.g = torch.Generator().manual_seed(seed)
+        self.head = Segment(tuple(range(200, 232)))
+        weights = [1 / (i + 1) for i in range(len(corpus))]  # Zipf, s = 1
+        self.weights = weights
+        self.compiled = client.CompiledDocuments()
+        self.lock = threading.Lock()
+
+    def prompt(self) -> list[Segment]:
+        picked: list[int] = []
+        while len(picked) < 8:
+            i = self.rng.choices(range(len(self.corpus)), self.weights)[0]
+            if i not in picked:
+                picked.append(i)
+        question = Segment(tuple(torch.randint(100, LLAMA_8B["vocab_size"], (64,), generator=self.g).tolist()))
+        return [self.head] + [self.corpus[i] for i in picked] + [question]
+
+    def one(self, segs: list[Segment]) -> float:
+        params = {"max_new_tokens": 32, "temperature": 0.0, "ignore_eos": True}
+        t0 = time.perf_counter()  # a document seen for the first time is compiled on the clock
+        if self.policy != "fr":
+            with self.lock:
+                missing = self.compiled.missing(segs)
+                self.compiled.add(missing)
+            for body in client.compile_bodies(missing):
+                generate(self.url, body)
+        ttft, last = None, None
+        with requests.post(self.url + "/generate", json=client.generate_body(segs, self.policy, params, stream=True),
+                           stream=True, timeout=600) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith(b"data:") and line != b"data: [DONE]":
+                    ttft = ttft or time.perf_counter() - t0
+                    last = line
+        if self.policy != "fr":
+            cached = json.loads(last[5:])["meta_info"]["cached_tokens"]
+            with self.lock:
+                self.compiled.confirm(segs, self.policy, cached)
+        return ttft
+
+    def run(self, rate: float, n: int) -> tuple[float, float, float]:
+        """(p50 TTFT s, p90 TTFT s, achieved requests/s) for n Poisson arrivals at `rate`."""
+        prompts = [self.prompt() for _ in range(n)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=256) as pool:
+            futures = []
+            for segs in prompts:
+                futures.append(pool.submit(self.one, segs))
+                time.sleep(self.rng.expovariate(rate))
+            ttfts = sorted(f.result() for f in futures)
+        wall = time.perf_counter() - t0
+        return statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], n / wall
+
+
+def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo_s: float) -> list[str]:
+    flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--context-length", "8192",
+             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "64"]
+    corpus = [s for s in segments(1000, 512, 0, 0, LLAMA_8B["vocab_size"], seed=7) if s.document is not None]
+    rows, best = [], {}
+    with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags,
+                      log_path=logs / "sglang_load.log") as url:
+        for policy, policy_rates in rates.items():
+            runner = RagLoad(url, corpus, policy, seed=11)
+            runner.run(policy_rates[0], 16)  # warm-up (and the hottest documents compiled)
+            for rate in policy_rates:
+                p50, p90, achieved = runner.run(rate, n)
+                ok = p90 <= slo_s
+                rows.append(f"| {'SGLang prefix caching (fr)' if policy == 'fr' else policy} | {rate:g} | "
+                            f"{achieved:.2f} | {p50 * 1000:,.0f} | {p90 * 1000:,.0f} | {'yes' if ok else 'no'} |")
+                print(rows[-1], flush=True)
+                if ok:
+                    best[policy] = max(best.get(policy, 0.0), achieved)
+                else:
+                    break
+    return rows, best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json (vocab 49,152)")
-    ap.add_argument("--part", choices=["check", "speed", "all"], default="all")
+    ap.add_argument("--part", choices=["check", "speed", "load", "all"], nargs="+", default=["all"])
+    ap.add_argument("--requests", type=int, default=48, help="requests per load rate")
+    ap.add_argument("--fr-rates", type=float, nargs="+", default=[2, 3, 4, 6, 8])
+    ap.add_argument("--epic-rates", type=float, nargs="+", default=[8, 16, 24, 32, 48, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()))
     args = ap.parse_args()
-    if args.part in ("check", "all"):
+    parts = {"check", "speed", "load"} if "all" in args.part else set(args.part)
+    if "check" in parts:
         rows = check(args.tokenizer, args.logs)
         write_section("sglang-plugin-check", f"""## SGLang plugin on GPU: correctness (small Qwen2 checkpoint, random widened weights, bf16)
 
@@ -178,7 +270,7 @@ gap between them is the bf16 tolerance; the widened weights (std 0.08) make logi
 |---|---|
 {chr(10).join(rows)}
 """)
-    if args.part in ("speed", "all"):
+    if "speed" in parts:
         rows = speed(args.tokenizer, args.logs, args.contexts, args.repeats)
         write_section("sglang-plugin-speed", f"""## SGLang plugin on GPU: TTFT over HTTP (Llama-3-8B shape, dummy bf16 weights)
 
@@ -191,6 +283,25 @@ prefix hit = SGLang's own exact prefix cache with 64 new tokens (same prompt, an
 | context | docs | SGLang full prefill ms | SGLang prefix hit ms | legolink-16 ms | naive ms | fr / lego | lego / hit |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
+""")
+    if "load" in parts:
+        rows, best = load(args.tokenizer, args.logs, {"fr": args.fr_rates, "legolink-16": args.epic_rates},
+                          args.requests, 0.2)
+        ratio = best.get("legolink-16", 0) / best["fr"] if best.get("fr") else float("nan")
+        write_section("sglang-plugin-load", f"""## SGLang plugin on GPU: RAG load (Llama-3-8B shape, dummy bf16 weights)
+
+Card: {machine()}. One SGLang 0.5.16 server with the plugin; a corpus of 1,000 documents of 512 tokens;
+each request: a shared 32-token head, 8 documents by Zipf popularity (s = 1), a new 64-token question,
+32 output tokens, streamed; Poisson arrivals, {args.requests} requests per rate (after a warm-up of 16).
+`fr` requests are plain SGLang (exact prefix caching); legolink-16 requests compile documents the client
+has not seen (or that a response showed evicted) and link them. A rate passes when p90 TTFT <= 200 ms.
+
+| mode | offered req/s | achieved req/s | TTFT p50 ms | TTFT p90 ms | p90 <= 200 ms |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Best rate with p90 TTFT <= 200 ms: SGLang prefix caching {best.get('fr', 0):.2f} req/s, legolink-16
+{best.get('legolink-16', 0):.2f} req/s ({ratio:.1f}x).
 """)
 
 

@@ -88,7 +88,7 @@ class Scheduler:
         return torch.randn(HEADS, DIM, generator=g)
 
     def key(self, token: int, position: int) -> torch.Tensor:
-        return self.rope.rotate(self.base(token)[None], torch.tensor([position]))[0]
+        return self.rope.rotate(self.base(token)[None], *self.rope.angles(torch.tensor([position])))[0]
 
     # ------------------------------------------------------------- scheduling
     def request(self, ids, hint: LinkHint | str | None = None, max_new_tokens: int = 4):
@@ -230,6 +230,19 @@ def test_generate_body_carries_the_link_hint_and_refuses_unserved_policies():
     assert [b["input_ids"] for b in client.compile_bodies(segs)] == [[5, 6, 7]]
     with pytest.raises(ValueError, match="serves fr, naive"):
         client.generate_body(segs, "cacheblend-15", {})
+
+
+def test_a_client_forgets_documents_a_response_shows_evicted():
+    segs = [Segment((1, 2)), Segment(tuple(range(10, 40)), document=0), Segment(tuple(range(50, 60)), document=1),
+            Segment((9,))]
+    known = client.CompiledDocuments()
+    assert known.missing(segs) == segs[1:3]
+    known.add(segs)
+    assert known.missing(segs) == [] and known.missing(segs, namespace="other") == segs[1:3]
+    planned = (30 - 4) + (10 - 4)
+    assert known.confirm(segs, "legolink-4", cached_tokens=planned + 2)  # + the exact prefix
+    assert not known.confirm(segs, "legolink-4", cached_tokens=planned - 6)
+    assert known.missing(segs) == segs[1:3]
 
 
 # ----------------------------------------------------------------- through SGLang's scheduler classes

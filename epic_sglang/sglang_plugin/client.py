@@ -42,3 +42,30 @@ def compile_bodies(segments: list[Segment], namespace: str | None = None) -> lis
     hint = LinkHint(namespace, compile=True).encode()
     return [{"input_ids": list(s.token_ids), "sampling_params": {"max_new_tokens": 0}, "extra_key": hint}
             for s in segments if s.document is not None]
+
+
+class CompiledDocuments:
+    """The documents a client believes the server holds, compiled through it. A link
+    response whose `cached_tokens` falls short of the reuse it planned shows that some were
+    evicted: they are forgotten, so the next request compiles them again."""
+
+    def __init__(self):
+        self.known: set[tuple[str | None, tuple[int, ...]]] = set()
+
+    def missing(self, segments: list[Segment], namespace: str | None = None) -> list[Segment]:
+        return [s for s in segments if s.document is not None and (namespace, s.token_ids) not in self.known]
+
+    def add(self, segments: list[Segment], namespace: str | None = None) -> None:
+        self.known.update((namespace, s.token_ids) for s in segments if s.document is not None)
+
+    def confirm(self, segments: list[Segment], policy: str | Policy, cached_tokens: int,
+                namespace: str | None = None) -> bool:
+        """False (and the prompt's documents forgotten) when a document was not reused."""
+        policy = parse_policy(policy) if isinstance(policy, str) else policy
+        docs = [s for s in segments if s.document is not None]
+        last = segments[-1]  # a prompt that ends inside a document recomputes its last token
+        planned = sum(max(0, len(s) - policy.k) for s in docs) - (last.document is not None and len(last) > policy.k)
+        if cached_tokens >= planned:
+            return True
+        self.known.difference_update((namespace, s.token_ids) for s in docs)
+        return False

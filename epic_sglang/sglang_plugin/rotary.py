@@ -31,15 +31,19 @@ class RopeTable:
                 return cls(module.cos_sin_cache, module.rotary_dim, module.is_neox_style)
         raise NotImplementedError(f"{type(model).__name__} has no SGLang RotaryEmbedding")
 
-    def rotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """keys (tokens, heads, head_dim) rotated by `delta` (tokens,) more positions."""
-        cos, sin = self.cos_sin_cache.index_select(0, delta).float().chunk(2, dim=-1)
-        rot = apply_rotary_emb(keys[..., :self.rotary_dim].float(), cos, sin, self.is_neox_style)
-        return torch.cat([rot.to(keys.dtype), keys[..., self.rotary_dim:]], dim=-1)
+    def angles(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of rotating by `delta` (tokens,) positions, fp32."""
+        return self.cos_sin_cache.index_select(0, delta).float().chunk(2, dim=-1)
+
+    def rotate(self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """keys (tokens, heads, head_dim) rotated by the angles of `angles` (in fp32)."""
+        rot = apply_rotary_emb(keys[..., :self.rotary_dim].float(), cos, sin, self.is_neox_style).to(keys.dtype)
+        return rot if self.rotary_dim == keys.shape[-1] else torch.cat([rot, keys[..., self.rotary_dim:]], dim=-1)
 
 
 def copy_rotated(kv_pool, rope: RopeTable, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
     """For every layer of an SGLang MHA pool: K[dst] = rotate(K[src], delta), V[dst] = V[src]."""
+    cos, sin = rope.angles(delta)
     for k_buffer, v_buffer in zip(kv_pool.k_buffer, kv_pool.v_buffer):
-        k_buffer[dst] = rope.rotate(k_buffer[src], delta)
+        k_buffer[dst] = rope.rotate(k_buffer[src], cos, sin)
         v_buffer[dst] = v_buffer[src]
