@@ -160,6 +160,15 @@ class PICRadixCache(RadixCache):
             raise RuntimeError(f"document {key[:12]} is already cached; match it before compiling")
         return result.last_device_node
 
+    def document_slots(self, node: TreeNode) -> torch.Tensor:
+        """All slots of the document ending at `node` (a document node split by a partial
+        match is a chain under the root)."""
+        parts = []
+        while node is not self.root_node:
+            parts.append(node.value)
+            node = node.parent
+        return torch.cat(parts[::-1])
+
     def document_nodes(self) -> dict[str, TreeNode]:
         """Device-resident documents by DocKey."""
         return {key_of_extra(n.key.extra_key): n for n in self.root_node.children.values()

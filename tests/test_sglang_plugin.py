@@ -311,6 +311,28 @@ def test_a_document_not_cached_is_computed_in_place_and_an_evicted_one_is_matche
     s.finish(req)
 
 
+def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runtime):
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from radix_ext.doc_key import doc_extra_key, document_key
+
+    s = Scheduler()
+    ids, spans, docs = prompt(random.Random(5))
+    for doc in docs:
+        s.compile(doc)
+    key = document_key(s.cache.fingerprint, "plain", "ns", docs[0])
+    s.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", docs[0][:7]), doc_extra_key(key))))
+    req = s.request(ids, LinkHint("ns", tuple(spans), 4))
+    s.prefill([req])
+    layout = req.epic_link.layout
+    assert [r.length for r in layout.cached_runs] == [16, 13]
+    for slot, position in zip(s.row(req).tolist(), layout.order.tolist()):
+        torch.testing.assert_close(s.kv.k_buffer[1][slot], s.key(ids[position], position), atol=1e-5, rtol=1e-5)
+    s.finish(req)
+    assert s.cache.evictable_size() == s.cache.total_size()
+
+
 def test_compiling_a_cached_document_again_keeps_one_copy(sglang_runtime):
     s = Scheduler()
     doc = list(range(50, 80))

@@ -39,11 +39,11 @@ class CompileRequest:
         self.key: str | None = None
 
     def match(self, cache, params: MatchPrefixParams) -> MatchResult:
+        """Nothing is reused: a partial match would split the document's node (SGLang
+        keeps one token to compute), and a document is cached whole or not at all."""
         self.key = document_key(cache.fingerprint, RECIPE, self.namespace, self.token_ids)
-        req = params.req
-        req.extra_key = doc_extra_key(self.key)  # an already cached copy is matched, not recomputed
-        key = RadixKey(params.key.token_ids, req.extra_key, limit=params.key.limit)
-        return cache.match_plain(MatchPrefixParams(key=key, req=req))
+        params.req.extra_key = doc_extra_key(self.key)
+        return cache.match_plain(MatchPrefixParams(key=RadixKey(array("q"), params.req.extra_key)))
 
     def release(self, cache, req, kv_len: int) -> None:
         row = cache.req_to_token_pool.req_to_token[req.req_pool_idx, :kv_len].to(torch.int64)
@@ -63,6 +63,7 @@ class LinkRequest:
         self.prompt = token_ids  # prompt order; the request's own origin_input_ids get the row order
         self.layout: RowLayout | None = None
         self.doc_nodes: list = []
+        self.doc_slots: list = []
         self.locked: list = []
         self.pending_copy: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.admitted = False  # taken into a prefill batch, documents locked
@@ -90,11 +91,12 @@ class LinkRequest:
                 cache.dec_lock_ref(node)
         self.layout = plan_rows(len(ids), docs, self.hint.k, [n is not None for n in nodes], len(exact))
         self.doc_nodes = nodes
+        self.doc_slots = [cache.document_slots(n) if n is not None else None for n in nodes]
         fill = ids[self.layout.order]
         req.origin_input_ids = array("q", fill[:len(self.prompt)].tolist())
         req.full_untruncated_fill_ids = array("q", fill.tolist())
         # Stand-ins of the right length; `materialize` puts the re-rotated copies there.
-        shared = [nodes[r.doc].value[r.offset:r.offset + r.length] for r in self.layout.cached_runs]
+        shared = [self.doc_slots[r.doc][r.offset:r.offset + r.length] for r in self.layout.cached_runs]
         prefix = torch.cat([exact.to(torch.int64), *[s.to(torch.int64) for s in shared]])
         return MatchResult(device_indices=prefix, last_device_node=last_node, last_host_node=last_node,
                            best_match_node=last_node, cache_protected_len=len(exact))
@@ -132,7 +134,7 @@ class LinkRequest:
         dst = cache.alloc_slots(self.layout.private_tokens)
         if dst is None:
             raise RuntimeError("epic: KV pool exhausted while linking (admission accounted for it)")
-        src = torch.cat([self.doc_nodes[r.doc].value[r.offset:r.offset + r.length].to(torch.int64) for r in runs])
+        src = torch.cat([self.doc_slots[r.doc][r.offset:r.offset + r.length].to(torch.int64) for r in runs])
         delta = torch.cat([torch.full((r.length,), r.start - r.offset, dtype=torch.int64) for r in runs])
         self.pending_copy = (src, dst, delta.to(dst.device))
         req.prefix_indices = torch.cat([req.prefix_indices[:self.layout.exact_prefix_len], dst.to(torch.int64)])
@@ -161,5 +163,5 @@ class LinkRequest:
         cache.token_to_kv_pool_allocator.free(row[torch.from_numpy(np.flatnonzero(owned)).to(row.device)])
         cache.dec_lock_ref(req.last_node)
         self._unlock(cache)
-        self.doc_nodes, self.layout, self.pending_copy = [], None, None
+        self.doc_nodes, self.doc_slots, self.layout, self.pending_copy = [], [], None, None
         self.materialized = self.extending = False
