@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -144,6 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
     parse_policy(args.policy)  # fail before the model loads
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if args.engine == "sglang":
+        return _serve_sglang(args)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
     config = ServerConfig(
         model=args.model, served_model_name=args.served_model_name, device=args.device, policy=args.policy,
@@ -157,6 +160,30 @@ def _serve(args: argparse.Namespace) -> int:
           f"(policy {config.policy}, store {config.store or 'none'})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)
     return 0
+
+
+def _serve_sglang(args: argparse.Namespace) -> int:
+    """A real SGLang server with the plugin (the process becomes SGLang's launcher)."""
+    import torch
+
+    from epic_sglang.models.loader import resolve_model_dir
+    from epic_sglang.sglang_plugin.launch import server_command, server_env
+
+    unsupported = [flag for flag, value in [("--store", args.store), ("--admin-api-key", args.admin_api_key),
+                                            ("--no-transparent", args.no_transparent)] if value]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: served by --engine epic only (the SGLang engine speaks "
+                         "SGLang's API with link hints, see README)")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--engine sglang starts a SGLang server, whose kernels need a CUDA GPU; "
+                           "use --engine epic (the default) here")
+    extra = ["--served-model-name", args.served_model_name] if args.served_model_name else []
+    extra += ["--api-key", args.api_key] if args.api_key else []
+    kv_dir = None if args.kv_dir == "none" else Path(args.kv_dir).expanduser()
+    cmd = server_command(resolve_model_dir(args.model), args.port, plugin=True, host=args.host,
+                         extra=extra + ["--log-level", args.log_level])
+    print(f"epic-sglang: {' '.join(cmd)}", file=sys.stderr)
+    os.execvpe(cmd[0], cmd, server_env(True, kv_dir, args.host_cache_gb))
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -258,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-running", type=int, default=32)
     srv.add_argument("--prefill-token-budget", type=int, default=8192)
     srv.add_argument("--device", default=None)
+    srv.add_argument("--engine", choices=["epic", "sglang"], default="epic",
+                     help="epic: the in-process engine (CPU or GPU); sglang: a real SGLang server with the "
+                          "epic plugin (CUDA only; SGLang's API, documents marked by link hints)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_kv_dir(srv)
     srv.set_defaults(func=_serve)

@@ -374,3 +374,19 @@ def test_bad_hints_and_prompt_logprobs_are_refused_with_a_message(sglang_runtime
     req.init_next_round_input(s.cache)
     assert req.epic_link is None and list(req.origin_input_ids) == list(range(10))
     assert isinstance(s.request(range(10), LinkHint("t", compile=True)).epic_link, CompileRequest)
+
+
+def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fix(capsys):
+    from epic_sglang.cli import main
+    from epic_sglang.sglang_plugin.launch import server_command, server_env
+
+    cmd = server_command("/models/m", 30001, host="0.0.0.0")
+    assert cmd[1:3] == ["-m", "sglang.launch_server"] and "--radix-cache-backend" in cmd
+    assert cmd[cmd.index("--attention-backend") + 1] == "flashinfer" and "--disable-prefill-cuda-graph" in cmd
+    assert "--radix-cache-backend" not in server_command("/models/m", 30001, plugin=False)
+    assert server_env(True, kv_dir="/kv")["EPIC_SGLANG_KV_DIR"] == "/kv" and server_env(False)["SGLANG_PLUGINS"] == "-"
+    assert main(["serve", "--engine", "sglang", "--store", "/tmp/s"]) == 2
+    assert "--store: served by --engine epic only" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["serve", "--engine", "sglang"]) == 2
+        assert "need a CUDA GPU" in capsys.readouterr().err

@@ -13,11 +13,22 @@ import requests
 PLUGIN_FLAGS = ["--radix-cache-backend", "epic", "--disable-prefill-cuda-graph"]
 
 
-def server_command(model_path: str | Path, port: int, plugin: bool = True, extra: list[str] | tuple = ()) -> list[str]:
+def server_command(model_path: str | Path, port: int, plugin: bool = True, extra: list[str] | tuple = (),
+                   host: str = "127.0.0.1") -> list[str]:
     """SGLang's own launcher; the plugin needs FlashInfer attention and eager link passes."""
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
-           "--host", "127.0.0.1", "--port", str(port), "--attention-backend", "flashinfer"]
+           "--host", host, "--port", str(port), "--attention-backend", "flashinfer"]
     return cmd + (PLUGIN_FLAGS if plugin else []) + list(extra)
+
+
+def server_env(plugin: bool = True, kv_dir: Path | None = None, host_cache_gb: float = 0.0) -> dict[str, str]:
+    """SGLANG_PLUGINS whitelists entry points by name: "epic", or none at all; the `epic`
+    backend reads its tiers from the environment (radix_ext/sglang_backend.py)."""
+    env = {**os.environ, "SGLANG_PLUGINS": "epic" if plugin else "-",
+           "EPIC_SGLANG_HOST_CACHE_GB": str(host_cache_gb)}
+    if kv_dir is not None:
+        env["EPIC_SGLANG_KV_DIR"] = str(kv_dir)
+    return env
 
 
 class SGLangServer:
@@ -27,8 +38,7 @@ class SGLangServer:
                  log_path: str | Path | None = None, ready_timeout_s: float = 900):
         self.cmd = server_command(model_path, port, plugin, extra)
         self.url = f"http://127.0.0.1:{port}"
-        # SGLANG_PLUGINS whitelists entry points by name: "epic" or none at all.
-        self.env = {**os.environ, "SGLANG_PLUGINS": "epic" if plugin else "-"}
+        self.env = server_env(plugin)
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
