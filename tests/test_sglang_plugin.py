@@ -149,6 +149,13 @@ class Scheduler:
     def row(self, req) -> torch.Tensor:
         return self.req_pool.req_to_token[req.req_pool_idx, :len(req.full_untruncated_fill_ids)]
 
+    def assert_row_at_prompt_positions(self, req, ids: list[int], layer: int) -> None:
+        """Every slot of the request's row holds its token's K at its prompt position
+        (re-rotated document copies and newly computed tokens alike)."""
+        for slot, position in zip(self.row(req).tolist(), req.epic_link.layout.order.tolist()):
+            torch.testing.assert_close(self.kv.k_buffer[layer][slot], self.key(ids[position], position),
+                                       atol=1e-5, rtol=1e-5)
+
 
 def prompt(rng: random.Random, sizes=(6, 20, 3, 17, 9)) -> tuple[list[int], list[tuple[int, int]], list[list[int]]]:
     """prefix | doc | gap | doc | question, with distinct token ids."""
@@ -261,9 +268,8 @@ def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_
     layout = req.epic_link.layout
     assert [r.length for r in layout.cached_runs] == [16, 13] and layout.extend_len == 6 + 4 + 3 + 4 + 9
     assert list(req.origin_input_ids_unpadded) == ids  # what SGLang detokenizes against stays the prompt
+    s.assert_row_at_prompt_positions(req, ids, layer=1)
     row = s.row(req)
-    for slot, position in zip(row.tolist(), layout.order.tolist()):  # re-rotated copies and new tokens
-        torch.testing.assert_close(s.kv.k_buffer[1][slot], s.key(ids[position], position), atol=1e-5, rtol=1e-5)
     for q, keys in visible_positions(plan, req, layout, row):
         assert sorted(keys) == list(range(q + 1))
     for k, n in s.cache.document_nodes().items():
@@ -306,8 +312,7 @@ def test_a_document_not_cached_is_computed_in_place_and_an_evicted_one_is_matche
     admitted, plan = s.prefill([req])
     layout = req.epic_link.layout
     assert admitted == [req] and layout.cached_runs == () and layout.extend_len == len(ids)
-    for slot, position in zip(s.row(req).tolist(), layout.order.tolist()):
-        torch.testing.assert_close(s.kv.k_buffer[0][slot], s.key(ids[position], position), atol=1e-5, rtol=1e-5)
+    s.assert_row_at_prompt_positions(req, ids, layer=0)
     s.finish(req)
 
 
@@ -327,8 +332,7 @@ def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runti
     s.prefill([req])
     layout = req.epic_link.layout
     assert [r.length for r in layout.cached_runs] == [16, 13]
-    for slot, position in zip(s.row(req).tolist(), layout.order.tolist()):
-        torch.testing.assert_close(s.kv.k_buffer[1][slot], s.key(ids[position], position), atol=1e-5, rtol=1e-5)
+    s.assert_row_at_prompt_positions(req, ids, layer=1)
     s.finish(req)
     assert s.cache.evictable_size() == s.cache.total_size()
 
