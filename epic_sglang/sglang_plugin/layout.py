@@ -55,10 +55,15 @@ class RowLayout:
     def extend_positions(self) -> np.ndarray:
         return self.order[self.prefix_len:]
 
+    def row_of(self) -> np.ndarray:
+        """The row slot of each prompt position (the inverse of `order`)."""
+        rows = np.empty_like(self.order)
+        rows[self.order] = np.arange(len(self.order))
+        return rows
+
     def kv_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(row indices of every entry's keys, concatenated; each entry's key count)."""
-        row_of = np.empty_like(self.order)
-        row_of[self.order] = np.arange(len(self.order))
+        row_of = self.row_of()
         ends = np.array([end for _, end in self.compute_runs], dtype=np.int64)
         return np.concatenate([row_of[:end] for end in ends]), ends
 

@@ -153,9 +153,7 @@ class LinkRequest:
         owned = np.ones(kv_len, dtype=bool)
         owned[:layout.exact_prefix_len] = False  # the tree's
         prefix_end = self.hint.docs[0][0]
-        row_of = np.empty_like(layout.order)
-        row_of[layout.order] = np.arange(len(layout.order))
-        prefix_rows = row_of[:prefix_end]
+        prefix_rows = layout.row_of()[:prefix_end]
         if prefix_end and prefix_rows.max() < kv_len:
             index = torch.from_numpy(prefix_rows).to(row.device)
             cached = cache.publish_exact_prefix(self.prompt[:prefix_end].tolist(), row[index], self.hint.namespace)
