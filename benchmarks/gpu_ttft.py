@@ -4,12 +4,12 @@
 
 One run does everything on a Llama-3.1-8B-shaped model with random bf16 weights (speed
 does not depend on weight values):
-1. correctness: for every policy, FlashInfer (`runs` and `mask` link modes) against the
-   torch reference backend on the same weights and pool (first-token logits);
-2. link-mode timing: `runs` vs `mask` for legolink-16;
-3. TTFT of fr, cacheblend-15, legolink-16 and naive for each context (512-token documents
+1. correctness: for every policy, FlashInfer (every link mode) against the torch reference
+   backend on the same weights and pool (first-token logits);
+2. TTFT of fr, cacheblend-15, legolink-16 and naive for each context (512-token documents
    + a 64-token question, documents precompiled), and the floor: one forward of the same
-   number of new tokens as legolink-16 over an already cached context of the same length.
+   number of new tokens as legolink-16 over an already cached context of the same length;
+3. link modes (`runs`, `gathered`, `mask`): legolink-16, naive and the floor under each.
 Writes its tables to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.attention import make_attention  # noqa: E402
+from epic_sglang.attention.flashinfer_backend import LINK_MODES  # noqa: E402
 from epic_sglang.linker import Linker  # noqa: E402
 from epic_sglang.policies import Segment  # noqa: E402
 
@@ -108,7 +109,7 @@ def check_against_reference(engine: Engine, segs: list[Segment], min_cosine: flo
     for policy in CHECK_POLICIES:
         with_attention(engine, "torch")
         ref, _ = first_token(engine, segs, policy)
-        for mode in ("runs", "mask"):
+        for mode in LINK_MODES:
             with_attention(engine, "flashinfer", mode)
             got, _ = first_token(engine, segs, policy)
             err = (got - ref).abs().max().item() / ref.abs().max().item()
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--rope", choices=["default", "llama3"], default="default",
                     help="llama3: Llama-3.1's scaled RoPE, which FlashInfer's fused RoPE cannot do")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--link-mode", choices=LINK_MODES, default="runs", help="link mode of the main table")
     args = ap.parse_args()
     config = LLAMA_8B | ({"rope_scaling": LLAMA3_ROPE} if args.rope == "llama3" else {})
 
@@ -176,32 +178,35 @@ def main() -> None:
     check = [] if args.skip_check else check_against_reference(
         engine, segments(4, args.doc_tokens, args.question_tokens, head, vocab, seed=1), min_cosine=0.995)
 
-    mid = segments(16384 // args.doc_tokens - 1, args.doc_tokens, args.question_tokens, head, vocab, seed=2)
-    engine.compile_segments(mid, "legolink-16")
-    modes = {}
-    for mode in ("runs", "mask"):
-        with_attention(engine, "flashinfer", mode)
-        modes[mode] = median_ttft(engine, mid, "legolink-16", args.repeats)
-    with_attention(engine, "flashinfer", "runs")
-
-    rows, summary = [], {}
+    with_attention(engine, "flashinfer", args.link_mode)
+    rows, mode_rows = [], []
     for ctx in args.contexts:
         num_docs = (ctx - head - args.question_tokens) // args.doc_tokens
         segs = segments(num_docs, args.doc_tokens, args.question_tokens, head, vocab, seed=ctx)
         n = sum(len(s) for s in segs)
         engine.compile_segments(segs, "legolink-16")
-        ttft = {p: median_ttft(engine, segs, p, args.repeats) for p in POLICIES}
         new = head + num_docs * 16 + args.question_tokens
         floor_segs = [Segment(tuple(t for s in segs for t in s.token_ids)[:n - new], document=0),
                       Segment(tuple(t for s in segs for t in s.token_ids)[n - new:])]
         engine.compile_segments(floor_segs, "naive")
-        ttft["floor"] = median_ttft(engine, floor_segs, "naive", args.repeats)
-        engine.flush_cache()
-        summary[ctx] = ttft
+
+        def timed(policy: str) -> float:
+            return median_ttft(engine, floor_segs, "naive", args.repeats) if policy == "floor" \
+                else median_ttft(engine, segs, policy, args.repeats)
+
+        ttft = {p: timed(p) for p in POLICIES + ["floor"]}
         rows.append(f"| {n:,} | {num_docs} | " + " | ".join(f"{ttft[p] * 1000:,.1f}" for p in POLICIES + ["floor"])
                     + f" | {ttft['fr'] / ttft['legolink-16']:.1f}x | {ttft['cacheblend-15'] / ttft['legolink-16']:.1f}x"
                     + f" | {ttft['legolink-16'] / ttft['floor']:.2f}x |")
         print(rows[-1], flush=True)
+        for mode in LINK_MODES:
+            with_attention(engine, "flashinfer", mode)
+            by_mode = {p: timed(p) for p in ("legolink-16", "naive", "floor")}
+            mode_rows.append(f"| {n:,} | {mode} | " + " | ".join(f"{t * 1000:,.1f}" for t in by_mode.values())
+                             + f" | {ttft['fr'] / by_mode['legolink-16']:.1f}x |")
+            print(mode_rows[-1], flush=True)
+        with_attention(engine, "flashinfer", args.link_mode)
+        engine.flush_cache()
 
     decode = decode_rows(engine, 2048)
 
@@ -217,8 +222,14 @@ Floor = one forward of legolink-16's number of new tokens over an already cached
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Link modes for legolink-16 at 16K: `runs` (causal entry per run, truncated KV) {modes['runs'] * 1000:.1f} ms,
-`mask` (one entry, custom mask) {modes['mask'] * 1000:.1f} ms; default: `runs`.
+Link mode of the table: `{args.link_mode}`. Every link mode, same prompts (`runs`: a causal
+entry per query run over the truncated KV, RoPE fused in FA2; `gathered`: the same entries
+over keys gathered and rotated into scratch by one Triton launch per layer, FA3; `mask`: one
+entry with the custom mask, FA2); fr / lego uses the table's fr:
+
+| context | link mode | legolink-16 ms | naive ms | floor ms | fr / lego |
+|---|---|---|---|---|---|
+{chr(10).join(mode_rows)}
 
 Decode step latency (fr prompts of 2,048 tokens, 32 steps after the first token, median over the batch):
 eager launches against CUDA graphs (one captured forward per batch bucket, FlashInfer decode with fused RoPE).

@@ -134,7 +134,7 @@ class Engine:
                  max_context_len: int | None = None, attention: str = "auto", link_mode: str = "runs",
                  load_format: str = "auto", kv_dir: str | Path | None = None, host_cache_gb: float = 0.0,
                  eviction_policy: str = "lru", cuda_graphs: bool = True):
-        """`attention`: auto | torch | flashinfer; `link_mode` (flashinfer): runs | mask;
+        """`attention`: auto | torch | flashinfer; `link_mode` (flashinfer): runs | gathered | mask;
         `load_format`: auto | dummy (random weights at the model's shape, for speed runs);
         `kv_dir`: disk tier for compiled documents (survives restarts); `host_cache_gb`:
         host-memory tier for documents evicted from the pool; `eviction_policy`: SGLang's

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from epic_sglang.policies import Segment, parse_policy, plan_link
-from epic_sglang.sglang_plugin import attention, client, load
+from epic_sglang.sglang_plugin import attention, client, hooks, load
 from epic_sglang.sglang_plugin.layout import plan_rows
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
@@ -116,11 +116,8 @@ class Scheduler:
                                        types.SimpleNamespace(is_encoder_decoder=False, vocab_size=1 << 16),
                                        False, SpeculativeAlgorithm.NONE)
         batch.prepare_for_extend()
-        links = {i: r.epic_link for i, r in enumerate(batch.reqs) if isinstance(r.epic_link, LinkRequest)}
-        for link in links.values():  # what the ForwardBatch.init_new hook does on the forward stream
-            link.copy_pending(self.kv, self.rope)
-            link.extending = False
-        plan = attention.build_plan(batch, links) if links else None
+        links = hooks.extending_links(batch)  # what the ForwardBatch.init_new hook does
+        plan = hooks.prepare_links(links, batch, self.kv, self.rope) if links else None
         offset = 0
         for i, req in enumerate(batch.reqs):
             n = batch.extend_lens[i]

@@ -8,14 +8,15 @@ picks one of two ways to apply RoPE (measured on an H100, BENCHMARKS.md):
   only when the queries are few next to the context: decode, and link passes (naive,
   LegoLink). The kernel knows theta and linear scaling only.
 - gathered: the layer gathers the batch's K and V into a scratch buffer, rotating K on the
-  way (one memory-bound pass), then runs without positional encoding, which lets Hopper use
-  FA3. Used for dense prefills (compile, fr, CacheBlend's first layers), for queries
-  scattered over many runs, and for every pass of models whose RoPE the kernel cannot do
-  (llama3 scaling).
+  way (one Triton launch, memory bound: `epic_sglang.rotate_copy`), then runs without
+  positional encoding, which lets Hopper use FA3. Used for dense prefills (compile, fr,
+  CacheBlend's first layers), for queries scattered over many runs, for every pass of models
+  whose RoPE the kernel cannot do (llama3 scaling), and for link passes in link mode
+  `gathered`.
 
 A link pass has scattered queries (LegoLink: the first k tokens of each document plus the
 question). Two ways to attend:
-- `runs` (default): each maximal run of consecutive query positions [a, b) becomes one
+- `runs` (default; `gathered`: the same entries over gathered keys): each maximal run of consecutive query positions [a, b) becomes one
   causal batch entry over the truncated KV view [0, b). Bottom-right causal alignment puts
   query i at position a + i, seeing keys [0, a + i]: exactly the link mask, no mask tensor.
   Each run re-reads its KV prefix, so sequences with more than MAX_RUNS runs (CacheBlend's
@@ -33,9 +34,10 @@ from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
 from epic_sglang.models.config import ModelConfig
 from epic_sglang.models.rope import Rotary, apply_rotation
+from epic_sglang.rotate_copy import rotate_copy
 
 WORKSPACE_BYTES = 256 << 20
-LINK_MODES = ("runs", "mask")
+LINK_MODES = ("runs", "gathered", "mask")
 MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry reads less KV
 DENSE_RATIO = 4  # queries * DENSE_RATIO >= context tokens: a dense prefill, gather for FA3
 
@@ -69,7 +71,8 @@ class FlashInferAttention:
             "decode": flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True),
         }
         self._wrapper = None
-        self._gather: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # slots, cos, sin
+        # slots, scratch rows, [cos | sin] (fp32), scratch K, scratch V
+        self._gather: tuple[torch.Tensor, ...] | None = None
         self._q_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # queries' cos, sin (gathered path)
 
     def plan(self, batch: ForwardBatch) -> None:
@@ -83,7 +86,8 @@ class FlashInferAttention:
         runs = [query_runs(s.q_positions.tolist()) for s in batch.seqs]
         masked = self.link_mode == "mask" or any(len(r) > MAX_RUNS for r in runs)
         context = sum(s.kv_slots.numel() for s in batch.seqs)
-        gathered = masked or not self.can_fuse or batch.input_ids.numel() * DENSE_RATIO >= context
+        gathered = (masked or self.link_mode == "gathered" or not self.can_fuse
+                    or batch.input_ids.numel() * DENSE_RATIO >= context)
 
         qo, kv_len, kv_idx, masks, base = [0], [], [], [], 0
         for s, seq_runs in zip(batch.seqs, runs):
@@ -102,7 +106,10 @@ class FlashInferAttention:
             base += n
         if gathered:
             positions = torch.cat([torch.arange(s.kv_slots.numel(), device=self.device) for s in batch.seqs])
-            self._gather = (torch.cat([s.kv_slots for s in batch.seqs]), *self.rotary.cos_sin(positions, self.dtype))
+            scratch = [torch.empty((context, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device)
+                       for _ in range(2)]
+            self._gather = (torch.cat([s.kv_slots for s in batch.seqs]), torch.arange(context, device=self.device),
+                            self.rotary.angles(positions), *scratch)
             self._q_rope = self.rotary.cos_sin(batch.positions, self.dtype)
             rope = dict(pos_encoding_mode="NONE")
         else:
@@ -126,8 +133,9 @@ class FlashInferAttention:
     def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
         k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
         if self._gather is not None:
-            slots, cos, sin = self._gather
-            k, v = apply_rotation(k[slots], cos, sin), v[slots]
+            slots, rows, angles, k_scratch, v_scratch = self._gather
+            rotate_copy([k], [v], [k_scratch], [v_scratch], slots, rows, angles)
+            k, v = k_scratch, v_scratch
             q = apply_rotation(q, *self._q_rope)
         out = self._wrapper.run(q.contiguous(), (k.unsqueeze(1), v.unsqueeze(1)))
         return out.reshape(q.shape[0], -1)

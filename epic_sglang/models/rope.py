@@ -51,6 +51,12 @@ class Rotary:
         cos, sin = self._table(int(positions.max()) + 1)
         return cos[positions].to(dtype), sin[positions].to(dtype)
 
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """(tokens, head_dim) fp32: cos then sin of each rotated pair's angle (rotate_copy's layout)."""
+        cos, sin = self._table(int(positions.max()) + 1)
+        half = cos.shape[-1] // 2
+        return torch.cat([cos[positions, :half], sin[positions, :half]], dim=-1)
+
 
 def apply_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (tokens, heads, head_dim); cos/sin: (tokens, head_dim). Llama's rotate-half layout."""

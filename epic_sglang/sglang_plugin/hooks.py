@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from epic_sglang.sglang_plugin import attention, wire
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
-from epic_sglang.sglang_plugin.rotary import RopeTable
+from epic_sglang.sglang_plugin.rotary import RopeTable, copy_rotated
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +86,32 @@ def materialize_links(batch, *args, **kwargs):
     return None
 
 
+def extending_links(batch) -> dict[int, LinkRequest]:
+    """The batch's link requests about to run their link pass, by position in the batch."""
+    return {i: r.epic_link for i, r in enumerate(batch.reqs)
+            if isinstance(getattr(r, "epic_link", None), LinkRequest) and r.epic_link.extending}
+
+
+def prepare_links(links: dict[int, LinkRequest], batch, kv_pool, rope: RopeTable) -> attention.LinkAttentionPlan:
+    """Copy every link's reused tokens into its slots (one copy for the batch) and plan the
+    link attention."""
+    copies = [c for c in (link.take_pending_copy() for link in links.values()) if c is not None]
+    if copies:
+        copy_rotated(kv_pool, rope, *(torch.cat(parts) for parts in zip(*copies)))
+    for link in links.values():
+        link.extending = False
+    return attention.build_plan(batch, links)
+
+
 def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs):
     """ForwardBatch.init_new: runs on the forward stream, right before the model."""
-    links = {i: r.epic_link for i, r in enumerate(batch.reqs)
-             if isinstance(getattr(r, "epic_link", None), LinkRequest) and r.epic_link.extending}
+    links = extending_links(batch)
     if not links:
         return forward_batch
     rope = getattr(model_runner, "epic_rope", None)
     if rope is None:
         rope = model_runner.epic_rope = RopeTable.of_model(model_runner.model)
-    for link in links.values():
-        link.copy_pending(model_runner.token_to_kv_pool, rope)
-        link.extending = False
-    plan = attention.build_plan(batch, links)
+    plan = prepare_links(links, batch, model_runner.token_to_kv_pool, rope)
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
     return forward_batch

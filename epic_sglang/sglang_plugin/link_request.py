@@ -25,7 +25,6 @@ from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResul
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows
-from epic_sglang.sglang_plugin.rotary import RopeTable, copy_rotated
 from epic_sglang.sglang_plugin.wire import LinkHint
 from radix_ext.doc_key import doc_extra_key, document_key
 
@@ -136,13 +135,13 @@ class LinkRequest:
             raise RuntimeError("epic: KV pool exhausted while linking (admission accounted for it)")
         src = torch.cat([self.doc_slots[r.doc][r.offset:r.offset + r.length].to(torch.int64) for r in runs])
         delta = torch.cat([torch.full((r.length,), r.start - r.offset, dtype=torch.int64) for r in runs])
-        self.pending_copy = (src, dst, delta.to(dst.device))
+        self.pending_copy = (src.to(dst.device), dst, delta.to(dst.device))
         req.prefix_indices = torch.cat([req.prefix_indices[:self.layout.exact_prefix_len], dst.to(torch.int64)])
 
-    def copy_pending(self, kv_pool, rope: RopeTable) -> None:
-        if self.pending_copy is not None:
-            copy_rotated(kv_pool, rope, *self.pending_copy)
-            self.pending_copy = None
+    def take_pending_copy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(src, dst, delta) of the reused tokens still to copy into this request's slots."""
+        copy, self.pending_copy = self.pending_copy, None
+        return copy
 
     # ------------------------------------------------------------- end
     def release(self, cache, req, kv_len: int) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding, apply_rotary_emb
 
+from epic_sglang.rotate_copy import rotate_copy
+
 
 @dataclass(frozen=True)
 class RopeTable:
@@ -42,8 +44,13 @@ class RopeTable:
 
 
 def copy_rotated(kv_pool, rope: RopeTable, src: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> None:
-    """For every layer of an SGLang MHA pool: K[dst] = rotate(K[src], delta), V[dst] = V[src]."""
+    """For every layer of an SGLang MHA pool: K[dst] = rotate(K[src], delta), V[dst] = V[src].
+    On GPU one Triton launch for all layers; on CPU (tests) torch, layer by layer."""
     cos, sin = rope.angles(delta)
+    if src.is_cuda:
+        rotate_copy(kv_pool.k_buffer, kv_pool.v_buffer, kv_pool.k_buffer, kv_pool.v_buffer,
+                    src, dst, torch.cat([cos, sin], dim=-1), rope.is_neox_style)
+        return
     for k_buffer, v_buffer in zip(kv_pool.k_buffer, kv_pool.v_buffer):
         k_buffer[dst] = rope.rotate(k_buffer[src], cos, sin)
         v_buffer[dst] = v_buffer[src]
