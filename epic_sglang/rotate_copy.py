@@ -9,6 +9,8 @@ pool, the engine's scratch) need no stacking.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,10 +51,15 @@ def _rotate_copy_kernel(k_src, v_src, k_dst, v_dst,  # int64 address tables, one
     tl.store(tl.load(v_dst + layer).to(ptr) + dst + offs, value, mask=live)
 
 
+@functools.lru_cache(maxsize=256)
+def _device_table(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(addresses, dtype=torch.int64, device=device)
+
+
 def address_table(buffers: list[torch.Tensor]) -> torch.Tensor:
-    """int64 addresses of per-layer buffers, on their device (rebuilt per call: cheap, and
-    right even where a runtime re-allocates its buffers)."""
-    return torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64, device=buffers[0].device)
+    """int64 addresses of per-layer buffers, on their device. Cached by the addresses: a
+    fresh host-to-device copy per launch would block the host on the stream each time."""
+    return _device_table(tuple(b.data_ptr() for b in buffers), buffers[0].device)
 
 
 def rotate_copy(k_src: list[torch.Tensor], v_src: list[torch.Tensor], k_dst: list[torch.Tensor],

@@ -27,8 +27,9 @@ def tokenizer_dir() -> Path:
 
 
 def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir):
-    from benchmarks.gpu_ttft import check_against_reference, model_dir, segments
+    from benchmarks.gpu_ttft import CHECK_POLICIES, check_against_reference, model_dir, segments
     from epic_sglang import Engine
+    from epic_sglang.attention.flashinfer_backend import LINK_MODES
 
     engine = Engine(str(model_dir(TINY, tokenizer_dir)), device="cuda", load_format="dummy", kv_cache_gb=1)
     # Widen the random weights so logits are far from flat; both sides round in bf16 (the
@@ -38,7 +39,7 @@ def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir):
             if p.dim() > 1:
                 p.normal_(0, 0.08)
     rows = check_against_reference(engine, segments(5, 300, 40, 20, TINY["vocab_size"], seed=3), min_cosine=0.998)
-    assert len(rows) == 12 and all(r.endswith("| ok |") for r in rows)
+    assert len(rows) == len(CHECK_POLICIES) * len(LINK_MODES) and all(r.endswith("| ok |") for r in rows)
 
 
 def test_decode_cuda_graphs_match_eager_decode(tokenizer_dir):

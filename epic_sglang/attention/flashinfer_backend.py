@@ -40,6 +40,7 @@ WORKSPACE_BYTES = 256 << 20
 LINK_MODES = ("runs", "gathered", "mask")
 MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry reads less KV
 DENSE_RATIO = 4  # queries * DENSE_RATIO >= context tokens: a dense prefill, gather for FA3
+GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read them in pages
 
 
 def query_runs(positions: list[int]) -> list[tuple[int, int]]:
@@ -78,7 +79,6 @@ class FlashInferAttention:
     def plan(self, batch: ForwardBatch) -> None:
         c = self.cfg
         i32 = dict(dtype=torch.int32, device=self.device)
-        heads = (c.num_heads, c.num_kv_heads, c.head_dim, 1)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if self.can_fuse and all(s.last_only for s in batch.seqs):  # decode: attend the pool in place
             self.plan_decode(self.wrappers["decode"], [s.kv_slots for s in batch.seqs])
@@ -89,10 +89,17 @@ class FlashInferAttention:
         gathered = (masked or self.link_mode == "gathered" or not self.can_fuse
                     or batch.input_ids.numel() * DENSE_RATIO >= context)
 
-        qo, kv_len, kv_idx, masks, base = [0], [], [], [], 0
+        # Gathered: each sequence's keys in prompt order from a page boundary of the scratch.
+        page = GATHER_PAGE if gathered else 1
+        qo, kv_len, kv_idx, masks, rows, base = [0], [], [], [], [], 0
         for s, seq_runs in zip(batch.seqs, runs):
             n = s.kv_slots.numel()
-            kv = torch.arange(base, base + n, **i32) if gathered else s.kv_slots.to(torch.int32)
+            if gathered:
+                rows.append(torch.arange(base * page, base * page + n, device=self.device))
+                kv = torch.arange(base, base + -(-n // page), **i32)
+                base += len(kv)
+            else:
+                kv = s.kv_slots.to(torch.int32)
             if masked:
                 qo.append(s.q_end)
                 kv_len.append(n)
@@ -102,13 +109,12 @@ class FlashInferAttention:
                 for count, end in seq_runs:
                     qo.append(s.q_start + count)
                     kv_len.append(end)
-                    kv_idx.append(kv[:end])
-            base += n
+                    kv_idx.append(kv[:-(-end // page)])
         if gathered:
             positions = torch.cat([torch.arange(s.kv_slots.numel(), device=self.device) for s in batch.seqs])
-            scratch = [torch.empty((context, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device)
+            scratch = [torch.empty((base * page, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device)
                        for _ in range(2)]
-            self._gather = (torch.cat([s.kv_slots for s in batch.seqs]), torch.arange(context, device=self.device),
+            self._gather = (torch.cat([s.kv_slots for s in batch.seqs]), torch.cat(rows),
                             self.rotary.angles(positions), *scratch)
             self._q_rope = self.rotary.cos_sin(batch.positions, self.dtype)
             rope = dict(pos_encoding_mode="NONE")
@@ -116,8 +122,10 @@ class FlashInferAttention:
             self._gather, rope = None, self.fused_rope
         self._wrapper = self.wrappers["masked" if masked else "fa3" if gathered else "fused"]
         mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
-        self._wrapper.plan(torch.tensor(qo, **i32), torch.tensor([0] + kv_len, **i32).cumsum(0, dtype=torch.int32),
-                           torch.cat(kv_idx), torch.ones(len(kv_len), **i32), *heads, **rope, **dtypes, **mask)
+        last_page_len = [(length - 1) % page + 1 for length in kv_len]
+        kv_indptr = torch.tensor([0] + [len(k) for k in kv_idx], **i32).cumsum(0, dtype=torch.int32)
+        self._wrapper.plan(torch.tensor(qo, **i32), kv_indptr, torch.cat(kv_idx), torch.tensor(last_page_len, **i32),
+                           c.num_heads, c.num_kv_heads, c.head_dim, page, **rope, **dtypes, **mask)
 
     def plan_decode(self, wrapper, kv_slots: list[torch.Tensor]) -> None:
         """One query at each sequence's last position over its slots, keys rotated in the
@@ -132,10 +140,9 @@ class FlashInferAttention:
 
     def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
         k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
-        if self._gather is not None:
-            slots, rows, angles, k_scratch, v_scratch = self._gather
-            rotate_copy([k], [v], [k_scratch], [v_scratch], slots, rows, angles)
-            k, v = k_scratch, v_scratch
-            q = apply_rotation(q, *self._q_rope)
-        out = self._wrapper.run(q.contiguous(), (k.unsqueeze(1), v.unsqueeze(1)))
-        return out.reshape(q.shape[0], -1)
+        if self._gather is None:  # keys read in place (pages of one slot), rotated by the kernel
+            return self._wrapper.run(q.contiguous(), (k.unsqueeze(1), v.unsqueeze(1))).reshape(q.shape[0], -1)
+        slots, rows, angles, k_scratch, v_scratch = self._gather
+        rotate_copy([k], [v], [k_scratch], [v_scratch], slots, rows, angles)
+        paged = tuple(t.view(-1, GATHER_PAGE, *t.shape[1:]) for t in (k_scratch, v_scratch))
+        return self._wrapper.run(apply_rotation(q, *self._q_rope).contiguous(), paged).reshape(q.shape[0], -1)
