@@ -94,7 +94,7 @@ def first_token(engine: Engine, segs: list[Segment], policy: str) -> tuple[torch
     return r.first_logits, r.stats.ttft_s
 
 
-def with_attention(engine: Engine, name: str, link_mode: str = "runs") -> None:
+def with_attention(engine: Engine, name: str, link_mode: str = "gathered") -> None:
     engine.linker = Linker(engine.model, engine.pool,
                            make_attention(name, engine.config, engine.device, engine.dtype, link_mode))
 
@@ -120,7 +120,7 @@ def check_against_reference(engine: Engine, segs: list[Segment], min_cosine: flo
             print(rows[-1], flush=True)
             if not ok:
                 raise SystemExit(f"FlashInfer {mode} differs from the torch reference for {policy}")
-    with_attention(engine, "flashinfer", "runs")
+    with_attention(engine, "flashinfer")
     return rows
 
 
@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--rope", choices=["default", "llama3"], default="default",
                     help="llama3: Llama-3.1's scaled RoPE, which FlashInfer's fused RoPE cannot do")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--link-mode", choices=LINK_MODES, default="runs", help="link mode of the main table")
+    ap.add_argument("--link-mode", choices=LINK_MODES, default="gathered", help="link mode of the main table")
     args = ap.parse_args()
     config = LLAMA_8B | ({"rope_scaling": LLAMA3_ROPE} if args.rope == "llama3" else {})
 
@@ -222,10 +222,11 @@ Floor = one forward of legolink-16's number of new tokens over an already cached
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Link mode of the table: `{args.link_mode}`. Every link mode, same prompts (`runs`: a causal
-entry per query run over the truncated KV, RoPE fused in FA2; `gathered`: the same entries
-over keys gathered and rotated into scratch by one Triton launch per layer, FA3; `mask`: one
-entry with the custom mask, FA2); fr / lego uses the table's fr:
+Link mode of the table: `{args.link_mode}`. Every link mode, same prompts (`gathered`: a
+causal entry per query run over the truncated KV, keys gathered and rotated into scratch by
+one Triton launch per layer, FA2 for short runs and FA3 for dense ones; `fused`: the same
+entries over the pool's keys in place, RoPE fused in FA2; `mask`: one entry with the custom
+mask, FA2); the floor is dense in every mode (FA3); fr / lego uses the table's fr:
 
 | context | link mode | legolink-16 ms | naive ms | floor ms | fr / lego |
 |---|---|---|---|---|---|

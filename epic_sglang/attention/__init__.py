@@ -11,7 +11,8 @@ from epic_sglang.models.config import ModelConfig
 BACKENDS = ("auto", "torch", "flashinfer")
 
 
-def make_attention(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, link_mode: str = "runs"):
+def make_attention(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                   link_mode: str = "gathered"):
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "auto":

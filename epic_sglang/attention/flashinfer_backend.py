@@ -1,28 +1,28 @@
 """FlashInfer attention over the paged KV pool (page size 1).
 
 Keys sit un-rotated in the pool, shared by every request that links them. Each forward
-picks one of two ways to apply RoPE (measured on an H100, BENCHMARKS.md):
+picks one of two ways to apply RoPE (measured on an H100 and an H200, BENCHMARKS.md):
 
-- fused, in place: FlashInfer rotates keys as it loads them (`ROPE_LLAMA`, FA2 kernels).
-  Nothing is copied, but every key tile is re-rotated once per query tile, so this wins
-  only when the queries are few next to the context: decode, and link passes (naive,
-  LegoLink). The kernel knows theta and linear scaling only.
-- gathered: the layer gathers the batch's K and V into a scratch buffer, rotating K on the
-  way (one Triton launch, memory bound: `epic_sglang.rotate_copy`), then runs without
-  positional encoding, which lets Hopper use FA3. Used for dense prefills (compile, fr,
-  CacheBlend's first layers), for queries scattered over many runs, for every pass of models
-  whose RoPE the kernel cannot do (llama3 scaling), and for link passes in link mode
-  `gathered`.
+- gathered (default): each layer gathers the batch's K and V into a scratch buffer in
+  prompt order, rotating K on the way (one Triton launch, memory bound:
+  `epic_sglang.rotate_copy`), and attends it in 16-token pages without positional
+  encoding: FA3 for dense prefills (a query run of DENSE_RUN or more: compile, fr, the
+  floor), FA2 for link passes' short runs (FA3's 128-row tiles sit half empty on a 16-query
+  run), FA2 with the mask for CacheBlend's scattered picks. Also the only way for RoPE the
+  kernel cannot do (llama3 scaling).
+- fused, in place (link mode `fused`; and decode, always): FlashInfer rotates keys as it
+  loads them (`ROPE_LLAMA`, FA2) from the pool's one-slot pages. Nothing is copied, but
+  every key tile is re-rotated once per query tile. Knows theta and linear scaling only.
 
 A link pass has scattered queries (LegoLink: the first k tokens of each document plus the
 question). Two ways to attend:
-- `runs` (default; `gathered`: the same entries over gathered keys): each maximal run of consecutive query positions [a, b) becomes one
-  causal batch entry over the truncated KV view [0, b). Bottom-right causal alignment puts
-  query i at position a + i, seeing keys [0, a + i]: exactly the link mask, no mask tensor.
-  Each run re-reads its KV prefix, so sequences with more than MAX_RUNS runs (CacheBlend's
-  picked tokens) use the mask instead.
+- runs (modes `gathered`, `fused`): each maximal run of consecutive query positions [a, b)
+  becomes one causal batch entry over the truncated KV view [0, b). Bottom-right causal
+  alignment puts query i at position a + i, seeing keys [0, a + i]: exactly the link mask,
+  no mask tensor. Each run re-reads its KV prefix, so sequences with more than MAX_RUNS
+  runs (CacheBlend's picked tokens) use the mask instead.
 - `mask`: one entry per sequence over its whole KV view with the custom mask
-  `attend[i, j] = j <= pos_i` (gathered path; FA2, as FA3 has no custom masks).
+  `attend[i, j] = j <= pos_i` (gathered keys; FA2, as FA3 has no custom masks).
 
 Plan once per forward (every layer shares it), run per layer: FlashInfer's own pattern.
 """
@@ -37,9 +37,9 @@ from epic_sglang.models.rope import Rotary, apply_rotation
 from epic_sglang.rotate_copy import rotate_copy
 
 WORKSPACE_BYTES = 256 << 20
-LINK_MODES = ("runs", "gathered", "mask")
+LINK_MODES = ("gathered", "fused", "mask")
 MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry reads less KV
-DENSE_RATIO = 4  # queries * DENSE_RATIO >= context tokens: a dense prefill, gather for FA3
+DENSE_RUN = 256  # a query run this long is a dense prefill: gathered keys, FA3
 GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read them in pages
 
 
@@ -51,7 +51,7 @@ def query_runs(positions: list[int]) -> list[tuple[int, int]]:
 
 
 class FlashInferAttention:
-    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, link_mode: str = "runs"):
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, link_mode: str = "gathered"):
         import flashinfer
 
         if link_mode not in LINK_MODES:
@@ -67,6 +67,7 @@ class FlashInferAttention:
         # FlashInfer fixes an "auto" wrapper's backend at its first plan, so one wrapper per use.
         self.wrappers = {
             "fa3": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD"),
+            "fa2": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
             "fused": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
             "masked": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
             "decode": flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True),
@@ -85,9 +86,9 @@ class FlashInferAttention:
             return
         runs = [query_runs(s.q_positions.tolist()) for s in batch.seqs]
         masked = self.link_mode == "mask" or any(len(r) > MAX_RUNS for r in runs)
-        context = sum(s.kv_slots.numel() for s in batch.seqs)
-        gathered = (masked or self.link_mode == "gathered" or not self.can_fuse
-                    or batch.input_ids.numel() * DENSE_RATIO >= context)
+        dense = any(count - start >= DENSE_RUN for seq_runs in runs
+                    for start, (count, _) in zip([0] + [c for c, _ in seq_runs], seq_runs))
+        gathered = masked or dense or self.link_mode == "gathered" or not self.can_fuse
 
         # Gathered: each sequence's keys in prompt order from a page boundary of the scratch.
         page = GATHER_PAGE if gathered else 1
@@ -120,7 +121,7 @@ class FlashInferAttention:
             rope = dict(pos_encoding_mode="NONE")
         else:
             self._gather, rope = None, self.fused_rope
-        self._wrapper = self.wrappers["masked" if masked else "fa3" if gathered else "fused"]
+        self._wrapper = self.wrappers["masked" if masked else "fa3" if dense else "fa2" if gathered else "fused"]
         mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
         last_page_len = [(length - 1) % page + 1 for length in kv_len]
         kv_indptr = torch.tensor([0] + [len(k) for k in kv_idx], **i32).cumsum(0, dtype=torch.int32)
