@@ -107,13 +107,18 @@ def evaluate_question(engine: Engine, ex: HotpotExample, policies: list[str], ma
     return rows
 
 
+def load_rows(path: Path) -> list[EvalRow]:
+    """Every row an evaluation file holds (none if it does not exist)."""
+    return [EvalRow(**json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def run_eval(engine: Engine, n: int, policies: list[str], out: Path, seed: int = 0, max_new_tokens: int = 32,
              progress: bool = True) -> list[EvalRow]:
     """Evaluate n seeded questions, resuming from `out` (JSON lines)."""
     for p in policies:
         parse_policy(p)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = [EvalRow(**json.loads(line)) for line in out.read_text().splitlines()] if out.exists() else []
+    rows = load_rows(out)
     done = {(r.qid, r.policy) for r in rows}
     wanted = [parse_policy(p).name for p in policies]
     questions = sample_questions(n, seed)
@@ -142,6 +147,22 @@ def summarize(rows: list[EvalRow]) -> dict[str, dict[str, float]]:
                 "token_agree": 100 * mean([r.token_agree for r in rs]), "kl_first": mean([r.kl_first for r in rs]),
                 "recompute_pct": 100 * mean([r.recompute_fraction for r in rs])}
             for p, rs in by.items()}
+
+
+def f1_difference(rows: list[EvalRow], a: str, b: str, resamples: int = 5000,
+                  seed: int = 0) -> tuple[int, float, float, float] | None:
+    """F1(a) - F1(b) on the questions both answered, in points, with a 95% paired bootstrap
+    interval: (questions, difference, low, high); None when they share no question."""
+    f1 = defaultdict(dict)
+    for r in rows:
+        f1[r.policy][r.qid] = r.f1
+    shared = sorted(set(f1[a]) & set(f1[b]))
+    if not shared:
+        return None
+    diffs = [100 * (f1[a][q] - f1[b][q]) for q in shared]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
+    return len(shared), sum(diffs) / len(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:

@@ -1,7 +1,7 @@
 """The accuracy harness: HotpotQA metrics and a smoke run (n = 5) through the engine."""
 import math
 
-from epic_sglang.evaluation import f1_exact, run_eval, summarize, token_agreement
+from epic_sglang.evaluation import EvalRow, f1_difference, f1_exact, run_eval, summarize, token_agreement
 
 
 def test_hotpotqa_answer_metrics():
@@ -17,6 +17,18 @@ def test_token_agreement_counts_length_gaps_as_disagreement():
     assert token_agreement([1, 2, 3], [1, 2, 3]) == 1.0
     assert token_agreement([1, 2, 3, 4], [1, 9, 3]) == 0.5
     assert token_agreement([], []) == 1.0
+
+
+def test_paired_f1_difference_with_bootstrap_interval():
+    def row(qid: str, policy: str, f1: float) -> EvalRow:
+        return EvalRow(qid, policy, "", "", f1, 0.0, 1.0, 1.0, 0.0, 1.0, 10)
+
+    a = [row(f"q{i}", "fr", 1.0 if i % 2 else 0.5) for i in range(40)]
+    b = [row(f"q{i}", "naive", 0.5) for i in range(40)] + [row("extra", "naive", 1.0)]  # unpaired: ignored
+    n, diff, low, high = f1_difference(a + b, "fr", "naive")
+    assert n == 40 and math.isclose(diff, 25.0) and 0 < low < diff < high < 50
+    assert f1_difference(a, "fr", "fr") == (40, 0.0, 0.0, 0.0)
+    assert f1_difference(a + [row("z", "other", 1.0)], "fr", "other") is None
 
 
 def test_smoke_eval_of_four_policies_resumes(engine, tmp_path):
