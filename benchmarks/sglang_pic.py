@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -113,6 +114,88 @@ def check(tokenizer: Path, logs: Path) -> list[str]:
     for r in rows:
         print(r, flush=True)
     return rows
+
+
+# ----------------------------------------------------------------- front
+def front(tokenizer: Path, logs: Path) -> list[str]:
+    """`epic-sglang serve --engine sglang` as a user runs it: our API in front of SGLang with
+    the plugin, on a small checkpoint (random weights). Documents by text on the OpenAI chat
+    route (retrieval's embedder is not on the GPU host, so /v1/rag is covered on CPU only)."""
+    import signal
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from epic_sglang.prompt import PromptBuilder
+
+    ckpt = Path(tempfile.mkdtemp(prefix="epic-front-"))
+    random_checkpoint(SMALL, tokenizer, ckpt, widen=True)
+    url, sglang_url = f"http://127.0.0.1:{PORT + 1}", f"http://127.0.0.1:{PORT}"
+    cmd = [sys.executable, "-m", "epic_sglang.cli", "serve", "--engine", "sglang", "--model", str(ckpt),
+           "--port", str(PORT + 1), "--sglang-port", str(PORT), "--log-level", "warning"]
+    log = open(logs / "sglang_front.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    words = "river stone lantern orchard copper falcon meadow harbor violet thunder".split()
+    texts = [f"Document {i}: " + " ".join(random.Random(i).choices(words, k=90)) for i in range(4)]
+    rows = []
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve --engine sglang exited with {proc.returncode}; see sglang_front.log")
+            try:
+                health = requests.get(url + "/health_generate", timeout=30)
+                if health.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        rows.append(f"| /health_generate through the front and SGLang | {health.json()} |")
+
+        def chat(system: str) -> dict:
+            body = {"model": "m", "messages": [{"role": "system", "content": system},
+                                               {"role": "user", "content": "Which word comes first?"}],
+                    "documents": texts, "max_tokens": 16, "temperature": 0, "policy": "legolink-16"}
+            r = requests.post(url + "/v1/chat/completions", json=body, timeout=600)
+            r.raise_for_status()
+            return r.json()
+
+        tok = AutoTokenizer.from_pretrained(ckpt)
+        builder = PromptBuilder(tok)
+        doc_tokens = sum(len(builder.encode_document(t)) for t in texts)
+        first, second = chat("You answer from the documents."), chat("Be terse. Use the documents.")
+        rows.append(f"| first chat: documents compiled through SGLang (compiled / documents' tokens) | "
+                    f"{first['epic']['compiled_tokens']} / {doc_tokens} |")
+        rows.append(f"| second chat, new system prompt: compiled, reused (SGLang cached_tokens) | "
+                    f"{second['epic']['compiled_tokens']}, {second['epic']['reused_tokens']} "
+                    f"(documents less 16 per document: {doc_tokens - 16 * len(texts)}) |")
+        segs = builder.build("Which word comes first?", texts, "Be terse. Use the documents.")
+        direct = generate(sglang_url, client.generate_body(segs, "legolink-16", {**GREEDY, "ignore_eos": False}))
+        same = tok.decode(direct["output_ids"], skip_special_tokens=True) == second["choices"][0]["message"]["content"]
+        rows.append(f"| front's answer = the same link request sent to SGLang directly | {'yes' if same else 'NO'} |")
+        bad = requests.post(url + "/v1/chat/completions", json={**{"model": "m", "documents": texts},
+                            "messages": [{"role": "user", "content": "Q?"}], "policy": "cacheblend-15"}, timeout=60)
+        rows.append(f"| unsupported policy (cacheblend-15) | {bad.status_code}: {bad.json()['error']['message'][:60]} |")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    left = requests.get(sglang_url + "/health", timeout=5).status_code if _listening(sglang_url) else "none"
+    rows.append(f"| SIGTERM to the front: exit code, SGLang left running | {proc.returncode}, {left} |")
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
+def _listening(url: str) -> bool:
+    try:
+        requests.get(url + "/health", timeout=5)
+        return True
+    except requests.RequestException:
+        return False
 
 
 # ----------------------------------------------------------------- 2. speed
@@ -257,7 +340,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json (vocab 49,152)")
-    ap.add_argument("--part", choices=["check", "speed", "load", "all"], nargs="+", default=["all"])
+    ap.add_argument("--part", choices=["check", "front", "speed", "load", "all"], nargs="+", default=["all"])
     ap.add_argument("--requests", type=int, default=48, help="requests per load rate")
     ap.add_argument("--fr-rates", type=float, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--precompile", type=int, default=600, help="most popular documents compiled before the run")
@@ -266,7 +349,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()))
     args = ap.parse_args()
-    parts = {"check", "speed", "load"} if "all" in args.part else set(args.part)
+    parts = {"check", "front", "speed", "load"} if "all" in args.part else set(args.part)
     if "check" in parts:
         rows = check(args.tokenizer, args.logs)
         write_section("sglang-plugin-check", f"""## SGLang plugin on GPU: correctness (small Qwen2 checkpoint, random widened weights, bf16)
@@ -277,6 +360,17 @@ Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question;
 The two runtimes use different kernels (SGLang stores rotated keys, the plugin re-rotates document
 keys in fp32 and rounds them to bf16; the in-process engine rotates in FlashInfer's fused RoPE), so fr's
 gap between them is the bf16 tolerance; the widened weights (std 0.08) make logits peaky and amplify it.
+
+| check | result |
+|---|---|
+{chr(10).join(rows)}
+""")
+    if "front" in parts:
+        rows = front(args.tokenizer, args.logs)
+        write_section("sglang-front", f"""## `epic-sglang serve --engine sglang` on GPU: our API in front of SGLang with the plugin
+
+Card: {machine()}. Small Qwen2 checkpoint (random widened weights); 4 documents of ~100 tokens
+on the OpenAI chat route (`documents`), legolink-16, 16 greedy tokens.
 
 | check | result |
 |---|---|

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -134,56 +133,75 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    import logging
+def _server_config(args: argparse.Namespace):
+    from epic_sglang.server import ServerConfig
 
-    import uvicorn
-
-    from epic_sglang.policies import parse_policy
-    from epic_sglang.server import ServerConfig, create_app
-
-    parse_policy(args.policy)  # fail before the model loads
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    if args.engine == "sglang":
-        return _serve_sglang(args)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
-    config = ServerConfig(
+    return ServerConfig(
         model=args.model, served_model_name=args.served_model_name, device=args.device, policy=args.policy,
         store=Path(args.store).expanduser() if args.store else None,
         kv_dir=None if args.kv_dir == "none" else Path(args.kv_dir).expanduser(),
         kv_cache_gb=args.kv_cache_gb, host_cache_gb=args.host_cache_gb,
         transparent_documents=not args.no_transparent, api_key=args.api_key, admin_api_key=args.admin_api_key,
         max_running=args.max_running, prefill_token_budget=args.prefill_token_budget)
-    app = create_app(config)
-    print(f"epic-sglang: serving {config.model_name} on http://{args.host}:{args.port} "
-          f"(policy {config.policy}, store {config.store or 'none'})", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from epic_sglang.policies import parse_policy
+    from epic_sglang.server import create_app
+
+    parse_policy(args.policy)  # fail before the model loads
+    for name in ("port", "sglang_port"):
+        port = getattr(args, name)
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"--{name.replace('_', '-')} must be in 1..65535, got {port}")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(name)s %(message)s")
+    if args.engine == "sglang":
+        app = _sglang_front(args)
+    else:
+        app = create_app(_server_config(args))
+    print(f"epic-sglang: serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "
+          f"(engine {args.engine}, policy {args.policy}, store {args.store or 'none'})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)
     return 0
 
 
-def _serve_sglang(args: argparse.Namespace) -> int:
-    """A real SGLang server with the plugin (the process becomes SGLang's launcher)."""
+def _sglang_front(args: argparse.Namespace):
+    """Our API in front of a real SGLang server with the plugin (started here, on 127.0.0.1:
+    --sglang-port, stopped when this process exits)."""
+    import atexit
+
     import torch
+    from transformers import AutoConfig, AutoTokenizer
 
     from epic_sglang.models.loader import resolve_model_dir
-    from epic_sglang.sglang_plugin.launch import server_command, server_env
+    from epic_sglang.policies import parse_policy
+    from epic_sglang.server import create_sglang_front
+    from epic_sglang.sglang_plugin.client import SERVED_POLICIES
+    from epic_sglang.sglang_plugin.launch import SGLangServer, server_env
 
-    unsupported = [flag for flag, value in [("--store", args.store), ("--admin-api-key", args.admin_api_key),
-                                            ("--no-transparent", args.no_transparent)] if value]
-    if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: served by --engine epic only (the SGLang engine speaks "
-                         "SGLang's API with link hints, see README)")
+    if parse_policy(args.policy).kind not in ("fr", "naive", "legolink"):
+        raise ValueError(f"--policy {args.policy}: the SGLang engine serves {SERVED_POLICIES}")
     if not torch.cuda.is_available():
         raise RuntimeError("--engine sglang starts a SGLang server, whose kernels need a CUDA GPU; "
                            "use --engine epic (the default) here")
-    extra = ["--served-model-name", args.served_model_name] if args.served_model_name else []
+    config = _server_config(args)
+    model_dir = resolve_model_dir(args.model)
+    extra = ["--log-level", args.log_level, "--max-running-requests", str(args.max_running),
+             "--max-prefill-tokens", str(args.prefill_token_budget)]
+    extra += ["--served-model-name", args.served_model_name] if args.served_model_name else []
     extra += ["--api-key", args.api_key] if args.api_key else []
-    kv_dir = None if args.kv_dir == "none" else Path(args.kv_dir).expanduser()
-    cmd = server_command(resolve_model_dir(args.model), args.port, plugin=True, host=args.host,
-                         extra=extra + ["--log-level", args.log_level])
-    print(f"epic-sglang: {' '.join(cmd)}", file=sys.stderr)
-    os.execvpe(cmd[0], cmd, server_env(True, kv_dir, args.host_cache_gb))
+    port = args.sglang_port or args.port + 1
+    server = SGLangServer(model_dir, port, plugin=True, extra=extra,
+                          env=server_env(True, config.kv_dir, config.host_cache_gb))
+    url = server.__enter__()
+    atexit.register(server.__exit__, None, None, None)
+    print(f"epic-sglang: SGLang with the epic plugin ready on {url}", file=sys.stderr)
+    max_len = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    return create_sglang_front(config, url, AutoTokenizer.from_pretrained(model_dir), max_len, args.api_key)
 
 
 def _models(_: argparse.Namespace) -> int:
@@ -280,14 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-transparent", action="store_true", help="do not look for ingested documents inside prompts")
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route")
     srv.add_argument("--admin-api-key", default=None, help="key for /v1/documents and /flush_cache (default: --api-key)")
-    srv.add_argument("--kv-cache-gb", type=float, default=2.0)
+    srv.add_argument("--kv-cache-gb", type=float, default=2.0, help="--engine epic (SGLang sizes its own pool)")
     srv.add_argument("--host-cache-gb", type=float, default=0.0)
     srv.add_argument("--max-running", type=int, default=32)
     srv.add_argument("--prefill-token-budget", type=int, default=8192)
     srv.add_argument("--device", default=None)
     srv.add_argument("--engine", choices=["epic", "sglang"], default="epic",
-                     help="epic: the in-process engine (CPU or GPU); sglang: a real SGLang server with the "
-                          "epic plugin (CUDA only; SGLang's API, documents marked by link hints)")
+                     help="epic: the in-process engine (CPU or GPU); sglang: a real SGLang server with the epic "
+                          "plugin behind this API (CUDA only; policies fr, naive, legolink-<k>; SGLang's own API "
+                          "on --sglang-port)")
+    srv.add_argument("--sglang-port", type=int, default=None, help="--engine sglang: SGLang's port (default --port + 1)")
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_kv_dir(srv)
     srv.set_defaults(func=_serve)

@@ -10,6 +10,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Awaitable, Callable
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -112,25 +113,51 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                         max_requests=max(64, config.max_running))
     scheduler = Scheduler(engine, config.max_running, config.prefill_token_budget, config.max_queued)
     metrics = Metrics()
+    app = assemble(config, Runtime(scheduler, on_result=metrics.observe), engine, metrics,
+                   (native.router, native.engine_router, openai_api.router, rag.router), scheduler.start,
+                   scheduler.shutdown)
+    metrics.add_gauges(lambda: {**scheduler.call(_gauges).result(), "queue_depth": scheduler.queue_depth,
+                                "running": scheduler.num_running})
+    return app
+
+
+def create_sglang_front(config: ServerConfig, sglang_url: str, tokenizer, max_context_len: int,
+                        sglang_api_key: str | None = None) -> FastAPI:
+    """Our API over a SGLang server running the plugin (`--engine sglang`): /generate (with
+    documents, kv_hints, transparent detection), the OpenAI API, /v1/rag, /v1/documents.
+    SGLang's own API, cache and server info stay on its port."""
+    from epic_sglang.sglang_plugin.runtime import SGLangEngine, SGLangRuntime
+
+    engine = SGLangEngine(sglang_url, tokenizer, max_context_len, sglang_api_key)
+    metrics = Metrics()
+    return assemble(config, SGLangRuntime(engine, on_result=metrics.observe), engine, metrics,
+                    (native.router, openai_api.router, rag.router), aclose=engine.close)
+
+
+def assemble(config: ServerConfig, runtime, engine, metrics: Metrics, routers, start: Callable[[], None] | None = None,
+             stop: Callable[[], None] | None = None, aclose: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    """The app around a runtime: routes, API keys, limits, errors, metrics, document store."""
     documents = DocumentService(config.store, engine.tokenizer) if config.store else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        if start is not None:
+            start()
         yield
-        scheduler.shutdown()
+        if stop is not None:
+            stop()
+        if aclose is not None:
+            await aclose()
         if documents is not None:
             documents.close()
 
     app = FastAPI(title="epic-sglang", version=_version(), lifespan=lifespan)
     app.state.config, app.state.engine, app.state.metrics = config, engine, metrics
-    app.state.runtime = Runtime(scheduler, on_result=metrics.observe)
+    app.state.runtime = runtime
     app.state.documents = documents
     app.state.resolver = PromptResolver(config, engine.tokenizer, documents)
     app.state.version, app.state.started = _version(), time.time()
-    metrics.add_gauges(lambda: {**scheduler.call(_gauges).result(), "queue_depth": scheduler.queue_depth,
-                                "running": scheduler.num_running})
-    for router in (native.router, openai_api.router, rag.router):
+    for router in routers:
         app.include_router(router)
     app.add_middleware(Gate, config=config, metrics=metrics)
 
@@ -162,7 +189,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(RequestFailed)
     async def failed(_: HTTPRequest, e: RequestFailed):
-        return error(503 if "memory" in str(e) or "KV" in str(e) else 500, str(e), "server_error")
+        return error(503 if "memory" in str(e) or "KV" in str(e) or "unreachable" in str(e) else 500,
+                     str(e), "server_error")
 
     return app
 

@@ -17,7 +17,8 @@ from epic_sglang.server.inputs import (engine_request, json_body, merge, require
 GENERATE_KEYS = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
                  "top_logprobs_num", "return_text_in_logprobs", "kv_hints", "image_data"}
 
-router = APIRouter()
+router = APIRouter()  # generation: served over either runtime (in-process, SGLang front)
+engine_router = APIRouter()  # the in-process engine's cache, scheduler and model
 
 
 def meta_info(rid: str, result: GenerateResult, e2e: float) -> dict:
@@ -142,13 +143,13 @@ async def generate(http: HTTPRequest):
     return outs if batch else outs[0]
 
 
-@router.api_route("/flush_cache", methods=["GET", "POST"])
+@engine_router.api_route("/flush_cache", methods=["GET", "POST"])
 async def flush_cache(http: HTTPRequest):
     freed = await http.app.state.runtime.call(lambda e: e.flush_cache())
     return JSONResponse({"message": "Cache flushed.", "freed_tokens": freed})
 
 
-@router.post("/abort_request")
+@engine_router.post("/abort_request")
 async def abort_request(http: HTTPRequest):
     body = require_object(await json_body(http), {"rid", "abort_all"}, "the /abort_request body")
     scheduler = http.app.state.runtime.scheduler
@@ -168,14 +169,14 @@ def _model_info(http: HTTPRequest) -> dict:
             "has_image_understanding": False, "has_audio_understanding": False, "model_type": state.engine.config.model_type}
 
 
-@router.get("/model_info")
-@router.get("/get_model_info")
+@engine_router.get("/model_info")
+@engine_router.get("/get_model_info")
 async def model_info(http: HTTPRequest):
     return _model_info(http)
 
 
-@router.get("/server_info")
-@router.get("/get_server_info")
+@engine_router.get("/server_info")
+@engine_router.get("/get_server_info")
 async def server_info(http: HTTPRequest):
     state = http.app.state
     stats, kv = await state.runtime.call(lambda e: (e.cache.stats(), e.kv_usage()))

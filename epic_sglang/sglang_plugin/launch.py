@@ -32,19 +32,20 @@ def server_env(plugin: bool = True, kv_dir: Path | None = None, host_cache_gb: f
 
 
 class SGLangServer:
-    """`with SGLangServer(model, port) as url:` a ready server (its /health_generate answered)."""
+    """`with SGLangServer(model, port) as url:` a ready server (its /health_generate answered),
+    on 127.0.0.1 (the front, or a benchmark, is its only client)."""
 
     def __init__(self, model_path: str | Path, port: int, plugin: bool = True, extra: list[str] | tuple = (),
-                 log_path: str | Path | None = None, ready_timeout_s: float = 900):
+                 log_path: str | Path | None = None, ready_timeout_s: float = 900, env: dict[str, str] | None = None):
         self.cmd = server_command(model_path, port, plugin, extra)
         self.url = f"http://127.0.0.1:{port}"
-        self.env = server_env(plugin)
+        self.env = env if env is not None else server_env(plugin)
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
-        log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        log = open(self.log_path, "w") if self.log_path else None  # None: SGLang logs to our stdout
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:

@@ -1,0 +1,71 @@
+"""The API in front of a SGLang server (`serve --engine sglang`), on CPU: everything that
+happens before SGLang is asked (validation, documents, refusals), and what a client sees
+when SGLang is down. A SGLang server itself needs CUDA; the GPU run covers the rest."""
+from __future__ import annotations
+
+import pytest
+import requests
+
+from epic_sglang.sampling import SamplingParams
+from epic_sglang.server import ServerConfig, create_sglang_front
+from epic_sglang.server.background import free_port, serve_in_thread
+from epic_sglang.sglang_plugin.runtime import sglang_sampling
+
+
+@pytest.fixture(scope="module")
+def front(engine, tmp_path_factory):
+    """The front over a SGLang address where nothing listens."""
+    config = ServerConfig(model="smollm2-135m", store=tmp_path_factory.mktemp("store"))
+    app = create_sglang_front(config, f"http://127.0.0.1:{free_port()}", engine.tokenizer, 8192)
+    with serve_in_thread(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def wiki(front, hotpot) -> list[int]:
+    """Three HotpotQA paragraphs added through the front (a real store and FAISS index)."""
+    r = requests.post(front + "/v1/documents", json={"documents": hotpot[0].paragraphs[:3], "namespace": "wiki"},
+                      timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()["ids"]
+
+
+def post(url: str, path: str, body: dict) -> requests.Response:
+    return requests.post(url + path, json=body, timeout=300)
+
+
+def test_sampling_parameters_go_under_sglangs_names():
+    params = SamplingParams(max_new_tokens=5, top_k=0, seed=7, stop=["\n"])
+    out = sglang_sampling(params)
+    assert out["top_k"] == -1 and out["sampling_seed"] == 7 and "seed" not in out
+    assert out["max_new_tokens"] == 5 and out["stop"] == ["\n"] and "regex" not in out
+    assert sglang_sampling(SamplingParams(top_k=20))["top_k"] == 20
+
+
+def test_documents_and_rag_without_sglang_fail_clearly_and_lose_nothing(front, wiki, hotpot):
+    r = post(front, "/v1/rag", {"question": hotpot[0].question, "namespace": "wiki", "top_k": 2})
+    assert r.status_code == 503 and "SGLang server unreachable" in r.json()["error"]["message"]
+    listed = requests.get(front + "/v1/documents", params={"namespace": "wiki"}, timeout=60).json()
+    assert sorted(d["id"] for d in listed["documents"]) == sorted(wiki)
+    r = post(front, "/v1/documents", {"documents": hotpot[1].paragraphs[:1], "namespace": "wiki", "precompile": True})
+    assert r.status_code == 503 and "unreachable" in r.json()["error"]["message"]
+    assert requests.get(front + "/health", timeout=60).json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/v1/rag", {"question": "Who?", "namespace": "wiki", "policy": "cacheblend-15"},
+     "the SGLang plugin serves fr, naive, legolink"),
+    ("/v1/rag", {"question": "Who?", "namespace": "wiki", "policy": "legolink0"}, "the SGLang plugin serves"),
+    ("/v1/rag", {"question": ""}, "question must be a non-empty string"),
+    ("/generate", {"text": "Hi", "return_logprob": True}, "logprobs are not served through the SGLang front"),
+    ("/generate", {"text": "Hi", "sampling_params": {"temperature": -1}}, "temperature must be >= 0"),
+    ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
+])
+def test_bad_requests_get_a_400_before_sglang_is_asked(front, wiki, path, body, message):
+    r = post(front, path, body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_models_lists_the_context_length(front):
+    models = requests.get(front + "/v1/models", timeout=60).json()
+    assert models["data"][0]["max_model_len"] == 8192 and models["data"][0]["id"] == "smollm2-135m"
