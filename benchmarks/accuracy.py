@@ -51,6 +51,14 @@ def main() -> None:
         ids = {ex.id for ex in sample_questions(args.report_n, args.seed)}
         rows = [r for r in load_rows(out) if r.qid in ids]
     summary = summarize(rows)
+    shared_table = ""
+    if len({v["n"] for v in summary.values()}) > 1:  # policies with different n: also compare on common ground
+        by_policy: dict[str, set] = {}
+        for r in rows:
+            by_policy.setdefault(r.policy, set()).add(r.qid)
+        common = set.intersection(*by_policy.values())
+        shared_table = (f"The same {len(common)} questions for every policy:\n\n"
+                        + markdown_table(summarize([r for r in rows if r.qid in common])) + "\n")
     png = Path(__file__).resolve().parent / f"accuracy-{args.model}.png"
     plot(summary, png, f"HotpotQA dev (distractor), {args.model}, seed {args.seed}")
     body = f"""## Accuracy: HotpotQA dev (distractor), {args.model}, greedy, 32 new tokens
@@ -61,6 +69,7 @@ System prompt: "{SYSTEM}"
 
 {markdown_table(summary)}
 
+{shared_table}
 {differences(rows)}
 
 ![F1 against recomputed share]({png.name})

@@ -109,7 +109,7 @@ class SGLangRuntime:
         rid = rid or uuid.uuid4().hex
         body = generate_body(segments, policy, sglang_sampling(request.sampling), request.namespace,
                              stream=True, rid=rid)  # refuses policies the plugin does not serve
-        compiled = await e.compile_missing(segments, request.namespace)
+        compiled = 0 if policy.kind == "fr" else await e.compile_missing(segments, request.namespace)
         compile_s = time.perf_counter() - t0
         try:
             async with e.http.stream("POST", "/generate", json=body) as response:
