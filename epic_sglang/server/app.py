@@ -114,8 +114,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     scheduler = Scheduler(engine, config.max_running, config.prefill_token_budget, config.max_queued)
     metrics = Metrics()
     app = assemble(config, Runtime(scheduler, on_result=metrics.observe), engine, metrics,
-                   (native.router, native.engine_router, openai_api.router, rag.router), scheduler.start,
-                   scheduler.shutdown)
+                   (native.router, native.engine_router, openai_api.router, rag.router),
+                   start=scheduler.start, stop=scheduler.shutdown)
     metrics.add_gauges(lambda: {**scheduler.call(_gauges).result(), "queue_depth": scheduler.queue_depth,
                                 "running": scheduler.num_running})
     return app
@@ -189,8 +189,8 @@ def assemble(config: ServerConfig, runtime, engine, metrics: Metrics, routers, s
 
     @app.exception_handler(RequestFailed)
     async def failed(_: HTTPRequest, e: RequestFailed):
-        return error(503 if "memory" in str(e) or "KV" in str(e) or "unreachable" in str(e) else 500,
-                     str(e), "server_error")
+        status = e.status or (503 if "memory" in str(e) or "KV" in str(e) else 500)
+        return error(status, str(e), "server_error")
 
     return app
 

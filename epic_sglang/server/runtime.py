@@ -19,7 +19,12 @@ DISCONNECT_POLL_S = 0.5
 
 
 class RequestFailed(RuntimeError):
-    """The scheduler could not serve the request (memory, internal error)."""
+    """The request could not be served (memory, an unreachable backend, internal error);
+    `status`: the HTTP status when the raiser knows it."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class Runtime:

@@ -60,7 +60,7 @@ class SGLangEngine:
             raise self.unreachable(err) from err
 
     def unreachable(self, err: httpx.HTTPError) -> RequestFailed:
-        return RequestFailed(f"SGLang server unreachable at {self.http.base_url}: {err!r}")
+        return RequestFailed(f"SGLang server unreachable at {self.http.base_url}: {err!r}", status=503)
 
     async def compile_missing(self, segments: list[Segment], namespace: str | None) -> int:
         """Compile the prompt's documents the server is not known to hold; their tokens."""
