@@ -40,7 +40,7 @@ from benchmarks.gpu_ttft import LLAMA_8B, model_dir, random_checkpoint, segments
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang.policies import Segment  # noqa: E402
 from epic_sglang.sglang_plugin import client  # noqa: E402
-from epic_sglang.sglang_plugin.launch import SGLangServer  # noqa: E402
+from epic_sglang.sglang_plugin.launch import SGLangServer, wait_until_ready  # noqa: E402
 
 SMALL = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=512, intermediate_size=1024,
              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5,
@@ -139,18 +139,9 @@ def front(tokenizer: Path, logs: Path) -> list[str]:
     texts = [f"Document {i}: " + " ".join(random.Random(i).choices(words, k=90)) for i in range(4)]
     rows = []
     try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve --engine sglang exited with {proc.returncode}; see sglang_front.log")
-            try:
-                health = requests.get(url + "/health_generate", timeout=30)
-                if health.status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        rows.append(f"| /health_generate through the front and SGLang | {health.json()} |")
+        wait_until_ready(proc, url, 900, "serve --engine sglang (log: sglang_front.log)")
+        health = requests.get(url + "/health_generate", timeout=60).json()
+        rows.append(f"| /health_generate through the front and SGLang | {health} |")
 
         def chat(system: str) -> dict:
             body = {"model": "m", "messages": [{"role": "system", "content": system},
@@ -183,7 +174,7 @@ def front(tokenizer: Path, logs: Path) -> list[str]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-    left = requests.get(sglang_url + "/health", timeout=5).status_code if _listening(sglang_url) else "none"
+    left = "yes" if _listening(sglang_url) else "no"
     rows.append(f"| SIGTERM to the front: exit code, SGLang left running | {proc.returncode}, {left} |")
     for r in rows:
         print(r, flush=True)

@@ -31,6 +31,22 @@ def server_env(plugin: bool = True, kv_dir: Path | None = None, host_cache_gb: f
     return env
 
 
+def wait_until_ready(proc: subprocess.Popen, url: str, timeout_s: float, what: str) -> str:
+    """`url` once its /health_generate answers (a generation went through); an error naming
+    `what` if the process exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/health_generate", timeout=30).status_code == 200:
+                return url
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+
+
 class SGLangServer:
     """`with SGLangServer(model, port) as url:` a ready server (its /health_generate answered),
     on 127.0.0.1 (the front, or a benchmark, is its only client)."""
@@ -47,18 +63,11 @@ class SGLangServer:
     def __enter__(self) -> str:
         log = open(self.log_path, "w") if self.log_path else None  # None: SGLang logs to our stdout
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"SGLang server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if requests.get(self.url + "/health_generate", timeout=30).status_code == 200:
-                    return self.url
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        self.__exit__(None, None, None)
-        raise TimeoutError(f"SGLang server not ready after {self.ready_timeout_s:.0f} s; see {self.log_path}")
+        try:
+            return wait_until_ready(self.proc, self.url, self.ready_timeout_s, f"SGLang server (log: {self.log_path})")
+        except TimeoutError:
+            self.__exit__(None, None, None)
+            raise
 
     def __exit__(self, *exc) -> None:
         if self.proc is None or self.proc.poll() is not None:
