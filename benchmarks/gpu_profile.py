@@ -1,6 +1,6 @@
 """GPU: where a legolink-16 link's time goes (what separates it from pure kernel time).
 
-    python benchmarks/gpu_profile.py --tokenizer DIR [--context 16384] [--policy legolink-16]
+    python benchmarks/gpu_profile.py --tokenizer DIR [--context 16384] [--policy legolink-16 | floor]
 
 Same model and prompt as gpu_ttft.py (Llama-3-8B shape, random bf16 weights, 512-token
 documents precompiled + 64-token question). Profiles `--repeats` first-token requests with
@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_ttft import LLAMA_8B, first_token, model_dir, segments  # noqa: E402
+from benchmarks.gpu_ttft import LLAMA_8B, first_token, floor_segments, model_dir, segments  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine  # noqa: E402
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", type=Path, required=True)
     ap.add_argument("--context", type=int, default=16384)
-    ap.add_argument("--policy", default="legolink-16")
+    ap.add_argument("--policy", default="legolink-16", help="a link policy, or floor (as in gpu_ttft.py)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
@@ -37,18 +37,22 @@ def main() -> None:
     num_docs = (args.context - 32 - 64) // 512
     segs = segments(num_docs, 512, 64, 32, LLAMA_8B["vocab_size"], seed=args.context)
     engine.compile_segments(segs, "legolink-16")
+    policy = args.policy
+    if policy == "floor":  # gpu_ttft's floor: legolink-16's new tokens, dense, over a cached context
+        segs, policy = floor_segments(segs, new=32 + num_docs * 16 + 64), "naive"
+        engine.compile_segments(segs, policy)
     for _ in range(3):
-        first_token(engine, segs, args.policy)
+        first_token(engine, segs, policy)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        ttfts = [first_token(engine, segs, args.policy)[1] for _ in range(args.repeats)]
+        ttfts = [first_token(engine, segs, policy)[1] for _ in range(args.repeats)]
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / args.repeats
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events) / args.repeats
-    by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
-    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     launches = sum(e.count for e in events if e.device_type.name == "CUDA") / args.repeats
     rows_gpu = "\n".join(f"| {e.key[:70]} | {e.count // args.repeats} | {e.self_device_time_total / args.repeats / 1000:.2f} |"
                          for e in by_gpu)
@@ -72,8 +76,6 @@ Top CPU operators by self time (ms per request):
 | operator | calls | CPU ms |
 |---|---|---|
 {rows_cpu}
-
-Command: `python benchmarks/gpu_profile.py --tokenizer DIR --context {args.context} --policy {args.policy}`
 """
     write_section(f"gpu_profile-{args.policy}", body)
     print(body)

@@ -87,6 +87,13 @@ def segments(num_docs: int, doc_tokens: int, question_tokens: int, head_tokens: 
             + [Segment(ids(question_tokens))])
 
 
+def floor_segments(segs: list[Segment], new: int) -> list[Segment]:
+    """The floor's prompt: the same tokens as one cached block, then `new` tokens to compute
+    (with `naive` after compiling the block: one dense forward over a cached context)."""
+    tokens = tuple(t for s in segs for t in s.token_ids)
+    return [Segment(tokens[:-new], document=0), Segment(tokens[-new:])]
+
+
 def first_token(engine: Engine, segs: list[Segment], policy: str) -> tuple[torch.Tensor, float]:
     r = engine.generate_batch([Request(segments=segs, policy=policy, return_first_logits=True,
                                        sampling=SamplingParams(max_new_tokens=1, ignore_eos=True))])[0]
@@ -185,9 +192,7 @@ def main() -> None:
         segs = segments(num_docs, args.doc_tokens, args.question_tokens, head, vocab, seed=ctx)
         n = sum(len(s) for s in segs)
         engine.compile_segments(segs, "legolink-16")
-        new = head + num_docs * 16 + args.question_tokens
-        floor_segs = [Segment(tuple(t for s in segs for t in s.token_ids)[:n - new], document=0),
-                      Segment(tuple(t for s in segs for t in s.token_ids)[n - new:])]
+        floor_segs = floor_segments(segs, new=head + num_docs * 16 + args.question_tokens)
         engine.compile_segments(floor_segs, "naive")
 
         def timed(policy: str) -> float:

@@ -1,6 +1,6 @@
 """GPU: EPIC inside a real SGLang 0.5.16 server (the `epic` plugin), checked, then timed.
 
-    python benchmarks/sglang_pic.py --tokenizer DIR [--part check speed load | all]
+    python benchmarks/sglang_pic.py --tokenizer DIR [--part check front tp speed load | all]
                                     [--contexts 8192 16384 32768]
 
 1. check, on a small real-architecture checkpoint (Qwen2, random widened weights saved as
@@ -65,6 +65,28 @@ def first_logprobs(out: dict) -> dict[int, float]:
     return {tok: lp for lp, tok, _ in out["meta_info"]["output_top_logprobs"][0]}
 
 
+def plugin_outputs(url: str, prompts: list[list[Segment]]) -> dict[str, list[dict]]:
+    """fr, then (documents compiled) legolink-16, naive and legolink-16 again, with the
+    first token's top-10 logprobs: what the checks compare."""
+    def ask(policy: str) -> list[dict]:
+        return [generate(url, client.generate_body(p, policy, GREEDY, return_logprob=True, top_logprobs_num=10))
+                for p in prompts]
+
+    out = {"fr": ask("fr")}
+    for p in prompts:
+        compile_documents(url, p)
+    for policy in ("legolink-16", "naive", "legolink-16-again"):
+        out[policy] = ask(policy.removesuffix("-again"))
+    return out
+
+
+def max_logprob_gap(a: list[dict], b: list[dict]) -> float:
+    """Largest first-token logprob difference over the tokens both top-10 lists hold."""
+    gaps = [abs(lp - first_logprobs(y)[t]) for x, y in zip(a, b) for t, lp in first_logprobs(x).items()
+            if t in first_logprobs(y)]
+    return max(gaps)
+
+
 # ----------------------------------------------------------------- 1. check
 def check(tokenizer: Path, logs: Path) -> list[str]:
     from epic_sglang import Engine, Request, SamplingParams
@@ -76,20 +98,12 @@ def check(tokenizer: Path, logs: Path) -> list[str]:
 
     with SGLangServer(ckpt, PORT, plugin=False, extra=flags, log_path=logs / "sglang_plain.log") as url:
         plain = [generate(url, client.generate_body(p, "fr", GREEDY))["output_ids"] for p in prompts]
-    linked: dict[str, list[dict]] = {}
     with SGLangServer(ckpt, PORT, plugin=True, extra=flags, log_path=logs / "sglang_epic.log") as url:
-        fr_out = [generate(url, client.generate_body(p, "fr", GREEDY, return_logprob=True, top_logprobs_num=10))
-                  for p in prompts]
-        fr = [o["output_ids"] for o in fr_out]
-        for p in prompts:
-            compile_documents(url, p)
-        for policy in ("legolink-16", "naive", "legolink-16-again"):
-            linked[policy] = [generate(url, client.generate_body(
-                p, policy.removesuffix("-again"), GREEDY, return_logprob=True, top_logprobs_num=10)) for p in prompts]
+        linked = plugin_outputs(url, prompts)
+    fr = [o["output_ids"] for o in linked["fr"]]
 
     engine = Engine(str(ckpt), device="cuda", kv_cache_gb=1)
     rows = [f"| fr: plugin server = plain SGLang server, token for token | {sum(a == b for a, b in zip(fr, plain))}/{len(prompts)} |"]
-    linked["fr"] = fr_out
     for policy in ("fr", "legolink-16", "naive"):
         ours = engine.generate_batch([Request(segments=p, policy=policy, return_first_logits=True,
                                               sampling=SamplingParams(max_new_tokens=16, ignore_eos=True))
@@ -116,6 +130,30 @@ def check(tokenizer: Path, logs: Path) -> list[str]:
     return rows
 
 
+# ----------------------------------------------------------------- tensor parallel
+def tensor_parallel(tokenizer: Path, logs: Path, tp: int) -> list[str]:
+    """The same link requests on plugin servers with --tp 1 and --tp `tp` (each rank holds
+    its heads' share of every document's KV and links it in its own scheduler)."""
+    ckpt = Path(tempfile.mkdtemp(prefix="epic-tp-"))
+    random_checkpoint(SMALL, tokenizer, ckpt, widen=True)
+    prompts = [segments(4, 120, 24, 16, SMALL["vocab_size"], seed=s) for s in range(6)]
+    flags = ["--dtype", "bfloat16", "--mem-fraction-static", "0.5", "--cuda-graph-max-bs", "8"]
+    outs = {}
+    for size in (1, tp):
+        with SGLangServer(ckpt, PORT, plugin=True, extra=flags + ["--tp", str(size)],
+                          log_path=logs / f"sglang_tp{size}.log") as url:
+            outs[size] = plugin_outputs(url, prompts)
+    rows = []
+    for policy in ("fr", "legolink-16", "naive", "legolink-16-again"):
+        one, many = outs[1][policy], outs[tp][policy]
+        same = sum(a["output_ids"] == b["output_ids"] for a, b in zip(one, many))
+        cached = min(o["meta_info"]["cached_tokens"] for o in many)
+        rows.append(f"| {policy} | {max_logprob_gap(one, many):.4f} | {same}/{len(prompts)} | {cached} |")
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
 # ----------------------------------------------------------------- front
 def front(tokenizer: Path, logs: Path) -> list[str]:
     """`epic-sglang serve --engine sglang` as a user runs it: our API in front of SGLang with
@@ -132,7 +170,8 @@ def front(tokenizer: Path, logs: Path) -> list[str]:
     random_checkpoint(SMALL, tokenizer, ckpt, widen=True)
     url, sglang_url = f"http://127.0.0.1:{PORT + 1}", f"http://127.0.0.1:{PORT}"
     cmd = [sys.executable, "-m", "epic_sglang.cli", "serve", "--engine", "sglang", "--model", str(ckpt),
-           "--port", str(PORT + 1), "--sglang-port", str(PORT), "--log-level", "warning"]
+           "--port", str(PORT + 1), "--sglang-port", str(PORT), "--log-level", "warning",
+           "--sglang-args", "--cuda-graph-max-bs 8 --mem-fraction-static 0.5"]
     log = open(logs / "sglang_front.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     words = "river stone lantern orchard copper falcon meadow harbor violet thunder".split()
@@ -331,7 +370,8 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json (vocab 49,152)")
-    ap.add_argument("--part", choices=["check", "front", "speed", "load", "all"], nargs="+", default=["all"])
+    ap.add_argument("--part", choices=["check", "front", "tp", "speed", "load", "all"], nargs="+", default=["all"])
+    ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the tp part")
     ap.add_argument("--requests", type=int, default=48, help="requests per load rate")
     ap.add_argument("--fr-rates", type=float, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--precompile", type=int, default=600, help="most popular documents compiled before the run")
@@ -340,7 +380,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()))
     args = ap.parse_args()
-    parts = {"check", "front", "speed", "load"} if "all" in args.part else set(args.part)
+    parts = {"check", "front", "tp", "speed", "load"} if "all" in args.part else set(args.part)
     if "check" in parts:
         rows = check(args.tokenizer, args.logs)
         write_section("sglang-plugin-check", f"""## SGLang plugin on GPU: correctness (small Qwen2 checkpoint, random widened weights, bf16)
@@ -365,6 +405,19 @@ on the OpenAI chat route (`documents`), legolink-16, 16 greedy tokens.
 
 | check | result |
 |---|---|
+{chr(10).join(rows)}
+""")
+    if "tp" in parts:
+        rows = tensor_parallel(args.tokenizer, args.logs, args.tp)
+        write_section("sglang-plugin-tp", f"""## SGLang plugin on GPU: tensor parallelism (small Qwen2 checkpoint, random widened weights, bf16)
+
+Card: {machine()}. The same six prompts as the correctness check (4 x 120-token documents, 16 greedy
+tokens) on two plugin servers, `--tp 1` and `--tp {args.tp}`. Each rank's scheduler holds its share of
+the heads of every document's KV and links it itself. Tensor parallelism changes the order of bf16
+reductions, so fr's own gap between the two servers is the tolerance the linked policies are read against.
+
+| policy | max abs first-token logprob gap, tp {args.tp} vs tp 1 | same 16 greedy tokens | min cached_tokens on tp {args.tp} |
+|---|---|---|---|
 {chr(10).join(rows)}
 """)
     if "speed" in parts:

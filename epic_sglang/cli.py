@@ -169,6 +169,28 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags the front sets on SGLang itself: the plugin needs them as they are.
+FRONT_OWNED_SGLANG_FLAGS = ("--model-path", "--model", "--host", "--port", "--attention-backend",
+                            "--radix-cache-backend", "--disable-prefill-cuda-graph")
+
+
+def sglang_server_args(args: argparse.Namespace) -> list[str]:
+    """SGLang's flags for `serve --engine sglang`: ours translated, then --sglang-args
+    (e.g. "--tp 2 --mem-fraction-static 0.8"), which may not touch the flags the front owns."""
+    import shlex
+
+    user = shlex.split(args.sglang_args or "")
+    owned = sorted({a.split("=")[0] for a in user if a.split("=")[0] in FRONT_OWNED_SGLANG_FLAGS})
+    if owned:
+        raise ValueError(f"--sglang-args may not set {', '.join(owned)}: use --model / --sglang-port, "
+                         "the plugin needs the rest as the front sets them")
+    extra = ["--log-level", args.log_level, "--max-running-requests", str(args.max_running),
+             "--max-prefill-tokens", str(args.prefill_token_budget)]
+    extra += ["--served-model-name", args.served_model_name] if args.served_model_name else []
+    extra += ["--api-key", args.api_key] if args.api_key else []
+    return extra + user
+
+
 def _sglang_front(args: argparse.Namespace):
     """Our API in front of a real SGLang server with the plugin (started here, on 127.0.0.1:
     --sglang-port, stopped when this process exits)."""
@@ -185,15 +207,12 @@ def _sglang_front(args: argparse.Namespace):
 
     if parse_policy(args.policy).kind not in ("fr", "naive", "legolink"):
         raise ValueError(f"--policy {args.policy}: the SGLang engine serves {SERVED_POLICIES}")
+    extra = sglang_server_args(args)
     if not torch.cuda.is_available():
         raise RuntimeError("--engine sglang starts a SGLang server, whose kernels need a CUDA GPU; "
                            "use --engine epic (the default) here")
     config = _server_config(args)
     model_dir = resolve_model_dir(args.model)
-    extra = ["--log-level", args.log_level, "--max-running-requests", str(args.max_running),
-             "--max-prefill-tokens", str(args.prefill_token_budget)]
-    extra += ["--served-model-name", args.served_model_name] if args.served_model_name else []
-    extra += ["--api-key", args.api_key] if args.api_key else []
     port = args.sglang_port or args.port + 1
     server = SGLangServer(model_dir, port, plugin=True, extra=extra,
                           env=server_env(True, config.kv_dir, config.host_cache_gb))
@@ -308,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "plugin behind this API (CUDA only; policies fr, naive, legolink-<k>; SGLang's own API "
                           "on --sglang-port)")
     srv.add_argument("--sglang-port", type=int, default=None, help="--engine sglang: SGLang's port (default --port + 1)")
+    srv.add_argument("--sglang-args", default=None,
+                     help='--engine sglang: more SGLang server flags, one string, e.g. "--tp 2 --mem-fraction-static 0.8"')
     srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_kv_dir(srv)
     srv.set_defaults(func=_serve)

@@ -378,7 +378,7 @@ def test_bad_hints_and_prompt_logprobs_are_refused_with_a_message(sglang_runtime
 
 
 def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fix(capsys):
-    from epic_sglang.cli import main
+    from epic_sglang.cli import build_parser, main, sglang_server_args
     from epic_sglang.sglang_plugin.launch import server_command, server_env
 
     cmd = server_command("/models/m", 30001, host="0.0.0.0")
@@ -390,6 +390,12 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
     assert "--policy cacheblend-15: the SGLang engine serves fr, naive" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--sglang-port", "70000"]) == 2
     assert "--sglang-port must be in 1..65535" in capsys.readouterr().err
+    assert main(["serve", "--engine", "sglang", "--sglang-args", "--tp 2 --port=9"]) == 2
+    assert "--sglang-args may not set --port: use --model / --sglang-port" in capsys.readouterr().err
+    args = build_parser().parse_args(["serve", "--engine", "sglang", "--api-key", "k",
+                                      "--sglang-args", "--tp 2 --mem-fraction-static 0.8"])
+    extra = sglang_server_args(args)
+    assert extra[-4:] == ["--tp", "2", "--mem-fraction-static", "0.8"] and extra[extra.index("--api-key") + 1] == "k"
     if not torch.cuda.is_available():
         assert main(["serve", "--engine", "sglang"]) == 2
         assert "need a CUDA GPU" in capsys.readouterr().err
