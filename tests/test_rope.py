@@ -26,3 +26,35 @@ def test_query_runs_split_scattered_link_queries():
     assert query_runs([0, 1, 2, 3, 10, 11, 20, 21, 22, 30]) == [(4, 4), (6, 12), (9, 23), (10, 31)]
     assert query_runs(list(range(5))) == [(5, 5)]
     assert query_runs([7]) == [(1, 8)]
+
+
+def visible_keys(bulk, local, positions):
+    """Per query row, the keys its entries let it see (bulk: all of [k0, k1); local: causal,
+    bottom-right aligned as FlashInfer does when kv is longer than the queries)."""
+    seen = [[] for _ in positions]
+    for q0, q1, k0, k1 in bulk:
+        for row in range(q0, q1):
+            seen[row] += range(k0, k1)
+    for q0, q1, k0, k1 in local:
+        for i, row in enumerate(range(q0, q1)):
+            seen[row] += range(k0, k1 - (q1 - q0) + i + 1)
+    return seen
+
+
+def test_link_entries_give_every_query_exactly_the_keys_at_or_before_it():
+    from epic_sglang.attention.flashinfer_backend import link_entries, query_runs
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        # a head run, then k-token runs at scattered starts, then a question run
+        starts = sorted(torch.randperm(400, generator=g)[:int(torch.randint(1, 12, (1,), generator=g))].tolist())
+        positions = sorted({p for s in starts for p in range(3 * s, 3 * s + int(torch.randint(1, 20, (1,), generator=g)))})
+        runs = query_runs(positions)
+        for page, group in [(1, None), (16, None), (16, 8), (16, 40), (1, 1)]:
+            bulk, local = link_entries(runs, page, group)
+            assert all(k0 % page == 0 for _, _, k0, _ in local) and all(k0 == 0 for _, _, k0, _ in bulk)
+            for row, keys in enumerate(visible_keys(bulk, local, positions)):
+                assert sorted(keys) == list(range(positions[row] + 1)), (trial, page, group, row)
+            assert len(local) == len(runs) and (group is not None or bulk == [])
+            if group == 1 and page == 1:  # every run but one at position 0 has its own bulk entry
+                assert len(bulk) == len(runs) - (positions[0] == 0)

@@ -15,12 +15,17 @@ picks one of two ways to apply RoPE (measured on an H100 and an H200, BENCHMARKS
   every key tile is re-rotated once per query tile. Knows theta and linear scaling only.
 
 A link pass has scattered queries (LegoLink: the first k tokens of each document plus the
-question). Two ways to attend:
+question). Three ways to attend:
 - runs (modes `gathered`, `fused`): each maximal run of consecutive query positions [a, b)
   becomes one causal batch entry over the truncated KV view [0, b). Bottom-right causal
   alignment puts query i at position a + i, seeing keys [0, a + i]: exactly the link mask,
   no mask tensor. Each run re-reads its KV prefix, so sequences with more than MAX_RUNS
   runs (CacheBlend's picked tokens) use the mask instead.
+- `cascade` (gathered keys): runs are grouped (CASCADE_GROUP queries); the keys before a
+  group's first run are seen by all its queries, so they are one non-causal bulk entry
+  per group (FA3: full query tiles, each key tile read once per group, not once per run);
+  each run keeps a short causal local entry (FA2) from there to its end; the two partial
+  results merge by their log-sum-exp (`flashinfer.merge_state`).
 - `mask`: one entry per sequence over its whole KV view with the custom mask
   `attend[i, j] = j <= pos_i` (gathered keys; FA2, as FA3 has no custom masks).
 
@@ -37,10 +42,13 @@ from epic_sglang.models.rope import Rotary, apply_rotation
 from epic_sglang.rotate_copy import rotate_copy
 
 WORKSPACE_BYTES = 256 << 20
-LINK_MODES = ("gathered", "fused", "mask")
+LINK_MODES = ("gathered", "cascade", "fused", "mask")
 MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry reads less KV
 DENSE_RUN = 256  # a query run this long is a dense prefill: gathered keys, FA3
 GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read them in pages
+CASCADE_GROUP = 128  # cascade: runs grouped until this many queries share one bulk (FA3) entry
+
+Entry = tuple[int, int, int, int]  # query rows [q0, q1), keys [k0, k1), all sequence-local
 
 
 def query_runs(positions: list[int]) -> list[tuple[int, int]]:
@@ -48,6 +56,46 @@ def query_runs(positions: list[int]) -> list[tuple[int, int]]:
     past the run): the run's query count so far and its truncated KV length."""
     return [(i, positions[i - 1] + 1) for i in range(1, len(positions) + 1)
             if i == len(positions) or positions[i] != positions[i - 1] + 1]
+
+
+def link_entries(runs: list[tuple[int, int]], page: int, group: int | None) -> tuple[list[Entry], list[Entry]]:
+    """(bulk, local) attention entries that together give each query exactly the keys at or
+    before its position. `group` None: one causal local entry per run over keys [0, end).
+    Otherwise runs are grouped until `group` queries; a group's queries all see the keys
+    before its first run, so they share one non-causal bulk entry over [0, a) (a: that
+    start rounded down to a page) and each run keeps a causal local entry over [a, end),
+    which starts on a page as paged entries must. The two results merge by log-sum-exp."""
+    bulk, local = [], []
+    group_start = a = 0  # the current group's first query row; its bulk keys are [0, a)
+    for i, (count, end) in enumerate(runs):
+        start = runs[i - 1][0] if i else 0
+        if group is not None and (i == 0 or start - group_start >= group):
+            if a:
+                bulk.append((group_start, start, 0, a))
+            group_start, a = start, (end - (count - start)) // page * page
+        local.append((start, count, a, end))
+    if a:
+        bulk.append((group_start, runs[-1][0], 0, a))
+    return bulk, local
+
+
+class PagedEntries:
+    """Attention entries over pages of `page` keys, collected for one wrapper's plan."""
+
+    def __init__(self, page: int):
+        self.page, self.qo, self.pages, self.last_page_len = page, [0], [], []
+
+    def add(self, queries: int, pages: torch.Tensor, k0: int, k1: int) -> None:
+        """`queries` rows over keys [k0, k1) of a sequence whose pages are `pages` (k0 on a page)."""
+        self.qo.append(self.qo[-1] + queries)
+        self.pages.append(pages[k0 // self.page:-(-k1 // self.page)])
+        self.last_page_len.append((k1 - k0 - 1) % self.page + 1)
+
+    def plan(self, wrapper, cfg: ModelConfig, device: torch.device, **kwargs) -> None:
+        i32 = dict(dtype=torch.int32, device=device)
+        kv_indptr = torch.tensor([0] + [len(p) for p in self.pages], **i32).cumsum(0, dtype=torch.int32)
+        wrapper.plan(torch.tensor(self.qo, **i32), kv_indptr, torch.cat(self.pages), torch.tensor(self.last_page_len, **i32),
+                     cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.page, **kwargs)
 
 
 class FlashInferAttention:
@@ -68,18 +116,20 @@ class FlashInferAttention:
         self.wrappers = {
             "fa3": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD"),
             "fa2": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
+            "bulk": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD"),
             "fused": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
             "masked": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
             "decode": flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True),
         }
+        self._merge_state = flashinfer.merge_state
         self._wrapper = None
         # slots, scratch rows, [cos | sin] (fp32), scratch K, scratch V
         self._gather: tuple[torch.Tensor, ...] | None = None
         self._q_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # queries' cos, sin (gathered path)
+        self._bulk_rows: torch.Tensor | None = None  # cascade: the query rows with a bulk entry
 
     def plan(self, batch: ForwardBatch) -> None:
         c = self.cfg
-        i32 = dict(dtype=torch.int32, device=self.device)
         dtypes = dict(q_data_type=self.dtype, kv_data_type=self.dtype)
         if self.can_fuse and all(s.last_only for s in batch.seqs):  # decode: attend the pool in place
             self.plan_decode(self.wrappers["decode"], [s.kv_slots for s in batch.seqs])
@@ -88,29 +138,30 @@ class FlashInferAttention:
         masked = self.link_mode == "mask" or any(len(r) > MAX_RUNS for r in runs)
         dense = any(count - start >= DENSE_RUN for seq_runs in runs
                     for start, (count, _) in zip([0] + [c for c, _ in seq_runs], seq_runs))
-        gathered = masked or dense or self.link_mode == "gathered" or not self.can_fuse
+        gathered = masked or dense or self.link_mode != "fused" or not self.can_fuse
+        group = CASCADE_GROUP if self.link_mode == "cascade" and not (masked or dense) else None
 
         # Gathered: each sequence's keys in prompt order from a page boundary of the scratch.
         page = GATHER_PAGE if gathered else 1
-        qo, kv_len, kv_idx, masks, rows, base = [0], [], [], [], [], 0
+        local, bulk, masks, rows, bulk_rows, base = PagedEntries(page), PagedEntries(page), [], [], [], 0
         for s, seq_runs in zip(batch.seqs, runs):
             n = s.kv_slots.numel()
             if gathered:
                 rows.append(torch.arange(base * page, base * page + n, device=self.device))
-                kv = torch.arange(base, base + -(-n // page), **i32)
-                base += len(kv)
+                pages = torch.arange(base, base + -(-n // page), dtype=torch.int32, device=self.device)
+                base += len(pages)
             else:
-                kv = s.kv_slots.to(torch.int32)
+                pages = s.kv_slots.to(torch.int32)
             if masked:
-                qo.append(s.q_end)
-                kv_len.append(n)
-                kv_idx.append(kv)
+                local.add(s.num_queries, pages, 0, n)
                 masks.append((torch.arange(n, device=self.device)[None, :] <= s.q_positions[:, None]).flatten())
-            else:
-                for count, end in seq_runs:
-                    qo.append(s.q_start + count)
-                    kv_len.append(end)
-                    kv_idx.append(kv[:-(-end // page)])
+                continue
+            seq_bulk, seq_local = link_entries(seq_runs, page, group)
+            for q0, q1, k0, k1 in seq_local:
+                local.add(q1 - q0, pages, k0, k1)
+            for q0, q1, k0, k1 in seq_bulk:
+                bulk.add(q1 - q0, pages, k0, k1)
+                bulk_rows.append(torch.arange(s.q_start + q0, s.q_start + q1, device=self.device))
         if gathered:
             positions = torch.cat([torch.arange(s.kv_slots.numel(), device=self.device) for s in batch.seqs])
             scratch = [torch.empty((base * page, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device)
@@ -123,17 +174,17 @@ class FlashInferAttention:
             self._gather, rope = None, self.fused_rope
         self._wrapper = self.wrappers["masked" if masked else "fa3" if dense else "fa2" if gathered else "fused"]
         mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
-        last_page_len = [(length - 1) % page + 1 for length in kv_len]
-        kv_indptr = torch.tensor([0] + [len(k) for k in kv_idx], **i32).cumsum(0, dtype=torch.int32)
-        self._wrapper.plan(torch.tensor(qo, **i32), kv_indptr, torch.cat(kv_idx), torch.tensor(last_page_len, **i32),
-                           c.num_heads, c.num_kv_heads, c.head_dim, page, **rope, **dtypes, **mask)
+        local.plan(self._wrapper, c, self.device, **rope, **dtypes, **mask)
+        self._bulk_rows = torch.cat(bulk_rows) if bulk_rows else None
+        if bulk_rows:
+            bulk.plan(self.wrappers["bulk"], c, self.device, **rope, **dtypes, causal=False)
 
     def plan_decode(self, wrapper, kv_slots: list[torch.Tensor]) -> None:
         """One query at each sequence's last position over its slots, keys rotated in the
         kernel; `wrapper` may be a CUDA-graph one (its buffers are what the graph reads)."""
         c = self.cfg
         lens = torch.tensor([0] + [k.numel() for k in kv_slots], dtype=torch.int32)
-        self._wrapper, self._gather = wrapper, None
+        self._wrapper, self._gather, self._bulk_rows = wrapper, None, None
         wrapper.plan(lens.cumsum(0, dtype=torch.int32).to(self.device), torch.cat(kv_slots).to(torch.int32),
                      torch.ones(len(kv_slots), dtype=torch.int32, device=self.device),
                      c.num_heads, c.num_kv_heads, c.head_dim, 1, **self.fused_rope,
@@ -146,4 +197,10 @@ class FlashInferAttention:
         slots, rows, angles, k_scratch, v_scratch = self._gather
         rotate_copy([k], [v], [k_scratch], [v_scratch], slots, rows, angles)
         paged = tuple(t.view(-1, GATHER_PAGE, *t.shape[1:]) for t in (k_scratch, v_scratch))
-        return self._wrapper.run(apply_rotation(q, *self._q_rope).contiguous(), paged).reshape(q.shape[0], -1)
+        q = apply_rotation(q, *self._q_rope).contiguous()
+        if self._bulk_rows is None:
+            return self._wrapper.run(q, paged).reshape(q.shape[0], -1)
+        out, lse = self._wrapper.run(q, paged, return_lse=True)
+        bulk_out, bulk_lse = self.wrappers["bulk"].run(q[self._bulk_rows], paged, return_lse=True)
+        out[self._bulk_rows] = self._merge_state(bulk_out, bulk_lse, out[self._bulk_rows], lse[self._bulk_rows])[0]
+        return out.reshape(q.shape[0], -1)
