@@ -101,7 +101,7 @@ def first_token(engine: Engine, segs: list[Segment], policy: str) -> tuple[torch
     return r.first_logits, r.stats.ttft_s
 
 
-def with_attention(engine: Engine, name: str, link_mode: str = "gathered") -> None:
+def with_attention(engine: Engine, name: str, link_mode: str = "auto") -> None:
     engine.linker = Linker(engine.model, engine.pool,
                            make_attention(name, engine.config, engine.device, engine.dtype, link_mode))
 
@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--rope", choices=["default", "llama3"], default="default",
                     help="llama3: Llama-3.1's scaled RoPE, which FlashInfer's fused RoPE cannot do")
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--link-mode", choices=LINK_MODES, default="gathered", help="link mode of the main table")
+    ap.add_argument("--link-mode", choices=LINK_MODES, default="auto", help="link mode of the main table")
     args = ap.parse_args()
     config = LLAMA_8B | ({"rope_scaling": LLAMA3_ROPE} if args.rope == "llama3" else {})
 

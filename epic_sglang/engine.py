@@ -131,10 +131,10 @@ def _default_device() -> torch.device:
 class Engine:
     def __init__(self, model: str = "smollm2-135m", device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, kv_cache_gb: float = 2.0, max_requests: int = 64,
-                 max_context_len: int | None = None, attention: str = "auto", link_mode: str = "gathered",
+                 max_context_len: int | None = None, attention: str = "auto", link_mode: str = "auto",
                  load_format: str = "auto", kv_dir: str | Path | None = None, host_cache_gb: float = 0.0,
                  eviction_policy: str = "lru", cuda_graphs: bool = True):
-        """`attention`: auto | torch | flashinfer; `link_mode` (flashinfer): gathered | fused | mask;
+        """`attention`: auto | torch | flashinfer; `link_mode` (flashinfer): auto | gathered | cascade | fused | mask;
         `load_format`: auto | dummy (random weights at the model's shape, for speed runs);
         `kv_dir`: disk tier for compiled documents (survives restarts); `host_cache_gb`:
         host-memory tier for documents evicted from the pool; `eviction_policy`: SGLang's

@@ -12,7 +12,7 @@ BACKENDS = ("auto", "torch", "flashinfer")
 
 
 def make_attention(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                   link_mode: str = "gathered"):
+                   link_mode: str = "auto"):
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "auto":

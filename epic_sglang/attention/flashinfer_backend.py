@@ -3,7 +3,7 @@
 Keys sit un-rotated in the pool, shared by every request that links them. Each forward
 picks one of two ways to apply RoPE (measured on an H100 and an H200, BENCHMARKS.md):
 
-- gathered (default): each layer gathers the batch's K and V into a scratch buffer in
+- gathered: each layer gathers the batch's K and V into a scratch buffer in
   prompt order, rotating K on the way (one Triton launch, memory bound:
   `epic_sglang.rotate_copy`), and attends it in 16-token pages without positional
   encoding: FA3 for dense prefills (a query run of DENSE_RUN or more: compile, fr, the
@@ -29,6 +29,7 @@ question). Three ways to attend:
 - `mask`: one entry per sequence over its whole KV view with the custom mask
   `attend[i, j] = j <= pos_i` (gathered keys; FA2, as FA3 has no custom masks).
 
+`auto` (the default) picks per forward: cascade for long links, fused for short ones.
 Plan once per forward (every layer shares it), run per layer: FlashInfer's own pattern.
 """
 from __future__ import annotations
@@ -42,11 +43,16 @@ from epic_sglang.models.rope import Rotary, apply_rotation
 from epic_sglang.rotate_copy import rotate_copy
 
 WORKSPACE_BYTES = 256 << 20
-LINK_MODES = ("gathered", "cascade", "fused", "mask")
+LINK_MODES = ("auto", "gathered", "cascade", "fused", "mask")
 MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry reads less KV
 DENSE_RUN = 256  # a query run this long is a dense prefill: gathered keys, FA3
 GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read them in pages
 CASCADE_GROUP = 128  # cascade: runs grouped until this many queries share one bulk (FA3) entry
+# auto: cascade once the runs' key prefixes add up to this many keys (per-run entries would
+# re-read them all), else fused (gathered if RoPE cannot fuse): below, the cascade's second
+# kernel and merge cost more host time than they save. On an H200 (BENCHMARKS.md) fused won
+# at 8K-token links (62K run keys) and cascade at 16K (255K).
+AUTO_CASCADE_KEYS = 1 << 17
 
 Entry = tuple[int, int, int, int]  # query rows [q0, q1), keys [k0, k1), all sequence-local
 
@@ -77,6 +83,16 @@ def link_entries(runs: list[tuple[int, int]], page: int, group: int | None) -> t
     if a:
         bulk.append((group_start, runs[-1][0], 0, a))
     return bulk, local
+
+
+def row_selector(ranges: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor | None:
+    """Rows [a, b) of each range: a slice (views, no copies) when they are contiguous, as
+    for one sequence; an index otherwise; None for none."""
+    if not ranges:
+        return None
+    if all(b0 == a1 for (_, a1), (b0, _) in zip(ranges, ranges[1:])):
+        return slice(ranges[0][0], ranges[-1][1])
+    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
 
 
 class PagedEntries:
@@ -126,7 +142,7 @@ class FlashInferAttention:
         # slots, scratch rows, [cos | sin] (fp32), scratch K, scratch V
         self._gather: tuple[torch.Tensor, ...] | None = None
         self._q_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # queries' cos, sin (gathered path)
-        self._bulk_rows: torch.Tensor | None = None  # cascade: the query rows with a bulk entry
+        self._bulk_rows: slice | torch.Tensor | None = None  # cascade: the query rows with a bulk entry
 
     def plan(self, batch: ForwardBatch) -> None:
         c = self.cfg
@@ -138,8 +154,12 @@ class FlashInferAttention:
         masked = self.link_mode == "mask" or any(len(r) > MAX_RUNS for r in runs)
         dense = any(count - start >= DENSE_RUN for seq_runs in runs
                     for start, (count, _) in zip([0] + [c for c, _ in seq_runs], seq_runs))
-        gathered = masked or dense or self.link_mode != "fused" or not self.can_fuse
-        group = CASCADE_GROUP if self.link_mode == "cascade" and not (masked or dense) else None
+        mode = self.link_mode
+        if mode == "auto":
+            run_keys = sum(end for seq_runs in runs for _, end in seq_runs)
+            mode = "cascade" if run_keys >= AUTO_CASCADE_KEYS else "fused"
+        gathered = masked or dense or mode != "fused" or not self.can_fuse
+        group = CASCADE_GROUP if mode == "cascade" and not (masked or dense) else None
 
         # Gathered: each sequence's keys in prompt order from a page boundary of the scratch.
         page = GATHER_PAGE if gathered else 1
@@ -161,7 +181,7 @@ class FlashInferAttention:
                 local.add(q1 - q0, pages, k0, k1)
             for q0, q1, k0, k1 in seq_bulk:
                 bulk.add(q1 - q0, pages, k0, k1)
-                bulk_rows.append(torch.arange(s.q_start + q0, s.q_start + q1, device=self.device))
+                bulk_rows.append((s.q_start + q0, s.q_start + q1))
         if gathered:
             positions = torch.cat([torch.arange(s.kv_slots.numel(), device=self.device) for s in batch.seqs])
             scratch = [torch.empty((base * page, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device)
@@ -175,7 +195,7 @@ class FlashInferAttention:
         self._wrapper = self.wrappers["masked" if masked else "fa3" if dense else "fa2" if gathered else "fused"]
         mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
         local.plan(self._wrapper, c, self.device, **rope, **dtypes, **mask)
-        self._bulk_rows = torch.cat(bulk_rows) if bulk_rows else None
+        self._bulk_rows = row_selector(bulk_rows, self.device)
         if bulk_rows:
             bulk.plan(self.wrappers["bulk"], c, self.device, **rope, **dtypes, causal=False)
 
