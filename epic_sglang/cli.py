@@ -195,6 +195,7 @@ def _sglang_front(args: argparse.Namespace):
     """Our API in front of a real SGLang server with the plugin (started here, on 127.0.0.1:
     --sglang-port, stopped when this process exits)."""
     import atexit
+    import functools
 
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -217,10 +218,11 @@ def _sglang_front(args: argparse.Namespace):
     server = SGLangServer(model_dir, port, plugin=True, extra=extra,
                           env=server_env(True, config.kv_dir, config.host_cache_gb))
     url = server.__enter__()
-    atexit.register(server.__exit__, None, None, None)
+    stop = functools.partial(server.__exit__, None, None, None)
+    atexit.register(stop)  # if uvicorn never starts (the app's shutdown stops SGLang otherwise)
     print(f"epic-sglang: SGLang with the epic plugin ready on {url}", file=sys.stderr)
     max_len = AutoConfig.from_pretrained(model_dir).max_position_embeddings
-    return create_sglang_front(config, url, AutoTokenizer.from_pretrained(model_dir), max_len, args.api_key)
+    return create_sglang_front(config, url, AutoTokenizer.from_pretrained(model_dir), max_len, args.api_key, stop)
 
 
 def _models(_: argparse.Namespace) -> int:

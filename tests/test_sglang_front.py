@@ -69,3 +69,44 @@ def test_bad_requests_get_a_400_before_sglang_is_asked(front, wiki, path, body, 
 def test_models_lists_the_context_length(front):
     models = requests.get(front + "/v1/models", timeout=60).json()
     assert models["data"][0]["max_model_len"] == 8192 and models["data"][0]["id"] == "smollm2-135m"
+
+
+def test_sigterm_to_the_front_runs_its_stop(tmp_path):
+    """uvicorn ends a SIGTERM'd process by raising the signal again (atexit handlers never
+    run), so the SGLang server that `serve --engine sglang` started is stopped by the app's
+    shutdown: the front process here is real, SIGTERM'd as a user or systemd would."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    marker, port = tmp_path / "stopped", free_port()
+    script = f"""
+import uvicorn
+from pathlib import Path
+from transformers import AutoTokenizer
+from epic_sglang.models.loader import resolve_model_dir
+from epic_sglang.server import ServerConfig, create_sglang_front
+tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m"))
+app = create_sglang_front(ServerConfig(model="smollm2-135m"), "http://127.0.0.1:9", tokenizer, 8192,
+                          stop=lambda: Path({str(marker)!r}).write_text("stopped"))
+uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning")
+"""
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONPATH": root})
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "the front did not start"
+            try:
+                requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert marker.read_text() == "stopped"

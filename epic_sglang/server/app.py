@@ -122,16 +122,18 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
 
 
 def create_sglang_front(config: ServerConfig, sglang_url: str, tokenizer, max_context_len: int,
-                        sglang_api_key: str | None = None) -> FastAPI:
+                        sglang_api_key: str | None = None, stop: Callable[[], None] | None = None) -> FastAPI:
     """Our API over a SGLang server running the plugin (`--engine sglang`): /generate (with
     documents, kv_hints, transparent detection), the OpenAI API, /v1/rag, /v1/documents.
-    SGLang's own API, cache and server info stay on its port."""
+    SGLang's own API, cache and server info stay on its port. `stop` runs at shutdown (the
+    CLI stops the SGLang server it started there: uvicorn ends a SIGTERM'd process by the
+    signal itself, so atexit handlers never run)."""
     from epic_sglang.sglang_plugin.runtime import SGLangEngine, SGLangRuntime
 
     engine = SGLangEngine(sglang_url, tokenizer, max_context_len, sglang_api_key)
     metrics = Metrics()
     return assemble(config, SGLangRuntime(engine, on_result=metrics.observe), engine, metrics,
-                    (native.router, openai_api.router, rag.router), aclose=engine.close)
+                    (native.router, openai_api.router, rag.router), stop=stop, aclose=engine.close)
 
 
 def assemble(config: ServerConfig, runtime, engine, metrics: Metrics, routers, start: Callable[[], None] | None = None,
