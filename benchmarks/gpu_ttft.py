@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--rope", choices=["default", "llama3"], default="default",
                     help="llama3: Llama-3.1's scaled RoPE, which FlashInfer's fused RoPE cannot do")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--link-mode", choices=LINK_MODES, default="auto", help="link mode of the main table")
     args = ap.parse_args()
     config = LLAMA_8B | ({"rope_scaling": LLAMA3_ROPE} if args.rope == "llama3" else {})
@@ -214,7 +215,7 @@ def main() -> None:
         with_attention(engine, "flashinfer", args.link_mode)
         engine.flush_cache()
 
-    decode = decode_rows(engine, 2048)
+    decode = [] if args.skip_decode else decode_rows(engine, 2048)
 
     body = f"""## GPU TTFT (Llama-3-8B shape, RoPE {args.rope}, random bf16 weights, FlashInfer backend)
 

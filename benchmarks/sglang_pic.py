@@ -411,7 +411,7 @@ on the OpenAI chat route (`documents`), legolink-16, 16 greedy tokens.
         rows = tensor_parallel(args.tokenizer, args.logs, args.tp)
         write_section("sglang-plugin-tp", f"""## SGLang plugin on GPU: tensor parallelism (small Qwen2 checkpoint, random widened weights, bf16)
 
-Card: {machine()}. The same six prompts as the correctness check (4 x 120-token documents, 16 greedy
+Cards: {torch.cuda.device_count()} x {machine()}. The same six prompts as the correctness check (4 x 120-token documents, 16 greedy
 tokens) on two plugin servers, `--tp 1` and `--tp {args.tp}`. Each rank's scheduler holds its share of
 the heads of every document's KV and links it itself. Tensor parallelism changes the order of bf16
 reductions, so fr's own gap between the two servers is the tolerance the linked policies are read against.
