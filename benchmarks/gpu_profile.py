@@ -50,10 +50,11 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t0) / args.repeats
     events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events) / args.repeats
+    kernels = [e for e in events if e.device_type.name == "CUDA"]  # aten ops would count their kernels again
+    gpu_us = sum(e.self_device_time_total for e in kernels) / args.repeats
     by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:15]
     by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-    launches = sum(e.count for e in events if e.device_type.name == "CUDA") / args.repeats
+    launches = sum(e.count for e in kernels) / args.repeats
     rows_gpu = "\n".join(f"| {e.key[:70]} | {e.count // args.repeats} | {e.self_device_time_total / args.repeats / 1000:.2f} |"
                          for e in by_gpu)
     rows_cpu = "\n".join(f"| {e.key[:70]} | {e.count // args.repeats} | {e.self_cpu_time_total / args.repeats / 1000:.2f} |"

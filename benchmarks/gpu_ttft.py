@@ -217,6 +217,21 @@ def main() -> None:
 
     decode = [] if args.skip_decode else decode_rows(engine, 2048)
 
+    decode_table = f"""
+Decode step latency (fr prompts of 2,048 tokens, 32 steps after the first token, median over the batch):
+eager launches against CUDA graphs (one captured forward per batch bucket, FlashInfer decode with fused RoPE).
+
+| batch | context | eager ms/step | CUDA graph ms/step | speedup |
+|---|---|---|---|---|
+{chr(10).join(decode)}
+""" if decode else ""
+    check_table = f"""
+FlashInfer vs torch reference (same weights, both bf16, first-token logits; 4 x {args.doc_tokens}-token documents; pass: cosine > 0.995):
+
+| policy | link mode | max abs err / max abs logit | cosine | same argmax | |
+|---|---|---|---|---|---|
+{chr(10).join(check)}
+""" if check else ""
     body = f"""## GPU TTFT (Llama-3-8B shape, RoPE {args.rope}, random bf16 weights, FlashInfer backend)
 
 Card: {machine()}. {args.doc_tokens}-token documents (precompiled) + {args.question_tokens}-token question + {head}-token head;
@@ -229,29 +244,19 @@ Floor = one forward of legolink-16's number of new tokens over an already cached
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Link mode of the table: `{args.link_mode}`. Every link mode, same prompts (`gathered`: a
-causal entry per query run over the truncated KV, keys gathered and rotated into scratch by
-one Triton launch per layer, FA2 for short runs and FA3 for dense ones; `fused`: the same
-entries over the pool's keys in place, RoPE fused in FA2; `mask`: one entry with the custom
-mask, FA2); the floor is dense in every mode (FA3); fr / lego uses the table's fr:
+Link mode of the table: `{args.link_mode}`. Every link mode, same prompts, timed after the table
+(`gathered`: a causal entry per query run over the truncated KV, keys gathered and rotated into
+scratch by one Triton launch per layer, FA2 for short runs and FA3 for dense ones; `cascade`:
+gathered keys, runs grouped by 128 queries into one non-causal FA3 entry over the keys before
+the group plus a short causal FA2 entry per run, merged by log-sum-exp; `fused`: per-run entries
+over the pool's keys in place, RoPE fused in FA2 (gathered where RoPE cannot fuse: llama3);
+`mask`: one entry with the custom mask, FA2; `auto`: cascade when the runs' key prefixes reach
+128K keys, else fused); the floor is dense in every mode (FA3); fr / lego uses the table's fr:
 
 | context | link mode | legolink-16 ms | naive ms | floor ms | fr / lego |
 |---|---|---|---|---|---|
 {chr(10).join(mode_rows)}
-
-Decode step latency (fr prompts of 2,048 tokens, 32 steps after the first token, median over the batch):
-eager launches against CUDA graphs (one captured forward per batch bucket, FlashInfer decode with fused RoPE).
-
-| batch | context | eager ms/step | CUDA graph ms/step | speedup |
-|---|---|---|---|---|
-{chr(10).join(decode)}
-
-FlashInfer vs torch reference (same weights, both bf16, first-token logits; 4 x {args.doc_tokens}-token documents; pass: cosine > 0.995):
-
-| policy | link mode | max abs err / max abs logit | cosine | same argmax | |
-|---|---|---|---|---|---|
-{chr(10).join(check)}
-"""
+{decode_table}{check_table}"""
     write_section(f"gpu_ttft-rope-{args.rope}", body)
     print(body)
 
