@@ -185,7 +185,8 @@ def front(tokenizer: Path, logs: Path) -> list[str]:
         def chat(system: str) -> dict:
             body = {"model": "m", "messages": [{"role": "system", "content": system},
                                                {"role": "user", "content": "Which word comes first?"}],
-                    "documents": texts, "max_tokens": 16, "temperature": 0, "policy": "legolink-16"}
+                    "documents": texts, "max_tokens": 16, "temperature": 0, "policy": "legolink-16",
+                    "logprobs": True, "top_logprobs": 2}
             r = requests.post(url + "/v1/chat/completions", json=body, timeout=600)
             r.raise_for_status()
             return r.json()
@@ -200,9 +201,15 @@ def front(tokenizer: Path, logs: Path) -> list[str]:
                     f"{second['epic']['compiled_tokens']}, {second['epic']['reused_tokens']} "
                     f"(documents less 16 per document: {doc_tokens - 16 * len(texts)}) |")
         segs = builder.build("Which word comes first?", texts, "Be terse. Use the documents.")
-        direct = generate(sglang_url, client.generate_body(segs, "legolink-16", {**GREEDY, "ignore_eos": False}))
+        direct = generate(sglang_url, client.generate_body(segs, "legolink-16", {**GREEDY, "ignore_eos": False},
+                                                           return_logprob=True, top_logprobs_num=2))
         same = tok.decode(direct["output_ids"], skip_special_tokens=True) == second["choices"][0]["message"]["content"]
         rows.append(f"| front's answer = the same link request sent to SGLang directly | {'yes' if same else 'NO'} |")
+        ours = [c["logprob"] for c in second["choices"][0]["logprobs"]["content"]]
+        theirs = [lp for lp, _, _ in direct["meta_info"]["output_token_logprobs"]]
+        gap = max(abs(a - b) for a, b in zip(ours, theirs))
+        rows.append(f"| front's token logprobs vs SGLang's own for that request: tokens, max abs gap | "
+                    f"{len(ours)} / {len(theirs)}, {gap:.4f} |")
         bad = requests.post(url + "/v1/chat/completions", json={**{"model": "m", "documents": texts},
                             "messages": [{"role": "user", "content": "Q?"}], "policy": "cacheblend-15"}, timeout=60)
         rows.append(f"| unsupported policy (cacheblend-15) | {bad.status_code}: {bad.json()['error']['message'][:60]} |")

@@ -3,8 +3,12 @@ happens before SGLang is asked (validation, documents, refusals), and what a cli
 when SGLang is down. A SGLang server itself needs CUDA; the GPU run covers the rest."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import requests
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from epic_sglang.sampling import SamplingParams
 from epic_sglang.server import ServerConfig, create_sglang_front
@@ -57,7 +61,8 @@ def test_documents_and_rag_without_sglang_fail_clearly_and_lose_nothing(front, w
      "the SGLang plugin serves fr, naive, legolink"),
     ("/v1/rag", {"question": "Who?", "namespace": "wiki", "policy": "legolink0"}, "the SGLang plugin serves"),
     ("/v1/rag", {"question": ""}, "question must be a non-empty string"),
-    ("/generate", {"text": "Hi", "return_logprob": True}, "logprobs are not served through the SGLang front"),
+    ("/generate", {"text": "Hi", "return_logprob": True, "logprob_start_len": 0},
+     "prompt logprobs (logprob_start_len) are not served through the SGLang front"),
     ("/generate", {"text": "Hi", "sampling_params": {"temperature": -1}}, "temperature must be >= 0"),
     ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
 ])
@@ -110,3 +115,52 @@ uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning")
     finally:
         proc.kill()
     assert marker.read_text() == "stopped"
+
+
+def sglang_stand_in(answer_ids: list[int], received: list[dict]):
+    """A stand-in for a SGLang 0.5.16 server's /generate (its server needs CUDA): compile
+    bodies get a JSON answer; a streamed request gets SGLang's SSE chunks, each with the text
+    and meta_info so far (logprobs cumulative, as SGLang's tokenizer manager keeps them)."""
+    app = FastAPI()
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = await request.json()
+        received.append(body)
+        if not body.get("stream"):
+            return JSONResponse({"text": "", "output_ids": [], "meta_info": {"cached_tokens": 0}})
+
+        def chunks():
+            for n in range(1, len(answer_ids) + 1):
+                meta = {"cached_tokens": 40, "finish_reason": {"type": "length", "length": n} if n == len(answer_ids) else None}
+                if body.get("return_logprob"):
+                    meta["output_token_logprobs"] = [[-0.5 * i, t, f"t{t}"] for i, t in enumerate(answer_ids[:n])]
+                    if body.get("top_logprobs_num"):
+                        meta["output_top_logprobs"] = [[[-0.5 * i, t, f"t{t}"], [-9.0, 7, "t7"]] for i, t in enumerate(answer_ids[:n])]
+                yield f"data: {json.dumps({'text': ' '.join(f't{t}' for t in answer_ids[:n]), 'output_ids': answer_ids[:n], 'meta_info': meta})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+    return app
+
+
+def test_a_chat_with_documents_compiles_them_once_links_them_and_returns_sglangs_logprobs(engine):
+    received: list[dict] = []
+    with serve_in_thread(sglang_stand_in([11, 12, 13], received)) as sglang_url:
+        app = create_sglang_front(ServerConfig(model="smollm2-135m"), sglang_url, engine.tokenizer, 8192)
+        with serve_in_thread(app) as url:
+            body = {"model": "m", "messages": [{"role": "user", "content": "Which river?"}], "max_tokens": 3,
+                    "documents": ["The Rhine flows north.", "The Danube flows east."], "policy": "legolink-4",
+                    "logprobs": True, "top_logprobs": 2}
+            first = post(url, "/v1/chat/completions", body).json()
+            second = post(url, "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "Which?"}]}).json()
+    compiles = [b for b in received if not b.get("stream")]
+    assert len(compiles) == 2 and all(b["sampling_params"] == {"max_new_tokens": 0} for b in compiles)
+    linked = [b for b in received if b.get("stream")]
+    assert len(linked) == 2 and all(b["return_logprob"] and b["top_logprobs_num"] == 2 for b in linked)
+    assert all(b["extra_key"].startswith("epic:") for b in linked)  # the link hint
+    doc_tokens = sum(len(b["input_ids"]) for b in compiles)
+    assert first["epic"]["compiled_tokens"] == doc_tokens and second["epic"]["compiled_tokens"] == 0
+    assert first["choices"][0]["message"]["content"] == "t11 t12 t13"
+    content = first["choices"][0]["logprobs"]["content"]
+    assert [(c["token"], c["logprob"]) for c in content] == [("t11", 0.0), ("t12", -0.5), ("t13", -1.0)]
+    assert [t["token"] for t in content[2]["top_logprobs"]] == ["t13", "t7"]

@@ -92,6 +92,17 @@ def check(response: httpx.Response) -> httpx.Response:
     raise RequestFailed(f"SGLang failed ({response.status_code}): {message}")
 
 
+def output_logprobs(request: Request, meta: dict) -> dict:
+    """The generated tokens' logprobs from SGLang's last stream chunk (it carries them all),
+    under GenerateResult's names; SGLang's shapes are the engine's."""
+    if not request.return_logprob:
+        return {}
+    out = {"output_token_logprobs": meta.get("output_token_logprobs", [])}
+    if request.top_logprobs_num:
+        out["output_top_logprobs"] = meta.get("output_top_logprobs", [])
+    return out
+
+
 class SGLangRuntime:
     def __init__(self, engine: SGLangEngine, on_result: Callable[[GenerateResult], None] | None = None):
         self.engine = engine
@@ -102,13 +113,17 @@ class SGLangRuntime:
         e, t0 = self.engine, time.perf_counter()
         policy = parse_policy(request.policy)
         request.sampling.validate()
-        if request.return_logprob or request.top_logprobs_num or request.logprob_start_len >= 0:
-            raise ValueError("logprobs are not served through the SGLang front; ask SGLang on its own port")
+        if request.return_logprob and request.logprob_start_len >= 0:
+            # SGLang would serve it, but only by computing the prompt in full, unlinked
+            raise ValueError("prompt logprobs (logprob_start_len) are not served through the SGLang front; "
+                             "ask SGLang on its own port")
         segments = request.segments or e.prompts.build(request.question, request.documents, request.system)
         prompt_ids = [t for s in segments for t in s.token_ids]
         rid = rid or uuid.uuid4().hex
+        logprobs = dict(return_logprob=True, top_logprobs_num=request.top_logprobs_num,
+                        return_text_in_logprobs=request.return_text_in_logprobs) if request.return_logprob else {}
         body = generate_body(segments, policy, sglang_sampling(request.sampling), request.namespace,
-                             stream=True, rid=rid)  # refuses policies the plugin does not serve
+                             stream=True, rid=rid, **logprobs)  # refuses policies the plugin does not serve
         compiled = 0 if policy.kind == "fr" else await e.compile_missing(segments, request.namespace)
         compile_s = time.perf_counter() - t0
         try:
@@ -138,7 +153,7 @@ class SGLangRuntime:
                               ttft_s=ttft, compile_s=compile_s, link_s=ttft - compile_s,
                               decode_s=time.perf_counter() - t0 - ttft)
         result = GenerateResult(chunk["text"], chunk.get("output_ids", []), prompt_ids, meta.get("finish_reason") or {},
-                                policy.name, stats, recomputed_positions=[])
+                                policy.name, stats, recomputed_positions=[], **output_logprobs(request, meta))
         if self.on_result is not None:
             self.on_result(result)
         yield Progress(rid, result.text, result.output_ids, len(prompt_ids), result=result)
