@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU host: install the offline SGLang/FlashInfer kit from gpu_bundle/ (built with
 # ../shared/gpu-kit/build.sh), then run the GPU tests or benchmarks/gpu_ttft.py; logs,
-# BENCHMARKS.md and FlashInfer's JIT cache go to $OUT.
+# BENCHMARKS.md and FlashInfer's JIT cache go to $OUT (copy jit-cache.tar.xz into gpu_bundle/,
+# or `cat` its parts into it).
 #   bash benchmarks/gpu_run.sh tests
 #   bash benchmarks/gpu_run.sh bench [gpu_ttft.py args...]
 #   bash benchmarks/gpu_run.sh all [gpu_ttft.py args...]   # both
@@ -51,7 +52,10 @@ case "$MODE" in
   sglang) run_script sglang_pic --logs "$OUT" "$@"; rc=$? ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac
-# $OUT takes files of at most 16 MiB: split the JIT caches (FlashInfer's, SGLang's; join and
-# xz them into gpu_bundle/jit-cache.tar.xz).
-(cd ~/.cache && tar -cf - --exclude=pip --exclude=huggingface . 2>/dev/null | split -b 15M -d -a 2 - "$OUT/jit-cache.tar." && ls -la "$OUT"/jit-cache.tar.*)
+# $OUT brings back at most 8 files of 16 MiB: the JIT caches (FlashInfer's, SGLang's) as one
+# xz file, gpu_bundle/jit-cache.tar.xz for the next run (split into 15 MiB parts only if larger).
+(cd ~/.cache && tar -cf - --exclude=pip --exclude=huggingface . 2>/dev/null | xz -T0 -3 > "$OUT/jit-cache.tar.xz" &&
+  if [ "$(stat -c %s "$OUT/jit-cache.tar.xz")" -gt 15728640 ]; then
+    split -b 15M -d -a 2 "$OUT/jit-cache.tar.xz" "$OUT/jit-cache.tar.xz." && rm "$OUT/jit-cache.tar.xz"
+  fi; ls -la "$OUT"/jit-cache.tar.xz*)
 exit "$rc"
