@@ -8,7 +8,7 @@ import json
 import pytest
 import requests
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from epic_sglang.sampling import SamplingParams
 from epic_sglang.server import ServerConfig, create_sglang_front
@@ -54,6 +54,8 @@ def test_documents_and_rag_without_sglang_fail_clearly_and_lose_nothing(front, w
     r = post(front, "/v1/documents", {"documents": hotpot[1].paragraphs[:1], "namespace": "wiki", "precompile": True})
     assert r.status_code == 503 and "unreachable" in r.json()["error"]["message"]
     assert requests.get(front + "/health", timeout=60).json() == {"status": "ok"}
+    r = requests.post(front + "/flush_cache", timeout=60)  # SGLang's own routes: a 503 naming it, too
+    assert r.status_code == 503 and "SGLang server unreachable" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("path, body, message", [
@@ -123,6 +125,15 @@ def sglang_stand_in(answer_ids: list[int], received: list[dict]):
     and meta_info so far (logprobs cumulative, as SGLang's tokenizer manager keeps them)."""
     app = FastAPI()
 
+    @app.post("/flush_cache")
+    async def flush_cache():
+        received.append({"flush": True})
+        return Response("Cache flushed.\n", media_type="text/plain")
+
+    @app.get("/get_model_info")
+    async def model_info():
+        return {"model_path": "/models/stand-in", "is_generation": True}
+
     @app.post("/generate")
     async def generate(request: Request):
         body = await request.json()
@@ -144,6 +155,7 @@ def sglang_stand_in(answer_ids: list[int], received: list[dict]):
 
 
 def test_a_chat_with_documents_compiles_them_once_links_them_and_returns_sglangs_logprobs(engine):
+    """Also: SGLang's own routes through the front; a flush makes documents compile again."""
     received: list[dict] = []
     with serve_in_thread(sglang_stand_in([11, 12, 13], received)) as sglang_url:
         app = create_sglang_front(ServerConfig(model="smollm2-135m"), sglang_url, engine.tokenizer, 8192)
@@ -153,6 +165,13 @@ def test_a_chat_with_documents_compiles_them_once_links_them_and_returns_sglangs
                     "logprobs": True, "top_logprobs": 2}
             first = post(url, "/v1/chat/completions", body).json()
             second = post(url, "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": "Which?"}]}).json()
+            info = requests.get(url + "/get_model_info", timeout=60)
+            flushed = requests.post(url + "/flush_cache", timeout=60)
+            third = post(url, "/v1/chat/completions", body).json()  # SGLang's cache is empty again
+    assert info.json()["model_path"] == "/models/stand-in"
+    assert flushed.status_code == 200 and flushed.text == "Cache flushed.\n" and {"flush": True} in received
+    assert third["epic"]["compiled_tokens"] == first["epic"]["compiled_tokens"] > 0
+    received = received[:received.index({"flush": True})]
     compiles = [b for b in received if not b.get("stream")]
     assert len(compiles) == 2 and all(b["sampling_params"] == {"max_new_tokens": 0} for b in compiles)
     linked = [b for b in received if b.get("stream")]

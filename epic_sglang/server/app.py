@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from epic_sglang.engine import Engine
 from epic_sglang.scheduler import Scheduler, ServerBusy
-from epic_sglang.server import native, openai_api, rag
+from epic_sglang.server import native, openai_api, rag, sglang_proxy
 from epic_sglang.server.config import ServerConfig
 from epic_sglang.server.documents import DocumentService
 from epic_sglang.server.inputs import NotFound, PromptResolver
@@ -125,7 +125,7 @@ def create_sglang_front(config: ServerConfig, sglang_url: str, tokenizer, max_co
                         sglang_api_key: str | None = None, stop: Callable[[], None] | None = None) -> FastAPI:
     """Our API over a SGLang server running the plugin (`--engine sglang`): /generate (with
     documents, kv_hints, transparent detection), the OpenAI API, /v1/rag, /v1/documents.
-    SGLang's own API, cache and server info stay on its port. `stop` runs at shutdown (the
+    SGLang's cache, abort and info routes are forwarded to it. `stop` runs at shutdown (the
     CLI stops the SGLang server it started there: uvicorn ends a SIGTERM'd process by the
     signal itself, so atexit handlers never run)."""
     from epic_sglang.sglang_plugin.runtime import SGLangEngine, SGLangRuntime
@@ -133,7 +133,7 @@ def create_sglang_front(config: ServerConfig, sglang_url: str, tokenizer, max_co
     engine = SGLangEngine(sglang_url, tokenizer, max_context_len, sglang_api_key)
     metrics = Metrics()
     return assemble(config, SGLangRuntime(engine, on_result=metrics.observe), engine, metrics,
-                    (native.router, openai_api.router, rag.router), stop=stop, aclose=engine.close)
+                    (native.router, openai_api.router, rag.router, sglang_proxy.router), stop=stop, aclose=engine.close)
 
 
 def assemble(config: ServerConfig, runtime, engine, metrics: Metrics, routers, start: Callable[[], None] | None = None,

@@ -58,6 +58,10 @@ class CompiledDocuments:
     def add(self, segments: list[Segment], namespace: str | None = None) -> None:
         self.known.update((namespace, s.token_ids) for s in segments if s.document is not None)
 
+    def clear(self) -> None:
+        """The server's cache was flushed: every document compiles again on next use."""
+        self.known.clear()
+
     def confirm(self, segments: list[Segment], policy: str | Policy, cached_tokens: int,
                 namespace: str | None = None) -> bool:
         """False (and the prompt's documents forgotten) when a document was not reused."""

@@ -59,6 +59,13 @@ class SGLangEngine:
         except httpx.HTTPError as err:
             raise self.unreachable(err) from err
 
+    async def forward(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        """One of SGLang's own routes, answered as SGLang answers it (the front's proxy)."""
+        try:
+            return await self.http.request(method, path, json=body)
+        except httpx.HTTPError as err:
+            raise self.unreachable(err) from err
+
     def unreachable(self, err: httpx.HTTPError) -> RequestFailed:
         return RequestFailed(f"SGLang server unreachable at {self.http.base_url}: {err!r}", status=503)
 
