@@ -37,6 +37,7 @@ class Progress:
     prompt_tokens: int = 0
     result: GenerateResult | None = None
     error: str | None = None
+    error_status: int = 500  # the HTTP status of `error`: 503 when the server lacks memory for it
 
     @property
     def done(self) -> bool:
@@ -216,7 +217,7 @@ class Scheduler:
                     self._requeue(batch)
                     return []
                 if len(batch) == 1:
-                    self._fail(batch[0], f"the request needs more KV memory than the server has: {e}")
+                    self._fail(batch[0], f"the request needs more KV memory than the server has: {e}", status=503)
                     return []
                 self._requeue(batch[1:])  # alone, the first may fit
                 batch = batch[:1]
@@ -236,7 +237,7 @@ class Scheduler:
         result = self.engine.finish(entry.state, abort=abort)
         entry.callback(Progress(entry.rid, result.text, list(result.output_ids), result.stats.prompt_tokens, result=result))
 
-    def _fail(self, entry: _Entry, message: str) -> None:
+    def _fail(self, entry: _Entry, message: str, status: int = 500) -> None:
         self.engine.finish(entry.state, abort=message)
-        entry.callback(Progress(entry.rid, "", [], error=message))
+        entry.callback(Progress(entry.rid, "", [], error=message, error_status=status))
 

@@ -356,3 +356,17 @@ def test_serve_cli_rejects_bad_arguments_in_one_line():
     out = subprocess.run([sys.executable, "-m", "epic_sglang.cli", "serve", "--policy", "magic"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "unknown policy" in out.stderr
+
+
+def test_a_prompt_larger_than_the_kv_pool_gets_a_503_and_the_server_keeps_serving():
+    """Too little memory is the server's state, not the client's error: 503 with what to know."""
+    from epic_sglang import Engine
+
+    small = Engine("smollm2-135m", device="cpu", kv_cache_gb=0.001)  # the smallest pool: 4,096 tokens
+    with serve_in_thread(create_app(ServerConfig(model="smollm2-135m"), engine=small)) as url:
+        r = requests.post(f"{url}/generate", json={"text": "word " * 5000, "sampling_params": {"max_new_tokens": 2}},
+                          timeout=300)
+        assert r.status_code == 503, r.text
+        assert "needs more KV memory than the server has" in r.json()["error"]["message"]
+        ok = requests.post(f"{url}/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}}, timeout=300)
+        assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 2

@@ -191,8 +191,7 @@ def assemble(config: ServerConfig, runtime, engine, metrics: Metrics, routers, s
 
     @app.exception_handler(RequestFailed)
     async def failed(_: HTTPRequest, e: RequestFailed):
-        status = e.status or (503 if "memory" in str(e) or "KV" in str(e) else 500)
-        return error(status, str(e), "server_error")
+        return error(e.status or 500, str(e), "server_error")
 
     return app
 

@@ -55,7 +55,7 @@ class Runtime:
                     latest = queue.get_nowait()
                 done = latest.done
                 if latest.error is not None:
-                    raise RequestFailed(latest.error)
+                    raise RequestFailed(latest.error, latest.error_status)
                 if latest.result is not None and self.on_result is not None:
                     self.on_result(latest.result)
                 yield latest
