@@ -65,6 +65,18 @@ def first_logprobs(out: dict) -> dict[int, float]:
     return {tok: lp for lp, tok, _ in out["meta_info"]["output_top_logprobs"][0]}
 
 
+def small_checkpoint(tokenizer: Path) -> Path:
+    """The small real-architecture checkpoint of the correctness parts (random widened weights)."""
+    ckpt = Path(tempfile.mkdtemp(prefix="epic-small-"))
+    random_checkpoint(SMALL, tokenizer, ckpt, widen=True)
+    return ckpt
+
+
+def check_prompts() -> list[list[Segment]]:
+    """Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question."""
+    return [segments(4, 120, 24, 16, SMALL["vocab_size"], seed=s) for s in range(6)]
+
+
 def plugin_outputs(url: str, prompts: list[list[Segment]]) -> dict[str, list[dict]]:
     """fr, then (documents compiled) legolink-16, naive and legolink-16 again, with the
     first token's top-10 logprobs: what the checks compare."""
@@ -82,8 +94,10 @@ def plugin_outputs(url: str, prompts: list[list[Segment]]) -> dict[str, list[dic
 
 def max_logprob_gap(a: list[dict], b: list[dict]) -> float:
     """Largest first-token logprob difference over the tokens both top-10 lists hold."""
-    gaps = [abs(lp - first_logprobs(y)[t]) for x, y in zip(a, b) for t, lp in first_logprobs(x).items()
-            if t in first_logprobs(y)]
+    gaps = []
+    for x, y in zip(a, b):
+        theirs = first_logprobs(y)
+        gaps += [abs(lp - theirs[t]) for t, lp in first_logprobs(x).items() if t in theirs]
     return max(gaps)
 
 
@@ -91,9 +105,7 @@ def max_logprob_gap(a: list[dict], b: list[dict]) -> float:
 def check(tokenizer: Path, logs: Path) -> list[str]:
     from epic_sglang import Engine, Request, SamplingParams
 
-    ckpt = Path(tempfile.mkdtemp(prefix="epic-small-"))
-    random_checkpoint(SMALL, tokenizer, ckpt, widen=True)
-    prompts = [segments(4, 120, 24, 16, SMALL["vocab_size"], seed=s) for s in range(6)]
+    ckpt, prompts = small_checkpoint(tokenizer), check_prompts()
     flags = ["--dtype", "bfloat16", "--mem-fraction-static", "0.5"]
 
     with SGLangServer(ckpt, PORT, plugin=False, extra=flags, log_path=logs / "sglang_plain.log") as url:
@@ -134,9 +146,7 @@ def check(tokenizer: Path, logs: Path) -> list[str]:
 def tensor_parallel(tokenizer: Path, logs: Path, tp: int) -> list[str]:
     """The same link requests on plugin servers with --tp 1 and --tp `tp` (each rank holds
     its heads' share of every document's KV and links it in its own scheduler)."""
-    ckpt = Path(tempfile.mkdtemp(prefix="epic-tp-"))
-    random_checkpoint(SMALL, tokenizer, ckpt, widen=True)
-    prompts = [segments(4, 120, 24, 16, SMALL["vocab_size"], seed=s) for s in range(6)]
+    ckpt, prompts = small_checkpoint(tokenizer), check_prompts()
     flags = ["--dtype", "bfloat16", "--mem-fraction-static", "0.5", "--cuda-graph-max-bs", "8"]
     outs = {}
     for size in (1, tp):
@@ -166,8 +176,7 @@ def front(tokenizer: Path, logs: Path) -> list[str]:
 
     from epic_sglang.prompt import PromptBuilder
 
-    ckpt = Path(tempfile.mkdtemp(prefix="epic-front-"))
-    random_checkpoint(SMALL, tokenizer, ckpt, widen=True)
+    ckpt = small_checkpoint(tokenizer)
     url, sglang_url = f"http://127.0.0.1:{PORT + 1}", f"http://127.0.0.1:{PORT}"
     cmd = [sys.executable, "-m", "epic_sglang.cli", "serve", "--engine", "sglang", "--model", str(ckpt),
            "--port", str(PORT + 1), "--sglang-port", str(PORT), "--log-level", "warning",
@@ -387,7 +396,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()))
     args = ap.parse_args()
-    parts = {"check", "front", "tp", "speed", "load"} if "all" in args.part else set(args.part)
+    everything = {"check", "front", "speed", "load"} | ({"tp"} if torch.cuda.device_count() >= args.tp else set())
+    parts = everything if "all" in args.part else set(args.part)
     if "check" in parts:
         rows = check(args.tokenizer, args.logs)
         write_section("sglang-plugin-check", f"""## SGLang plugin on GPU: correctness (small Qwen2 checkpoint, random widened weights, bf16)

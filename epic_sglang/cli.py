@@ -180,7 +180,7 @@ def sglang_server_args(args: argparse.Namespace) -> list[str]:
     import shlex
 
     user = shlex.split(args.sglang_args or "")
-    owned = sorted({a.split("=")[0] for a in user if a.split("=")[0] in FRONT_OWNED_SGLANG_FLAGS})
+    owned = sorted({a.split("=", 1)[0] for a in user} & set(FRONT_OWNED_SGLANG_FLAGS))
     if owned:
         raise ValueError(f"--sglang-args may not set {', '.join(owned)}: use --model / --sglang-port, "
                          "the plugin needs the rest as the front sets them")

@@ -54,10 +54,7 @@ class SGLangEngine:
         self.http = httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout_s)
 
     async def post(self, body: dict) -> dict:
-        try:
-            return check(await self.http.post("/generate", json=body)).json()
-        except httpx.HTTPError as err:
-            raise self.unreachable(err) from err
+        return check(await self.forward("POST", "/generate", body)).json()
 
     async def forward(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
         """One of SGLang's own routes, answered as SGLang answers it (the front's proxy)."""
