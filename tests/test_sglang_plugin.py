@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from epic_sglang.attention.flashinfer_backend import link_entries
 from epic_sglang.policies import Segment, parse_policy, plan_link
 from epic_sglang.sglang_plugin import attention, client, hooks, load
 from epic_sglang.sglang_plugin.layout import plan_rows
@@ -26,6 +27,7 @@ from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
 from epic_sglang.sglang_plugin.wire import HintError, LinkHint, decode
 from radix_ext import KVLayout, PICRadixCache
+from test_rope import visible_keys
 
 HEADS, DIM, LAYERS = 2, 8, 2
 
@@ -163,18 +165,28 @@ def prompt(rng: random.Random, sizes=(6, 20, 3, 17, 9)) -> tuple[list[int], list
     return ids, spans, [ids[s:e] for s, e in spans]
 
 
-def visible_positions(plan, req, layout, row) -> list[tuple[int, list[int]]]:
-    """(query position, positions of the keys its entry attends) for every link query."""
+def visible_positions(plan, layout, row) -> list[tuple[int, list[int]]]:
+    """(query position, positions of the keys its entries attend) for every link query of a
+    batch holding this one request: causal local entries, bottom-right aligned, plus the bulk
+    entries (every query of one sees all its keys) of the rows `plan.bulk_rows` names."""
     position_of_slot = {int(s): int(p) for s, p in zip(row, layout.order)}
-    out = []
-    qo, kv = plan.qo_indptr.tolist(), plan.kv_indptr.tolist()
     queries = layout.extend_positions.tolist()
-    for e in range(len(qo) - 1):
-        keys = [position_of_slot[int(s)] for s in plan.kv_indices[kv[e]:kv[e + 1]]]
-        run = queries[qo[e]:qo[e + 1]]
-        for j, q in enumerate(run):  # causal: query j sees all but the run's later tokens
-            out.append((q, keys[:len(keys) - len(run) + j + 1]))
-    return out
+    seen = [[] for _ in queries]
+
+    def entries(e):
+        qo, kv = e.qo_indptr.tolist(), e.kv_indptr.tolist()
+        for i in range(len(qo) - 1):
+            yield range(qo[i], qo[i + 1]), [position_of_slot[int(s)] for s in e.kv_indices[kv[i]:kv[i + 1]]]
+
+    for rows, keys in entries(plan.local):
+        for j, r in enumerate(rows):
+            seen[r] += keys[:len(keys) - len(rows) + j + 1]
+    if plan.bulk is not None:
+        bulk_rows = torch.arange(len(queries))[plan.bulk_rows].tolist()
+        for rows, keys in entries(plan.bulk):
+            for r in rows:
+                seen[bulk_rows[r]] += keys
+    return list(zip(queries, seen))
 
 
 # ----------------------------------------------------------------- pure parts
@@ -213,15 +225,11 @@ def test_every_link_query_attends_exactly_the_keys_at_or_before_it():
         total = rng.choice([spans[-1][1], 80])
         layout = plan_rows(total, spans, rng.randint(0, 6), [rng.random() < 0.8 for _ in spans],
                            rng.randint(0, spans[0][0]))
-        rows, ends = layout.kv_rows()
-        keys_at = layout.order[rows]
-        start = 0
-        queries = iter(layout.extend_positions.tolist())
-        for (s, e), n in zip(layout.compute_runs, ends):
-            for j in range(e - s):
-                q = next(queries)
-                assert sorted(keys_at[start:start + n - (e - s) + j + 1].tolist()) == list(range(q + 1))
-            start += n
+        queries = layout.extend_positions.tolist()
+        for group in (None, 3):  # per-run entries; runs grouped behind shared bulk entries
+            bulk, local = link_entries(layout.query_runs(), 1, group)
+            for q, keys in zip(queries, visible_keys(bulk, local, queries)):
+                assert sorted(keys) == list(range(q + 1))
         assert total - 1 in layout.extend_positions  # the last token always yields fresh logits
 
 
@@ -250,7 +258,10 @@ def test_a_client_forgets_documents_a_response_shows_evicted():
 
 
 # ----------------------------------------------------------------- through SGLang's scheduler classes
-def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_unchanged(sglang_runtime):
+@pytest.mark.parametrize("group", [attention.CASCADE_GROUP, 4])
+def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_unchanged(sglang_runtime, group,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(attention, "CASCADE_GROUP", group)  # 4: runs grouped, bulk entries planned
     s = Scheduler()
     ids, spans, docs = prompt(random.Random(1))
     for doc in docs:
@@ -267,7 +278,8 @@ def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_
     assert list(req.origin_input_ids_unpadded) == ids  # what SGLang detokenizes against stays the prompt
     s.assert_row_at_prompt_positions(req, ids, layer=1)
     row = s.row(req)
-    for q, keys in visible_positions(plan, req, layout, row):
+    assert (plan.bulk is not None) == (group == 4)
+    for q, keys in visible_positions(plan, layout, row):
         assert sorted(keys) == list(range(q + 1))
     for k, n in s.cache.document_nodes().items():
         assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))

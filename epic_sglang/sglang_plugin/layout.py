@@ -7,11 +7,11 @@ documents, the question), so the row is a permutation of the prompt:
 
     [exact prefix | cached runs (document tokens past k) | computed runs, in prompt order]
 
-Every computed run becomes one causal attention entry whose keys are all tokens before
-the run's end in prompt order (`kv_rows`), the run's own tokens last. That is exactly
-the design card's mask (attend iff key position <= query position) with no custom mask:
-one FlashInfer paged-prefill entry per run. Positions are the prompt positions, so the
-model sees the document where it sits, not where its row slot is.
+Every query of a computed run attends all tokens before it in prompt order: the design
+card's mask (attend iff key position <= query position). `attention.py` plans that as
+FlashInfer entries over the row's slots (per-run causal entries, grouped runs sharing one
+entry for the keys before them), with no mask tensor. Positions are the prompt positions, so
+the model sees the document where it sits, not where its row slot is.
 """
 from __future__ import annotations
 
@@ -61,14 +61,11 @@ class RowLayout:
         rows[self.order] = np.arange(len(self.order))
         return rows
 
-    def kv_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(row indices of every entry's keys, concatenated; each entry's key count)."""
-        row_of = self.row_of()
-        ends = np.array([end for _, end in self.compute_runs], dtype=np.int64)
-        return np.concatenate([row_of[:end] for end in ends]), ends
-
-    def qo_lens(self) -> np.ndarray:
-        return np.array([end - start for start, end in self.compute_runs], dtype=np.int64)
+    def query_runs(self) -> list[tuple[int, int]]:
+        """The computed runs as the engine's attention plans them: (queries up to the end of
+        the run, position just past it); extend tokens are the runs in prompt order."""
+        counts = np.cumsum([end - start for start, end in self.compute_runs])
+        return [(int(c), end) for c, (_, end) in zip(counts, self.compute_runs)]
 
 
 def plan_rows(num_tokens: int, docs: Sequence[tuple[int, int]], k: int, hits: Sequence[bool],
