@@ -28,6 +28,16 @@ def test_query_runs_split_scattered_link_queries():
     assert query_runs([7]) == [(1, 8)]
 
 
+def test_auto_cascades_once_the_runs_key_prefixes_reach_the_threshold():
+    from epic_sglang.attention.flashinfer_backend import AUTO_CASCADE_KEYS, wants_cascade
+
+    # an 8K-token link of 16-token runs (62K run keys) stays per-run; a 16K one (255K) cascades
+    short = [(16 * (i + 1), 512 * i + 16) for i in range(15)]
+    long = [(16 * (i + 1), 512 * i + 16) for i in range(31)]
+    assert not wants_cascade(short) and wants_cascade(long)
+    assert wants_cascade([(1, AUTO_CASCADE_KEYS)]) and not wants_cascade([(1, AUTO_CASCADE_KEYS - 1)])
+
+
 def visible_keys(bulk, local, positions):
     """Per query row, the keys its entries let it see (bulk: all of [k0, k1); local: causal,
     bottom-right aligned as FlashInfer does when kv is longer than the queries)."""

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from epic_sglang.attention import flashinfer_backend
 from epic_sglang.attention.flashinfer_backend import link_entries
 from epic_sglang.policies import Segment, parse_policy, plan_link
 from epic_sglang.sglang_plugin import attention, client, hooks, load
@@ -258,10 +259,12 @@ def test_a_client_forgets_documents_a_response_shows_evicted():
 
 
 # ----------------------------------------------------------------- through SGLang's scheduler classes
-@pytest.mark.parametrize("group", [attention.CASCADE_GROUP, 4])
-def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_unchanged(sglang_runtime, group,
+@pytest.mark.parametrize("cascade", [False, True])
+def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_unchanged(sglang_runtime, cascade,
                                                                                           monkeypatch):
-    monkeypatch.setattr(attention, "CASCADE_GROUP", group)  # 4: runs grouped, bulk entries planned
+    if cascade:  # a link this short is planned as a cascade only past a lowered threshold, in small groups
+        monkeypatch.setattr(flashinfer_backend, "AUTO_CASCADE_KEYS", 0)
+        monkeypatch.setattr(flashinfer_backend, "CASCADE_GROUP", 4)
     s = Scheduler()
     ids, spans, docs = prompt(random.Random(1))
     for doc in docs:
@@ -278,7 +281,7 @@ def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_
     assert list(req.origin_input_ids_unpadded) == ids  # what SGLang detokenizes against stays the prompt
     s.assert_row_at_prompt_positions(req, ids, layer=1)
     row = s.row(req)
-    assert (plan.bulk is not None) == (group == 4)
+    assert (plan.bulk is not None) == cascade
     for q, keys in visible_positions(plan, layout, row):
         assert sorted(keys) == list(range(q + 1))
     for k, n in s.cache.document_nodes().items():

@@ -50,8 +50,9 @@ GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read t
 CASCADE_GROUP = 128  # cascade: runs grouped until this many queries share one bulk (FA3) entry
 # auto: cascade once the runs' key prefixes add up to this many keys (per-run entries would
 # re-read them all), else fused (gathered if RoPE cannot fuse): below, the cascade's second
-# kernel and merge cost more host time than they save. On an H200 (BENCHMARKS.md) fused won
-# at 8K-token links (62K run keys) and cascade at 16K (255K).
+# kernel and merge cost more host time than they save. On an H200 (BENCHMARKS.md) per-run
+# entries won at 8K-token links (62K run keys) and cascade at 16K (255K), in the engine and
+# in the SGLang plugin alike.
 AUTO_CASCADE_KEYS = 1 << 17
 
 Entry = tuple[int, int, int, int]  # query rows [q0, q1), keys [k0, k1), all sequence-local
@@ -62,6 +63,12 @@ def query_runs(positions: list[int]) -> list[tuple[int, int]]:
     past the run): the run's query count so far and its truncated KV length."""
     return [(i, positions[i - 1] + 1) for i in range(1, len(positions) + 1)
             if i == len(positions) or positions[i] != positions[i - 1] + 1]
+
+
+def wants_cascade(runs: list[tuple[int, int]]) -> bool:
+    """`auto`'s choice for these runs (`query_runs`' output): cascade once their key
+    prefixes add up to AUTO_CASCADE_KEYS."""
+    return sum(end for _, end in runs) >= AUTO_CASCADE_KEYS
 
 
 def link_entries(runs: list[tuple[int, int]], page: int, group: int | None) -> tuple[list[Entry], list[Entry]]:
@@ -156,8 +163,7 @@ class FlashInferAttention:
                     for start, (count, _) in zip([0] + [c for c, _ in seq_runs], seq_runs))
         mode = self.link_mode
         if mode == "auto":
-            run_keys = sum(end for seq_runs in runs for _, end in seq_runs)
-            mode = "cascade" if run_keys >= AUTO_CASCADE_KEYS else "fused"
+            mode = "cascade" if wants_cascade([r for seq_runs in runs for r in seq_runs]) else "fused"
         gathered = masked or dense or mode != "fused" or not self.can_fuse
         group = CASCADE_GROUP if mode == "cascade" and not (masked or dense) else None
 

@@ -1,11 +1,11 @@
 """The link pass's attention on SGLang's FlashInfer backend, planned once per forward.
 
-A linked request's computed runs (see `layout.py`) attend as the engine's `cascade` link
-mode does (`epic_sglang.attention.flashinfer_backend.link_entries`): runs grouped to
-CASCADE_GROUP queries share one non-causal bulk entry over the keys before the group (each
-key read once per group, not once per run), each run keeps a causal local entry from there
-to its end, and the two partial results merge by log-sum-exp. Other requests of the batch
-are one ordinary causal entry each. Keys are KV pool slots (page size 1) read through the
+A linked request's computed runs (see `layout.py`) attend as the engine's `auto` link mode
+does (`epic_sglang.attention.flashinfer_backend`): a long link as a cascade (runs grouped
+to CASCADE_GROUP queries share one non-causal bulk entry over the keys before the group,
+each key read once per group, not once per run; each run keeps a causal local entry from
+there to its end; the two partial results merge by log-sum-exp), a short one as one causal
+entry per run (`wants_cascade`). Other requests of the batch are one causal entry each. Keys are KV pool slots (page size 1) read through the
 request's row, so nothing is gathered.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from epic_sglang.attention.flashinfer_backend import CASCADE_GROUP, link_entries, row_selector
+from epic_sglang.attention import flashinfer_backend
+from epic_sglang.attention.flashinfer_backend import link_entries, row_selector
 from epic_sglang.sglang_plugin.link_request import LinkRequest
 
 
@@ -72,7 +73,9 @@ def build_plan(batch, links: dict[int, LinkRequest]) -> LinkAttentionPlan:
         else:
             layout = link.layout
             row_of = layout.row_of()  # prompt position -> row slot
-            group_entries, run_entries = link_entries(layout.query_runs(), 1, CASCADE_GROUP)
+            runs = layout.query_runs()
+            group = flashinfer_backend.CASCADE_GROUP if flashinfer_backend.wants_cascade(runs) else None
+            group_entries, run_entries = link_entries(runs, 1, group)
             for q0, q1, k0, k1 in run_entries:
                 local.add(req.req_pool_idx, row_of[k0:k1], q1 - q0)
             for q0, q1, k0, k1 in group_entries:
