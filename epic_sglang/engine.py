@@ -432,7 +432,9 @@ class Engine:
     # ----------------------------------------------------------------- link
     def _assemble_row(self, s: RunningRequest) -> None:
         """Fill the request's req_to_token row: cached document slots where KV is reused,
-        fresh private slots where the plan recomputes (cacheblend: private everywhere)."""
+        fresh private slots where the plan recomputes (cacheblend: private everywhere).
+        Indices are worked out on the host and sent once: a boolean index on the device
+        would stop the host on the stream twice per document."""
         n = s.plan.num_tokens
         row = self.req_to_token_pool.alloc()
         if row is None:
@@ -441,22 +443,32 @@ class Engine:
         blend = s.plan.blend_ratio > 0
         fresh = torch.ones(n, dtype=torch.bool) if blend else s.plan.recompute
         slots = torch.zeros(n, dtype=torch.int64, device=self.device)
-        private = self._alloc(int(fresh.sum()))
+        fresh_at = fresh.nonzero().flatten()
+        private = self._alloc(fresh_at.numel())
         s.private.append(private)
-        slots[fresh.to(self.device)] = private
+        slots[fresh_at.to(self.device)] = private
         if not blend:
             if s.prefix_len:
                 slots[:s.prefix_len] = s.prefix_slots
-            for (start, length, _), doc in zip(s.plan.doc_spans, s.documents):
-                reused = ~s.plan.recompute[start:start + length].to(self.device)
-                slots[start:start + length][reused] = doc.value[reused]
+            if s.documents:
+                # reused position p of a document starting at `start` takes its slot `p - start`,
+                # found at `offset + p - start` in all documents' slots laid end to end
+                at, offset, take = [], 0, []
+                for (start, length, _), doc in zip(s.plan.doc_spans, s.documents):
+                    reused = (~s.plan.recompute[start:start + length]).nonzero().flatten()
+                    at.append(start + reused)
+                    take.append(offset + reused)
+                    offset += length
+                doc_slots = torch.cat([doc.value for doc in s.documents])
+                slots[torch.cat(at).to(self.device)] = doc_slots[torch.cat(take).to(self.device)]
         self.req_to_token_pool.req_to_token[row, :n] = slots
         s.seq_len = n
 
     def _link_part(self, s: RunningRequest) -> tuple:
-        computed = s.plan.recompute.nonzero().flatten().to(self.device)
+        computed = s.plan.recompute.nonzero().flatten()
+        s.recomputed_positions = computed.tolist()  # from the host copy: no wait on the device
+        computed = computed.to(self.device)
         row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
-        s.recomputed_positions = computed.tolist()
         return s.prompt_ids[computed], computed, row[computed], row
 
     def _count_link(self, s: RunningRequest) -> None:

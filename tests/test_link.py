@@ -103,6 +103,23 @@ def test_same_document_twice_reordered_and_at_other_offsets(engine, hotpot):
         assert len(r.output_ids) > 0
 
 
+def test_a_linked_row_holds_each_documents_cached_slots_where_it_reuses_them(engine, hotpot):
+    a, b = (p[:400] for p in hotpot[4].paragraphs[2:4])
+    s = engine.admit(Request("Which one?", [a, b, a], "Row.", "legolink-4", SamplingParams(max_new_tokens=1)))
+    try:
+        engine.prefill([s])
+        row = engine.req_to_token_pool.req_to_token[s.row, :s.plan.num_tokens].cpu()
+        cached = torch.cat([d.value for d in s.documents]).cpu()
+        for (start, length, _), doc in zip(s.plan.doc_spans, s.documents):
+            reused = ~s.plan.recompute[start:start + length]
+            assert reused.sum() == length - 4
+            assert torch.equal(row[start:start + length][reused], doc.value.cpu()[reused])
+        fresh = row[s.plan.recompute]
+        assert fresh.unique().numel() == fresh.numel() and not torch.isin(fresh, cached).any()
+    finally:
+        engine.finish(s)
+
+
 def shared_kv(engine):
     docs = sorted(engine.cache.document_nodes().items())
     slots = torch.cat([node.value for _, node in docs])
