@@ -36,7 +36,7 @@ sed -n '/entry-points."sglang.srt.plugins"/,/^$/p' pyproject.toml | sed 's/^\[pr
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 TOK=/tmp/devkit/devkit/tokenizer
 run_tests() {
-  EPIC_TOKENIZER_DIR=$TOK "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_rotate_copy.py tests/test_rms_norm.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  EPIC_TOKENIZER_DIR=$TOK "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_rotate_copy.py tests/test_rms_norm.py tests/test_sglang_plugin.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
 run_script() {  # benchmarks/<name>.py with the shipped tokenizer; BENCHMARKS.md back to $OUT

@@ -414,3 +414,48 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
     if not torch.cuda.is_available():
         assert main(["serve", "--engine", "sglang"]) == 2
         assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- on a GPU, through FlashInfer
+@pytest.mark.gpu
+@pytest.mark.parametrize("cascade", [False, True])
+def test_link_attention_through_flashinfer_equals_the_link_mask(cascade, monkeypatch):
+    """The plan SGLang's FlashInfer backend gets for a link (per-run entries, or the cascade's
+    bulk and local entries merged by log-sum-exp) attends each query to exactly the keys at
+    or before its prompt position: dense masked attention in fp32, within bf16."""
+    flashinfer = pytest.importorskip("flashinfer")
+    if cascade:  # a link this short cascades only past a lowered threshold, in small groups
+        monkeypatch.setattr(flashinfer_backend, "AUTO_CASCADE_KEYS", 0)
+        monkeypatch.setattr(flashinfer_backend, "CASCADE_GROUP", 32)
+    dev, q_heads, kv_heads, dim, bf16 = torch.device("cuda"), 8, 2, 128, torch.bfloat16
+    docs = [(16 + 100 * i, 16 + 100 * (i + 1)) for i in range(12)]
+    n = docs[-1][1] + 24
+    layout = plan_rows(n, docs, 16, [True] * len(docs), exact_prefix_len=16)
+    g = torch.Generator(device=dev).manual_seed(0)
+    slots = torch.randperm(4 * n, device=dev, generator=g)[:n]  # the request's row: row slot -> pool slot
+    k, v = (torch.randn(4 * n, kv_heads, dim, device=dev, generator=g).to(bf16) for _ in range(2))
+    q = torch.randn(layout.extend_len, q_heads, dim, device=dev, generator=g).to(bf16)
+
+    # the parts of SGLang's ScheduleBatch and FlashInfer backend that planning reads
+    batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=0)], extend_lens=[layout.extend_len],
+                                  seq_lens_cpu=torch.tensor([n]), device=dev,
+                                  req_to_token_pool=types.SimpleNamespace(req_to_token=slots[None].to(torch.int32)))
+    plan = attention.build_plan(batch, {0: types.SimpleNamespace(layout=layout)})
+    assert (plan.bulk is not None) == cascade
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+    backend = types.SimpleNamespace(
+        num_wrappers=1, workspace_buffer=workspace,
+        prefill_wrappers_paged=[flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")],
+        indices_updater_prefill=types.SimpleNamespace(num_qo_heads=q_heads, num_kv_heads=kv_heads, head_dim=dim,
+                                                      q_data_type=bf16, data_type=bf16))
+    attention.plan_flashinfer(backend, plan)
+    scale = dim ** -0.5
+    out = backend.forward_metadata.prefill_wrappers[0].forward(q, (k, v), causal=True, sm_scale=scale)
+
+    key_slots = slots[torch.from_numpy(layout.row_of()).to(dev)]  # pool slot of each prompt position
+    expected = []
+    for i, p in enumerate(layout.extend_positions.tolist()):
+        ks, vs = (t[key_slots[:p + 1]].float().repeat_interleave(q_heads // kv_heads, dim=1) for t in (k, v))
+        weights = torch.softmax(torch.einsum("hd,khd->hk", q[i].float(), ks) * scale, dim=-1)
+        expected.append(torch.einsum("hk,khd->hd", weights, vs))
+    torch.testing.assert_close(out.float(), torch.stack(expected), atol=2e-2, rtol=2e-2)
