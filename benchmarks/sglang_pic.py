@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_ttft import LLAMA_8B, model_dir, random_checkpoint, segments  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
-from epic_sglang.policies import Segment  # noqa: E402
+from epic_sglang.policies import Segment, parse_policy  # noqa: E402
 from epic_sglang.sglang_plugin import client  # noqa: E402
 from epic_sglang.sglang_plugin.launch import SGLangServer, wait_until_ready  # noqa: E402
 
@@ -56,8 +56,8 @@ def generate(url: str, body: dict) -> dict:
     return r.json()
 
 
-def compile_documents(url: str, segs: list[Segment]) -> None:
-    for body in client.compile_bodies(segs):
+def compile_documents(url: str, segs: list[Segment], sinks: list[int] | None = None) -> None:
+    for body in client.compile_bodies(segs, sinks=sinks or ()):
         generate(url, body)
 
 
@@ -77,9 +77,20 @@ def check_prompts() -> list[list[Segment]]:
     return [segments(4, 120, 24, 16, SMALL["vocab_size"], seed=s) for s in range(6)]
 
 
-def plugin_outputs(url: str, prompts: list[list[Segment]]) -> dict[str, list[dict]]:
-    """fr, then (documents compiled) legolink-16, naive and legolink-16 again, with the
-    first token's top-10 logprobs: what the checks compare."""
+def sink_tokens(ckpt: Path) -> list[int]:
+    """legolink0's throw-away tokens for this checkpoint, as the engine picks them."""
+    from transformers import AutoTokenizer
+
+    from epic_sglang.policies import LEGOLINK0_SINK_TOKENS
+    from epic_sglang.prompt import PromptBuilder
+
+    return PromptBuilder(AutoTokenizer.from_pretrained(ckpt)).sink_tokens(LEGOLINK0_SINK_TOKENS)
+
+
+def plugin_outputs(url: str, prompts: list[list[Segment]], sinks: list[int]) -> dict[str, list[dict]]:
+    """fr, then (documents compiled) legolink-16, naive and legolink-16 again, then
+    (documents compiled behind `sinks`) legolink0, with the first token's top-10 logprobs:
+    what the checks compare."""
     def ask(policy: str) -> list[dict]:
         return [generate(url, client.generate_body(p, policy, GREEDY, return_logprob=True, top_logprobs_num=10))
                 for p in prompts]
@@ -89,6 +100,9 @@ def plugin_outputs(url: str, prompts: list[list[Segment]]) -> dict[str, list[dic
         compile_documents(url, p)
     for policy in ("legolink-16", "naive", "legolink-16-again"):
         out[policy] = ask(policy.removesuffix("-again"))
+    for p in prompts:
+        compile_documents(url, p, sinks)
+    out["legolink0"] = ask("legolink0")
     return out
 
 
@@ -107,16 +121,17 @@ def check(tokenizer: Path, logs: Path) -> list[str]:
 
     ckpt, prompts = small_checkpoint(tokenizer), check_prompts()
     flags = ["--dtype", "bfloat16", "--mem-fraction-static", "0.5"]
+    sinks = sink_tokens(ckpt)
 
     with SGLangServer(ckpt, PORT, plugin=False, extra=flags, log_path=logs / "sglang_plain.log") as url:
         plain = [generate(url, client.generate_body(p, "fr", GREEDY))["output_ids"] for p in prompts]
     with SGLangServer(ckpt, PORT, plugin=True, extra=flags, log_path=logs / "sglang_epic.log") as url:
-        linked = plugin_outputs(url, prompts)
+        linked = plugin_outputs(url, prompts, sinks)
     fr = [o["output_ids"] for o in linked["fr"]]
 
     engine = Engine(str(ckpt), device="cuda", kv_cache_gb=1)
     rows = [f"| fr: plugin server = plain SGLang server, token for token | {sum(a == b for a, b in zip(fr, plain))}/{len(prompts)} |"]
-    for policy in ("fr", "legolink-16", "naive"):
+    for policy in ("fr", "legolink-16", "naive", "legolink0"):
         ours = engine.generate_batch([Request(segments=p, policy=policy, return_first_logits=True,
                                               sampling=SamplingParams(max_new_tokens=16, ignore_eos=True))
                                       for p in prompts])
@@ -126,7 +141,7 @@ def check(tokenizer: Path, logs: Path) -> list[str]:
             gaps += [abs(v - lp[t].item()) for t, v in first_logprobs(sg).items()]
             same_tokens += sg["output_ids"] == en.output_ids
             doc_tokens = sum(len(s) for s in p if s.document is not None)
-            k = 16 if policy.startswith("legolink") else 0
+            k = parse_policy(policy).k
             reused &= policy == "fr" or sg["meta_info"]["cached_tokens"] >= doc_tokens - k * 4
         again = sum(a["output_ids"] == b["output_ids"] for a, b in zip(linked[policy], linked[policy + "-again"])
                     ) if policy == "legolink-16" else None
@@ -148,13 +163,13 @@ def tensor_parallel(tokenizer: Path, logs: Path, tp: int) -> list[str]:
     its heads' share of every document's KV and links it in its own scheduler)."""
     ckpt, prompts = small_checkpoint(tokenizer), check_prompts()
     flags = ["--dtype", "bfloat16", "--mem-fraction-static", "0.5", "--cuda-graph-max-bs", "8"]
-    outs = {}
+    sinks, outs = sink_tokens(ckpt), {}
     for size in (1, tp):
         with SGLangServer(ckpt, PORT, plugin=True, extra=flags + ["--tp", str(size)],
                           log_path=logs / f"sglang_tp{size}.log") as url:
-            outs[size] = plugin_outputs(url, prompts)
+            outs[size] = plugin_outputs(url, prompts, sinks)
     rows = []
-    for policy in ("fr", "legolink-16", "naive", "legolink-16-again"):
+    for policy in ("fr", "legolink-16", "naive", "legolink-16-again", "legolink0"):
         one, many = outs[1][policy], outs[tp][policy]
         same = sum(a["output_ids"] == b["output_ids"] for a, b in zip(one, many))
         cached = min(o["meta_info"]["cached_tokens"] for o in many)

@@ -61,7 +61,6 @@ def test_documents_and_rag_without_sglang_fail_clearly_and_lose_nothing(front, w
 @pytest.mark.parametrize("path, body, message", [
     ("/v1/rag", {"question": "Who?", "namespace": "wiki", "policy": "cacheblend-15"},
      "the SGLang plugin serves fr, naive, legolink"),
-    ("/v1/rag", {"question": "Who?", "namespace": "wiki", "policy": "legolink0"}, "the SGLang plugin serves"),
     ("/v1/rag", {"question": ""}, "question must be a non-empty string"),
     ("/generate", {"text": "Hi", "return_logprob": True, "logprob_start_len": 0},
      "prompt logprobs (logprob_start_len) are not served through the SGLang front"),
@@ -183,3 +182,26 @@ def test_a_chat_with_documents_compiles_them_once_links_them_and_returns_sglangs
     content = first["choices"][0]["logprobs"]["content"]
     assert [(c["token"], c["logprob"]) for c in content] == [("t11", 0.0), ("t12", -0.5), ("t13", -1.0)]
     assert [t["token"] for t in content[2]["top_logprobs"]] == ["t13", "t7"]
+
+
+def test_legolink0_compiles_documents_behind_the_engines_sinks_and_keeps_them_apart_from_plain_ones(engine):
+    from epic_sglang.sglang_plugin.wire import decode
+
+    received: list[dict] = []
+    sinks = engine.prompts.sink_tokens(4)
+    with serve_in_thread(sglang_stand_in([11], received)) as sglang_url:
+        app = create_sglang_front(ServerConfig(model="smollm2-135m"), sglang_url, engine.tokenizer, 8192)
+        with serve_in_thread(app) as url:
+            body = {"model": "m", "messages": [{"role": "user", "content": "Which river?"}], "max_tokens": 1,
+                    "documents": ["The Rhine flows north.", "The Danube flows east."]}
+            for policy in ("legolink0", "legolink0", "legolink-4"):
+                assert post(url, "/v1/chat/completions", {**body, "policy": policy}).status_code == 200
+    compiles = [b for b in received if not b.get("stream")]
+    docs = [tuple(engine.prompts.encode_document(d)) for d in body["documents"]]
+    assert len(compiles) == 4  # each document once behind the sinks (reused the second time), once plain
+    behind_sinks, plain = compiles[:2], compiles[2:]
+    assert sorted(tuple(b["input_ids"][4:]) for b in behind_sinks) == sorted(docs)
+    assert all(b["input_ids"][:4] == sinks and decode(b["extra_key"]).sink == 4 for b in behind_sinks)
+    assert sorted(tuple(b["input_ids"]) for b in plain) == sorted(docs) and decode(plain[0]["extra_key"]).sink == 0
+    hints = [decode(b["extra_key"]) for b in received if b.get("stream")]
+    assert [(h.k, h.sink) for h in hints] == [(0, 4), (0, 4), (4, 0)]

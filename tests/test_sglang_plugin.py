@@ -141,8 +141,8 @@ class Scheduler:
         req.output_ids.append(3)
         release_kv_cache(req, self.cache)
 
-    def compile(self, doc: list[int], namespace: str | None = "ns") -> None:
-        req = self.request(doc, LinkHint(namespace, compile=True), max_new_tokens=0)
+    def compile(self, doc: list[int], namespace: str | None = "ns", sinks: tuple[int, ...] = ()) -> None:
+        req = self.request([*sinks, *doc], LinkHint(namespace, compile=True, sink=len(sinks)), max_new_tokens=0)
         assert self.prefill([req])[0] == [req]
         self.finish(req)
 
@@ -195,6 +195,10 @@ def test_hint_round_trip_and_refusals():
     hint = LinkHint("tenant", ((3, 9), (9, 20)), 16)
     assert decode(hint.encode()) == hint
     assert decode(LinkHint(None, compile=True).encode()).compile
+    assert decode(LinkHint("t", ((3, 9),), 0, sink=4).encode()).sink == 4
+    assert decode(LinkHint(None, compile=True, sink=4).encode()) == LinkHint(None, compile=True, sink=4)
+    with pytest.raises(HintError, match="non-empty document after its 4 sink tokens"):
+        LinkHint(None, compile=True, sink=4).validate(4)
     for bad in ["epic:{", 'epic:{"docs": 3}', 'epic:{"ns": 1, "docs": []}']:
         with pytest.raises(HintError, match="epic:"):
             decode(bad)
@@ -287,6 +291,26 @@ def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_
     for k, n in s.cache.document_nodes().items():
         assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
         assert n.lock_ref > 0  # held while the request runs
+
+
+def test_legolink0_links_documents_compiled_behind_sinks_at_their_prompt_positions(sglang_runtime):
+    s = Scheduler()
+    ids, spans, docs = prompt(random.Random(4))
+    free = s.allocator.available_size()
+    sinks = (7, 7, 7, 7)
+    for doc in docs:
+        s.compile(doc, sinks=sinks)
+    assert s.allocator.available_size() == free - sum(map(len, docs))  # the sinks' KV is dropped
+    plain = s.request(ids, LinkHint("ns", tuple(spans), 0))
+    plain.init_next_round_input(s.cache)
+    assert plain.epic_link.layout.cached_runs == ()  # sink-compiled documents are another recipe's
+
+    req = s.request(ids, LinkHint("ns", tuple(spans), 0, sink=len(sinks)))
+    admitted, _ = s.prefill([req])
+    layout = req.epic_link.layout
+    assert admitted == [req] and [r.length for r in layout.cached_runs] == [20, 17]
+    s.assert_row_at_prompt_positions(req, ids, layer=1)  # keys compiled at t + 4, re-rotated to their place
+    s.finish(req)
 
 
 def test_release_publishes_the_exact_prefix_frees_everything_else_and_unlocks(sglang_runtime):

@@ -5,10 +5,13 @@ does); the body carries its token ids and, for a caching policy, the link hint.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from epic_sglang.policies import Policy, Segment, parse_policy
 from epic_sglang.sglang_plugin.wire import LinkHint
 
-SERVED_POLICIES = "fr, naive, legolink-<k> (k >= 1)"
+SERVED_POLICIES = "fr, naive, legolink-<k> (k >= 1), legolink0"
+SERVED_KINDS = ("fr", "naive", "legolink", "legolink0")
 
 
 def document_spans(segments: list[Segment]) -> list[tuple[int, int]]:
@@ -30,33 +33,35 @@ def generate_body(segments: list[Segment], policy: str | Policy, sampling_params
         if namespace is not None:
             body["extra_key"] = namespace
         return body
-    if policy.kind not in ("naive", "legolink"):
+    if policy.kind not in SERVED_KINDS:
         raise ValueError(f"the SGLang plugin serves {SERVED_POLICIES}, not {policy.name}")
-    body["extra_key"] = LinkHint(namespace, tuple(spans), policy.k).encode()
+    body["extra_key"] = LinkHint(namespace, tuple(spans), policy.k, sink=policy.recipe.sink_tokens).encode()
     return body
 
 
-def compile_bodies(segments: list[Segment], namespace: str | None = None) -> list[dict]:
+def compile_bodies(segments: list[Segment], namespace: str | None = None, sinks: Sequence[int] = ()) -> list[dict]:
     """One prefill-only /generate body per document of the prompt: each leaves the
-    document's KV in the server's cache."""
-    hint = LinkHint(namespace, compile=True).encode()
-    return [{"input_ids": list(s.token_ids), "sampling_params": {"max_new_tokens": 0}, "extra_key": hint}
+    document's KV in the server's cache. `sinks`: legolink0's throw-away tokens to compile
+    each document behind (`PromptBuilder.sink_tokens`, as the engine does)."""
+    hint = LinkHint(namespace, compile=True, sink=len(sinks)).encode()
+    return [{"input_ids": [*sinks, *s.token_ids], "sampling_params": {"max_new_tokens": 0}, "extra_key": hint}
             for s in segments if s.document is not None]
 
 
 class CompiledDocuments:
-    """The documents a client believes the server holds, compiled through it. A link
-    response whose `cached_tokens` falls short of the reuse it planned shows that some were
-    evicted: they are forgotten, so the next request compiles them again."""
+    """The documents a client believes the server holds, compiled through it (per
+    namespace and recipe: legolink0's documents are compiled behind sinks). A link response
+    whose `cached_tokens` falls short of the reuse it planned shows that some were evicted:
+    they are forgotten, so the next request compiles them again."""
 
     def __init__(self):
-        self.known: set[tuple[str | None, tuple[int, ...]]] = set()
+        self.known: set[tuple[str | None, str, tuple[int, ...]]] = set()
 
-    def missing(self, segments: list[Segment], namespace: str | None = None) -> list[Segment]:
-        return [s for s in segments if s.document is not None and (namespace, s.token_ids) not in self.known]
+    def missing(self, segments: list[Segment], namespace: str | None = None, recipe: str = "plain") -> list[Segment]:
+        return [s for s in segments if s.document is not None and (namespace, recipe, s.token_ids) not in self.known]
 
-    def add(self, segments: list[Segment], namespace: str | None = None) -> None:
-        self.known.update((namespace, s.token_ids) for s in segments if s.document is not None)
+    def add(self, segments: list[Segment], namespace: str | None = None, recipe: str = "plain") -> None:
+        self.known.update((namespace, recipe, s.token_ids) for s in segments if s.document is not None)
 
     def clear(self) -> None:
         """The server's cache was flushed: every document compiles again on next use."""
@@ -71,5 +76,5 @@ class CompiledDocuments:
         planned = sum(max(0, len(s) - policy.k) for s in docs) - (last.document is not None and len(last) > policy.k)
         if cached_tokens >= planned:
             return True
-        self.known.difference_update((namespace, s.token_ids) for s in docs)
+        self.known.difference_update((namespace, policy.recipe.name, s.token_ids) for s in docs)
         return False

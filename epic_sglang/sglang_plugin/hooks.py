@@ -42,7 +42,7 @@ def attach_link(result, req, *args, **kwargs):
         req.set_finish_with_abort(str(e))
         return result
     req.extra_key = hint.namespace
-    req.epic_link = (CompileRequest(hint.namespace, req.origin_input_ids) if hint.compile
+    req.epic_link = (CompileRequest(hint.namespace, req.origin_input_ids, hint.sink) if hint.compile
                      else LinkRequest(hint, req.origin_input_ids))
     return result
 

@@ -24,7 +24,8 @@ import numpy as np
 @dataclass(frozen=True)
 class CachedRun:
     """Reused tokens [start, start + length) of the prompt: document `doc`'s compiled KV
-    from token `offset` on, re-rotated from position `offset` to position `start`."""
+    from token `offset` on, re-rotated from where it was compiled (position `offset`, after
+    legolink0's sinks if any) to position `start`."""
     start: int
     length: int
     doc: int

@@ -5,7 +5,9 @@ the plugin attached one (see `hooks.py`):
 
 - `CompileRequest`: the input is one document. It is prefilled like any prompt, at
   position 0 with nothing before it, and at the end its KV becomes the document's node
-  (under its DocKey) instead of an exact prefix.
+  (under its DocKey) instead of an exact prefix. For legolink0 the input is the sink
+  tokens, then the document: the sinks' KV is dropped and the document is keyed under
+  the sink recipe (its keys are rotated from position `sink` on).
 - `LinkRequest`: at match time the exact prefix and every document are looked up, the row
   is planned (`layout.py`) and the request's token order is set to the row order, so
   SGLang's "cached prefix + new tokens" extend computes exactly LegoLink's tokens. The
@@ -24,34 +26,40 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
+from epic_sglang.policies import CompileRecipe
 from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows
 from epic_sglang.sglang_plugin.wire import LinkHint
 from radix_ext.doc_key import doc_extra_key, document_key
 
-RECIPE = "plain"  # documents compiled alone at position 0 (legolink0's sinks are not served here)
+
+def recipe(sink: int) -> str:
+    """The recipe a document is cached under: "plain" (compiled alone at position 0) or
+    legolink0's sink recipe, as the engine names them."""
+    return CompileRecipe(sink).name
 
 
 class CompileRequest:
-    def __init__(self, namespace: str | None, token_ids: array):
-        self.namespace = namespace
-        self.token_ids = token_ids
+    def __init__(self, namespace: str | None, token_ids: array, sink: int = 0):
+        self.namespace, self.sink = namespace, sink
+        self.token_ids = token_ids  # the sinks, then the document
         self.key: str | None = None
 
     def match(self, cache, params: MatchPrefixParams) -> MatchResult:
         """Nothing is reused: a partial match would split the document's node (SGLang
         keeps one token to compute), and a document is cached whole or not at all."""
-        self.key = document_key(cache.fingerprint, RECIPE, self.namespace, self.token_ids)
+        self.key = document_key(cache.fingerprint, recipe(self.sink), self.namespace, self.token_ids[self.sink:])
         params.req.extra_key = doc_extra_key(self.key)
         return cache.match_plain(MatchPrefixParams(key=RadixKey(array("q"), params.req.extra_key)))
 
     def release(self, cache, req, kv_len: int) -> None:
         row = cache.req_to_token_pool.req_to_token[req.req_pool_idx, :kv_len].to(torch.int64)
-        n, kept = len(self.token_ids), req.cache_protected_len
+        n, kept, sink = len(self.token_ids), req.cache_protected_len, self.sink
         free = [row[kept:kv_len]]
         if kv_len >= n:
-            cached = cache.adopt_document(self.key, self.token_ids, row[:n].clone(),
-                                          namespace=self.namespace, recipe=RECIPE)
-            free = [row[kept:max(kept, cached)], row[n:kv_len]]  # duplicates, and the sampled tail
+            cached = cache.adopt_document(self.key, self.token_ids[sink:], row[sink:n].clone(),
+                                          namespace=self.namespace, recipe=recipe(sink))
+            # the sinks, duplicates of tokens already cached, and the sampled tail
+            free = [row[kept:max(kept, sink + cached)], row[n:kv_len]]
         cache.token_to_kv_pool_allocator.free(torch.cat(free))
         cache.dec_lock_ref(req.last_node)
 
@@ -80,7 +88,7 @@ class LinkRequest:
         nodes = []
         for start, end in docs:
             tokens = ids[start:end].tolist()
-            node = cache.match_document(document_key(cache.fingerprint, RECIPE, ns, tokens), tokens)
+            node = cache.match_document(document_key(cache.fingerprint, recipe(self.hint.sink), ns, tokens), tokens)
             if node is not None:
                 cache.inc_lock_ref(node)  # a later document's reload may evict: hold this one meanwhile
             nodes.append(node)
@@ -134,7 +142,9 @@ class LinkRequest:
         if dst is None:
             raise RuntimeError("epic: KV pool exhausted while linking (admission accounted for it)")
         src = torch.cat([self.doc_slots[r.doc][r.offset:r.offset + r.length].to(torch.int64) for r in runs])
-        delta = torch.cat([torch.full((r.length,), r.start - r.offset, dtype=torch.int64) for r in runs])
+        # a document token at offset t was compiled at position t (+ the sinks before it)
+        delta = torch.cat([torch.full((r.length,), r.start - r.offset - self.hint.sink, dtype=torch.int64)
+                           for r in runs])
         self.pending_copy = (src.to(dst.device), dst, delta.to(dst.device))
         req.prefix_indices = torch.cat([req.prefix_indices[:self.layout.exact_prefix_len], dst.to(torch.int64)])
 

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable
 import httpx
 
 from epic_sglang.engine import GenerateResult, GenerateStats, Request
-from epic_sglang.policies import Segment, parse_policy
+from epic_sglang.policies import Policy, Segment, parse_policy
 from epic_sglang.prompt import PromptBuilder
 from epic_sglang.sampling import SamplingParams
 from epic_sglang.scheduler import Progress
@@ -66,18 +66,21 @@ class SGLangEngine:
     def unreachable(self, err: httpx.HTTPError) -> RequestFailed:
         return RequestFailed(f"SGLang server unreachable at {self.http.base_url}: {err!r}", status=503)
 
-    async def compile_missing(self, segments: list[Segment], namespace: str | None) -> int:
-        """Compile the prompt's documents the server is not known to hold; their tokens."""
+    async def compile_missing(self, segments: list[Segment], policy: Policy, namespace: str | None) -> int:
+        """Compile the prompt's documents the server is not known to hold under the
+        policy's recipe (legolink0: behind the engine's sink tokens); their tokens."""
+        recipe = policy.recipe
+        sinks = self.prompts.sink_tokens(recipe.sink_tokens) if recipe.sink_tokens else []
         async with self._lock:  # two requests with one new document compile it once
-            missing = self.compiled.missing(segments, namespace)
-            await asyncio.gather(*(self.post(b) for b in compile_bodies(missing, namespace)))
-            self.compiled.add(missing, namespace)
+            missing = self.compiled.missing(segments, namespace, recipe.name)
+            await asyncio.gather(*(self.post(b) for b in compile_bodies(missing, namespace, sinks)))
+            self.compiled.add(missing, namespace, recipe.name)
         return sum(len(s) for s in missing)
 
     async def compile(self, texts: list[str], policy: str, namespace: str | None = None) -> int:
         """/v1/documents' precompile: documents compiled ahead of their first question."""
         segments = [Segment(self.prompts.encode_document(t), document=i) for i, t in enumerate(texts)]
-        return await self.compile_missing(segments, namespace)
+        return await self.compile_missing(segments, parse_policy(policy), namespace)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -128,7 +131,7 @@ class SGLangRuntime:
                         return_text_in_logprobs=request.return_text_in_logprobs) if request.return_logprob else {}
         body = generate_body(segments, policy, sglang_sampling(request.sampling), request.namespace,
                              stream=True, rid=rid, **logprobs)  # refuses policies the plugin does not serve
-        compiled = 0 if policy.kind == "fr" else await e.compile_missing(segments, request.namespace)
+        compiled = 0 if policy.kind == "fr" else await e.compile_missing(segments, policy, request.namespace)
         compile_s = time.perf_counter() - t0
         try:
             async with e.http.stream("POST", "/generate", json=body) as response:

@@ -4,7 +4,9 @@ SGLang carries `extra_key` from `/generate` to the scheduler's `Req` untouched (
 radix cache's namespace), so the plugin needs no new request field. A link request is
 `extra_key = "epic:" + JSON` naming the tenant namespace, the documents' token spans
 in `input_ids` and LegoLink's k; a compile request names only the namespace: its whole
-`input_ids` is one document, prefilled alone at position 0.
+`input_ids` is one document, prefilled alone at position 0. legolink0 adds `sink`: its
+documents are compiled behind that many throw-away tokens (the compile request's first
+`sink` input ids, whose KV is dropped) and linked from there.
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ class LinkHint:
     docs: tuple[tuple[int, int], ...] = ()  # [start, end) token spans, sorted, disjoint
     k: int = 0  # LegoLink: first k tokens of each document recomputed (0 = naive)
     compile: bool = False  # this request compiles its input as one document
+    sink: int = 0  # legolink0: documents compiled behind this many throw-away tokens
 
     def encode(self) -> str:
         body = {"ns": self.namespace}
+        if self.sink:
+            body["sink"] = self.sink
         if self.compile:
             body["compile"] = True
         else:
@@ -34,9 +39,11 @@ class LinkHint:
         return PREFIX + json.dumps(body, separators=(",", ":"))
 
     def validate(self, num_tokens: int) -> None:
+        if self.sink < 0:
+            raise HintError(f"epic: sink must be >= 0, got {self.sink}")
         if self.compile:
-            if num_tokens == 0:
-                raise HintError("epic: a compile request needs a non-empty document")
+            if num_tokens <= self.sink:
+                raise HintError(f"epic: a compile request needs a non-empty document after its {self.sink} sink tokens")
             return
         if self.k < 0:
             raise HintError(f"epic: k must be >= 0, got {self.k}")
@@ -60,10 +67,11 @@ def decode(extra_key: str) -> LinkHint:
         ns = body.get("ns")
         if ns is not None and not isinstance(ns, str):
             raise HintError("epic: ns must be a string")
+        sink = int(body.get("sink", 0))
         if body.get("compile"):
-            return LinkHint(ns, compile=True)
+            return LinkHint(ns, compile=True, sink=sink)
         docs = tuple((int(s), int(e)) for s, e in body["docs"])
-        return LinkHint(ns, docs, int(body.get("k", 0)))
+        return LinkHint(ns, docs, int(body.get("k", 0)), sink=sink)
     except HintError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
