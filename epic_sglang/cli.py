@@ -151,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from epic_sglang.policies import parse_policy
-    from epic_sglang.server import create_app
+    from epic_sglang.server import create_app, freeze_startup_objects
 
     parse_policy(args.policy)  # fail before the model loads
     for name in ("port", "sglang_port"):
@@ -163,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
         app = _sglang_front(args)
     else:
         app = create_app(_server_config(args))
+    freeze_startup_objects()
     print(f"epic-sglang: serving {args.served_model_name or args.model} on http://{args.host}:{args.port} "
           f"(engine {args.engine}, policy {args.policy}, store {args.store or 'none'})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=60)

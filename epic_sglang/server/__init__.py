@@ -1,5 +1,5 @@
 """epic-sglang's HTTP server (FastAPI on uvicorn): SGLang native API, OpenAI API, RAG."""
-from epic_sglang.server.app import create_app, create_sglang_front
+from epic_sglang.server.app import create_app, create_sglang_front, freeze_startup_objects
 from epic_sglang.server.config import ServerConfig
 
-__all__ = ["ServerConfig", "create_app", "create_sglang_front"]
+__all__ = ["ServerConfig", "create_app", "create_sglang_front", "freeze_startup_objects"]

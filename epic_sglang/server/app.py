@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -119,6 +120,15 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     metrics.add_gauges(lambda: {**scheduler.call(_gauges).result(), "queue_depth": scheduler.queue_depth,
                                 "running": scheduler.num_running})
     return app
+
+
+def freeze_startup_objects() -> None:
+    """Call once the app is built: what startup made (the model's modules, the tokenizer,
+    the routes) lives as long as the server, so the cyclic collector stops re-scanning it, as
+    SGLang's scheduler does; otherwise every full collection walks all of it while requests
+    wait (`benchmarks/gc_pause.py`)."""
+    gc.collect()  # what loading left as garbage is freed, not frozen
+    gc.freeze()
 
 
 def create_sglang_front(config: ServerConfig, sglang_url: str, tokenizer, max_context_len: int,

@@ -5,8 +5,8 @@ does (`epic_sglang.attention.flashinfer_backend`): a long link as a cascade (run
 to CASCADE_GROUP queries share one non-causal bulk entry over the keys before the group,
 each key read once per group, not once per run; each run keeps a causal local entry from
 there to its end; the two partial results merge by log-sum-exp), a short one as one causal
-entry per run (`wants_cascade`). Other requests of the batch are one causal entry each. Keys are KV pool slots (page size 1) read through the
-request's row, so nothing is gathered.
+entry per run (`wants_cascade`). Other requests of the batch are one causal entry each.
+Keys are KV pool slots (page size 1) read through the request's row, so nothing is gathered.
 """
 from __future__ import annotations
 
