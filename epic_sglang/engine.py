@@ -362,7 +362,7 @@ class Engine:
             else:
                 self.cache.inc_lock_ref(node)
                 held[key] = node
-        sink = self.prompts.sink_tokens(recipe.sink_tokens) if recipe.sink_tokens else []
+        sink = self.prompts.sink_tokens(recipe.sink_tokens)
         batch: list[tuple[str, tuple[int, ...]]] = []
         for key, ids in missing.items():
             if batch and sum(len(b) + len(sink) for _, b in batch) + len(ids) > COMPILE_TOKENS_PER_FORWARD:

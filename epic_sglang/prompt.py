@@ -69,7 +69,9 @@ class PromptBuilder:
 
     def sink_tokens(self, count: int) -> list[int]:
         """Throw-away tokens for `legolink0`: the template's first token (an attention sink by
-        training: `<|im_start|>`, `<|begin_of_text|>`, ...), repeated."""
+        training: `<|im_start|>`, `<|begin_of_text|>`, ...), repeated; none for count 0."""
+        if count == 0:  # plain recipes: no template to encode
+            return []
         head, _ = self.template_parts(None)
         first = self.encode(head)[:1] or [self.tokenizer.bos_token_id or 0]
         return first * count

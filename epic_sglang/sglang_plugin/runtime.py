@@ -70,7 +70,7 @@ class SGLangEngine:
         """Compile the prompt's documents the server is not known to hold under the
         policy's recipe (legolink0: behind the engine's sink tokens); their tokens."""
         recipe = policy.recipe
-        sinks = self.prompts.sink_tokens(recipe.sink_tokens) if recipe.sink_tokens else []
+        sinks = self.prompts.sink_tokens(recipe.sink_tokens)
         async with self._lock:  # two requests with one new document compile it once
             missing = self.compiled.missing(segments, namespace, recipe.name)
             await asyncio.gather(*(self.post(b) for b in compile_bodies(missing, namespace, sinks)))
