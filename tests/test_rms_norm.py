@@ -4,17 +4,11 @@ kernel runs in Triton's interpreter, in a subprocess (the interpreter is chosen 
 kernel is defined)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from epic_sglang.models.decoder import RMSNorm
-
-ROOT = Path(__file__).resolve().parent.parent
+from triton_interpreter import check_kernel_in_interpreter
 
 
 def check_kernel(device: str) -> None:
@@ -42,10 +36,7 @@ def check_kernel(device: str) -> None:
 
 
 def test_kernel_matches_the_torch_rmsnorm_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    code = "from tests.test_rms_norm import check_kernel; check_kernel('cpu'); print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    check_kernel_in_interpreter("test_rms_norm")
 
 
 @pytest.mark.gpu

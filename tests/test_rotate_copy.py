@@ -3,18 +3,13 @@
 because the interpreter is chosen when the kernel is defined."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from epic_sglang.rotate_copy import rotate_copy
 from epic_sglang.sglang_plugin.rotary import RopeTable
+from triton_interpreter import check_kernel_in_interpreter
 
-ROOT = Path(__file__).resolve().parent.parent
 LAYERS, HEADS, HEAD_DIM, ROWS = 3, 2, 64, 40
 
 
@@ -58,10 +53,7 @@ def check_kernel(device: str) -> None:
 
 
 def test_kernel_matches_torch_rotation_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    code = "from tests.test_rotate_copy import check_kernel; check_kernel('cpu'); print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    check_kernel_in_interpreter("test_rotate_copy")
 
 
 @pytest.mark.gpu
