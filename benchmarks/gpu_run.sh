@@ -3,10 +3,11 @@
 # ../shared/gpu-kit/build.sh), then run the GPU tests or benchmarks/gpu_ttft.py; logs,
 # BENCHMARKS.md and FlashInfer's JIT cache go to $OUT (copy jit-cache.tar.xz into gpu_bundle/,
 # or `cat` its parts into it).
-#   bash benchmarks/gpu_run.sh tests
+#   bash benchmarks/gpu_run.sh tests [test files or pytest args]   # default: every GPU test
 #   bash benchmarks/gpu_run.sh bench [gpu_ttft.py args...]
 #   bash benchmarks/gpu_run.sh all [gpu_ttft.py args...]   # both
 #   bash benchmarks/gpu_run.sh profile [gpu_profile.py args...]
+#   bash benchmarks/gpu_run.sh link [gpu_link_attention.py args...]   # link attention alone
 #   bash benchmarks/gpu_run.sh sglang [sglang_pic.py args...]   # real SGLang server + the plugin
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,20 +37,22 @@ sed -n '/entry-points."sglang.srt.plugins"/,/^$/p' pyproject.toml | sed 's/^\[pr
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 TOK=/tmp/devkit/devkit/tokenizer
 run_tests() {
-  EPIC_TOKENIZER_DIR=$TOK "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_rotate_copy.py tests/test_rms_norm.py tests/test_sglang_plugin.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  local which=("$@"); [ ${#which[@]} -gt 0 ] || which=(tests/test_gpu.py tests/test_rotate_copy.py tests/test_rms_norm.py tests/test_merge_states.py tests/test_sglang_plugin.py)
+  EPIC_TOKENIZER_DIR=$TOK "$PY" -m pytest -q -p no:cacheprovider "${which[@]}" -m gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
   return "${PIPESTATUS[0]}"
 }
-run_script() {  # benchmarks/<name>.py with the shipped tokenizer; BENCHMARKS.md back to $OUT
+run_script() {  # benchmarks/<name>.py [args]; BENCHMARKS.md back to $OUT
   local name=$1; shift
-  "$PY" "benchmarks/$name.py" --tokenizer "$TOK" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | tail -60
+  "$PY" "benchmarks/$name.py" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -i warn | tail -60
   local rc=${PIPESTATUS[0]}; cp BENCHMARKS.md "$OUT/"; return "$rc"
 }
 case "$MODE" in
-  all) run_tests; t=$?; run_script gpu_ttft "$@"; rc=$?; [ "$t" = 0 ] || rc=$t ;;
-  tests) run_tests; rc=$? ;;
-  bench) run_script gpu_ttft "$@"; rc=$? ;;
-  profile) run_script gpu_profile "$@"; rc=$? ;;
-  sglang) run_script sglang_pic --logs "$OUT" "$@"; rc=$? ;;
+  all) run_tests; t=$?; run_script gpu_ttft --tokenizer "$TOK" "$@"; rc=$?; [ "$t" = 0 ] || rc=$t ;;
+  tests) run_tests "$@"; rc=$? ;;
+  bench) run_script gpu_ttft --tokenizer "$TOK" "$@"; rc=$? ;;
+  link) run_script gpu_link_attention "$@"; rc=$? ;;
+  profile) run_script gpu_profile --tokenizer "$TOK" "$@"; rc=$? ;;
+  sglang) run_script sglang_pic --tokenizer "$TOK" --logs "$OUT" "$@"; rc=$? ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac
 # $OUT brings back at most 8 files of 16 MiB: the JIT caches (FlashInfer's, SGLang's) as one

@@ -52,7 +52,7 @@ def visible_keys(bulk, local, positions):
 
 
 def test_link_entries_give_every_query_exactly_the_keys_at_or_before_it():
-    from epic_sglang.attention.flashinfer_backend import link_entries, query_runs
+    from epic_sglang.attention.flashinfer_backend import link_entries, query_runs, split_keys
 
     g = torch.Generator().manual_seed(0)
     for trial in range(200):
@@ -60,9 +60,11 @@ def test_link_entries_give_every_query_exactly_the_keys_at_or_before_it():
         starts = sorted(torch.randperm(400, generator=g)[:int(torch.randint(1, 12, (1,), generator=g))].tolist())
         positions = sorted({p for s in starts for p in range(3 * s, 3 * s + int(torch.randint(1, 20, (1,), generator=g)))})
         runs = query_runs(positions)
-        for page, group in [(1, None), (16, None), (16, 8), (16, 40), (1, 1)]:
+        for page, group, chunk in [(1, None, 1), (16, None, 16), (16, 8, 16), (16, 40, 64), (1, 1, 1 << 20)]:
             bulk, local = link_entries(runs, page, group)
-            assert all(k0 % page == 0 for _, _, k0, _ in local) and all(k0 == 0 for _, _, k0, _ in bulk)
+            bulk = split_keys(bulk, chunk)  # the cascade's bulk keys in several entries
+            assert all(k0 % chunk == 0 and 0 < k1 - k0 <= chunk for _, _, k0, k1 in bulk)
+            assert all(k0 % page == 0 for _, _, k0, _ in local)
             for row, keys in enumerate(visible_keys(bulk, local, positions)):
                 assert sorted(keys) == list(range(positions[row] + 1)), (trial, page, group, row)
             assert len(local) == len(runs) and (group is not None or bulk == [])

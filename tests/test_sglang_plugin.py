@@ -169,7 +169,7 @@ def prompt(rng: random.Random, sizes=(6, 20, 3, 17, 9)) -> tuple[list[int], list
 def visible_positions(plan, layout, row) -> list[tuple[int, list[int]]]:
     """(query position, positions of the keys its entries attend) for every link query of a
     batch holding this one request: causal local entries, bottom-right aligned, plus the bulk
-    entries (every query of one sees all its keys) of the rows `plan.bulk_rows` names."""
+    entries (every query of one sees all its keys) of the rows `plan.merge` names."""
     position_of_slot = {int(s): int(p) for s, p in zip(row, layout.order)}
     queries = layout.extend_positions.tolist()
     seen = [[] for _ in queries]
@@ -183,7 +183,7 @@ def visible_positions(plan, layout, row) -> list[tuple[int, list[int]]]:
         for j, r in enumerate(rows):
             seen[r] += keys[:len(keys) - len(rows) + j + 1]
     if plan.bulk is not None:
-        bulk_rows = torch.arange(len(queries))[plan.bulk_rows].tolist()
+        bulk_rows = plan.merge.query_rows.tolist()
         for rows, keys in entries(plan.bulk):
             for r in rows:
                 seen[bulk_rows[r]] += keys
@@ -269,6 +269,7 @@ def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_
     if cascade:  # a link this short is planned as a cascade only past a lowered threshold, in small groups
         monkeypatch.setattr(flashinfer_backend, "AUTO_CASCADE_KEYS", 0)
         monkeypatch.setattr(flashinfer_backend, "CASCADE_GROUP", 4)
+        monkeypatch.setattr(flashinfer_backend, "BULK_CHUNK", 5)  # bulk keys in several entries
     s = Scheduler()
     ids, spans, docs = prompt(random.Random(1))
     for doc in docs:
@@ -285,7 +286,7 @@ def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_
     assert list(req.origin_input_ids_unpadded) == ids  # what SGLang detokenizes against stays the prompt
     s.assert_row_at_prompt_positions(req, ids, layer=1)
     row = s.row(req)
-    assert (plan.bulk is not None) == cascade
+    assert (plan.bulk is not None) == cascade and (not cascade or plan.merge.most_parts > 1)
     for q, keys in visible_positions(plan, layout, row):
         assert sorted(keys) == list(range(q + 1))
     for k, n in s.cache.document_nodes().items():
@@ -451,6 +452,7 @@ def test_link_attention_through_flashinfer_equals_the_link_mask(cascade, monkeyp
     if cascade:  # a link this short cascades only past a lowered threshold, in small groups
         monkeypatch.setattr(flashinfer_backend, "AUTO_CASCADE_KEYS", 0)
         monkeypatch.setattr(flashinfer_backend, "CASCADE_GROUP", 32)
+        monkeypatch.setattr(flashinfer_backend, "BULK_CHUNK", 96)  # rows merge up to 12 bulk results
     dev, q_heads, kv_heads, dim, bf16 = torch.device("cuda"), 8, 2, 128, torch.bfloat16
     docs = [(16 + 100 * i, 16 + 100 * (i + 1)) for i in range(12)]
     n = docs[-1][1] + 24
@@ -465,7 +467,7 @@ def test_link_attention_through_flashinfer_equals_the_link_mask(cascade, monkeyp
                                   seq_lens_cpu=torch.tensor([n]), device=dev,
                                   req_to_token_pool=types.SimpleNamespace(req_to_token=slots[None].to(torch.int32)))
     plan = attention.build_plan(batch, {0: types.SimpleNamespace(layout=layout)})
-    assert (plan.bulk is not None) == cascade
+    assert (plan.bulk is not None) == cascade and (not cascade or plan.merge.most_parts > 1)
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
     backend = types.SimpleNamespace(
         num_wrappers=1, workspace_buffer=workspace,

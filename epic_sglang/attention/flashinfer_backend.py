@@ -24,8 +24,10 @@ question). Three ways to attend:
 - `cascade` (gathered keys): runs are grouped (CASCADE_GROUP queries); the keys before a
   group's first run are seen by all its queries, so they are one non-causal bulk entry
   per group (FA3: full query tiles, each key tile read once per group, not once per run);
-  each run keeps a short causal local entry (FA2) from there to its end; the two partial
-  results merge by their log-sum-exp (`flashinfer.merge_state`).
+  each run keeps a short causal local entry (FA2) from there to its end. FA3 gives a query
+  tile's keys to one CTA whole (no split-KV), so bulk keys are cut into BULK_CHUNK-key
+  entries that the CTAs share; the partial results merge by their log-sum-exp
+  (`epic_sglang.merge_states`, one launch per layer).
 - `mask`: one entry per sequence over its whole KV view with the custom mask
   `attend[i, j] = j <= pos_i` (gathered keys; FA2, as FA3 has no custom masks).
 
@@ -38,6 +40,7 @@ import torch
 
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
+from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.models.config import ModelConfig
 from epic_sglang.models.rope import Rotary, apply_rotation
 from epic_sglang.rotate_copy import rotate_copy
@@ -48,6 +51,9 @@ MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry re
 DENSE_RUN = 256  # a query run this long is a dense prefill: gathered keys, FA3
 GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read them in pages
 CASCADE_GROUP = 128  # cascade: runs grouped until this many queries share one bulk (FA3) entry
+# cascade: bulk keys per entry. FA3 schedules (query tile, head) items whole, so at 16K the
+# last group's ~12K keys took one CTA while the average CTA had ~6K; chunks balance them.
+BULK_CHUNK = 2048
 # auto: cascade once the runs' key prefixes add up to this many keys (per-run entries would
 # re-read them all), else fused (gathered if RoPE cannot fuse): below, the cascade's second
 # kernel and merge cost more host time than they save. On an H200 (BENCHMARKS.md) per-run
@@ -92,14 +98,9 @@ def link_entries(runs: list[tuple[int, int]], page: int, group: int | None) -> t
     return bulk, local
 
 
-def row_selector(ranges: list[tuple[int, int]], device: torch.device) -> slice | torch.Tensor | None:
-    """Rows [a, b) of each range: a slice (views, no copies) when they are contiguous, as
-    for one sequence; an index otherwise; None for none."""
-    if not ranges:
-        return None
-    if all(b0 == a1 for (_, a1), (b0, _) in zip(ranges, ranges[1:])):
-        return slice(ranges[0][0], ranges[-1][1])
-    return torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+def split_keys(entries: list[Entry], chunk: int) -> list[Entry]:
+    """Each entry's keys in pieces of at most `chunk` (a whole number of pages), same queries."""
+    return [(q0, q1, k, min(k + chunk, k1)) for q0, q1, k0, k1 in entries for k in range(k0, k1, chunk)]
 
 
 class PagedEntries:
@@ -144,12 +145,11 @@ class FlashInferAttention:
             "masked": flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2"),
             "decode": flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True),
         }
-        self._merge_state = flashinfer.merge_state
         self._wrapper = None
         # slots, scratch rows, [cos | sin] (fp32), scratch K, scratch V
         self._gather: tuple[torch.Tensor, ...] | None = None
         self._q_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # queries' cos, sin (gathered path)
-        self._bulk_rows: slice | torch.Tensor | None = None  # cascade: the query rows with a bulk entry
+        self._merge: MergeIndex | None = None  # cascade: where the bulk entries' results go
 
     def plan(self, batch: ForwardBatch) -> None:
         c = self.cfg
@@ -185,7 +185,7 @@ class FlashInferAttention:
             seq_bulk, seq_local = link_entries(seq_runs, page, group)
             for q0, q1, k0, k1 in seq_local:
                 local.add(q1 - q0, pages, k0, k1)
-            for q0, q1, k0, k1 in seq_bulk:
+            for q0, q1, k0, k1 in split_keys(seq_bulk, BULK_CHUNK):
                 bulk.add(q1 - q0, pages, k0, k1)
                 bulk_rows.append((s.q_start + q0, s.q_start + q1))
         if gathered:
@@ -201,7 +201,7 @@ class FlashInferAttention:
         self._wrapper = self.wrappers["masked" if masked else "fa3" if dense else "fa2" if gathered else "fused"]
         mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
         local.plan(self._wrapper, c, self.device, **rope, **dtypes, **mask)
-        self._bulk_rows = row_selector(bulk_rows, self.device)
+        self._merge = MergeIndex.build(bulk_rows, self.device) if bulk_rows else None
         if bulk_rows:
             bulk.plan(self.wrappers["bulk"], c, self.device, **rope, **dtypes, causal=False)
 
@@ -210,7 +210,7 @@ class FlashInferAttention:
         kernel; `wrapper` may be a CUDA-graph one (its buffers are what the graph reads)."""
         c = self.cfg
         lens = torch.tensor([0] + [k.numel() for k in kv_slots], dtype=torch.int32)
-        self._wrapper, self._gather, self._bulk_rows = wrapper, None, None
+        self._wrapper, self._gather, self._merge = wrapper, None, None
         wrapper.plan(lens.cumsum(0, dtype=torch.int32).to(self.device), torch.cat(kv_slots).to(torch.int32),
                      torch.ones(len(kv_slots), dtype=torch.int32, device=self.device),
                      c.num_heads, c.num_kv_heads, c.head_dim, 1, **self.fused_rope,
@@ -224,9 +224,8 @@ class FlashInferAttention:
         rotate_copy([k], [v], [k_scratch], [v_scratch], slots, rows, angles)
         paged = tuple(t.view(-1, GATHER_PAGE, *t.shape[1:]) for t in (k_scratch, v_scratch))
         q = apply_rotation(q, *self._q_rope).contiguous()
-        if self._bulk_rows is None:
+        if self._merge is None:
             return self._wrapper.run(q, paged).reshape(q.shape[0], -1)
         out, lse = self._wrapper.run(q, paged, return_lse=True)
-        bulk_out, bulk_lse = self.wrappers["bulk"].run(q[self._bulk_rows], paged, return_lse=True)
-        out[self._bulk_rows] = self._merge_state(bulk_out, bulk_lse, out[self._bulk_rows], lse[self._bulk_rows])[0]
+        merge_into(out, lse, *self.wrappers["bulk"].run(q[self._merge.query_rows], paged, return_lse=True), self._merge)
         return out.reshape(q.shape[0], -1)

@@ -3,8 +3,9 @@
 A linked request's computed runs (see `layout.py`) attend as the engine's `auto` link mode
 does (`epic_sglang.attention.flashinfer_backend`): a long link as a cascade (runs grouped
 to CASCADE_GROUP queries share one non-causal bulk entry over the keys before the group,
-each key read once per group, not once per run; each run keeps a causal local entry from
-there to its end; the two partial results merge by log-sum-exp), a short one as one causal
+each key read once per group, not once per run, in BULK_CHUNK-key pieces; each run keeps a
+causal local entry from there to its end; the partial results merge by log-sum-exp, one
+kernel, `epic_sglang.merge_states`), a short one as one causal
 entry per run (`wants_cascade`). Other requests of the batch are one causal entry each.
 Keys are KV pool slots (page size 1) read through the request's row, so nothing is gathered.
 """
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 from epic_sglang.attention import flashinfer_backend
-from epic_sglang.attention.flashinfer_backend import link_entries, row_selector
+from epic_sglang.attention.flashinfer_backend import link_entries, split_keys
+from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.sglang_plugin.link_request import LinkRequest
 
 
@@ -33,7 +35,7 @@ class Entries:
 class LinkAttentionPlan:
     local: Entries
     bulk: Entries | None  # None: no linked request has keys before its runs' groups
-    bulk_rows: slice | torch.Tensor | None  # the batch's query rows the bulk entries hold
+    merge: MergeIndex | None  # the batch's query rows each bulk entry holds
     positions: dict[int, torch.Tensor]  # batch token offset -> positions of a linked request's extend
 
 
@@ -78,14 +80,14 @@ def build_plan(batch, links: dict[int, LinkRequest]) -> LinkAttentionPlan:
             group_entries, run_entries = link_entries(runs, 1, group)
             for q0, q1, k0, k1 in run_entries:
                 local.add(req.req_pool_idx, row_of[k0:k1], q1 - q0)
-            for q0, q1, k0, k1 in group_entries:
+            for q0, q1, k0, k1 in split_keys(group_entries, flashinfer_backend.BULK_CHUNK):
                 bulk.add(req.req_pool_idx, row_of[k0:k1], q1 - q0)
                 bulk_rows.append((offset + q0, offset + q1))
             positions[offset] = torch.from_numpy(layout.extend_positions)
         offset += extend_len
     req_to_token, device = batch.req_to_token_pool.req_to_token, batch.device
     return LinkAttentionPlan(local.build(req_to_token, device), bulk.build(req_to_token, device),
-                             row_selector(bulk_rows, device), positions)
+                             MergeIndex.build(bulk_rows, device) if bulk_rows else None, positions)
 
 
 def apply_positions(plan: LinkAttentionPlan, positions: torch.Tensor) -> None:
@@ -99,16 +101,13 @@ class CascadeWrapper:
     """Stands where SGLang's backend expects its paged-prefill wrapper: `forward` attends
     the local entries and the bulk entries (for the rows that have one) and merges them."""
 
-    def __init__(self, local, bulk, bulk_rows: slice | torch.Tensor):
-        import flashinfer
-
-        self.local, self.bulk, self.bulk_rows, self.merge_state = local, bulk, bulk_rows, flashinfer.merge_state
+    def __init__(self, local, bulk, merge: MergeIndex):
+        self.local, self.bulk, self.merge = local, bulk, merge
 
     def forward(self, q: torch.Tensor, kv_cache, **kwargs) -> torch.Tensor:
         out, lse = self.local.forward_return_lse(q, kv_cache, **kwargs)
-        bulk_out, bulk_lse = self.bulk.forward_return_lse(q[self.bulk_rows], kv_cache, **{**kwargs, "causal": False})
-        rows = self.bulk_rows
-        out[rows] = self.merge_state(bulk_out, bulk_lse, out[rows], lse[rows])[0]
+        bulk = self.bulk.forward_return_lse(q[self.merge.query_rows], kv_cache, **{**kwargs, "causal": False})
+        merge_into(out, lse, *bulk, self.merge)
         return out
 
 
@@ -131,7 +130,7 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
 
         bulk = backend.epic_bulk_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(backend.workspace_buffer, "NHD")
     _plan(bulk, backend, plan.bulk, causal=False)
-    backend.forward_metadata = PrefillMetadata([CascadeWrapper(wrapper, bulk, plan.bulk_rows)], False, False)
+    backend.forward_metadata = PrefillMetadata([CascadeWrapper(wrapper, bulk, plan.merge)], False, False)
 
 
 def _plan(wrapper, backend, entries: Entries, **kwargs) -> None:
