@@ -1,12 +1,13 @@
 """GPU: a legolink-16 link's attention alone, per link mode and cascade bulk chunk size.
 
-    python benchmarks/gpu_link_attention.py [--contexts 16384 32768] [--chunks 0 4096 2048 1024]
+    python benchmarks/gpu_link_attention.py [--contexts 16384 32768] [--groups 128] [--chunks 0 4096 2048 1024]
 
 The engine's FlashInfer backend on Llama-3-8B's attention shape (32 query heads, 8 KV heads,
 head dim 128): the queries of a legolink-16 request (a 32-token head, the first 16 tokens
 of each 512-token document, a 64-token question) over a context of random keys. Times the
 attention of 32 layers (one plan, 32 forwards of one layer's pool: the key gather and
-rotation included), median of `--repeats`, with CUDA events; chunk 0 = bulk keys unsplit.
+rotation included), median of `--repeats`, with CUDA events; the cascade for each group size
+(queries per bulk entry) and bulk chunk (keys per bulk entry; 0 = unsplit).
 Writes its table to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -57,12 +58,13 @@ def time_link(attention, pool: KVPool, batch: ForwardBatch, q: torch.Tensor, rep
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--groups", type=int, nargs="+", default=[flashinfer_backend.CASCADE_GROUP])
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 4096, 2048, 1024])
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     cfg = ModelConfig.from_hf_dict(LLAMA_8B)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
-    default_chunk = flashinfer_backend.BULK_CHUNK
+    default = (flashinfer_backend.CASCADE_GROUP, flashinfer_backend.BULK_CHUNK)
     rows = []
     for context in args.contexts:
         positions = link_positions(context)
@@ -72,23 +74,24 @@ def main() -> None:
             t.normal_()
         pos = torch.tensor(positions, device=dev)
         batch = ForwardBatch.build([(pos, pos, pos + 1, torch.arange(1, n + 1, device=dev))])
-        q = torch.randn(len(positions), cfg.num_heads * cfg.head_dim, device=dev, dtype=bf16)
-        variants = [("cascade", c) for c in args.chunks] + [("gathered", None), ("fused", None)]
-        for mode, chunk in variants:
-            flashinfer_backend.BULK_CHUNK = chunk or 1 << 30
+        q = torch.randn(len(positions), cfg.num_heads, cfg.head_dim, device=dev, dtype=bf16)
+        variants = [("cascade", g, c) for g in args.groups for c in args.chunks] + [("gathered", 0, 0), ("fused", 0, 0)]
+        for mode, group, chunk in variants:
+            flashinfer_backend.CASCADE_GROUP, flashinfer_backend.BULK_CHUNK = group or default[0], chunk or 1 << 30
             attention = flashinfer_backend.FlashInferAttention(cfg, dev, bf16, mode)
             plan_ms, run_ms = time_link(attention, pool, batch, q, args.repeats)
-            label = f"cascade, chunk {chunk:,}" if chunk else "cascade, unsplit" if mode == "cascade" else mode
-            rows.append(f"| {n:,} | {len(positions)} | {label}{' (default)' if chunk == default_chunk else ''} "
+            label = mode if mode != "cascade" else f"cascade, group {group}, " + (f"chunk {chunk:,}" if chunk else "unsplit")
+            rows.append(f"| {n:,} | {len(positions)} | {label}{' (default)' if (group, chunk) == default else ''} "
                         f"| {plan_ms:.2f} | {run_ms:.2f} |")
             print(rows[-1], flush=True)
-    flashinfer_backend.BULK_CHUNK = default_chunk
+    flashinfer_backend.CASCADE_GROUP, flashinfer_backend.BULK_CHUNK = default
     write_section("gpu_link_attention", f"""## GPU: a legolink-16 link's attention alone (Llama-3-8B attention shape)
 
 Card: {machine()}. The engine's FlashInfer backend; the queries of a legolink-16 request
 (32-token head, the first 16 tokens of each 512-token document, 64-token question) over random
 bf16 keys. `attention ms` = {LAYERS} layers' attention (key gather + rotation + kernels + merge), one
-plan; medians of {args.repeats} after two warm-ups. `cascade, chunk c`: bulk keys in entries of at most c keys.
+plan; medians of {args.repeats} after two warm-ups. `cascade, group g, chunk c`: runs grouped to g queries
+per bulk entry, bulk keys in entries of at most c keys.
 
 | context | queries | mode | plan ms | attention ms ({LAYERS} layers) |
 |---|---|---|---|---|

@@ -53,7 +53,7 @@ GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read t
 CASCADE_GROUP = 128  # cascade: runs grouped until this many queries share one bulk (FA3) entry
 # cascade: bulk keys per entry. FA3 schedules (query tile, head) items whole, so at 16K the
 # last group's ~12K keys took one CTA while the average CTA had ~6K; chunks balance them.
-BULK_CHUNK = 2048
+BULK_CHUNK = 4096
 # auto: cascade once the runs' key prefixes add up to this many keys (per-run entries would
 # re-read them all), else fused (gathered if RoPE cannot fuse): below, the cascade's second
 # kernel and merge cost more host time than they save. On an H200 (BENCHMARKS.md) per-run
