@@ -78,7 +78,7 @@ Top CPU operators by self time (ms per request):
 |---|---|---|
 {rows_cpu}
 """
-    write_section(f"gpu_profile-{args.policy}", body)
+    write_section(f"gpu_profile-{args.policy}-{args.context}", body)
     print(body)
 
 
