@@ -234,6 +234,16 @@ def front(tokenizer: Path, logs: Path) -> list[str]:
         gap = max(abs(a - b) for a, b in zip(ours, theirs))
         rows.append(f"| front's token logprobs vs SGLang's own for that request: tokens, max abs gap | "
                     f"{len(ours)} / {len(theirs)}, {gap:.4f} |")
+        # prompt logprobs: the front sends the exact prompt as fr; SGLang asked directly gives the same
+        ids = [t for seg in segs for t in seg.token_ids]
+        scoring = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}, "return_logprob": True,
+                   "logprob_start_len": len(ids) // 2}
+        via_front = requests.post(url + "/generate", json=scoring, timeout=600).json()["meta_info"]
+        via_sglang = generate(sglang_url, scoring)["meta_info"]
+        pairs = list(zip(via_front["input_token_logprobs"], via_sglang["input_token_logprobs"]))
+        gap = max(abs(a[0] - b[0]) for a, b in pairs if a[0] is not None)
+        rows.append(f"| prompt logprobs through the front (sent as {via_front['policy']}) vs SGLang's own: "
+                    f"positions, max abs gap | {len(pairs)} / {len(ids) - len(ids) // 2}, {gap:.4f} |")
         bad = requests.post(url + "/v1/chat/completions", json={**{"model": "m", "documents": texts},
                             "messages": [{"role": "user", "content": "Q?"}], "policy": "cacheblend-15"}, timeout=60)
         rows.append(f"| unsupported policy (cacheblend-15) | {bad.status_code}: {bad.json()['error']['message'][:60]} |")

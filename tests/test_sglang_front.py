@@ -62,8 +62,8 @@ def test_documents_and_rag_without_sglang_fail_clearly_and_lose_nothing(front, w
     ("/v1/rag", {"question": "Who?", "namespace": "wiki", "policy": "cacheblend-15"},
      "the SGLang plugin serves fr, naive, legolink"),
     ("/v1/rag", {"question": ""}, "question must be a non-empty string"),
-    ("/generate", {"text": "Hi", "return_logprob": True, "logprob_start_len": 0},
-     "prompt logprobs (logprob_start_len) are not served through the SGLang front"),
+    ("/generate", {"text": "Hi", "return_logprob": True, "logprob_start_len": 0, "kv_hints": {"policy": "cacheblend-15"}},
+     "the SGLang plugin serves fr, naive, legolink"),
     ("/generate", {"text": "Hi", "sampling_params": {"temperature": -1}}, "temperature must be >= 0"),
     ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
 ])
@@ -143,6 +143,9 @@ def sglang_stand_in(answer_ids: list[int], received: list[dict]):
         def chunks():
             for n in range(1, len(answer_ids) + 1):
                 meta = {"cached_tokens": 40, "finish_reason": {"type": "length", "length": n} if n == len(answer_ids) else None}
+                if body.get("logprob_start_len", -1) >= 0:  # SGLang: no logprob for a prompt's first token
+                    prompt = body["input_ids"][body["logprob_start_len"]:]
+                    meta["input_token_logprobs"] = [[None if i == 0 else -0.25 * i, t, None] for i, t in enumerate(prompt)]
                 if body.get("return_logprob"):
                     meta["output_token_logprobs"] = [[-0.5 * i, t, f"t{t}"] for i, t in enumerate(answer_ids[:n])]
                     if body.get("top_logprobs_num"):
@@ -182,6 +185,31 @@ def test_a_chat_with_documents_compiles_them_once_links_them_and_returns_sglangs
     content = first["choices"][0]["logprobs"]["content"]
     assert [(c["token"], c["logprob"]) for c in content] == [("t11", 0.0), ("t12", -0.5), ("t13", -1.0)]
     assert [t["token"] for t in content[2]["top_logprobs"]] == ["t13", "t7"]
+
+
+def test_prompt_logprobs_go_as_fr_for_the_exact_prompt_and_come_back(engine):
+    """The plugin does not link a prompt whose logprobs are asked for: the front sends it as
+    fr (no link hint, nothing compiled, documents it knows stay known) and says so."""
+    received: list[dict] = []
+    # the stand-in reports 40 cached tokens: a prompt longer than that, a document whose planned reuse is less
+    text = ("Context: " + "The Rhine flows north through Basel, Cologne and Rotterdam. " * 2
+            + "Question: " + "which way does it flow, and through which cities? " * 3)
+    span = [text.index("The Rhine"), text.index(" Question")]
+    with serve_in_thread(sglang_stand_in([11, 12], received)) as sglang_url:
+        app = create_sglang_front(ServerConfig(model="smollm2-135m"), sglang_url, engine.tokenizer, 8192)
+        with serve_in_thread(app) as url:
+            body = {"text": text, "sampling_params": {"max_new_tokens": 2}, "kv_hints": {"spans": [span]}}
+            linked = post(url, "/generate", body).json()["meta_info"]
+            scored = post(url, "/generate", {**body, "return_logprob": True, "logprob_start_len": 3}).json()["meta_info"]
+            again = post(url, "/generate", body).json()["meta_info"]
+    streamed = [b for b in received if b.get("stream")]
+    assert len([b for b in received if not b.get("stream")]) == 1  # the document, compiled once
+    assert linked["policy"] == again["policy"] == "legolink-16" and "extra_key" in streamed[0]
+    assert scored["policy"] == "fr" and "extra_key" not in streamed[1] and streamed[1]["logprob_start_len"] == 3
+    prompt = streamed[1]["input_ids"]
+    assert [t for _, t, _ in scored["input_token_logprobs"]] == prompt[3:]
+    assert scored["input_token_logprobs"][1][0] == -0.25
+    assert [t for _, t, _ in scored["output_token_logprobs"]] == [11, 12]
 
 
 def test_legolink0_compiles_documents_behind_the_engines_sinks_and_keeps_them_apart_from_plain_ones(engine):

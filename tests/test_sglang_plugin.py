@@ -258,6 +258,7 @@ def test_a_client_forgets_documents_a_response_shows_evicted():
     assert known.missing(segs) == [] and known.missing(segs, namespace="other") == segs[1:3]
     planned = (30 - 4) + (10 - 4)
     assert known.confirm(segs, "legolink-4", cached_tokens=planned + 2)  # + the exact prefix
+    assert known.confirm(segs, "fr", cached_tokens=0) and known.missing(segs) == []  # fr reuses no document
     assert not known.confirm(segs, "legolink-4", cached_tokens=planned - 6)
     assert known.missing(segs) == segs[1:3]
 

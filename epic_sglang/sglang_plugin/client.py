@@ -23,6 +23,11 @@ def document_spans(segments: list[Segment]) -> list[tuple[int, int]]:
     return spans
 
 
+def check_served(policy: Policy) -> None:
+    if policy.kind not in SERVED_KINDS:
+        raise ValueError(f"the SGLang plugin serves {SERVED_POLICIES}, not {policy.name}")
+
+
 def generate_body(segments: list[Segment], policy: str | Policy, sampling_params: dict,
                   namespace: str | None = None, **fields) -> dict:
     """The /generate body of one prompt under `policy`."""
@@ -33,8 +38,7 @@ def generate_body(segments: list[Segment], policy: str | Policy, sampling_params
         if namespace is not None:
             body["extra_key"] = namespace
         return body
-    if policy.kind not in SERVED_KINDS:
-        raise ValueError(f"the SGLang plugin serves {SERVED_POLICIES}, not {policy.name}")
+    check_served(policy)
     body["extra_key"] = LinkHint(namespace, tuple(spans), policy.k, sink=policy.recipe.sink_tokens).encode()
     return body
 
@@ -69,8 +73,11 @@ class CompiledDocuments:
 
     def confirm(self, segments: list[Segment], policy: str | Policy, cached_tokens: int,
                 namespace: str | None = None) -> bool:
-        """False (and the prompt's documents forgotten) when a document was not reused."""
+        """False (and the prompt's documents forgotten) when a document was not reused.
+        An fr request reuses no document, so it shows nothing."""
         policy = parse_policy(policy) if isinstance(policy, str) else policy
+        if policy.kind == "fr":
+            return True
         docs = [s for s in segments if s.document is not None]
         last = segments[-1]  # a prompt that ends inside a document recomputes its last token
         planned = sum(max(0, len(s) - policy.k) for s in docs) - (last.document is not None and len(last) > policy.k)

@@ -10,6 +10,10 @@ link hint, streamed back as `Progress`.
 What SGLang reports is less than the engine's stats: `cached_tokens` counts every prompt
 token whose KV came from a cache (the exact prefix and the reused document tokens), so
 `reused_tokens` is that count and `recomputed_tokens` the rest of the prompt.
+
+Prompt logprobs (`logprob_start_len`) need the exact prompt's KV, which the plugin does not
+link: such a request goes as `fr` (SGLang's own prefix cache, no compile), and its result
+says so in `policy`. (The in-process engine instead recomputes from logprob_start_len on.)
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from epic_sglang.prompt import PromptBuilder
 from epic_sglang.sampling import SamplingParams
 from epic_sglang.scheduler import Progress
 from epic_sglang.server.runtime import RequestFailed
-from epic_sglang.sglang_plugin.client import CompiledDocuments, compile_bodies, generate_body
+from epic_sglang.sglang_plugin.client import CompiledDocuments, check_served, compile_bodies, generate_body
 
 
 def sglang_sampling(params: SamplingParams) -> dict:
@@ -99,14 +103,19 @@ def check(response: httpx.Response) -> httpx.Response:
     raise RequestFailed(f"SGLang failed ({response.status_code}): {message}")
 
 
-def output_logprobs(request: Request, meta: dict) -> dict:
-    """The generated tokens' logprobs from SGLang's last stream chunk (it carries them all),
-    under GenerateResult's names; SGLang's shapes are the engine's."""
+def wants_prompt_logprobs(request: Request) -> bool:
+    return request.return_logprob and request.logprob_start_len >= 0
+
+
+def sglang_logprobs(request: Request, meta: dict) -> dict:
+    """The logprobs from SGLang's last stream chunk (it carries them all) under
+    GenerateResult's names; SGLang's shapes are the engine's."""
     if not request.return_logprob:
         return {}
-    out = {"output_token_logprobs": meta.get("output_token_logprobs", [])}
+    sides = ("input", "output") if wants_prompt_logprobs(request) else ("output",)
+    out = {f"{side}_token_logprobs": meta.get(f"{side}_token_logprobs", []) for side in sides}
     if request.top_logprobs_num:
-        out["output_top_logprobs"] = meta.get("output_top_logprobs", [])
+        out |= {f"{side}_top_logprobs": meta.get(f"{side}_top_logprobs", []) for side in sides}
     return out
 
 
@@ -120,15 +129,16 @@ class SGLangRuntime:
         e, t0 = self.engine, time.perf_counter()
         policy = parse_policy(request.policy)
         request.sampling.validate()
-        if request.return_logprob and request.logprob_start_len >= 0:
-            # SGLang would serve it, but only by computing the prompt in full, unlinked
-            raise ValueError("prompt logprobs (logprob_start_len) are not served through the SGLang front; "
-                             "ask SGLang on its own port")
+        if wants_prompt_logprobs(request):
+            check_served(policy)  # refused all the same, as without prompt logprobs
+            policy = parse_policy("fr")  # the exact prompt (module docstring)
         segments = request.segments or e.prompts.build(request.question, request.documents, request.system)
         prompt_ids = [t for s in segments for t in s.token_ids]
         rid = rid or uuid.uuid4().hex
         logprobs = dict(return_logprob=True, top_logprobs_num=request.top_logprobs_num,
                         return_text_in_logprobs=request.return_text_in_logprobs) if request.return_logprob else {}
+        if wants_prompt_logprobs(request):
+            logprobs["logprob_start_len"] = request.logprob_start_len
         body = generate_body(segments, policy, sglang_sampling(request.sampling), request.namespace,
                              stream=True, rid=rid, **logprobs)  # refuses policies the plugin does not serve
         compiled = 0 if policy.kind == "fr" else await e.compile_missing(segments, policy, request.namespace)
@@ -160,7 +170,7 @@ class SGLangRuntime:
                               ttft_s=ttft, compile_s=compile_s, link_s=ttft - compile_s,
                               decode_s=time.perf_counter() - t0 - ttft)
         result = GenerateResult(chunk["text"], chunk.get("output_ids", []), prompt_ids, meta.get("finish_reason") or {},
-                                policy.name, stats, recomputed_positions=[], **output_logprobs(request, meta))
+                                policy.name, stats, recomputed_positions=[], **sglang_logprobs(request, meta))
         if self.on_result is not None:
             self.on_result(result)
         yield Progress(rid, result.text, result.output_ids, len(prompt_ids), result=result)
