@@ -204,11 +204,13 @@ def _sglang_front(args: argparse.Namespace):
     from epic_sglang.models.loader import resolve_model_dir
     from epic_sglang.policies import parse_policy
     from epic_sglang.server import create_sglang_front
-    from epic_sglang.sglang_plugin.client import SERVED_KINDS, SERVED_POLICIES
+    from epic_sglang.sglang_plugin.client import check_served
     from epic_sglang.sglang_plugin.launch import SGLangServer, server_env
 
-    if parse_policy(args.policy).kind not in SERVED_KINDS:
-        raise ValueError(f"--policy {args.policy}: the SGLang engine serves {SERVED_POLICIES}")
+    try:
+        check_served(parse_policy(args.policy))
+    except ValueError as err:
+        raise ValueError(f"--policy {args.policy}: {err}") from None
     extra = sglang_server_args(args)
     if not torch.cuda.is_available():
         raise RuntimeError("--engine sglang starts a SGLang server, whose kernels need a CUDA GPU; "

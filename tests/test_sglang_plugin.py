@@ -428,7 +428,7 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
     assert "--radix-cache-backend" not in server_command("/models/m", 30001, plugin=False)
     assert server_env(True, kv_dir="/kv")["EPIC_SGLANG_KV_DIR"] == "/kv" and server_env(False)["SGLANG_PLUGINS"] == "-"
     assert main(["serve", "--engine", "sglang", "--policy", "cacheblend-15"]) == 2
-    assert "--policy cacheblend-15: the SGLang engine serves fr, naive" in capsys.readouterr().err
+    assert "--policy cacheblend-15: the SGLang plugin serves fr, naive" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--sglang-port", "70000"]) == 2
     assert "--sglang-port must be in 1..65535" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--sglang-args", "--tp 2 --port=9"]) == 2

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from epic_sglang.policies import Policy, Segment, parse_policy
 from epic_sglang.sglang_plugin.wire import LinkHint
 
-SERVED_POLICIES = "fr, naive, legolink-<k> (k >= 1), legolink0"
 SERVED_KINDS = ("fr", "naive", "legolink", "legolink0")
 
 
@@ -25,7 +24,7 @@ def document_spans(segments: list[Segment]) -> list[tuple[int, int]]:
 
 def check_served(policy: Policy) -> None:
     if policy.kind not in SERVED_KINDS:
-        raise ValueError(f"the SGLang plugin serves {SERVED_POLICIES}, not {policy.name}")
+        raise ValueError(f"the SGLang plugin serves fr, naive, legolink-<k> and legolink0, not {policy.name}")
 
 
 def generate_body(segments: list[Segment], policy: str | Policy, sampling_params: dict,
