@@ -52,7 +52,8 @@ DENSE_RUN = 256  # a query run this long is a dense prefill: gathered keys, FA3
 GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read them in pages
 CASCADE_GROUP = 128  # cascade: runs grouped until this many queries share one bulk (FA3) entry
 # cascade: bulk keys per entry. FA3 schedules (query tile, head) items whole, so at 16K the
-# last group's ~12K keys took one CTA while the average CTA had ~6K; chunks balance them.
+# last group's ~15K keys took one CTA while the CTAs averaged ~8.7K; chunks balance them
+# (4,096 measured best at 16K and 32K on an H200: benchmarks/gpu_link_attention.py).
 BULK_CHUNK = 4096
 # auto: cascade once the runs' key prefixes add up to this many keys (per-run entries would
 # re-read them all), else fused (gathered if RoPE cannot fuse): below, the cascade's second
