@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.attention import make_attention  # noqa: E402
-from epic_sglang.attention.flashinfer_backend import LINK_MODES  # noqa: E402
+from epic_sglang.attention.flashinfer_backend import BULK_CHUNK, CASCADE_GROUP, LINK_MODES  # noqa: E402
 from epic_sglang.linker import Linker  # noqa: E402
 from epic_sglang.policies import Segment  # noqa: E402
 
@@ -247,8 +247,8 @@ Floor = one forward of legolink-16's number of new tokens over an already cached
 Link mode of the table: `{args.link_mode}`. Every link mode, same prompts, timed after the table
 (`gathered`: a causal entry per query run over the truncated KV, keys gathered and rotated into
 scratch by one Triton launch per layer, FA2 for short runs and FA3 for dense ones; `cascade`:
-gathered keys, runs grouped by 128 queries into one non-causal FA3 entry over the keys before
-the group plus a short causal FA2 entry per run, merged by log-sum-exp; `fused`: per-run entries
+gathered keys, runs grouped by {CASCADE_GROUP} queries into non-causal FA3 entries over the keys before
+the group ({BULK_CHUNK:,}-key chunks) plus a short causal FA2 entry per run, merged by log-sum-exp; `fused`: per-run entries
 over the pool's keys in place, RoPE fused in FA2 (gathered where RoPE cannot fuse: llama3);
 `mask`: one entry with the custom mask, FA2; `auto`: cascade when the runs' key prefixes reach
 128K keys, else fused); the floor is dense in every mode (FA3); fr / lego uses the table's fr:
