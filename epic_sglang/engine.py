@@ -23,7 +23,7 @@ from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAlloc
 from epic_sglang.linker import BlendSeq, Linker
 from epic_sglang.models.loader import resolve_model_dir
 from epic_sglang.models.weights import load_causal_lm
-from epic_sglang.policies import CompileRecipe, LinkPlan, Policy, Segment, parse_policy, plan_link
+from epic_sglang.policies import CompileRecipe, LinkPlan, Policy, Segment, parse_policy, plan_link, querylink_pick
 from epic_sglang.prompt import PromptBuilder
 from epic_sglang.sampling import SamplingParams, adjust_logits, sample_next
 from radix_ext import KVLayout, PICRadixCache, document_key
@@ -99,6 +99,7 @@ class RunningRequest:
     row: int | None = None
     linked: bool = False  # the row holds computed KV (publishable)
     private: list[torch.Tensor] = field(default_factory=list)
+    pick_slots: torch.Tensor | None = None  # querylink: private slots reserved for its picks
     seq_len: int = 0
     output_ids: list[int] = field(default_factory=list)
     recomputed_positions: list[int] = field(default_factory=list)
@@ -253,6 +254,7 @@ class Engine:
             return self._decode_graphed(decoding, slots)
         plain = [s for s in linking if s.plan.blend_ratio == 0]
         blend = [s for s in linking if s.plan.blend_ratio > 0]
+        self._scout([s for s in plain if s.plan.pick_budget > 0])
         parts = [self._link_part(s) for s in plain]
         for s, slot in zip(decoding, slots if slots is not None else []):
             parts.append(self._decode_part(s, slot))
@@ -444,9 +446,10 @@ class Engine:
         fresh = torch.ones(n, dtype=torch.bool) if blend else s.plan.recompute
         slots = torch.zeros(n, dtype=torch.int64, device=self.device)
         fresh_at = fresh.nonzero().flatten()
-        private = self._alloc(fresh_at.numel())
+        private = self._alloc(fresh_at.numel() + s.plan.pick_budget)  # querylink's picks: taken now
         s.private.append(private)
-        slots[fresh_at.to(self.device)] = private
+        slots[fresh_at.to(self.device)] = private[:fresh_at.numel()]
+        s.pick_slots = private[fresh_at.numel():]
         if not blend:
             if s.prefix_len:
                 slots[:s.prefix_len] = s.prefix_slots
@@ -470,6 +473,32 @@ class Engine:
         computed = computed.to(self.device)
         row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
         return s.prompt_ids[computed], computed, row[computed], row
+
+    def _scout(self, states: list[RunningRequest]) -> None:
+        """querylink: run what each link recomputes anyway through the scout's layers, then
+        add the document tokens its question attends to most (`querylink_pick`) to the plan,
+        in the private slots reserved for them. Requests scout together per depth."""
+        depths: dict[int, list[RunningRequest]] = {}
+        for s in states:
+            depths.setdefault(s.policy.scout_layers(self.config.num_layers), []).append(s)
+        for layers, group in depths.items():
+            batch = ForwardBatch.build([self._link_part(s) for s in group])
+            queries = []
+            for s, view in zip(group, batch.seqs):
+                start, length, _ = s.plan.doc_spans[-1]
+                after = [i for i, p in enumerate(s.recomputed_positions) if p >= start + length]
+                queries.append(torch.tensor(after or [view.num_queries - 1], device=self.device) + view.q_start)
+            for s, mass in zip(group, self.linker.run_scout(batch, layers, queries)):
+                self._add_picks(s, querylink_pick(mass, s.plan, s.policy.block))
+
+    def _add_picks(self, s: RunningRequest, picks: torch.Tensor) -> None:
+        used, unused = s.pick_slots[:picks.numel()], s.pick_slots[picks.numel():]
+        self.req_to_token_pool.req_to_token[s.row, picks.to(self.device)] = used
+        s.plan.recompute[picks] = True
+        if unused.numel():  # fewer candidates than the budget
+            self.allocator.free(unused)
+            s.private = [p[~torch.isin(p, unused)] for p in s.private]
+        s.pick_slots = None
 
     def _count_link(self, s: RunningRequest) -> None:
         recomputed = torch.zeros(s.plan.num_tokens, dtype=torch.bool)

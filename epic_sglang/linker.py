@@ -4,6 +4,9 @@
   together in one ragged batch.
 - `run_cacheblend`: CacheBlend's selective pass; layers up to the check layer for all
   tokens, then only the picked tokens, reusing cached KV for the rest.
+- `run_scout`: querylink's scout; the tokens its link would recompute anyway (question,
+  documents' first tokens) through the first layers over the cached KV, measuring where the
+  question's attention goes (`attention_mass`).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
 from epic_sglang.models.decoder import CausalLM
+from epic_sglang.models.rope import Rotary, apply_rotation
 from epic_sglang.policies import CACHEBLEND_CHECK_LAYER, cacheblend_pick
 
 
@@ -29,9 +33,25 @@ class BlendSeq:
     ratio: float
 
 
+def attention_mass(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """(n,) fp32: the softmax attention probability that queries `q` (nq, heads, head_dim),
+    un-rotated, at `positions` put on each of the keys (n, kv_heads, head_dim), un-rotated,
+    of positions 0..n-1 under the link mask (key j visible to query i iff j <= pos_i),
+    summed over queries and heads. Logits in the pool's dtype, softmax in fp32."""
+    n, kv_heads, dim = keys.shape
+    q = apply_rotation(q, *rotary.cos_sin(positions, torch.float32))
+    k = apply_rotation(keys, *rotary.cos_sin(torch.arange(n, device=keys.device), torch.float32))
+    q = q.view(q.shape[0], kv_heads, -1, dim).permute(1, 2, 0, 3).reshape(kv_heads, -1, dim)  # (kv, group*nq, d)
+    logits = torch.matmul(q, k.permute(1, 2, 0)).float() * dim ** -0.5  # (kv, group*nq, n)
+    hidden = torch.arange(n, device=keys.device)[None, :] > positions[:, None]  # (nq, n)
+    logits = logits.view(kv_heads, -1, positions.numel(), n).masked_fill(hidden, float("-inf"))
+    return logits.softmax(-1).sum((0, 1, 2))
+
+
 class Linker:
     def __init__(self, model: CausalLM, pool: KVPool, attn):
         self.model, self.pool, self.attn = model, pool, attn
+        self.rotary = Rotary(model.config, pool.get_key_buffer(0).device)
 
     @torch.inference_mode()
     def run(self, batch: ForwardBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -40,6 +60,23 @@ class Linker:
         self.attn.plan(batch)
         hidden = self.model.forward(batch, self.pool, self.attn)
         return hidden[batch.last_token_index() if rows is None else rows]
+
+    @torch.inference_mode()
+    def run_scout(self, batch: ForwardBatch, layers: int, queries: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The batch through its first `layers` layers (the last one only as far as its K/V
+        and queries). Returns, per sequence, the attention mass its query rows (`queries[i]`,
+        indices into the batch) put on each of its positions, summed over those layers."""
+        self.attn.plan(batch)
+        x = self.model.embed(batch.input_ids)
+        mass = [torch.zeros(s.kv_slots.numel(), device=x.device) for s in batch.seqs]
+        for i, layer in enumerate(self.model.layers[:layers]):
+            q = layer.write_kv(x, batch, self.pool)
+            keys = self.pool.get_key_buffer(layer.layer_id)
+            for m, s, rows in zip(mass, batch.seqs, queries):
+                m += attention_mass(q[rows], batch.positions[rows], keys[s.kv_slots], self.rotary)
+            if i + 1 < layers:
+                x = layer.finish(x, q, batch, self.pool, self.attn)
+        return mass
 
     @torch.inference_mode()
     def run_cacheblend(self, seqs: list[BlendSeq]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -8,6 +8,10 @@
 | legolink0       | like naive, but documents are compiled behind throw-away sinks   |
 | cacheblend-<r>  | all tokens in layers 0..1, then r% of document tokens (largest   |
 |                 | KV deviation at layer 1) + every non-document token              |
+| querylink-<k>   | legolink-k's number of document tokens, chosen by the question:  |
+|                 | the first `head` of each document, the rest in blocks that a     |
+|                 | scout pass of the question attends to most + every non-document  |
+|                 | token                                                            |
 
 The prompt's last token is always recomputed, even inside a document.
 """
@@ -22,7 +26,13 @@ DEFAULT_LEGOLINK_K = 16
 DEFAULT_CACHEBLEND_RATIO = 15.0
 LEGOLINK0_SINK_TOKENS = 4
 CACHEBLEND_CHECK_LAYER = 1
-POLICY_HELP = "fr, naive, legolink-<k> (k >= 0), legolink0, cacheblend-<r> (0 < r <= 100)"
+# querylink: measured on HotpotQA (BENCHMARKS.md, "querylink design")
+DEFAULT_QUERYLINK_BUDGET = 16
+QUERYLINK_HEAD = 4  # first tokens of each document always recomputed (LegoLink's attention-sink fix)
+QUERYLINK_BLOCK = 16  # picked in aligned blocks: contiguous runs keep the link's attention entries few
+QUERYLINK_DEPTH = 50  # % of the layers the scout runs the question through; it scores each of them
+POLICY_HELP = ("fr, naive, legolink-<k> (k >= 0), legolink0, cacheblend-<r> (0 < r <= 100), "
+               "querylink-<k>[-h<head>][-b<block>][-d<depth %>] (k >= 1, head <= k, block >= 1, 0 < depth <= 100)")
 
 
 @dataclass(frozen=True)
@@ -37,9 +47,12 @@ class CompileRecipe:
 
 @dataclass(frozen=True)
 class Policy:
-    kind: str  # fr | naive | legolink | legolink0 | cacheblend
-    k: int = 0
+    kind: str  # fr | naive | legolink | legolink0 | cacheblend | querylink
+    k: int = 0  # legolink: first tokens per document; querylink: document tokens per document, on average
     ratio: float = 0.0
+    head: int = QUERYLINK_HEAD  # querylink's fixed part of k (first tokens of each document)
+    block: int = QUERYLINK_BLOCK
+    depth: int = QUERYLINK_DEPTH
 
     @property
     def name(self) -> str:
@@ -47,7 +60,16 @@ class Policy:
             return f"legolink-{self.k}"
         if self.kind == "cacheblend":
             return f"cacheblend-{self.ratio:g}"
+        if self.kind == "querylink":
+            extra = [f"h{self.head}" if self.head != min(QUERYLINK_HEAD, self.k) else "",
+                     f"b{self.block}" if self.block != QUERYLINK_BLOCK else "",
+                     f"d{self.depth}" if self.depth != QUERYLINK_DEPTH else ""]
+            return "-".join([f"querylink-{self.k}"] + [e for e in extra if e])
         return self.kind
+
+    def scout_layers(self, num_layers: int) -> int:
+        """querylink: how many layers the scout runs (at least one)."""
+        return max(1, round(num_layers * self.depth / 100))
 
     @property
     def uses_document_cache(self) -> bool:
@@ -75,6 +97,17 @@ def parse_policy(text: str) -> Policy:
         if not 0 < r <= 100:
             raise ValueError(f"cacheblend ratio r must be in (0, 100], got {r:g}")
         return Policy("cacheblend", ratio=r)
+    m = re.fullmatch(r"querylink(?:-(-?\d+))?(?:-h(-?\d+))?(?:-b(-?\d+))?(?:-d(-?\d+))?", s)
+    if m:
+        k = int(m.group(1)) if m.group(1) is not None else DEFAULT_QUERYLINK_BUDGET
+        head = int(m.group(2)) if m.group(2) is not None else min(QUERYLINK_HEAD, k)
+        block = int(m.group(3)) if m.group(3) is not None else QUERYLINK_BLOCK
+        depth = int(m.group(4)) if m.group(4) is not None else QUERYLINK_DEPTH
+        if k < 1 or not 0 <= head <= k:
+            raise ValueError(f"querylink needs k >= 1 and 0 <= head <= k, got k={k}, head={head}")
+        if block < 1 or not 0 < depth <= 100:
+            raise ValueError(f"querylink needs block >= 1 and depth in (0, 100], got block={block}, depth={depth}")
+        return Policy("querylink", k=k, head=head, block=block, depth=depth)
     raise ValueError(f"unknown policy {text!r}; use one of: {POLICY_HELP}")
 
 
@@ -93,6 +126,7 @@ class LinkPlan:
     recompute: torch.Tensor  # (n,) bool: positions computed in the link pass
     doc_spans: list[tuple[int, int, int]]  # (start, length, segment index) of reused documents
     blend_ratio: float = 0.0  # cacheblend: % of document tokens picked at the check layer
+    pick_budget: int = 0  # querylink: document tokens the scout pass still picks
 
     @property
     def num_tokens(self) -> int:
@@ -110,19 +144,50 @@ def plan_link(policy: Policy, segments: list[Segment]) -> LinkPlan:
     n = sum(len(s) for s in segments)
     recompute = torch.zeros(n, dtype=torch.bool)
     spans, pos = [], 0
+    head = {"legolink": policy.k, "querylink": policy.head}.get(policy.kind, 0)
     for i, seg in enumerate(segments):
         if seg.document is not None and policy.uses_document_cache:
             spans.append((pos, len(seg), i))
-            if policy.kind == "legolink":
-                recompute[pos:pos + min(policy.k, len(seg))] = True
+            recompute[pos:pos + min(head, len(seg))] = True
         else:
             recompute[pos:pos + len(seg)] = True
         pos += len(seg)
     recompute[-1] = True  # the first output token always comes from fresh logits
-    return LinkPlan(recompute, spans, policy.ratio if policy.kind == "cacheblend" else 0.0)
+    plan = LinkPlan(recompute, spans, policy.ratio if policy.kind == "cacheblend" else 0.0)
+    if policy.kind == "querylink":
+        # legolink-k's document tokens in all, less those already recomputed
+        plan.pick_budget = sum(min(policy.k, n) - int(recompute[s:s + n].sum()) for s, n, _ in spans)
+        plan.pick_budget = max(plan.pick_budget, 0)
+    return plan
 
 
 def cacheblend_pick(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
     """Indices (into `deviation`) of the ceil(ratio%) document tokens that deviate most."""
     count = min(deviation.numel(), -(-int(round(deviation.numel() * ratio * 1000)) // 100000))
     return torch.topk(deviation, count).indices.sort().values
+
+
+def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Tensor:
+    """Positions (sorted) of the `plan.pick_budget` document tokens the question needs most:
+    each document is cut into `block`-token blocks aligned to its start; a block's score is
+    the attention mass (`scores`, one per prompt position) on its tokens not yet recomputed;
+    blocks are taken in score order (ties: the earlier first) and the last one taken is cut
+    to its best tokens so that exactly the budget is spent (or every candidate, if fewer)."""
+    scores = scores.float().cpu()
+    blocks: list[tuple[float, int, torch.Tensor]] = []
+    for start, length, _ in plan.doc_spans:
+        for b in range(start, start + length, block):
+            free = (~plan.recompute[b:min(b + block, start + length)]).nonzero().flatten() + b
+            if free.numel():
+                blocks.append((float(scores[free].sum()), b, free))
+    blocks.sort(key=lambda t: (-t[0], t[1]))
+    picked, left = [], plan.pick_budget
+    for _, _, free in blocks:
+        if left <= 0:
+            break
+        if free.numel() > left:  # the best `left` of this block, by score then position
+            order = sorted(range(free.numel()), key=lambda i: (-float(scores[free[i]]), i))[:left]
+            free = free[sorted(order)]
+        picked.append(free)
+        left -= free.numel()
+    return torch.cat(picked).sort().values if picked else torch.zeros(0, dtype=torch.int64)

@@ -77,8 +77,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, pool: KVPool, attn) -> torch.Tensor:
+        return self.finish(x, self.write_kv(x, batch, pool), batch, pool, attn)
+
+    def write_kv(self, x: torch.Tensor, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+        """The layer's first half: writes the tokens' K/V into the pool, returns their queries."""
         q, k, v = self.self_attn.qkv(self.input_layernorm(x))
         pool.set_kv_buffer(self.layer_id, batch.out_slots, k, v)
+        return q
+
+    def finish(self, x: torch.Tensor, q: torch.Tensor, batch: ForwardBatch, pool: KVPool, attn) -> torch.Tensor:
+        """The rest: attention over the batch's KV, the output projection and the MLP."""
         o = attn.forward(q, self.layer_id, pool, batch)
         x = x + self.self_attn.o_proj(o)
         return x + self.mlp(self.post_attention_layernorm(x))
