@@ -1,17 +1,20 @@
-"""HotpotQA accuracy of link policies -> BENCHMARKS.md table + PNG plot.
+"""Accuracy of link policies (HotpotQA or the needle test) -> BENCHMARKS.md table + PNG plot.
 
-    python benchmarks/accuracy.py --model qwen2.5-0.5b --n 300 --policies fr,naive,legolink-16,cacheblend-15
-    python benchmarks/accuracy.py --model qwen2.5-0.5b --n 50 --policies legolink0,legolink-1,... \
-        --report-n 300  # same file, resumed; the report covers every policy in it
+    python benchmarks/accuracy.py --model qwen2.5-0.5b --n 300 --policies fr,naive,legolink-16,querylink-16
+    python benchmarks/accuracy.py --model qwen2.5-0.5b --device cuda --n 1500   # on the GPU host (gpu_run.sh accuracy)
+    python benchmarks/accuracy.py --task needle --n 200 --policies fr,naive,legolink-16,querylink-16
+    python benchmarks/accuracy.py ... --report-n 300  # same file, resumed; the report covers every policy in it
 
-Results accumulate in runs/eval-<model>-seed<seed>.jsonl (resumable); the report covers the
-policies asked for over the first n seeded questions, or with --report-n every policy the
-file holds over the first N (each policy's own n is in the table).
+Results accumulate in runs/eval-<task>-<model>-seed<seed>.jsonl (resumable); the report covers
+the policies asked for over the first n seeded examples, or with --report-n every policy the
+file holds over the first N (each policy's own n is in the table). `--tag` names the
+BENCHMARKS.md section, so a design sweep does not replace the main table.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -19,36 +22,62 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine  # noqa: E402
 from epic_sglang.evaluation import (  # noqa: E402
-    DEFAULT_POLICIES, SYSTEM, f1_difference, load_rows, markdown_table, plot, run_eval, sample_questions, summarize)
+    DEFAULT_POLICIES, TASKS, f1_difference, load_rows, markdown_table, plot, run_eval, summarize, task_examples)
 
-PAIRS = [("fr", "legolink-16"), ("legolink-16", "naive"), ("legolink-16", "cacheblend-15"), ("fr", "naive")]
+PAIRS = [("querylink-16", "legolink-16"), ("legolink-16", "naive"), ("legolink-16", "cacheblend-15")]
 
 
 def differences(rows) -> str:
-    """Paired F1 differences with 95% bootstrap intervals, for the pairs both present."""
-    lines = ["| F1 difference | questions | points | 95% interval (paired bootstrap) |", "|---|---|---|---|"]
-    for a, b in PAIRS:
+    """Every policy against fr, then the named pairs present: paired differences with 95%
+    bootstrap intervals."""
+    policies = sorted({r.policy for r in rows} - {"fr"})
+    pairs = [(p, "fr") for p in policies] + [(a, b) for a, b in PAIRS if a in policies and b in policies]
+    lines = ["| score difference | questions | points | 95% interval (paired bootstrap) |", "|---|---|---|---|"]
+    for a, b in pairs:
         d = f1_difference(rows, a, b)
         if d is not None:
             lines.append(f"| {a} - {b} | {d[0]} | {d[1]:+.1f} | [{d[2]:+.1f}, {d[3]:+.1f}] |")
     return "\n".join(lines)
 
 
+def needle_grid(rows, examples) -> str:
+    """Needle: recovered % per policy and haystack length (over the 10 depths and repeats)."""
+    length = {ex.id: len(ex.documents) * 512 for ex in examples}
+    hits: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        hits[r.policy][length[r.qid]].append(r.f1)
+    lengths = sorted({v for v in length.values()})
+    lines = ["| policy | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for p in sorted(hits):
+        lines.append(f"| {p} | " + " | ".join(
+            f"{100 * sum(hits[p][n]) / len(hits[p][n]):.1f}" if hits[p][n] else "-" for n in lengths) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--task", choices=sorted(TASKS), default="hotpotqa")
     ap.add_argument("--n", type=int, default=300)
     ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kv-cache-gb", type=float, default=2.0)
+    ap.add_argument("--max-requests", type=int, default=64, help="requests per batch (several questions at once)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's; 1 = first-token fidelity only")
+    ap.add_argument("--tag", default=None, help="BENCHMARKS.md section suffix (default: the model)")
     ap.add_argument("--report-n", type=int, default=None,
-                    help="report every policy in the results file over the first N seeded questions (default: --n)")
+                    help="report every policy in the results file over the first N seeded examples (default: --n)")
     args = ap.parse_args()
 
-    engine = Engine(args.model, device="cpu")
-    out = Path(f"runs/eval-{args.model}-seed{args.seed}.jsonl")
-    rows = run_eval(engine, args.n, args.policies.split(","), out, seed=args.seed)
+    task = TASKS[args.task]
+    engine = Engine(args.model, device=args.device, kv_cache_gb=args.kv_cache_gb, max_requests=args.max_requests)
+    tokens = "" if args.max_new_tokens is None else f"-t{args.max_new_tokens}"
+    out = Path(f"runs/eval-{args.task}-{args.model}-seed{args.seed}{tokens}.jsonl")
+    examples = task_examples(args.task, max(args.n, args.report_n or 0), args.seed, engine.tokenizer)
+    rows = run_eval(engine, examples[:args.n], args.policies.split(","), out, task, args.max_new_tokens)
     if args.report_n is not None:
-        ids = {ex.id for ex in sample_questions(args.report_n, args.seed)}
+        ids = {ex.id for ex in examples[:args.report_n]}
         rows = [r for r in load_rows(out) if r.qid in ids]
     summary = summarize(rows)
     shared_table = ""
@@ -57,24 +86,32 @@ def main() -> None:
         for r in rows:
             by_policy.setdefault(r.policy, set()).add(r.qid)
         common = set.intersection(*by_policy.values())
-        shared_table = (f"The same {len(common)} questions for every policy:\n\n"
+        shared_table = (f"The same {len(common)} examples for every policy:\n\n"
                         + markdown_table(summarize([r for r in rows if r.qid in common])) + "\n")
-    png = Path(__file__).resolve().parent / f"accuracy-{args.model}.png"
-    plot(summary, png, f"HotpotQA dev (distractor), {args.model}, seed {args.seed}")
-    body = f"""## Accuracy: HotpotQA dev (distractor), {args.model}, greedy, 32 new tokens
+    tag = args.tag or args.model
+    png = Path(__file__).resolve().parent / f"accuracy-{args.task}-{tag}.png"
+    what = {"hotpotqa": "HotpotQA dev (distractor)", "needle": "needle in Paul Graham essays"}[args.task]
+    plot(summary, png, f"{what}, {args.model}, seed {args.seed}")
+    if args.task == "hotpotqa":
+        setup = (f"Questions: seeded sample (seed {args.seed}) of the 7,405; n per policy below. Each paragraph is "
+                 f"one document compiled alone; prompt = system + 10 documents + question; F1 / EM on the answer.")
+    else:
+        setup = (f"Haystacks of Paul Graham essays cut into 512-token documents; one needle sentence "
+                 f"(\"One of the special magic numbers for KEY is: VALUE.\") at 10 depths per length; F1 = EM = "
+                 f"the value recovered (%). Seed {args.seed}.\n\n{needle_grid(rows, examples)}")
+    body = f"""## Accuracy: {what}, {args.model}, greedy, {args.max_new_tokens or task.max_new_tokens} new tokens{'' if tag == args.model else f' ({tag})'}
 
-Machine: {machine()}. Questions: seeded sample (seed {args.seed}) of the 7,405; n per policy below.
-Each paragraph is one document compiled alone; prompt = system + 10 documents + question.
-System prompt: "{SYSTEM}"
+Machine: {machine()}. {setup}
+System prompt: "{task.system}"
 
 {markdown_table(summary)}
 
 {shared_table}
 {differences(rows)}
 
-![F1 against recomputed share]({png.name})
+![score against recomputed share]({png.name})
 """
-    write_section(f"accuracy-{args.model}", body)
+    write_section(f"accuracy-{args.task}-{tag}", body)
     print(body)
 
 

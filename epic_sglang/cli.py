@@ -117,20 +117,33 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """The fidelity gate: per policy, F1 against fr with its paired interval and a verdict.
+    Exit 0 when every policy passes, 1 when one fails or is inconclusive."""
     from pathlib import Path
 
     from epic_sglang.engine import Engine
-    from epic_sglang.evaluation import markdown_table, run_eval, summarize
+    from epic_sglang.evaluation import (GATE_MARGIN, TASKS, fidelity_gate, markdown_table, run_eval, summarize,
+                                        task_examples)
+    from epic_sglang.policies import parse_policy
 
+    margin = GATE_MARGIN if args.margin is None else args.margin
     policies = [p for p in args.policies.split(",") if p]
+    for p in policies:
+        parse_policy(p)  # fail before the model loads
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    if margin < 0:
+        raise ValueError(f"--margin must be >= 0, got {margin:g}")
     engine = Engine(model=args.model, device=args.device)
-    out = Path(args.out or f"runs/eval-{Path(args.model).name}-seed{args.seed}.jsonl")
-    rows = run_eval(engine, args.n, policies, out, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    out = Path(args.out or f"runs/eval-{args.task}-{Path(args.model).name}-seed{args.seed}.jsonl")
+    examples = task_examples(args.task, args.n, args.seed, engine.tokenizer)
+    rows = run_eval(engine, examples, ["fr"] + policies, out, TASKS[args.task], args.max_new_tokens)
     print(markdown_table(summarize(rows)))
-    print(f"results: {out} (model {args.model}, n={args.n}, seed {args.seed})", file=sys.stderr)
-    return 0
+    verdicts = fidelity_gate(rows, margin)
+    for v in verdicts:
+        print(v.line(margin))
+    print(f"results: {out} (model {args.model}, task {args.task}, n={args.n}, seed {args.seed})", file=sys.stderr)
+    return 0 if all(v.verdict == "pass" for v in verdicts) else 1
 
 
 def _server_config(args: argparse.Namespace):
@@ -302,12 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_dir(ask)
     ask.set_defaults(func=_ask)
 
-    ev = sub.add_parser("eval", help="HotpotQA accuracy and fidelity to fr of link policies")
+    ev = sub.add_parser("eval", help="fidelity gate: accuracy of link policies against fr on a model, with verdicts")
     ev.add_argument("--model", default="qwen2.5-0.5b")
-    ev.add_argument("--n", type=int, default=300, help="questions (seeded sample of HotpotQA dev)")
-    ev.add_argument("--policies", default="fr,naive,legolink-16,cacheblend-15", help="comma-separated")
+    ev.add_argument("--task", choices=["hotpotqa", "needle"], default="hotpotqa")
+    ev.add_argument("--n", type=int, default=300, help="questions (seeded sample of HotpotQA dev, or needle cells)")
+    ev.add_argument("--policies", default="querylink-16,legolink-16,naive", help="comma-separated; fr always runs")
+    ev.add_argument("--margin", type=float, default=None,
+                    help="F1 points a policy may lose against fr (default 2): pass when its whole 95%% interval "
+                         "is above -margin, fail when below")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (32 hotpotqa, 16 needle)")
     ev.add_argument("--out", default=None, help="JSON-lines results, resumed if present")
     ev.add_argument("--device", default=None)
     ev.set_defaults(func=_eval)

@@ -474,22 +474,33 @@ class Engine:
         row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len]
         return s.prompt_ids[computed], computed, row[computed], row
 
-    def _scout(self, states: list[RunningRequest]) -> None:
-        """querylink: run what each link recomputes anyway through the scout's layers, then
-        add the document tokens its question attends to most (`querylink_pick`) to the plan,
-        in the private slots reserved for them. Requests scout together per depth."""
-        depths: dict[int, list[RunningRequest]] = {}
-        for s in states:
-            depths.setdefault(s.policy.scout_layers(self.config.num_layers), []).append(s)
-        for layers, group in depths.items():
+    def scout_mass(self, states: list[RunningRequest]) -> list[torch.Tensor]:
+        """querylink's scout for prefilled requests: what each link recomputes anyway (its
+        question, its documents' first tokens) through the policy's first layers over the
+        cached KV. Returns per request the (n,) attention mass its question (the tokens after
+        its last document; the last token if none) puts on each prompt position, summed over
+        heads, question tokens and layers. Requests scout together per depth."""
+        depths: dict[int, list[int]] = {}
+        for i, s in enumerate(states):
+            depths.setdefault(s.policy.scout_layers(self.config.num_layers), []).append(i)
+        out: list[torch.Tensor] = [torch.empty(0)] * len(states)
+        for layers, members in depths.items():
+            group = [states[i] for i in members]
             batch = ForwardBatch.build([self._link_part(s) for s in group])
             queries = []
             for s, view in zip(group, batch.seqs):
                 start, length, _ = s.plan.doc_spans[-1]
                 after = [i for i, p in enumerate(s.recomputed_positions) if p >= start + length]
                 queries.append(torch.tensor(after or [view.num_queries - 1], device=self.device) + view.q_start)
-            for s, mass in zip(group, self.linker.run_scout(batch, layers, queries)):
-                self._add_picks(s, querylink_pick(mass, s.plan, s.policy.block))
+            for i, mass in zip(members, self.linker.run_scout(batch, layers, queries)):
+                out[i] = mass
+        return out
+
+    def _scout(self, states: list[RunningRequest]) -> None:
+        """querylink: add the document tokens each question attends to most to its plan, in
+        the private slots reserved for them."""
+        for s, mass in zip(states, self.scout_mass(states)):
+            self._add_picks(s, querylink_pick(mass, s.plan, s.policy.block))
 
     def _add_picks(self, s: RunningRequest, picks: torch.Tensor) -> None:
         used, unused = s.pick_slots[:picks.numel()], s.pick_slots[picks.numel():]

@@ -1,11 +1,16 @@
-"""Accuracy of every link policy on HotpotQA (distractor setting), through one engine.
+"""Accuracy of every link policy through one engine: HotpotQA (distractor setting) and a
+needle in a haystack.
 
-Each of a question's 10 paragraphs is one document, compiled alone; prompt = system + 10
-documents + question; greedy decoding. Per policy: answer F1 / exact match (the standard
-HotpotQA normalization) and fidelity to `fr`: first-token agreement, 32-token greedy
-agreement, and the KL divergence of the first token's distribution from fr's.
+HotpotQA: each of a question's 10 paragraphs is one document, compiled alone; prompt =
+system + 10 documents + question; greedy decoding; answer F1 / exact match (the standard
+HotpotQA normalization). Needle: Paul Graham essays in 512-token documents with one needle
+sentence (`epic_sglang.data.needle`); score = the needle's value recovered. Per policy also
+the fidelity to `fr`: first-token agreement, greedy token agreement, and the KL divergence of
+the first token's distribution from fr's.
 
-Results are appended to a JSON-lines file as they come, so an interrupted run resumes.
+Each batch holds several questions with all their policies (one compile pass, one link
+pass, batched decode). Results are appended to a JSON-lines file as they come, so an
+interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -16,18 +21,22 @@ import string
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from epic_sglang.data.hotpotqa import HotpotExample, load_hotpotqa
+from epic_sglang.data.hotpotqa import load_hotpotqa
+from epic_sglang.data.needle import needle_examples, recovered
 from epic_sglang.engine import Engine, Request
 from epic_sglang.policies import parse_policy
 from epic_sglang.sampling import SamplingParams
 
 SYSTEM = ("Answer the question using the documents. Reply with the answer only (a few words, "
           "or yes / no), with no explanation.")
+NEEDLE_SYSTEM = "Answer the question using the documents. Reply with the answer only."
 DEFAULT_POLICIES = ["fr", "naive", "legolink0", "legolink-1", "legolink-2", "legolink-4", "legolink-8",
-                    "legolink-16", "legolink-32", "cacheblend-5", "cacheblend-15"]
+                    "legolink-16", "legolink-32", "cacheblend-5", "cacheblend-15", "querylink-16"]
+NEEDLE_LENGTHS = [2048, 4096, 8192, 16384]
 
 
 def normalize_answer(s: str) -> str:
@@ -73,11 +82,43 @@ class EvalRow:
     prompt_tokens: int
 
 
-def sample_questions(n: int, seed: int) -> list[HotpotExample]:
-    """The first n of one seeded shuffle, so a larger n extends a smaller run instead of redrawing it."""
+@dataclass(frozen=True)
+class EvalExample:
+    id: str
+    question: str
+    documents: tuple[str, ...]
+    answer: str
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    system: str
+    score: Callable[[str, str], tuple[float, float]]  # (prediction, answer) -> (F1 or hit, exact or hit)
+    max_new_tokens: int
+
+
+TASKS = {"hotpotqa": Task("hotpotqa", SYSTEM, f1_exact, 32), "needle": Task("needle", NEEDLE_SYSTEM, recovered, 16)}
+
+
+def sample_questions(n: int, seed: int) -> list[EvalExample]:
+    """HotpotQA: the first n of one seeded shuffle, so a larger n extends a smaller run instead of redrawing it."""
     data = list(load_hotpotqa())
     random.Random(seed).shuffle(data)
-    return data[:n]
+    return [EvalExample(ex.id, ex.question, ex.paragraphs, ex.answer) for ex in data[:n]]
+
+
+def task_examples(task: str, n: int, seed: int, tokenizer=None, lengths: list[int] | None = None) -> list[EvalExample]:
+    """n examples of the task: HotpotQA questions, or needle cells (every length x 10 depths,
+    repeated with new haystacks, keys and values until n)."""
+    if task == "hotpotqa":
+        return sample_questions(n, seed)
+    if task != "needle":
+        raise ValueError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}")
+    lengths = lengths or NEEDLE_LENGTHS
+    repeats = -(-n // (10 * len(lengths)))
+    return [EvalExample(ex.id, ex.question, ex.documents, ex.answer)
+            for ex in needle_examples(tokenizer, lengths, 10, repeats, seed)[:n]]
 
 
 def exact_fraction(stats) -> float:
@@ -86,24 +127,29 @@ def exact_fraction(stats) -> float:
     return (stats.recomputed_tokens + stats.cached_prefix_tokens) / stats.prompt_tokens
 
 
-def evaluate_question(engine: Engine, ex: HotpotExample, policies: list[str], max_new_tokens: int) -> list[EvalRow]:
-    """All policies of one question in one batch; `fr` always runs as the fidelity reference."""
-    names = ["fr"] + [p for p in policies if parse_policy(p).name != "fr"]
-    reqs = [Request(ex.question, list(ex.paragraphs), SYSTEM, p, SamplingParams(max_new_tokens=max_new_tokens),
-                    return_first_logits=True) for p in names]
+def evaluate_batch(engine: Engine, examples: list[EvalExample], task: Task, policies: list[str],
+                   max_new_tokens: int) -> list[EvalRow]:
+    """All policies of the examples in one batch; `fr` always runs as the fidelity reference."""
+    wanted = [parse_policy(p).name for p in policies]
+    names = ["fr"] + [p for p in wanted if p != "fr"]
+    reqs = [Request(ex.question, list(ex.documents), task.system, p, SamplingParams(max_new_tokens=max_new_tokens),
+                    return_first_logits=True) for ex in examples for p in names]
     results = engine.generate_batch(reqs)
-    ref = results[0]
-    ref_logp = torch.log_softmax(ref.first_logits, -1)
     rows = []
-    for name, r in zip(names, results):
-        if name == "fr" and "fr" not in [parse_policy(p).name for p in policies]:
-            continue
-        logp = torch.log_softmax(r.first_logits, -1)
-        f1, em = f1_exact(r.text, ex.answer)
-        rows.append(EvalRow(ex.id, parse_policy(name).name, ex.answer, r.text.strip(), f1, em,
-                            float(r.output_ids[:1] == ref.output_ids[:1]), token_agreement(r.output_ids, ref.output_ids),
-                            float((ref_logp.exp() * (ref_logp - logp)).sum()),
-                            exact_fraction(r.stats), r.stats.prompt_tokens))
+    for i, ex in enumerate(examples):
+        mine = results[i * len(names):(i + 1) * len(names)]
+        ref = mine[0]
+        ref_logp = torch.log_softmax(ref.first_logits, -1)
+        for name, r in zip(names, mine):
+            if name not in wanted:
+                continue
+            logp = torch.log_softmax(r.first_logits, -1)
+            f1, em = task.score(r.text, ex.answer)
+            rows.append(EvalRow(ex.id, name, ex.answer, r.text.strip(), f1, em,
+                                float(r.output_ids[:1] == ref.output_ids[:1]),
+                                token_agreement(r.output_ids, ref.output_ids),
+                                float((ref_logp.exp() * (ref_logp - logp)).sum()),
+                                exact_fraction(r.stats), r.stats.prompt_tokens))
     return rows
 
 
@@ -112,28 +158,31 @@ def load_rows(path: Path) -> list[EvalRow]:
     return [EvalRow(**json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def run_eval(engine: Engine, n: int, policies: list[str], out: Path, seed: int = 0, max_new_tokens: int = 32,
-             progress: bool = True) -> list[EvalRow]:
-    """Evaluate n seeded questions, resuming from `out` (JSON lines)."""
-    for p in policies:
-        parse_policy(p)
+def run_eval(engine: Engine, examples: list[EvalExample], policies: list[str], out: Path,
+             task: Task = TASKS["hotpotqa"], max_new_tokens: int | None = None, progress: bool = True,
+             batch_requests: int | None = None) -> list[EvalRow]:
+    """Evaluate the examples, resuming from `out` (JSON lines). A batch holds as many
+    examples as fit `batch_requests` requests (default: the engine's request rows)."""
+    wanted = [parse_policy(p).name for p in policies]
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = load_rows(out)
     done = {(r.qid, r.policy) for r in rows}
-    wanted = [parse_policy(p).name for p in policies]
-    questions = sample_questions(n, seed)
+    per_batch = max(1, (batch_requests or len(engine.req_to_token_pool.req_to_token)) // (len(set(wanted) | {"fr"})))
     from tqdm import tqdm
 
-    with open(out, "a") as f:
-        for ex in tqdm(questions, desc="eval", unit="question", disable=not progress):
-            todo = [p for p in wanted if (ex.id, p) not in done]
-            if not todo:
-                continue
-            for row in evaluate_question(engine, ex, todo, max_new_tokens):
+    todo = [(ex, tuple(p for p in wanted if (ex.id, p) not in done)) for ex in examples]
+    todo = [(ex, t) for ex, t in todo if t]
+    with open(out, "a") as f, tqdm(total=len(todo), desc=f"eval {task.name}", unit="question", disable=not progress) as bar:
+        i = 0
+        while i < len(todo):
+            same = [ex for ex, t in todo[i:i + per_batch] if t == todo[i][1]]  # one policy list per batch
+            for row in evaluate_batch(engine, same, task, list(todo[i][1]), max_new_tokens or task.max_new_tokens):
                 f.write(json.dumps(asdict(row)) + "\n")
-                f.flush()
                 rows.append(row)
-    ids = {ex.id for ex in questions}
+            f.flush()
+            i += len(same)
+            bar.update(len(same))
+    ids = {ex.id for ex in examples}
     return [r for r in rows if r.qid in ids and r.policy in wanted]
 
 
@@ -163,6 +212,40 @@ def f1_difference(rows: list[EvalRow], a: str, b: str, resamples: int = 5000,
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
     return len(shared), sum(diffs) / len(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+GATE_MARGIN = 2.0  # F1 points a linked policy may lose against fr and still pass the gate
+
+
+@dataclass(frozen=True)
+class Verdict:
+    policy: str
+    questions: int
+    difference: float  # policy - fr, F1 points
+    low: float
+    high: float
+    verdict: str  # pass | fail | inconclusive
+
+    def line(self, margin: float) -> str:
+        why = {"pass": f"at most {margin:g} points below fr (95% interval above -{margin:g})",
+               "fail": f"more than {margin:g} points below fr (95% interval below -{margin:g})",
+               "inconclusive": f"interval straddles -{margin:g}: run more questions (--n)"}[self.verdict]
+        return (f"{self.policy}: F1 {self.difference:+.1f} vs fr [{self.low:+.1f}, {self.high:+.1f}], "
+                f"n={self.questions}: {self.verdict.upper()}, {why}")
+
+
+def fidelity_gate(rows: list[EvalRow], margin: float = GATE_MARGIN) -> list[Verdict]:
+    """Per linked policy, its paired F1 difference to fr and a non-inferiority verdict with
+    `margin`: pass when the whole 95% interval lies above -margin, fail when it lies below."""
+    out = []
+    for policy in sorted({r.policy for r in rows} - {"fr"}):
+        d = f1_difference(rows, policy, "fr")
+        if d is None:
+            continue
+        n, diff, low, high = d
+        out.append(Verdict(policy, n, diff, low, high,
+                           "pass" if low > -margin else "fail" if high < -margin else "inconclusive"))
+    return out
 
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:

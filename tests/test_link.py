@@ -128,7 +128,8 @@ def shared_kv(engine):
         for i in range(engine.config.num_layers)]
 
 
-POLICIES = ["naive", "legolink-1", "legolink-4", "legolink-16", "cacheblend-15", "cacheblend-50", "fr"]
+POLICIES = ["naive", "legolink-1", "legolink-4", "legolink-16", "cacheblend-15", "cacheblend-50", "querylink-16",
+            "querylink-4-b1", "fr"]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)

