@@ -14,6 +14,7 @@ interrupted run resumes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -102,10 +103,11 @@ TASKS = {"hotpotqa": Task("hotpotqa", SYSTEM, f1_exact, 32), "needle": Task("nee
 
 
 def sample_questions(n: int, seed: int) -> list[EvalExample]:
-    """HotpotQA: the first n of one seeded shuffle, so a larger n extends a smaller run instead of redrawing it."""
-    data = list(load_hotpotqa())
-    random.Random(seed).shuffle(data)
-    return [EvalExample(ex.id, ex.question, ex.paragraphs, ex.answer) for ex in data[:n]]
+    """HotpotQA: the n questions whose ids hash lowest under the seed. A larger n extends a
+    smaller run instead of redrawing it, and a data file trimmed to those questions
+    (`epic_sglang.data.pack`) gives the same sample."""
+    order = sorted(load_hotpotqa(), key=lambda ex: hashlib.sha256(f"{seed}:{ex.id}".encode()).digest())
+    return [EvalExample(ex.id, ex.question, ex.paragraphs, ex.answer) for ex in order[:n]]
 
 
 def task_examples(task: str, n: int, seed: int, tokenizer=None, lengths: list[int] | None = None) -> list[EvalExample]:

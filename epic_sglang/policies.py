@@ -172,22 +172,27 @@ def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Te
     each document is cut into `block`-token blocks aligned to its start; a block's score is
     the attention mass (`scores`, one per prompt position) on its tokens not yet recomputed;
     blocks are taken in score order (ties: the earlier first) and the last one taken is cut
-    to its best tokens so that exactly the budget is spent (or every candidate, if fewer)."""
+    to its best tokens so that exactly the budget is spent (or every candidate, if fewer).
+    Vectorized: a 32K-token prompt has ~2,000 blocks."""
     scores = scores.float().cpu()
-    blocks: list[tuple[float, int, torch.Tensor]] = []
-    for start, length, _ in plan.doc_spans:
-        for b in range(start, start + length, block):
-            free = (~plan.recompute[b:min(b + block, start + length)]).nonzero().flatten() + b
-            if free.numel():
-                blocks.append((float(scores[free].sum()), b, free))
-    blocks.sort(key=lambda t: (-t[0], t[1]))
-    picked, left = [], plan.pick_budget
-    for _, _, free in blocks:
-        if left <= 0:
-            break
-        if free.numel() > left:  # the best `left` of this block, by score then position
-            order = sorted(range(free.numel()), key=lambda i: (-float(scores[free[i]]), i))[:left]
-            free = free[sorted(order)]
-        picked.append(free)
-        left -= free.numel()
-    return torch.cat(picked).sort().values if picked else torch.zeros(0, dtype=torch.int64)
+    if not plan.doc_spans or plan.pick_budget <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    pos = torch.cat([torch.arange(st, st + n) for st, n, _ in plan.doc_spans])
+    first = torch.tensor([0] + [-(-n // block) for _, n, _ in plan.doc_spans]).cumsum(0)
+    blk = torch.cat([torch.arange(n) // block + first[i] for i, (_, n, _) in enumerate(plan.doc_spans)])
+    free = ~plan.recompute[pos]
+    pos, blk = pos[free], blk[free]  # candidates, in position order; blocks numbered in position order
+    mass = torch.zeros(int(first[-1]), dtype=torch.float64).index_add_(0, blk, scores[pos].double())
+    count = torch.bincount(blk, minlength=mass.numel())
+    order = torch.sort(mass, descending=True, stable=True).indices  # stable: ties keep position order
+    order = order[count[order] > 0]
+    before = torch.cumsum(count[order], 0) - count[order]  # candidates taken ahead of each block
+    whole, partial = order[before + count[order] <= plan.pick_budget], order[before < plan.pick_budget]
+    picked = [pos[torch.isin(blk, whole)]]
+    if partial.numel() > whole.numel():  # the block that crosses the budget: its best tokens
+        cut = partial[-1]
+        left = plan.pick_budget - int(count[whole].sum())
+        mine = pos[blk == cut]
+        best = torch.sort(scores[mine], descending=True, stable=True).indices[:left]
+        picked.append(mine[best])
+    return torch.cat(picked).sort().values
