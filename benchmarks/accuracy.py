@@ -98,7 +98,8 @@ def main() -> None:
     else:
         setup = (f"Haystacks of Paul Graham essays cut into 512-token documents; one needle sentence "
                  f"(\"One of the special magic numbers for KEY is: VALUE.\") at 10 depths per length; F1 = EM = "
-                 f"the value recovered (%). Seed {args.seed}.\n\n{needle_grid(rows, examples)}")
+                 f"the value recovered (%). Seed {args.seed}. Recovered % by haystack length:\n\n"
+                 f"{needle_grid(rows, examples)}\n")
     body = f"""## Accuracy: {what}, {args.model}, greedy, {args.max_new_tokens or task.max_new_tokens} new tokens{'' if tag == args.model else f' ({tag})'}
 
 Machine: {machine()}. {setup}

@@ -9,6 +9,10 @@
 #   bash benchmarks/gpu_run.sh profile [gpu_profile.py args...]
 #   bash benchmarks/gpu_run.sh link [gpu_link_attention.py args...]   # link attention alone
 #   bash benchmarks/gpu_run.sh sglang [sglang_pic.py args...]   # real SGLang server + the plugin
+#   bash benchmarks/gpu_run.sh cache   # only the JIT caches into $OUT
+#   bash benchmarks/gpu_run.sh warm [gpu_warm.py args...]   # compile a model shape's kernels ahead
+#   bash benchmarks/gpu_run.sh accuracy [accuracy.py args...]   # real weights (../shared/gpu-kit/WEIGHTS.md,
+#       unpacked into /tmp/site) and the data of `python -m epic_sglang.data.pack .data`
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:?usage: gpu_run.sh tests|bench [args]}; shift
@@ -53,11 +57,16 @@ case "$MODE" in
   link) run_script gpu_link_attention "$@"; rc=$? ;;
   profile) run_script gpu_profile --tokenizer "$TOK" "$@"; rc=$? ;;
   sglang) run_script sglang_pic --tokenizer "$TOK" --logs "$OUT" "$@"; rc=$? ;;
+  cache) rc=0 ;;
+  warm) "$PY" benchmarks/gpu_warm.py --tokenizer "$TOK" "$@" 2>&1 | grep -v -i warn | tail -20; rc=${PIPESTATUS[0]} ;;
+  accuracy) [ -d .data ] && export PYTHONPATH=$PWD/.data:$PYTHONPATH
+    run_script accuracy --device cuda "$@"; rc=$?; cp benchmarks/accuracy-*.png "$OUT/" 2>/dev/null ;;
   *) echo "unknown mode $MODE"; exit 2 ;;
 esac
+[ -n "${SKIP_JIT_CACHE:-}" ] && exit "$rc"  # gpu_queue.sh: collected once, at the end
 # $OUT brings back at most 8 files of 16 MiB: the JIT caches (FlashInfer's, SGLang's) as one
 # xz file, gpu_bundle/jit-cache.tar.xz for the next run (split into 15 MiB parts only if larger).
-(cd ~/.cache && tar -cf - --exclude=pip --exclude=huggingface . 2>/dev/null | xz -T0 -3 > "$OUT/jit-cache.tar.xz" &&
+(cd ~/.cache && tar -cf - --exclude=pip --exclude=huggingface --exclude=epic_sglang . 2>/dev/null | xz -T0 -3 > "$OUT/jit-cache.tar.xz" &&
   if [ "$(stat -c %s "$OUT/jit-cache.tar.xz")" -gt 15728640 ]; then
     split -b 15M -d -a 2 "$OUT/jit-cache.tar.xz" "$OUT/jit-cache.tar.xz." && rm "$OUT/jit-cache.tar.xz"
   fi; ls -la "$OUT"/jit-cache.tar.xz*)

@@ -251,7 +251,7 @@ def fidelity_gate(rows: list[EvalRow], margin: float = GATE_MARGIN) -> list[Verd
 
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:
-    lines = ["| policy | n | F1 | EM | first-token agree % | 32-token agree % | KL(fr \\|\\| policy) first token | recomputed % |",
+    lines = ["| policy | n | F1 | EM | first-token agree % | greedy token agree % | KL(fr \\|\\| policy) first token | recomputed % |",
              "|---|---|---|---|---|---|---|---|"]
     for p, s in sorted(summary.items(), key=lambda kv: -kv[1]["recompute_pct"]):
         lines.append(f"| {p} | {s['n']} | {s['f1']:.1f} | {s['em']:.1f} | {s['first_token_agree']:.1f} | "
