@@ -6,10 +6,10 @@ One run does everything on a Llama-3.1-8B-shaped model with random bf16 weights 
 does not depend on weight values):
 1. correctness: for every policy, FlashInfer (every link mode) against the torch reference
    backend on the same weights and pool (first-token logits);
-2. TTFT of fr, cacheblend-15, legolink-16, querylink-16 and naive for each context (512-token
+2. TTFT of fr, cacheblend-15, legolink-16, querylink variants and naive for each context (512-token
    documents + a 64-token question, documents precompiled), and the floor: one forward of
    the same number of new tokens as legolink-16 over an already cached context of the same length;
-3. link modes (`gathered`, `fused`, `mask`, ...): legolink-16, querylink-16, naive and the floor under each.
+3. link modes (`gathered`, `fused`, `mask`, ...): legolink-16, the first querylink variant, naive and the floor under each.
 Writes its tables to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -46,9 +46,9 @@ LLAMA_8B = {
 }
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
-POLICIES = ["fr", "cacheblend-15", "legolink-16", "querylink-16", "naive"]
+POLICIES = ["fr", "cacheblend-15", "legolink-16", "naive"]  # + --querylink variants (default querylink-16)
 CHECK_POLICIES = ["fr", "naive", "legolink-1", "legolink-16", "legolink0", "cacheblend-15", "querylink-16"]
-MODE_POLICIES = ["legolink-16", "querylink-16", "naive", "floor"]
+
 
 
 def model_dir(config: dict, tokenizer: Path) -> Path:
@@ -211,6 +211,7 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--link-mode", choices=LINK_MODES, default="auto", help="link mode of the main table")
+    ap.add_argument("--querylink", nargs="+", default=["querylink-16"], help="querylink variants to time")
     args = ap.parse_args()
     config = LLAMA_8B | ({"rope_scaling": LLAMA3_ROPE} if args.rope == "llama3" else {})
 
@@ -237,17 +238,20 @@ def main() -> None:
             return median_ttft(engine, floor_segs, "naive", args.repeats) if policy == "floor" \
                 else median_ttft(engine, segs, policy, args.repeats)
 
-        ttft = {p: timed(p) for p in POLICIES + ["floor"]}
-        rows.append(f"| {n:,} | {num_docs} | " + " | ".join(f"{ttft[p] * 1000:,.1f}" for p in POLICIES + ["floor"])
+        timed_policies = POLICIES[:3] + args.querylink + POLICIES[3:] + ["floor"]
+        ttft = {p: timed(p) for p in timed_policies}
+        rows.append(f"| {n:,} | {num_docs} | " + " | ".join(f"{ttft[p] * 1000:,.1f}" for p in timed_policies)
                     + f" | {ttft['fr'] / ttft['legolink-16']:.1f}x | {ttft['cacheblend-15'] / ttft['legolink-16']:.1f}x"
-                    + f" | {ttft['querylink-16'] / ttft['legolink-16']:.2f}x | {ttft['legolink-16'] / ttft['floor']:.2f}x |")
+                    + "".join(f" | {ttft[q] / ttft['legolink-16']:.2f}x" for q in args.querylink)
+                    + f" | {ttft['legolink-16'] / ttft['floor']:.2f}x |")
         print(rows[-1], flush=True)
+        mode_policies = ["legolink-16", args.querylink[0], "naive", "floor"]
         for mode in LINK_MODES:  # the table's own mode was just timed
             with_attention(engine, "flashinfer", mode)
-            by_mode = {p: ttft[p] if mode == args.link_mode else timed(p) for p in MODE_POLICIES}
+            by_mode = {p: ttft[p] if mode == args.link_mode else timed(p) for p in mode_policies}
             mode_rows.append(f"| {n:,} | {mode} | " + " | ".join(f"{t * 1000:,.1f}" for t in by_mode.values())
                              + f" | {ttft['fr'] / by_mode['legolink-16']:.1f}x"
-                             + f" | {by_mode['querylink-16'] / by_mode['legolink-16']:.2f}x |")
+                             + f" | {by_mode[args.querylink[0]] / by_mode['legolink-16']:.2f}x |")
             print(mode_rows[-1], flush=True)
         with_attention(engine, "flashinfer", args.link_mode)
         engine.flush_cache()
@@ -279,8 +283,8 @@ The {head}-token head precedes the first document, so after the warm-ups every p
 cacheblend takes its exact KV from the radix prefix tree (as SGLang would); all else is as listed.
 Floor = one forward of legolink-16's number of new tokens over an already cached context of the same length.
 
-| context | docs | fr ms | cacheblend-15 ms | legolink-16 ms | querylink-16 ms | naive ms | floor ms | fr / lego | cb / lego | ql / lego | lego / floor |
-|---|---|---|---|---|---|---|---|---|---|---|---|
+| context | docs | fr ms | cacheblend-15 ms | legolink-16 ms | {" | ".join(f"{q} ms" for q in args.querylink)} | naive ms | floor ms | fr / lego | cb / lego | {" | ".join(f"{q} / lego" for q in args.querylink)} | lego / floor |
+|---|---|---|---|---|{"---|" * len(args.querylink)}---|---|---|---|{"---|" * len(args.querylink)}---|
 {chr(10).join(rows)}
 
 Link mode of the table: `{args.link_mode}`. Every link mode, same prompts, timed after the table
@@ -292,7 +296,7 @@ over the pool's keys in place, RoPE fused in FA2 (gathered where RoPE cannot fus
 `mask`: one entry with the custom mask, FA2; `auto`: cascade when the runs' key prefixes reach
 128K keys, else fused); the floor is dense in every mode (FA3); fr / lego uses the table's fr:
 
-| context | link mode | legolink-16 ms | querylink-16 ms | naive ms | floor ms | fr / lego | ql / lego |
+| context | link mode | legolink-16 ms | {args.querylink[0]} ms | naive ms | floor ms | fr / lego | {args.querylink[0]} / lego |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(mode_rows)}
 {decode_table}{check_table}"""

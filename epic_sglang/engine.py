@@ -475,26 +475,42 @@ class Engine:
         return s.prompt_ids[computed], computed, row[computed], row
 
     def scout_mass(self, states: list[RunningRequest]) -> list[torch.Tensor]:
-        """querylink's scout for prefilled requests: what each link recomputes anyway (its
-        question, its documents' first tokens) through the policy's first layers over the
-        cached KV. Returns per request the (n,) attention mass its question (the tokens after
-        its last document; the last token if none) puts on each prompt position, summed over
-        heads, question tokens and layers. Requests scout together per depth."""
-        depths: dict[int, list[int]] = {}
+        """querylink's scout for prefilled requests: the prompt's non-document tokens (the
+        question) through the layers over the documents' cached KV (naive's link, in the
+        private slots the link overwrites). Returns per request the (n,) `attention_mass` its
+        question (the tokens after its last document; the last token if none) takes from each
+        prompt position, summed over the policy's scored layers. Requests scout together per
+        stride."""
+        strides: dict[int, list[int]] = {}
         for i, s in enumerate(states):
-            depths.setdefault(s.policy.scout_layers(self.config.num_layers), []).append(i)
+            strides.setdefault(s.policy.stride, []).append(i)
         out: list[torch.Tensor] = [torch.empty(0)] * len(states)
-        for layers, members in depths.items():
+        for stride, members in strides.items():
             group = [states[i] for i in members]
-            batch = ForwardBatch.build([self._link_part(s) for s in group])
+            batch = ForwardBatch.build([self._scout_part(s) for s in group])
             queries = []
             for s, view in zip(group, batch.seqs):
                 start, length, _ = s.plan.doc_spans[-1]
-                after = [i for i, p in enumerate(s.recomputed_positions) if p >= start + length]
-                queries.append(torch.tensor(after or [view.num_queries - 1], device=self.device) + view.q_start)
-            for i, mass in zip(members, self.linker.run_scout(batch, layers, queries)):
+                after = (view.q_positions >= start + length).nonzero().flatten()
+                queries.append((after if after.numel() else torch.tensor([view.num_queries - 1], device=self.device))
+                               + view.q_start)
+            for i, mass in zip(members, self.linker.run_scout(batch, stride, queries)):
                 out[i] = mass
         return out
+
+    def _scout_part(self, s: RunningRequest) -> tuple:
+        """The scout's sequence: the link's non-document tokens, over a row whose document
+        positions all hold the cached KV (the link's private slots for its recomputed
+        document tokens hold nothing yet)."""
+        docs = s.plan.document_mask()
+        scouted = s.plan.recompute & ~docs
+        scouted[-1] = True  # the last token, even inside a document (its slot is private)
+        row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len].clone()
+        cached = torch.cat([d.value for d in s.documents])
+        keep = (docs & ~scouted)[docs]  # document positions read from the cache
+        row[(docs & ~scouted).nonzero().flatten().to(self.device)] = cached[keep.to(self.device)]
+        computed = scouted.nonzero().flatten().to(self.device)
+        return s.prompt_ids[computed], computed, row[computed], row
 
     def _scout(self, states: list[RunningRequest]) -> None:
         """querylink: add the document tokens each question attends to most to its plan, in

@@ -4,9 +4,9 @@
   together in one ragged batch.
 - `run_cacheblend`: CacheBlend's selective pass; layers up to the check layer for all
   tokens, then only the picked tokens, reusing cached KV for the rest.
-- `run_scout`: querylink's scout; the tokens its link would recompute anyway (question,
-  documents' first tokens) through the first layers over the cached KV, measuring where the
-  question's attention goes (`attention_mass`).
+- `run_scout`: querylink's scout; the question (the prompt's non-document tokens) through
+  the layers over the documents' cached KV, measuring what its attention takes from each
+  document token (`attention_mass`).
 """
 from __future__ import annotations
 
@@ -33,19 +33,25 @@ class BlendSeq:
     ratio: float
 
 
-def attention_mass(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-    """(n,) fp32: the softmax attention probability that queries `q` (nq, heads, head_dim),
-    un-rotated, at `positions` put on each of the keys (n, kv_heads, head_dim), un-rotated,
-    of positions 0..n-1 under the link mask (key j visible to query i iff j <= pos_i),
-    summed over queries and heads. Logits in the pool's dtype, softmax in fp32."""
+def attention_mass(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   rotary: Rotary) -> torch.Tensor:
+    """(n,) fp32: how much of the output of queries `q` (nq, heads, head_dim), un-rotated, at
+    `positions` comes from each of the keys (n, kv_heads, head_dim), un-rotated, of positions
+    0..n-1: the softmax attention probability under the link mask (key j visible to query
+    i iff j <= pos_i) times the norm of key j's value, summed over queries and heads.
+    Weighting by the value skips attention sinks (much attention, near-zero values).
+    Logits in the pool's dtype, softmax and sums in fp32; only keys at or past the first
+    query can be hidden from a query, so only they are masked."""
     n, kv_heads, dim = keys.shape
-    q = apply_rotation(q, *rotary.cos_sin(positions, torch.float32))
+    q = apply_rotation(q * dim ** -0.5, *rotary.cos_sin(positions, torch.float32))
     k = apply_rotation(keys, *rotary.cos_sin(torch.arange(n, device=keys.device), torch.float32))
-    q = q.view(q.shape[0], kv_heads, -1, dim).permute(1, 2, 0, 3).reshape(kv_heads, -1, dim)  # (kv, group*nq, d)
-    logits = torch.matmul(q, k.permute(1, 2, 0)).float() * dim ** -0.5  # (kv, group*nq, n)
-    hidden = torch.arange(n, device=keys.device)[None, :] > positions[:, None]  # (nq, n)
-    logits = logits.view(kv_heads, -1, positions.numel(), n).masked_fill(hidden, float("-inf"))
-    return logits.softmax(-1).sum((0, 1, 2))
+    q = q.view(q.shape[0], kv_heads, -1, dim).permute(1, 2, 0, 3)  # (kv, group, nq, d)
+    logits = torch.matmul(q, k.permute(1, 2, 0).unsqueeze(1))  # (kv, group, nq, n)
+    first = int(positions.min())
+    hidden = torch.arange(first, n, device=keys.device)[None, :] > positions[:, None]  # (nq, n - first)
+    logits[..., first:].masked_fill_(hidden, float("-inf"))
+    probs = torch.softmax(logits, -1, dtype=torch.float32)
+    return (probs.sum((1, 2)) * values.float().norm(dim=-1).T).sum(0)
 
 
 class Linker:
@@ -62,19 +68,21 @@ class Linker:
         return hidden[batch.last_token_index() if rows is None else rows]
 
     @torch.inference_mode()
-    def run_scout(self, batch: ForwardBatch, layers: int, queries: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The batch through its first `layers` layers (the last one only as far as its K/V
-        and queries). Returns, per sequence, the attention mass its query rows (`queries[i]`,
-        indices into the batch) put on each of its positions, summed over those layers."""
+    def run_scout(self, batch: ForwardBatch, stride: int, queries: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The batch through every layer (the last one only as far as its K/V and queries).
+        Returns, per sequence, `attention_mass` of its query rows (`queries[i]`, indices into
+        the batch) on each of its positions, summed over every `stride`-th layer (0, s, 2s, ...)."""
         self.attn.plan(batch)
         x = self.model.embed(batch.input_ids)
         mass = [torch.zeros(s.kv_slots.numel(), device=x.device) for s in batch.seqs]
-        for i, layer in enumerate(self.model.layers[:layers]):
+        layers = self.model.layers[:len(self.model.layers) - (len(self.model.layers) - 1) % stride]
+        for i, layer in enumerate(layers):
             q = layer.write_kv(x, batch, self.pool)
-            keys = self.pool.get_key_buffer(layer.layer_id)
-            for m, s, rows in zip(mass, batch.seqs, queries):
-                m += attention_mass(q[rows], batch.positions[rows], keys[s.kv_slots], self.rotary)
-            if i + 1 < layers:
+            if i % stride == 0:
+                keys, values = self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id)
+                for m, s, rows in zip(mass, batch.seqs, queries):
+                    m += attention_mass(q[rows], batch.positions[rows], keys[s.kv_slots], values[s.kv_slots], self.rotary)
+            if i + 1 < len(layers):
                 x = layer.finish(x, q, batch, self.pool, self.attn)
         return mass
 

@@ -9,9 +9,9 @@
 | cacheblend-<r>  | all tokens in layers 0..1, then r% of document tokens (largest   |
 |                 | KV deviation at layer 1) + every non-document token              |
 | querylink-<k>   | legolink-k's number of document tokens, chosen by the question:  |
-|                 | the first `head` of each document, the rest in blocks that a     |
-|                 | scout pass of the question attends to most + every non-document  |
-|                 | token                                                            |
+|                 | the first `head` of each document, the rest where a scout pass   |
+|                 | of the question over the cached KV draws most (attention x value |
+|                 | norm, over its layers) + every non-document token                |
 
 The prompt's last token is always recomputed, even inside a document.
 """
@@ -28,11 +28,11 @@ LEGOLINK0_SINK_TOKENS = 4
 CACHEBLEND_CHECK_LAYER = 1
 # querylink: measured on HotpotQA (BENCHMARKS.md, "querylink design")
 DEFAULT_QUERYLINK_BUDGET = 16
-QUERYLINK_HEAD = 4  # first tokens of each document always recomputed (LegoLink's attention-sink fix)
-QUERYLINK_BLOCK = 16  # picked in aligned blocks: contiguous runs keep the link's attention entries few
-QUERYLINK_DEPTH = 50  # % of the layers the scout runs the question through; it scores each of them
+QUERYLINK_HEAD = 8  # first tokens of each document always recomputed (LegoLink's attention-sink fix)
+QUERYLINK_BLOCK = 1  # picks in aligned blocks of this many tokens (1: single tokens)
+QUERYLINK_STRIDE = 1  # the scout scores every stride-th layer (it runs them all)
 POLICY_HELP = ("fr, naive, legolink-<k> (k >= 0), legolink0, cacheblend-<r> (0 < r <= 100), "
-               "querylink-<k>[-h<head>][-b<block>][-d<depth %>] (k >= 1, head <= k, block >= 1, 0 < depth <= 100)")
+               "querylink-<k>[-h<head>][-b<block>][-s<stride>] (k >= 1, head <= k, block >= 1, stride >= 1)")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Policy:
     ratio: float = 0.0
     head: int = QUERYLINK_HEAD  # querylink's fixed part of k (first tokens of each document)
     block: int = QUERYLINK_BLOCK
-    depth: int = QUERYLINK_DEPTH
+    stride: int = QUERYLINK_STRIDE
 
     @property
     def name(self) -> str:
@@ -63,13 +63,9 @@ class Policy:
         if self.kind == "querylink":
             extra = [f"h{self.head}" if self.head != min(QUERYLINK_HEAD, self.k) else "",
                      f"b{self.block}" if self.block != QUERYLINK_BLOCK else "",
-                     f"d{self.depth}" if self.depth != QUERYLINK_DEPTH else ""]
+                     f"s{self.stride}" if self.stride != QUERYLINK_STRIDE else ""]
             return "-".join([f"querylink-{self.k}"] + [e for e in extra if e])
         return self.kind
-
-    def scout_layers(self, num_layers: int) -> int:
-        """querylink: how many layers the scout runs (at least one)."""
-        return max(1, round(num_layers * self.depth / 100))
 
     @property
     def uses_document_cache(self) -> bool:
@@ -97,17 +93,17 @@ def parse_policy(text: str) -> Policy:
         if not 0 < r <= 100:
             raise ValueError(f"cacheblend ratio r must be in (0, 100], got {r:g}")
         return Policy("cacheblend", ratio=r)
-    m = re.fullmatch(r"querylink(?:-(-?\d+))?(?:-h(-?\d+))?(?:-b(-?\d+))?(?:-d(-?\d+))?", s)
+    m = re.fullmatch(r"querylink(?:-(-?\d+))?(?:-h(-?\d+))?(?:-b(-?\d+))?(?:-s(-?\d+))?", s)
     if m:
         k = int(m.group(1)) if m.group(1) is not None else DEFAULT_QUERYLINK_BUDGET
         head = int(m.group(2)) if m.group(2) is not None else min(QUERYLINK_HEAD, k)
         block = int(m.group(3)) if m.group(3) is not None else QUERYLINK_BLOCK
-        depth = int(m.group(4)) if m.group(4) is not None else QUERYLINK_DEPTH
+        stride = int(m.group(4)) if m.group(4) is not None else QUERYLINK_STRIDE
         if k < 1 or not 0 <= head <= k:
             raise ValueError(f"querylink needs k >= 1 and 0 <= head <= k, got k={k}, head={head}")
-        if block < 1 or not 0 < depth <= 100:
-            raise ValueError(f"querylink needs block >= 1 and depth in (0, 100], got block={block}, depth={depth}")
-        return Policy("querylink", k=k, head=head, block=block, depth=depth)
+        if block < 1 or stride < 1:
+            raise ValueError(f"querylink needs block >= 1 and stride >= 1, got block={block}, stride={stride}")
+        return Policy("querylink", k=k, head=head, block=block, stride=stride)
     raise ValueError(f"unknown policy {text!r}; use one of: {POLICY_HELP}")
 
 

@@ -129,7 +129,7 @@ def shared_kv(engine):
 
 
 POLICIES = ["naive", "legolink-1", "legolink-4", "legolink-16", "cacheblend-15", "cacheblend-50", "querylink-16",
-            "querylink-4-b1", "fr"]
+            "querylink-24-h2-b4-s3", "fr"]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -10,9 +10,9 @@ from epic_sglang.policies import Segment, cacheblend_pick, parse_policy, plan_li
     ("fr", "fr"), ("naive", "naive"), ("legolink", "legolink-16"), ("legolink-2", "legolink-2"),
     ("LegoLink-32", "legolink-32"), ("legolink0", "legolink0"), ("legolink-0", "legolink0"),
     ("cacheblend", "cacheblend-15"), ("cacheblend-5", "cacheblend-5"), ("cacheblend-100", "cacheblend-100"),
-    ("querylink", "querylink-16"), ("QueryLink-8", "querylink-8"), ("querylink-2", "querylink-2"),
-    ("querylink-16-h4-b16-d50", "querylink-16"), ("querylink-16-b1", "querylink-16-b1"),
-    ("querylink-32-h0-b4-d100", "querylink-32-h0-b4-d100"),
+    ("querylink", "querylink-16"), ("QueryLink-24", "querylink-24"), ("querylink-2", "querylink-2"),
+    ("querylink-16-h8-b1-s1", "querylink-16"), ("querylink-16-b4", "querylink-16-b4"),
+    ("querylink-32-h0-b4-s2", "querylink-32-h0-b4-s2"),
 ])
 def test_parse_policy(text, name):
     assert parse_policy(text).name == name
@@ -22,7 +22,7 @@ def test_parse_policy(text, name):
     ("bogus", "unknown policy"), ("legolink--1", "k must be >= 0"), ("cacheblend-0", "(0, 100]"),
     ("cacheblend-101", "(0, 100]"), ("cacheblend--5", "(0, 100]"), ("legolink-x", "unknown policy"),
     ("querylink-0", "k >= 1"), ("querylink-4-h5", "head <= k"), ("querylink-16-b0", "block >= 1"),
-    ("querylink-16-d0", "(0, 100]"), ("querylink-16-d101", "(0, 100]"), ("querylink-16-x2", "unknown policy"),
+    ("querylink-16-s0", "stride >= 1"), ("querylink-16-s-1", "stride >= 1"), ("querylink-16-x2", "unknown policy"),
 ])
 def test_parse_policy_rejects(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -68,7 +68,7 @@ def test_cacheblend_pick_takes_ceil_ratio_of_largest():
 
 
 def test_querylink_names_parse_back_to_the_same_policy():
-    for text in ("querylink-16", "querylink-3", "querylink-16-h1-b8-d25", "querylink-9-h9"):
+    for text in ("querylink-16", "querylink-3", "querylink-16-h1-b8-s3", "querylink-9-h9"):
         assert parse_policy(parse_policy(text).name) == parse_policy(text)
 
 

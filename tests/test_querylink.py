@@ -22,25 +22,27 @@ def scout(engine, segments, policy):
         engine.finish(s)
 
 
-def test_scout_mass_equals_transformers_attention(engine, hotpot):
-    """One document at position 0 and no head tokens: the scout's cached KV is exact, so its
-    mass is HF's attention probabilities of the question rows, summed over heads, rows and
-    the scout's layers."""
+def test_scout_mass_equals_transformers_attention_times_value_norms(engine, hotpot):
+    """One document at position 0: the scout's cached KV is exact, so its mass is HF's
+    attention probabilities of the question rows times the norms of HF's values, summed over
+    heads, rows and the scored layers (every other one here)."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     doc = engine.prompts.encode_document(hotpot[8].paragraphs[0])
     question = tuple(engine.prompts.encode("Question: who is it about?\nAnswer:"))
     segs = [Segment(doc, document=0), Segment(question)]
-    policy = parse_policy("querylink-4-h0-d50")
-    mass, plan = scout(engine, segs, policy.name)
+    mass, plan = scout(engine, segs, "querylink-16-s2")
     with torch.inference_mode():
-        att = hf(torch.tensor([doc + question]), output_attentions=True).attentions
-    layers = policy.scout_layers(engine.config.num_layers)
-    expect = sum(a[0, :, len(doc):, :].sum((0, 1)) for a in att[:layers])
-    assert 1 < layers < engine.config.num_layers and mass.shape == expect.shape
-    assert torch.allclose(mass, expect, atol=1e-4 * float(expect.max()))
-    assert abs(float(mass.sum()) - layers * engine.config.num_heads * len(question)) < 1e-2
+        out = hf(torch.tensor([doc + question]), output_attentions=True, use_cache=True)
+    group = engine.config.num_heads // engine.config.num_kv_heads
+    expect = torch.zeros(len(doc) + len(question))
+    for layer in range(0, engine.config.num_layers - 1, 2):
+        probs = out.attentions[layer][0, :, len(doc):, :].sum(1)  # (heads, n): summed over the question rows
+        norms = out.past_key_values.layers[layer].values[0].norm(dim=-1)  # (kv heads, n)
+        expect += (probs * norms.repeat_interleave(group, 0)).sum(0)
+    assert mass.shape == expect.shape and plan.pick_budget > 0
+    assert torch.allclose(mass, expect, atol=1e-4 * float(expect.max()), rtol=1e-4)
 
 
 def test_querylink_is_a_plain_link_of_its_picks(engine, hotpot):
@@ -48,13 +50,13 @@ def test_querylink_is_a_plain_link_of_its_picks(engine, hotpot):
     token set: the same logits as naive's plan with those positions recomputed."""
     segs = engine.prompts.build(hotpot[9].question, list(hotpot[9].paragraphs[:5]), "Answer briefly.")
     first(engine, segs, "naive")  # compiles the documents and publishes the system prompt's exact KV
-    mass, plan = scout(engine, segs, "querylink-8")
-    picks = querylink_pick(mass, plan, parse_policy("querylink-8").block)
-    lego = plan_link(parse_policy("legolink-8"), segs)
+    mass, plan = scout(engine, segs, "querylink-16-h4")
+    picks = querylink_pick(mass, plan, parse_policy("querylink-16-h4").block)
+    lego = plan_link(parse_policy("legolink-16"), segs)
     in_docs = lambda p: int((p.recompute & p.document_mask()).sum())  # noqa: E731
     assert picks.numel() == plan.pick_budget == in_docs(lego) - in_docs(plan) > 0
     assert not plan.recompute[picks].any() and plan.document_mask()[picks].all()
-    got = first(engine, segs, "querylink-8")
+    got = first(engine, segs, "querylink-16-h4")
     assert got.recomputed_positions == sorted(plan.recompute.nonzero().flatten().tolist() + picks.tolist())
     s = engine.admit(Request(segments=segs, policy="naive", sampling=SamplingParams(max_new_tokens=1),
                              return_first_logits=True))
@@ -71,8 +73,8 @@ def test_querylink_spends_legolink_budget_and_covering_it_equals_fr(engine, hotp
     docs = list(hotpot[10].paragraphs[:4])
     segs = engine.prompts.build(hotpot[10].question, docs, None)
     first(engine, segs, "naive")  # the template head's exact KV now comes from the prefix tree
-    for k in (2, 16):
-        q, lego = first(engine, segs, f"querylink-{k}"), first(engine, segs, f"legolink-{k}")
+    for k in (2, 16, 24):
+        q, lego = first(engine, segs, f"querylink-{k}-h1"), first(engine, segs, f"legolink-{k}")
         assert q.stats.recomputed_tokens == lego.stats.recomputed_tokens
         assert q.stats.reused_tokens == lego.stats.reused_tokens > 0
     longest = max(len(engine.prompts.encode_document(d)) for d in docs)
@@ -125,7 +127,6 @@ def test_planted_needle_is_picked(engine, tmp_path):
         doc_mass = mass * plan.document_mask()
         top = doc_mass.topk(2).values
         assert int(doc_mass.argmax()) == needle_at and top[0] > 10 * top[1]
-        assert doc_mass[needle_at] > 0.9 * 4  # ASK's query, in each of the 4 heads, on the needle
         r = first(planted, segs, "querylink-2-h1-b1")
         assert needle_at in r.recomputed_positions  # budget 3: the needle and two more
         blocks = first(planted, segs, "querylink-2-h1-b8")

@@ -20,7 +20,7 @@ question). Three ways to attend:
   becomes one causal batch entry over the truncated KV view [0, b). Bottom-right causal
   alignment puts query i at position a + i, seeing keys [0, a + i]: exactly the link mask,
   no mask tensor. Each run re-reads its KV prefix, so sequences with more than MAX_RUNS
-  runs (CacheBlend's picked tokens) use the mask instead.
+  runs (CacheBlend's or querylink's scattered picks) use the mask instead, unless cascaded.
 - `cascade` (gathered keys): runs are grouped (CASCADE_GROUP queries); the keys before a
   group's first run are seen by all its queries, so they are one non-causal bulk entry
   per group (FA3: full query tiles, each key tile read once per group, not once per run);
@@ -159,12 +159,14 @@ class FlashInferAttention:
             self.plan_decode(self.wrappers["decode"], [s.kv_slots for s in batch.seqs])
             return
         runs = [query_runs(s.q_positions.tolist()) for s in batch.seqs]
-        masked = self.link_mode == "mask" or any(len(r) > MAX_RUNS for r in runs)
-        dense = any(count - start >= DENSE_RUN for seq_runs in runs
-                    for start, (count, _) in zip([0] + [c for c, _ in seq_runs], seq_runs))
         mode = self.link_mode
         if mode == "auto":
             mode = "cascade" if wants_cascade([r for seq_runs in runs for r in seq_runs]) else "fused"
+        # per-run entries re-read their whole key prefix, so many runs take the mask; the
+        # cascade's local entries start at their group, so it keeps them
+        masked = mode == "mask" or (mode != "cascade" and any(len(r) > MAX_RUNS for r in runs))
+        dense = any(count - start >= DENSE_RUN for seq_runs in runs
+                    for start, (count, _) in zip([0] + [c for c, _ in seq_runs], seq_runs))
         gathered = masked or dense or mode != "fused" or not self.can_fuse
         group = CASCADE_GROUP if mode == "cascade" and not (masked or dense) else None
 
