@@ -4,15 +4,19 @@
     python benchmarks/accuracy.py --model qwen2.5-0.5b --device cuda --n 1500   # on the GPU host (gpu_run.sh accuracy)
     python benchmarks/accuracy.py --task needle --n 200 --policies fr,naive,legolink-16,querylink-16
     python benchmarks/accuracy.py ... --report-n 300  # same file, resumed; the report covers every policy in it
+    python benchmarks/accuracy.py ... --report-only   # the report from the results file alone (no model):
+                                                      # for a run made on a host without matplotlib
 
 Results accumulate in runs/eval-<task>-<model>-seed<seed>.jsonl (resumable); the report covers
 the policies asked for over the first n seeded examples, or with --report-n every policy the
 file holds over the first N (each policy's own n is in the table). `--tag` names the
-BENCHMARKS.md section, so a design sweep does not replace the main table.
+BENCHMARKS.md section, so a design sweep does not replace the main table. The machine and
+command of the run that measured the results are kept beside them (`<results>.meta.json`).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -40,13 +44,13 @@ def differences(rows) -> str:
     return "\n".join(lines)
 
 
-def needle_grid(rows, examples) -> str:
-    """Needle: recovered % per policy and haystack length (over the 10 depths and repeats)."""
-    length = {ex.id: len(ex.documents) * 512 for ex in examples}
+def needle_grid(rows) -> str:
+    """Needle: recovered % per policy and haystack length (over the 10 depths and repeats);
+    the length is in each example's id (`needle-<length>-<depth>-<repeat>`)."""
     hits: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        hits[r.policy][length[r.qid]].append(r.f1)
-    lengths = sorted({v for v in length.values()})
+        hits[r.policy][int(r.qid.split("-")[1])].append(r.f1)
+    lengths = sorted({n for by in hits.values() for n in by})
     lines = ["| policy | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     for p in sorted(hits):
         lines.append(f"| {p} | " + " | ".join(
@@ -68,17 +72,25 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="BENCHMARKS.md section suffix (default: the model)")
     ap.add_argument("--report-n", type=int, default=None,
                     help="report every policy in the results file over the first N seeded examples (default: --n)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no model: report the results file's rows of --policies (or 'all')")
     args = ap.parse_args()
 
     task = TASKS[args.task]
-    engine = Engine(args.model, device=args.device, kv_cache_gb=args.kv_cache_gb, max_requests=args.max_requests)
     tokens = "" if args.max_new_tokens is None else f"-t{args.max_new_tokens}"
     out = Path(f"runs/eval-{args.task}-{args.model}-seed{args.seed}{tokens}.jsonl")
-    examples = task_examples(args.task, max(args.n, args.report_n or 0), args.seed, engine.tokenizer)
-    rows = run_eval(engine, examples[:args.n], args.policies.split(","), out, task, args.max_new_tokens)
-    if args.report_n is not None:
-        ids = {ex.id for ex in examples[:args.report_n]}
-        rows = [r for r in load_rows(out) if r.qid in ids]
+    meta_path = out.with_suffix(".meta.json")
+    if args.report_only:
+        rows = [r for r in load_rows(out) if args.policies == "all" or r.policy in args.policies.split(",")]
+    else:
+        engine = Engine(args.model, device=args.device, kv_cache_gb=args.kv_cache_gb, max_requests=args.max_requests)
+        examples = task_examples(args.task, max(args.n, args.report_n or 0), args.seed, engine.tokenizer)
+        rows = run_eval(engine, examples[:args.n], args.policies.split(","), out, task, args.max_new_tokens)
+        meta_path.write_text(json.dumps({"machine": machine(), "command": "python " + " ".join(sys.argv)}))
+        if args.report_n is not None:
+            ids = {ex.id for ex in examples[:args.report_n]}
+            rows = [r for r in load_rows(out) if r.qid in ids]
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"machine": machine(), "command": None}
     summary = summarize(rows)
     shared_table = ""
     if len({v["n"] for v in summary.values()}) > 1:  # policies with different n: also compare on common ground
@@ -91,7 +103,11 @@ def main() -> None:
     tag = args.tag or args.model
     png = Path(__file__).resolve().parent / f"accuracy-{args.task}-{tag}.png"
     what = {"hotpotqa": "HotpotQA dev (distractor)", "needle": "needle in Paul Graham essays"}[args.task]
-    plot(summary, png, f"{what}, {args.model}, seed {args.seed}")
+    try:
+        plot(summary, png, f"{what}, {args.model}, seed {args.seed}")
+    except ImportError:  # a GPU host without matplotlib: the report is redone here with --report-only
+        print(f"no matplotlib: no plot; make the report with: python benchmarks/accuracy.py --report-only "
+              f"--task {args.task} --model {args.model} --seed {args.seed} --policies all")
     if args.task == "hotpotqa":
         setup = (f"Questions: seeded sample (seed {args.seed}) of the 7,405; n per policy below. Each paragraph is "
                  f"one document compiled alone; prompt = system + 10 documents + question; F1 / EM on the answer.")
@@ -99,10 +115,10 @@ def main() -> None:
         setup = (f"Haystacks of Paul Graham essays cut into 512-token documents; one needle sentence "
                  f"(\"One of the special magic numbers for KEY is: VALUE.\") at 10 depths per length; F1 = EM = "
                  f"the value recovered (%). Seed {args.seed}. Recovered % by haystack length:\n\n"
-                 f"{needle_grid(rows, examples)}\n")
+                 f"{needle_grid(rows)}\n")
     body = f"""## Accuracy: {what}, {args.model}, greedy, {args.max_new_tokens or task.max_new_tokens} new tokens{'' if tag == args.model else f' ({tag})'}
 
-Machine: {machine()}. {setup}
+Machine: {meta["machine"]}. {setup}
 System prompt: "{task.system}"
 
 {markdown_table(summary)}
@@ -111,6 +127,7 @@ System prompt: "{task.system}"
 {differences(rows)}
 
 ![score against recomputed share]({png.name})
+{f"{chr(10)}Measured by: `{meta['command']}`" if meta["command"] and args.report_only else ""}
 """
     write_section(f"accuracy-{args.task}-{tag}", body)
     print(body)
