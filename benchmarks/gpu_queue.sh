@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_queue.sh add 'tests' 'bench --contexts 16384 32768'   # starts the runner if needed
 #   bash benchmarks/gpu_queue.sh status        # the jobs, and the log's tail
 #   bash benchmarks/gpu_queue.sh collect       # $OUT: BENCHMARKS.md, results.tar.xz (logs, runs/, PNGs), JIT caches
+#   bash benchmarks/gpu_queue.sh sync          # this checkout's code into the private copy (a fix; outputs stay)
 #   bash benchmarks/gpu_queue.sh stop          # the runner exits once the queue is empty
 # `add` also copies .data (the evaluation data) into the private copy.
 set -uo pipefail
@@ -32,6 +33,8 @@ case "$cmd" in
       echo $! > "$Q/pid"
     fi
     cat "$Q/jobs" ;;
+  sync) tar -cf - --exclude=./BENCHMARKS.md --exclude=./runs --exclude='./benchmarks/*.png' --exclude=./gpu_bundle . \
+          | tar -xf - -C "$REPO" && echo synced ;;
   status) grep "^=== " "$Q/log" 2>/dev/null; tail -n "${1:-5}" "$Q/log" 2>/dev/null ;;
   collect)
     cp "$REPO/BENCHMARKS.md" "$OUT/" 2>/dev/null
