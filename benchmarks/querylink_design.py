@@ -1,0 +1,131 @@
+"""How querylink picks its tokens: selection rules at legolink-16's budget, compared by the
+first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
+
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1
+
+Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
+each document) and differs only in which: the first `head` of each document, then the
+candidates a scout of the question scores highest. The scout runs the question over the
+cached KV (with `scout head` > 0, also each document's first tokens, as legolink-h links);
+its score of a token is the attention the question puts on it, summed over a range of
+layers, optionally times the norm of the token's value. A random pick is the control. Each
+rule's link is a plain link of its token set (naive's plan plus the set), so only the
+choice differs. Seed 1 keeps these questions apart from the seed-0 accuracy runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.report import machine, write_section  # noqa: E402
+from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
+from epic_sglang.evaluation import SYSTEM, sample_questions  # noqa: E402
+from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
+from epic_sglang.linker import attention_mass  # noqa: E402
+from epic_sglang.policies import Segment, parse_policy, plan_link  # noqa: E402
+
+
+def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, n) attention mass and (layers, n) attention x value norm of the question,
+    the scout recomputing the question and each document's first `scout_head` tokens."""
+    s = engine.admit(Request(segments=segs, policy=f"legolink-{scout_head}" if scout_head else "naive",
+                             sampling=SamplingParams(max_new_tokens=1)))
+    engine.prefill([s])
+    try:
+        batch = ForwardBatch.build([engine._link_part(s)])
+        start, length, _ = s.plan.doc_spans[-1]
+        rows = (batch.seqs[0].q_positions >= start + length).nonzero().flatten()
+        lk, slots = engine.linker, batch.seqs[0].kv_slots
+        lk.attn.plan(batch)
+        x, plain, weighted = lk.model.embed(batch.input_ids), [], []
+        with torch.inference_mode():
+            for layer in lk.model.layers:
+                q = layer.write_kv(x, batch, lk.pool)
+                keys, values = lk.pool.get_key_buffer(layer.layer_id)[slots], lk.pool.get_value_buffer(layer.layer_id)[slots]
+                weighted.append(attention_mass(q[rows], batch.positions[rows], keys, values, lk.rotary))
+                plain.append(attention_mass(q[rows], batch.positions[rows], keys, torch.ones_like(values[..., :1]), lk.rotary))
+                x = layer.finish(x, q, batch, lk.pool, lk.attn)
+        return torch.stack(plain).cpu(), torch.stack(weighted).cpu()
+    finally:
+        engine.finish(s)
+
+
+def link_logits(engine: Engine, segs: list[Segment], positions: torch.Tensor) -> torch.Tensor:
+    s = engine.admit(Request(segments=segs, policy="naive", sampling=SamplingParams(max_new_tokens=1),
+                             return_first_logits=True))
+    s.plan.recompute[positions] = True
+    engine.prefill([s])
+    engine.step([s], [])
+    return engine.finish(s).first_logits
+
+
+def top(score: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
+    return torch.topk(score.masked_fill(~candidates, float("-inf")), budget).indices
+
+
+def rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
+    """Each rule's recomputed positions."""
+    layers = engine.config.num_layers
+    lego = plan_link(parse_policy("legolink-16"), segs)
+    docs = lego.document_mask()
+    budget16 = int((lego.recompute & docs).sum())
+    out = {"legolink-16 (first 16 of each document)": lego.recompute.nonzero().flatten()}
+    scouts = {h: per_layer_scores(engine, segs, h) for h in (0, 8)}
+    for head in (4, 8):
+        base = plan_link(parse_policy(f"legolink-{head}"), segs).recompute
+        budget, cand = budget16 - int((base & docs).sum()), docs & ~base
+        for scout_head, (plain, weighted) in scouts.items():
+            if scout_head not in (0, head):
+                continue
+            for what, scores in (("attention", plain), ("attention x value norm", weighted)):
+                for name, rows in (("all layers", slice(None)), ("first half", slice(0, layers // 2)),
+                                   ("second half", slice(layers // 2, None))):
+                    out[f"head {head}, scout head {scout_head}: {what}, {name}"] = \
+                        torch.cat([base.nonzero().flatten(), top(scores[rows].sum(0), cand, budget)])
+        g = torch.Generator().manual_seed(seed)
+        out[f"head {head}: random picks (control)"] = torch.cat(
+            [base.nonzero().flatten(), top(torch.rand(len(docs), generator=g), cand, budget)])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    engine = Engine(args.model, device=args.device)
+    kl: dict[str, list[float]] = {}
+    agree: dict[str, list[float]] = {}
+    for i, ex in enumerate(sample_questions(args.n, args.seed)):
+        segs = engine.prompts.build(ex.question, list(ex.documents), SYSTEM)
+        fr = engine.generate_batch([Request(segments=segs, policy="fr", sampling=SamplingParams(max_new_tokens=1),
+                                            return_first_logits=True)])[0]
+        ref = torch.log_softmax(fr.first_logits, -1)
+        for name, positions in rules(engine, segs, i).items():
+            logp = torch.log_softmax(link_logits(engine, segs, positions), -1)
+            kl.setdefault(name, []).append(float((ref.exp() * (ref - logp)).sum()))
+            agree.setdefault(name, []).append(float(logp.argmax() == ref.argmax()))
+        print(f"{i + 1}/{args.n}", flush=True)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    lines = ["| rule (legolink-16's budget) | KL(fr \\|\\| rule), first token | first token = fr's % |", "|---|---|---|"]
+    for name in sorted(kl, key=lambda k: mean(kl[k])):
+        lines.append(f"| {name} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
+    body = f"""## querylink design: which document tokens to recompute ({args.model}, HotpotQA, n = {args.n})
+
+Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {__doc__.split(chr(10) + chr(10))[1]}
+
+{chr(10).join(lines)}
+"""
+    write_section(f"querylink-design-{args.model}", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
