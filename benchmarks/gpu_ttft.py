@@ -212,6 +212,9 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--link-mode", choices=LINK_MODES, default="auto", help="link mode of the main table")
     ap.add_argument("--querylink", nargs="+", default=["querylink-16"], help="querylink variants to time")
+    ap.add_argument("--link-modes", nargs="+", choices=LINK_MODES, default=list(LINK_MODES),
+                    help="link modes of the second table")
+    ap.add_argument("--tag", default=None, help="BENCHMARKS.md section suffix, so a variant run keeps the main table")
     args = ap.parse_args()
     config = LLAMA_8B | ({"rope_scaling": LLAMA3_ROPE} if args.rope == "llama3" else {})
 
@@ -246,7 +249,7 @@ def main() -> None:
                     + f" | {ttft['legolink-16'] / ttft['floor']:.2f}x |")
         print(rows[-1], flush=True)
         mode_policies = ["legolink-16", args.querylink[0], "naive", "floor"]
-        for mode in LINK_MODES:  # the table's own mode was just timed
+        for mode in args.link_modes:  # the table's own mode was just timed
             with_attention(engine, "flashinfer", mode)
             by_mode = {p: ttft[p] if mode == args.link_mode else timed(p) for p in mode_policies}
             mode_rows.append(f"| {n:,} | {mode} | " + " | ".join(f"{t * 1000:,.1f}" for t in by_mode.values())
@@ -275,7 +278,7 @@ on the reference's picks when its bf16 scout picked otherwise; "shared" = recomp
 |---|---|---|---|---|---|---|---|
 {chr(10).join(check)}
 """ if check else ""
-    body = f"""## GPU TTFT (Llama-3-8B shape, RoPE {args.rope}, random bf16 weights, FlashInfer backend)
+    body = f"""## GPU TTFT (Llama-3-8B shape, RoPE {args.rope}, random bf16 weights, FlashInfer backend){f" ({args.tag})" if args.tag else ""}
 
 Card: {machine()}. {args.doc_tokens}-token documents (precompiled) + {args.question_tokens}-token question + {head}-token head;
 TTFT = engine link pass + first token (no HTTP), median of {args.repeats} after two warm-ups.
@@ -300,7 +303,7 @@ over the pool's keys in place, RoPE fused in FA2 (gathered where RoPE cannot fus
 |---|---|---|---|---|---|---|---|
 {chr(10).join(mode_rows)}
 {decode_table}{check_table}"""
-    write_section(f"gpu_ttft-rope-{args.rope}", body)
+    write_section(f"gpu_ttft-rope-{args.rope}" + (f"-{args.tag}" if args.tag else ""), body)
     print(body)
 
 

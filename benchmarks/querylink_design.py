@@ -26,7 +26,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.evaluation import SYSTEM, sample_questions  # noqa: E402
 from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
-from epic_sglang.linker import attention_mass  # noqa: E402
+from epic_sglang.linker import ScoutQueries, attention_mass  # noqa: E402
 from epic_sglang.policies import Segment, parse_policy, plan_link  # noqa: E402
 
 
@@ -41,14 +41,15 @@ def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int) -> tu
         start, length, _ = s.plan.doc_spans[-1]
         rows = (batch.seqs[0].q_positions >= start + length).nonzero().flatten()
         lk, slots = engine.linker, batch.seqs[0].kv_slots
+        sq = ScoutQueries.build(rows, batch.positions[rows].tolist(), slots.numel(), lk.rotary)
         lk.attn.plan(batch)
         x, plain, weighted = lk.model.embed(batch.input_ids), [], []
         with torch.inference_mode():
             for layer in lk.model.layers:
                 q = layer.write_kv(x, batch, lk.pool)
                 keys, values = lk.pool.get_key_buffer(layer.layer_id)[slots], lk.pool.get_value_buffer(layer.layer_id)[slots]
-                weighted.append(attention_mass(q[rows], batch.positions[rows], keys, values, lk.rotary))
-                plain.append(attention_mass(q[rows], batch.positions[rows], keys, torch.ones_like(values[..., :1]), lk.rotary))
+                weighted.append(attention_mass(q[rows], keys, values, sq))
+                plain.append(attention_mass(q[rows], keys, torch.ones_like(values[..., :1]), sq))
                 x = layer.finish(x, q, batch, lk.pool, lk.attn)
         return torch.stack(plain).cpu(), torch.stack(weighted).cpu()
     finally:

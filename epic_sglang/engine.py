@@ -20,7 +20,7 @@ from epic_sglang.attention import make_attention
 from epic_sglang.constrained import Grammar, GrammarBackend
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
-from epic_sglang.linker import BlendSeq, Linker
+from epic_sglang.linker import BlendSeq, Linker, ScoutQueries
 from epic_sglang.models.loader import resolve_model_dir
 from epic_sglang.models.weights import load_causal_lm
 from epic_sglang.policies import CompileRecipe, LinkPlan, Policy, Segment, parse_policy, plan_link, querylink_pick
@@ -487,21 +487,24 @@ class Engine:
         out: list[torch.Tensor] = [torch.empty(0)] * len(states)
         for stride, members in strides.items():
             group = [states[i] for i in members]
-            batch = ForwardBatch.build([self._scout_part(s) for s in group])
-            queries = []
-            for s, view in zip(group, batch.seqs):
-                start, length, _ = s.plan.doc_spans[-1]
-                after = (view.q_positions >= start + length).nonzero().flatten()
-                queries.append((after if after.numel() else torch.tensor([view.num_queries - 1], device=self.device))
-                               + view.q_start)
+            parts, queries, start = [], [], 0
+            for s in group:
+                part, computed = self._scout_part(s)
+                tail = s.plan.doc_spans[-1][0] + s.plan.doc_spans[-1][1]
+                rows = [i for i, p in enumerate(computed) if p >= tail] or [len(computed) - 1]
+                queries.append(ScoutQueries.build(torch.tensor(rows, device=self.device) + start,
+                                                  [computed[i] for i in rows], s.seq_len, self.linker.rotary))
+                parts.append(part)
+                start += len(computed)
+            batch = ForwardBatch.build(parts)
             for i, mass in zip(members, self.linker.run_scout(batch, stride, queries)):
                 out[i] = mass
         return out
 
-    def _scout_part(self, s: RunningRequest) -> tuple:
-        """The scout's sequence: the link's non-document tokens, over a row whose document
-        positions all hold the cached KV (the link's private slots for its recomputed
-        document tokens hold nothing yet)."""
+    def _scout_part(self, s: RunningRequest) -> tuple[tuple, list[int]]:
+        """The scout's sequence (and its positions, on the host): the link's non-document
+        tokens, over a row whose document positions all hold the cached KV (the link's
+        private slots for its recomputed document tokens hold nothing yet)."""
         docs = s.plan.document_mask()
         scouted = s.plan.recompute & ~docs
         scouted[-1] = True  # the last token, even inside a document (its slot is private)
@@ -509,8 +512,9 @@ class Engine:
         cached = torch.cat([d.value for d in s.documents])
         keep = (docs & ~scouted)[docs]  # document positions read from the cache
         row[(docs & ~scouted).nonzero().flatten().to(self.device)] = cached[keep.to(self.device)]
-        computed = scouted.nonzero().flatten().to(self.device)
-        return s.prompt_ids[computed], computed, row[computed], row
+        positions = scouted.nonzero().flatten()
+        computed = positions.to(self.device)
+        return (s.prompt_ids[computed], computed, row[computed], row), positions.tolist()
 
     def _scout(self, states: list[RunningRequest]) -> None:
         """querylink: add the document tokens each question attends to most to its plan, in

@@ -33,23 +33,38 @@ class BlendSeq:
     ratio: float
 
 
-def attention_mass(q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   rotary: Rotary) -> torch.Tensor:
-    """(n,) fp32: how much of the output of queries `q` (nq, heads, head_dim), un-rotated, at
-    `positions` comes from each of the keys (n, kv_heads, head_dim), un-rotated, of positions
-    0..n-1: the softmax attention probability under the link mask (key j visible to query
-    i iff j <= pos_i) times the norm of key j's value, summed over queries and heads.
-    Weighting by the value skips attention sinks (much attention, near-zero values).
-    Logits in the pool's dtype, softmax and sums in fp32; only keys at or past the first
-    query can be hidden from a query, so only they are masked."""
+@dataclass
+class ScoutQueries:
+    """One sequence's scout queries and what scoring them needs at every layer, made once
+    per scout (no host round trip inside the layer loop)."""
+    rows: torch.Tensor  # (nq,) indices into the batch
+    q_rope: tuple[torch.Tensor, torch.Tensor]  # the queries' cos, sin
+    k_rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin of positions 0..n-1 (the keys)
+    first: int  # the first query's position: only keys from here on can be hidden from a query
+    hidden: torch.Tensor  # (nq, n - first) bool: key first + j is after query i
+
+    @classmethod
+    def build(cls, rows: torch.Tensor, positions: list[int], n: int, rotary: Rotary) -> "ScoutQueries":
+        device = rows.device
+        pos = torch.tensor(positions, device=device)
+        first = min(positions)
+        return cls(rows, rotary.cos_sin(pos, torch.float32), rotary.cos_sin(torch.arange(n, device=device), torch.float32),
+                   first, torch.arange(first, n, device=device)[None, :] > pos[:, None])
+
+
+def attention_mass(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sq: ScoutQueries) -> torch.Tensor:
+    """(n,) fp32: how much of the output of the queries `q` (nq, heads, head_dim), un-rotated,
+    comes from each of the keys (n, kv_heads, head_dim), un-rotated, of positions 0..n-1: the
+    softmax attention probability under the link mask (key j visible to query i iff
+    j <= pos_i) times the norm of key j's value, summed over queries and heads. Weighting by
+    the value skips attention sinks (much attention, near-zero values). Logits in the pool's
+    dtype, softmax and sums in fp32."""
     n, kv_heads, dim = keys.shape
-    q = apply_rotation(q * dim ** -0.5, *rotary.cos_sin(positions, torch.float32))
-    k = apply_rotation(keys, *rotary.cos_sin(torch.arange(n, device=keys.device), torch.float32))
+    q = apply_rotation(q * dim ** -0.5, *sq.q_rope)
+    k = apply_rotation(keys, *sq.k_rope)
     q = q.view(q.shape[0], kv_heads, -1, dim).permute(1, 2, 0, 3)  # (kv, group, nq, d)
     logits = torch.matmul(q, k.permute(1, 2, 0).unsqueeze(1))  # (kv, group, nq, n)
-    first = int(positions.min())
-    hidden = torch.arange(first, n, device=keys.device)[None, :] > positions[:, None]  # (nq, n - first)
-    logits[..., first:].masked_fill_(hidden, float("-inf"))
+    logits[..., sq.first:].masked_fill_(sq.hidden, float("-inf"))
     probs = torch.softmax(logits, -1, dtype=torch.float32)
     return (probs.sum((1, 2)) * values.float().norm(dim=-1).T).sum(0)
 
@@ -68,10 +83,10 @@ class Linker:
         return hidden[batch.last_token_index() if rows is None else rows]
 
     @torch.inference_mode()
-    def run_scout(self, batch: ForwardBatch, stride: int, queries: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run_scout(self, batch: ForwardBatch, stride: int, queries: list[ScoutQueries]) -> list[torch.Tensor]:
         """The batch through every layer (the last one only as far as its K/V and queries).
-        Returns, per sequence, `attention_mass` of its query rows (`queries[i]`, indices into
-        the batch) on each of its positions, summed over every `stride`-th layer (0, s, 2s, ...)."""
+        Returns, per sequence, `attention_mass` of its queries on each of its positions,
+        summed over every `stride`-th layer (0, s, 2s, ...)."""
         self.attn.plan(batch)
         x = self.model.embed(batch.input_ids)
         mass = [torch.zeros(s.kv_slots.numel(), device=x.device) for s in batch.seqs]
@@ -80,8 +95,8 @@ class Linker:
             q = layer.write_kv(x, batch, self.pool)
             if i % stride == 0:
                 keys, values = self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id)
-                for m, s, rows in zip(mass, batch.seqs, queries):
-                    m += attention_mass(q[rows], batch.positions[rows], keys[s.kv_slots], values[s.kv_slots], self.rotary)
+                for m, s, sq in zip(mass, batch.seqs, queries):
+                    m += attention_mass(q[sq.rows], keys[s.kv_slots], values[s.kv_slots], sq)
             if i + 1 < len(layers):
                 x = layer.finish(x, q, batch, self.pool, self.attn)
         return mass
