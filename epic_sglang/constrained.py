@@ -10,6 +10,8 @@ from functools import lru_cache
 
 import torch
 
+from epic_sglang.errors import InvalidRequest
+
 
 class Grammar:
     def __init__(self, compiled, vocab_size: int):
@@ -52,7 +54,7 @@ class GrammarBackend:
             # compact JSON: free whitespace lets small models pad until max_new_tokens runs out
             return self._compiler.compile_json_schema(spec, any_whitespace=False)
         except Exception as e:  # xgrammar raises RuntimeError / ValueError with its parser's message
-            raise ValueError(f"cannot compile {kind} {spec[:80]!r}: {str(e).splitlines()[0] if str(e) else e}") from e
+            raise InvalidRequest(f"cannot compile {kind} {spec[:80]!r}: {str(e).splitlines()[0] if str(e) else e}") from e
 
     def grammar(self, regex: str | None, json_schema: str | dict | None) -> Grammar | None:
         if regex is None and json_schema is None:

@@ -12,6 +12,7 @@ takes it too, so documents precompiled by `ingest --compile` are hit as they are
 """
 from __future__ import annotations
 
+from epic_sglang.errors import InvalidRequest
 from epic_sglang.policies import Segment
 from epic_sglang.prompt import DOCUMENT_FORMAT
 
@@ -63,7 +64,7 @@ def spans_of_texts(prompt: str, texts: list[str]) -> list[tuple[int, int]]:
         if at < 0:
             at = prompt.find(t)
         if at < 0:
-            raise ValueError(f"document {i} of kv_hints.doc_ids does not occur in the prompt text")
+            raise InvalidRequest(f"document {i} of kv_hints.doc_ids does not occur in the prompt text")
         spans.append((at, at + len(t)))
         start = at + len(t)
     return sorted(spans)
@@ -116,13 +117,13 @@ def _checked(spans, length: int, unit: str) -> list[tuple[int, int]]:
     out = []
     for s in spans:
         if not (isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(x, int) for x in s)):
-            raise ValueError(f"kv_hints.spans must be [start, end] pairs of {unit} offsets, got {s!r}")
+            raise InvalidRequest(f"kv_hints.spans must be [start, end] pairs of {unit} offsets, got {s!r}")
         a, b = s
         if not 0 <= a < b <= length:
-            raise ValueError(f"kv_hints span [{a}, {b}) is empty or outside the prompt's {length} {unit}s")
+            raise InvalidRequest(f"kv_hints span [{a}, {b}) is empty or outside the prompt's {length} {unit}s")
         out.append((a, b))
     out.sort()
     for (_, b), (a, _) in zip(out, out[1:]):
         if a < b:
-            raise ValueError("kv_hints spans overlap")
+            raise InvalidRequest("kv_hints spans overlap")
     return out

@@ -18,6 +18,7 @@ import torch
 
 from epic_sglang.attention import make_attention
 from epic_sglang.constrained import Grammar, GrammarBackend
+from epic_sglang.errors import InvalidRequest
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
 from epic_sglang.linker import BlendSeq, Linker, ScoutQueries
@@ -104,6 +105,7 @@ class RunningRequest:
     output_ids: list[int] = field(default_factory=list)
     recomputed_positions: list[int] = field(default_factory=list)
     finish_reason: dict | None = None
+    error: str | None = None  # this request failed on its own (sampling, grammar, logprobs); others go on
     text: str = ""
     generator: torch.Generator | None = None
     grammar: Grammar | None = None
@@ -208,7 +210,7 @@ class Engine:
     # ----------------------------------------------------------------- step-level API (the scheduler's)
     def admit(self, req: Request) -> RunningRequest:
         """Validate and plan one request (tokens, policy, grammar); holds no memory yet.
-        Raises ValueError with a message for the client."""
+        Raises InvalidRequest (a ValueError) with a message for the client."""
         policy = parse_policy(req.policy)
         req.sampling.validate()
         segments = req.segments if req.segments is not None else self.prompts.build(req.question, req.documents, req.system)
@@ -216,7 +218,7 @@ class Engine:
         plan = plan_link(policy, segments)
         n = plan.num_tokens
         if n + req.sampling.max_new_tokens > self.max_context_len:
-            raise ValueError(f"prompt of {n} tokens + max_new_tokens {req.sampling.max_new_tokens} exceeds "
+            raise InvalidRequest(f"prompt of {n} tokens + max_new_tokens {req.sampling.max_new_tokens} exceeds "
                              f"the model's context of {self.max_context_len} tokens; drop documents or lower max_new_tokens")
         prompt_ids = torch.tensor([t for s in segments for t in s.token_ids], dtype=torch.int64, device=self.device)
         s = RunningRequest(req, policy, segments, plan, prompt_ids, GenerateStats(prompt_tokens=n),
@@ -264,13 +266,13 @@ class Engine:
             index = torch.cat([torch.arange(v.q_end - c, v.q_end) for v, c in zip(batch.seqs, counts)]).to(self.device)
             hidden = self.linker.run(batch, index).split(counts)
             for s, h in zip(plain + decoding, hidden):
-                self._accept(s, h)
+                self._accept_alone(s, h)
         if blend:
             seqs = [self._blend_seq(s) for s in blend]
             logits, picked = self.linker.run_cacheblend(seqs)
             for s, p, row in zip(blend, picked, logits):
                 s.recomputed_positions = p.tolist()
-                self._accept(s, row.unsqueeze(0), hidden=False)
+                self._accept_alone(s, row.unsqueeze(0), hidden=False)
         for s in linking:
             s.linked = True
             s.stats.link_s = time.perf_counter() - t0
@@ -324,20 +326,20 @@ class Engine:
         if not req.return_logprob or req.logprob_start_len < 0 or req.logprob_start_len >= n:
             return n - 1
         if s.plan.blend_ratio > 0:
-            raise ValueError("prompt logprobs (logprob_start_len) are not available with cacheblend policies")
+            raise InvalidRequest("prompt logprobs (logprob_start_len) are not available with cacheblend policies")
         start = max(req.logprob_start_len - 1, 0)
         s.plan.recompute[start:] = True
         return start
 
     def _check_segments(self, segments: list[Segment]) -> None:
         if not segments or not any(len(s) for s in segments):
-            raise ValueError("empty prompt: give at least one token")
+            raise InvalidRequest("empty prompt: give at least one token")
         vocab = self.config.vocab_size
         for seg in segments:
             if seg.document is not None and not len(seg):
-                raise ValueError("empty document: every document needs some tokens")
+                raise InvalidRequest("empty document: every document needs some tokens")
             if any(not 0 <= t < vocab for t in seg.token_ids):
-                raise ValueError(f"token id out of range [0, {vocab})")
+                raise InvalidRequest(f"token id out of range [0, {vocab})")
 
     # ----------------------------------------------------------------- compile
     def _compile_for(self, states: list[RunningRequest]) -> None:
@@ -562,7 +564,15 @@ class Engine:
         rows = [self._grow(s, slot) for s, slot in zip(decoding, slots)]
         ids = torch.tensor([s.output_ids[-1] for s in decoding], device=self.device)
         for s, row in zip(decoding, self.decode_graphs.run(ids, slots, rows)):
-            self._accept(s, row.unsqueeze(0), hidden=False)
+            self._accept_alone(s, row.unsqueeze(0), hidden=False)
+
+    def _accept_alone(self, s: RunningRequest, rows: torch.Tensor, hidden: bool = True) -> None:
+        """`_accept`, a failure of which fails this request alone (the batch's forward is done)."""
+        try:
+            self._accept(s, rows, hidden)
+        except Exception as e:  # noqa: BLE001 - reported as the request's error
+            s.error = f"{type(e).__name__}: {e}"
+            s.finish_reason = {"type": "abort", "message": s.error}
 
     def _accept(self, s: RunningRequest, rows: torch.Tensor, hidden: bool = True) -> None:
         """Take one forward's output for a request: prompt logprobs (link only), then the

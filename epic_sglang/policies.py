@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from epic_sglang.errors import InvalidRequest
+
 DEFAULT_LEGOLINK_K = 16
 DEFAULT_CACHEBLEND_RATIO = 15.0
 LEGOLINK0_SINK_TOKENS = 4
@@ -85,13 +87,13 @@ def parse_policy(text: str) -> Policy:
     if m:
         k = int(m.group(1)) if m.group(1) is not None else DEFAULT_LEGOLINK_K
         if k < 0:
-            raise ValueError(f"legolink k must be >= 0, got {k}")
+            raise InvalidRequest(f"legolink k must be >= 0, got {k}")
         return Policy("legolink0") if k == 0 else Policy("legolink", k=k)
     m = re.fullmatch(r"cacheblend(?:-(-?[0-9.]+))?", s)
     if m:
         r = float(m.group(1)) if m.group(1) is not None else DEFAULT_CACHEBLEND_RATIO
         if not 0 < r <= 100:
-            raise ValueError(f"cacheblend ratio r must be in (0, 100], got {r:g}")
+            raise InvalidRequest(f"cacheblend ratio r must be in (0, 100], got {r:g}")
         return Policy("cacheblend", ratio=r)
     m = re.fullmatch(r"querylink(?:-(-?\d+))?(?:-h(-?\d+))?(?:-b(-?\d+))?(?:-s(-?\d+))?", s)
     if m:
@@ -100,11 +102,11 @@ def parse_policy(text: str) -> Policy:
         block = int(m.group(3)) if m.group(3) is not None else QUERYLINK_BLOCK
         stride = int(m.group(4)) if m.group(4) is not None else QUERYLINK_STRIDE
         if k < 1 or not 0 <= head <= k:
-            raise ValueError(f"querylink needs k >= 1 and 0 <= head <= k, got k={k}, head={head}")
+            raise InvalidRequest(f"querylink needs k >= 1 and 0 <= head <= k, got k={k}, head={head}")
         if block < 1 or stride < 1:
-            raise ValueError(f"querylink needs block >= 1 and stride >= 1, got block={block}, stride={stride}")
+            raise InvalidRequest(f"querylink needs block >= 1 and stride >= 1, got block={block}, stride={stride}")
         return Policy("querylink", k=k, head=head, block=block, stride=stride)
-    raise ValueError(f"unknown policy {text!r}; use one of: {POLICY_HELP}")
+    raise InvalidRequest(f"unknown policy {text!r}; use one of: {POLICY_HELP}")
 
 
 @dataclass(frozen=True)

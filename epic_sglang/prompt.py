@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from epic_sglang.errors import InvalidRequest
 from epic_sglang.policies import Segment
 
 DOCUMENT_FORMAT = "{text}\n\n"
@@ -28,12 +29,12 @@ class PromptBuilder:
 
     def _encode_document_uncached(self, text: str) -> tuple[int, ...]:
         if not text.strip():
-            raise ValueError("empty document: every document needs some text")
+            raise InvalidRequest("empty document: every document needs some text")
         return tuple(self.encode(DOCUMENT_FORMAT.format(text=text)))
 
     def encode_document(self, text: str) -> tuple[int, ...]:
         if not isinstance(text, str):
-            raise TypeError(f"a document must be a string, got {type(text).__name__}")
+            raise InvalidRequest(f"a document must be a string, got {type(text).__name__}")
         return self._encode_document(text)
 
     def template_parts(self, system: str | None, history: list[dict] | None = None) -> tuple[str, str]:
@@ -51,7 +52,7 @@ class PromptBuilder:
               history: list[dict] | None = None) -> list[Segment]:
         """[template head (system, earlier turns)] [doc_1..doc_N] [question + template tail]."""
         if not isinstance(question, str) or not question.strip():
-            raise ValueError("empty question: pass the text to answer")
+            raise InvalidRequest("empty question: pass the text to answer")
         head, tail = self.template_parts(system, history)
         segments = [Segment(tuple(self.encode(head)))] if head else []
         segments += [Segment(self.encode_document(d), document=i) for i, d in enumerate(documents)]

@@ -5,11 +5,15 @@ raise ValueError with a message a client can act on.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 
 import torch
 
+from epic_sglang.errors import InvalidRequest
+
+MAX_NEW_TOKENS = 1 << 20  # past any context; keeps later arithmetic (budgets, bounds) in range
 # SGLang keys we accept but that do not change our output (tokenizer-side formatting).
 _ACCEPTED_NO_EFFECT = {"spaces_between_special_tokens"}
 
@@ -41,7 +45,7 @@ class SamplingParams:
         if d is None:
             d = {}
         if not isinstance(d, dict):
-            raise ValueError("sampling_params must be a JSON object")
+            raise InvalidRequest("sampling_params must be a JSON object")
         known = {f.name for f in fields(cls)}
         aliases = {"sampling_seed": "seed"}
         kwargs = {}
@@ -50,7 +54,7 @@ class SamplingParams:
             if key in _ACCEPTED_NO_EFFECT or value is None:
                 continue
             if key not in known:
-                raise ValueError(f"unknown sampling_params key {key!r}; supported: {', '.join(sorted(known))}")
+                raise InvalidRequest(f"unknown sampling_params key {key!r}; supported: {', '.join(sorted(known))}")
             kwargs[key] = value
         params = cls(**kwargs)
         params.validate()
@@ -62,46 +66,59 @@ class SamplingParams:
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, (list, tuple)) or any(not isinstance(s, str) or not s for s in value):
-                raise ValueError(f"{name} must be a string or a list of non-empty strings")
+                raise InvalidRequest(f"{name} must be a string or a list of non-empty strings")
             setattr(self, name, list(value))
-        if not isinstance(self.stop_token_ids, (list, tuple)) or any(not isinstance(t, int) for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be a list of integers")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(
+                not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 1 << 31 for t in self.stop_token_ids):
+            raise InvalidRequest("stop_token_ids must be a list of token ids (integers >= 0)")
         self.stop_token_ids = list(self.stop_token_ids)
         for name in ("max_new_tokens", "min_new_tokens", "top_k"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+                raise InvalidRequest(f"{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
-            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise InvalidRequest(f"{name} must be a finite number, got {value!r}")
+        for name in ("ignore_eos", "no_stop_trim", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("regex", "json_schema"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise InvalidRequest(f"{name} must be a string")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(1 << 63) <= self.seed < 1 << 64):
+            raise InvalidRequest(f"seed must be an integer in the 64-bit range, got {self.seed!r}")
+        if self.max_new_tokens > MAX_NEW_TOKENS:
+            raise InvalidRequest(f"max_new_tokens must be at most {MAX_NEW_TOKENS:,}, got {self.max_new_tokens}")
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InvalidRequest(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= max(self.max_new_tokens, 0):
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+            raise InvalidRequest(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be >= 0 (or -1 for no cut), got {self.top_k}")
+            raise InvalidRequest(f"top_k must be >= 0 (or -1 for no cut), got {self.top_k}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
         if not -2 <= self.frequency_penalty <= 2 or not -2 <= self.presence_penalty <= 2:
-            raise ValueError("frequency_penalty and presence_penalty must be in [-2, 2]")
+            raise InvalidRequest("frequency_penalty and presence_penalty must be in [-2, 2]")
         if not 0 < self.repetition_penalty <= 2:
-            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+            raise InvalidRequest(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
         if self.regex is not None and self.json_schema is not None:
-            raise ValueError("give regex or json_schema, not both")
+            raise InvalidRequest("give regex or json_schema, not both")
         for pattern in self.stop_regex:
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"bad stop_regex {pattern!r}: {e}") from e
+                raise InvalidRequest(f"bad stop_regex {pattern!r}: {e}") from e
 
     def generator(self) -> torch.Generator | None:
         if self.temperature == 0:
             return None
         g = torch.Generator()
-        g.manual_seed(self.seed) if self.seed is not None else g.seed()
+        g.manual_seed(self.seed % (1 << 64)) if self.seed is not None else g.seed()  # torch takes [0, 2^64)
         return g
 
 

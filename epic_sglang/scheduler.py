@@ -9,7 +9,12 @@ Fairness: one FIFO queue per namespace (tenant), served round robin, so one tena
 does not starve another. Memory pressure: a batch that finds no KV slots waits until
 running requests free some; a decode step that finds none retracts the newest request.
 
-The engine is not thread-safe: everything that touches it runs on this thread (`call`).
+The engine is not thread-safe: everything that touches it runs on this thread, admission
+(validation) included (`submit` hands it over and waits), and `call` for the rest.
+
+A failure that belongs to one request (sampling, a grammar, logprobs) fails that request
+alone; only a failure of the shared forward fails the step's requests, and the next step
+serves whatever comes next.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from epic_sglang.engine import Engine, GenerateResult, Request, RunningRequest
+from epic_sglang.errors import Conflict
 from epic_sglang.kv_pool import PoolExhausted
 
 log = logging.getLogger("epic_sglang.scheduler")
@@ -52,6 +58,7 @@ class _Entry:
     rid: str
     state: RunningRequest
     callback: Callback
+    owner: str | None = None  # who may abort it (the API key's name)
 
 
 class ServerBusy(RuntimeError):
@@ -68,6 +75,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: OrderedDict[str | None, deque[_Entry]] = OrderedDict()
         self._running: list[_Entry] = []
+        self._owners: dict[str, str | None] = {}  # rids in flight (waiting or running) -> owner
         self._aborted: set[str] = set()
         self._calls: deque[tuple[Callable[[Engine], Any], Future]] = deque()
         self._accepting = True
@@ -78,29 +86,44 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: Request, callback: Callback, rid: str | None = None) -> str:
-        """Queue a request; ValueError (bad request) and ServerBusy are raised here, at once."""
+    def submit(self, request: Request, callback: Callback, rid: str | None = None, owner: str | None = None) -> str:
+        """Queue a request; returns its rid. Admission (validation) runs on the scheduler
+        thread; InvalidRequest (bad input), Conflict (rid in flight) and ServerBusy are
+        raised here."""
+        return self.submit_future(request, callback, rid, owner).result()
+
+    def submit_future(self, request: Request, callback: Callback, rid: str | None = None,
+                      owner: str | None = None) -> Future:
+        """`submit` without waiting: a Future of the rid (or of the refusal)."""
         if not self._accepting:
             raise ServerBusy("server is shutting down")
         if self.queue_depth >= self.max_queued:
             raise ServerBusy(f"queue full ({self.max_queued} waiting); retry later")
-        state = self.engine.admit(request)
-        entry = _Entry(rid or uuid.uuid4().hex, state, callback)
-        with self._cv:
-            self._waiting.setdefault(request.namespace, deque()).append(entry)
-            self._cv.notify()
-        return entry.rid
+        return self.call(lambda engine: self._enqueue(engine.admit(request), callback, rid or uuid.uuid4().hex, owner))
 
-    def abort(self, rid: str) -> None:
-        """Stop a request (client gone, /abort_request); its memory is freed at the next step."""
+    def _enqueue(self, state: RunningRequest, callback: Callback, rid: str, owner: str | None) -> str:
         with self._cv:
+            if rid in self._owners:
+                raise Conflict(f"a request with rid {rid!r} is in flight; use another rid")
+            self._owners[rid] = owner
+            self._waiting.setdefault(state.request.namespace, deque()).append(_Entry(rid, state, callback, owner))
+            self._cv.notify()
+        return rid
+
+    def abort(self, rid: str, owner: str | None = None) -> bool:
+        """Stop a request (client gone, /abort_request); its memory is freed at the next step.
+        With `owner`, only a request of that owner; returns whether one was in flight."""
+        with self._cv:
+            if rid not in self._owners or (owner is not None and self._owners[rid] != owner):
+                return False
             self._aborted.add(rid)
             self._cv.notify()
+        return True
 
-    def abort_all(self) -> None:
+    def abort_all(self, owner: str | None = None) -> None:
+        """Stop every request in flight (with `owner`: that owner's)."""
         with self._cv:
-            self._aborted.update(e.rid for q in self._waiting.values() for e in q)
-            self._aborted.update(e.rid for e in self._running)
+            self._aborted.update(r for r, o in self._owners.items() if owner is None or o == owner)
             self._cv.notify()
 
     def call(self, fn: Callable[[Engine], Any]) -> Future:
@@ -138,9 +161,9 @@ class Scheduler:
                     return
                 aborted, self._aborted = self._aborted, set()
                 calls, self._calls = list(self._calls), deque()
+            self._apply_aborts(aborted)  # first: a rid aborted now was enqueued before, never by these calls
             for fn, fut in calls:
                 self._run_call(fn, fut)
-            self._apply_aborts(aborted)
             self._iterate()
 
     def _waiting_any(self) -> bool:
@@ -178,7 +201,9 @@ class Scheduler:
             return
         still = []
         for entry in admitted + self._running:
-            if entry.state.finished:
+            if entry.state.error is not None:  # this request alone failed in the step
+                self._fail(entry, f"internal error: {entry.state.error}")
+            elif entry.state.finished:
                 self._finish(entry)
             else:
                 still.append(entry)
@@ -235,9 +260,15 @@ class Scheduler:
 
     def _finish(self, entry: _Entry, abort: str | None = None) -> None:
         result = self.engine.finish(entry.state, abort=abort)
+        self._forget(entry)
         entry.callback(Progress(entry.rid, result.text, list(result.output_ids), result.stats.prompt_tokens, result=result))
 
     def _fail(self, entry: _Entry, message: str, status: int = 500) -> None:
         self.engine.finish(entry.state, abort=message)
+        self._forget(entry)
         entry.callback(Progress(entry.rid, "", [], error=message, error_status=status))
+
+    def _forget(self, entry: _Entry) -> None:
+        with self._cv:
+            self._owners.pop(entry.rid, None)
 

@@ -17,14 +17,16 @@ CANDIDATES = 50  # per ranker, before fusion
 
 @dataclass(frozen=True)
 class Hit:
-    score: float  # cosine similarity of question and document embeddings
+    score: float  # what ranked it: the fused reciprocal-rank score (hybrid) or the cosine (dense)
     document: StoredDocument
+    similarity: float = 0.0  # cosine similarity of question and document embeddings
 
 
 class Retriever:
     """`hybrid` (default): FAISS dense ranking fused with SQLite FTS5 BM25 by reciprocal
     rank; the keywords catch the entity names multi-hop questions hinge on. `dense`: FAISS
-    only. Hits are ordered by the fused rank and carry the dense cosine as their score."""
+    only. Hits are ordered by the score that ranked them (`Hit.score`) and carry the dense
+    cosine beside it (`Hit.similarity`, what `min_score` bounds)."""
 
     def __init__(self, store: DocumentStore | str | Path, embedder: Embedder | None = None, mode: str = "hybrid"):
         if mode not in MODES:
@@ -39,19 +41,17 @@ class Retriever:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         query = self.embedder.encode([question])[0]
         dense = self._dense(query, max(top_k, CANDIDATES) if self.mode == "hybrid" else top_k, namespace)
-        if self.mode == "dense":
-            ranked = dense
-        else:
-            fused: dict[int, float] = {}
+        fused: dict[int, float] = {}
+        if self.mode == "hybrid":
             for ranking in (dense, self.store.keyword_search(question, max(top_k, CANDIDATES), namespace)):
                 for rank, i in enumerate(ranking):
                     fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + rank + 1)
-            ranked = sorted(fused, key=lambda i: -fused[i])
+        ranked = sorted(fused, key=lambda i: -fused[i]) if fused else dense
         vectors = self.store.vectors(ranked)
-        scored = [(i, float(vectors[i] @ query)) for i in ranked if i in vectors]
-        scored = [(i, s) for i, s in scored if min_score is None or s >= min_score][:top_k]
-        docs = self.store.get([i for i, _ in scored])
-        return [Hit(s, docs[i]) for i, s in scored if i in docs]
+        cosine = {i: float(vectors[i] @ query) for i in ranked if i in vectors}
+        kept = [i for i in ranked if i in cosine and (min_score is None or cosine[i] >= min_score)][:top_k]
+        docs = self.store.get(kept)
+        return [Hit(fused.get(i, cosine[i]), docs[i], cosine[i]) for i in kept if i in docs]
 
     def _dense(self, query: np.ndarray, k: int, namespace: str | None) -> list[int]:
         import faiss

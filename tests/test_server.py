@@ -233,7 +233,7 @@ def test_documents_are_namespaced_and_admin_only(server):
     assert add.status_code == 200, add.text
     doc_id = add.json()["ids"][0]
     assert add.json()["compiled_tokens"] > 0
-    assert post(server, "/v1/documents", {"documents": ["x"]}).status_code == 401  # the plain key is not admin
+    assert post(server, "/v1/documents", {"documents": ["x"]}).status_code == 403  # the plain key is not admin
     listed = requests.get(f"{server}/v1/documents", params={"namespace": "tenant-a"}, headers=ADMIN_AUTH).json()
     assert [d["id"] for d in listed["documents"]] == [doc_id] and listed["total"] == 1
     assert requests.get(f"{server}/v1/documents/{doc_id}", headers=ADMIN_AUTH).json()["text"].startswith("The Zorblat")
@@ -246,7 +246,7 @@ def test_documents_are_namespaced_and_admin_only(server):
     ("/generate", {"text": "hi", "sampling_params": {"temprature": 0}}, AUTH, 400, "unknown sampling_params key 'temprature'"),
     ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": -1}}, AUTH, 400, "max_new_tokens must be >= 0"),
     ("/generate", {"text": "word " * 9000}, AUTH, 400, "exceeds the model's context"),
-    ("/generate", {"text": "hi", "kv_hints": {"doc_ids": [987654]}}, AUTH, 404, "unknown document id(s): 987654"),
+    ("/generate", {"text": "hi", "kv_hints": {"doc_ids": [987654]}}, AUTH, 404, "unknown document id(s) in namespace"),
     ("/generate", {"text": "hi", "kv_hints": {"spans": [[0, 99]]}}, AUTH, 400, "outside the prompt"),
     ("/generate", {"text": "hi", "sampling_params": {"regex": "(unclosed"}}, AUTH, 400, "cannot compile regex"),
     ("/generate", {"text": "hi", "bogus": 1}, AUTH, 400, "unknown field(s) bogus"),
@@ -256,8 +256,25 @@ def test_documents_are_namespaced_and_admin_only(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "documents": [{"id": 424242}]}, AUTH, 404,
      "unknown document id"),
     ("/v1/rag", {"question": ""}, AUTH, 400, "question must be a non-empty string"),
-    ("/v1/documents", {"documents": ["x"]}, AUTH, 401, "API key"),
-    ("/flush_cache", {}, AUTH, 401, "API key"),
+    ("/v1/documents", {"documents": ["x"]}, AUTH, 403, "admin API key"),
+    ("/flush_cache", {}, AUTH, 403, "admin API key"),
+    ("/generate", '{"text": "hi", "sampling_params": {"temperature": NaN}}', AUTH, 400, "NaN is not a number"),
+    ("/generate", {"text": "hi", "sampling_params": {"temperature": 1e999}}, AUTH, 400, "Infinity is not a number"),
+    ("/generate", {"text": "hi", "stream": "no"}, AUTH, 400, "stream must be true or false"),
+    ("/generate", {"text": "hi", "sampling_params": {"top_k": True}}, AUTH, 400, "top_k must be an integer"),
+    ("/generate", {"text": "hi", "sampling_params": {"seed": 1 << 70}}, AUTH, 400, "seed must be an integer in the 64-bit"),
+    ("/generate", '{"text": "hi \\ud800"}', AUTH, 400, "lone surrogate"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": -3, "logprobs": True},
+     AUTH, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 151936, "logprobs": True},
+     AUTH, 400, "less than or equal to 20"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, AUTH, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, AUTH, 400, "less than or equal to 5"),
+    ("/v1/rag", {"question": "q?", "min_score": "abc"}, AUTH, 400, "min_score must be a number"),
+    ("/v1/rag", {"question": "q?", "system": 123}, AUTH, 400, "system must be a string"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "documents": [{"id": 1 << 70}]}, AUTH, 404,
+     "unknown document id"),
+    ("/generate", {"text": "hi"}, {"Authorization": b"Bearer \xff\xfe"}, 401, "API key"),
 ])
 def test_bad_input_gets_a_4xx_with_a_message_and_the_server_keeps_serving(server, path, body, headers, status, message):
     data = body if isinstance(body, str) else json.dumps(body)

@@ -20,11 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from epic_sglang.engine import Engine
+from epic_sglang.errors import InvalidRequest
 from epic_sglang.scheduler import Scheduler, ServerBusy
 from epic_sglang.server import native, openai_api, rag, sglang_proxy
+from epic_sglang.server.access import AccessPolicy
 from epic_sglang.server.config import ServerConfig
 from epic_sglang.server.documents import DocumentService
-from epic_sglang.server.inputs import NotFound, PromptResolver
+from epic_sglang.server.inputs import PromptResolver, validation_message
 from epic_sglang.server.metrics import Metrics
 from epic_sglang.server.runtime import RequestFailed, Runtime
 
@@ -36,16 +38,30 @@ def _admin(path: str) -> bool:
     return path.startswith("/v1/documents") or path == "/flush_cache"
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               409: "conflict_error", 413: "invalid_request_error", 503: "server_busy"}
+
+
+def error(status: int, message: str, kind: str | None = None) -> JSONResponse:
+    """The one error envelope: {"error": {"message", "type", "code"}}."""
+    kind = kind or ERROR_TYPES.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-class Gate:
-    """ASGI middleware: API keys, body size limit, one JSON log line per request. (Pure ASGI,
-    so streaming responses and client-disconnect detection pass through untouched.)"""
+def bearer_token(headers: dict[bytes, bytes]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (scheme in any case), or None.
+    Bytes outside ASCII are kept as latin-1 characters, so they can never match a key by accident."""
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
-    def __init__(self, app, config: ServerConfig, metrics: Metrics):
-        self.app, self.config, self.metrics = app, config, metrics
+
+class Gate:
+    """ASGI middleware: API keys (the caller's grant goes in the request's state), body size
+    limit, one JSON log line per request. (Pure ASGI, so streaming responses and
+    client-disconnect detection pass through untouched.)"""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics, access: AccessPolicy):
+        self.app, self.config, self.metrics, self.access = app, config, metrics, access
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -71,12 +87,17 @@ class Gate:
     def _refuse(self, scope) -> JSONResponse | None:
         headers = dict(scope["headers"])
         path = scope["path"]
+        grant = self.access.grant(bearer_token(headers))
+        scope.setdefault("state", {})["grant"] = grant
         if path not in OPEN_PATHS:
-            key = self.config.admin_api_key if _admin(path) and self.config.admin_api_key else self.config.api_key
-            if key is not None and headers.get(b"authorization", b"").decode() != f"Bearer {key}":
-                return error(401, "missing or wrong API key: send Authorization: Bearer <key>", "authentication_error")
-        length = headers.get(b"content-length")
-        if length is not None and int(length) > self.config.max_body_bytes:
+            if grant is None:
+                return error(401, "missing or wrong API key: send Authorization: Bearer <key>")
+            if _admin(path) and not grant.admin:
+                return error(403, "this route manages the server: it needs the admin API key")
+        length = headers.get(b"content-length", b"0").decode("latin-1")
+        if not length.isdigit():
+            return error(400, "Content-Length must be a number of bytes")
+        if int(length) > self.config.max_body_bytes:
             return error(413, f"request body over {self.config.max_body_bytes} bytes")
         return None
 
@@ -171,37 +192,38 @@ def assemble(config: ServerConfig, runtime, engine, metrics: Metrics, routers, s
     app.state.version, app.state.started = _version(), time.time()
     for router in routers:
         app.include_router(router)
-    app.add_middleware(Gate, config=config, metrics=metrics)
+    app.add_middleware(Gate, config=config, metrics=metrics,
+                       access=AccessPolicy(config.api_key, config.admin_api_key, config.api_keys))
 
     @app.get("/metrics")
     async def prometheus():
         body = await run_in_threadpool(generate_latest, metrics.registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    @app.exception_handler(NotFound)
-    async def not_found(_: HTTPRequest, e: NotFound):
-        return error(404, str(e), "not_found_error")
-
     @app.exception_handler(BodyTooLarge)
     async def too_large(_: HTTPRequest, e: BodyTooLarge):
         return error(413, f"request body over {config.max_body_bytes} bytes")
 
-    @app.exception_handler(ValueError)
-    async def bad_request(_: HTTPRequest, e: ValueError):
-        return error(400, str(e))
+    @app.exception_handler(InvalidRequest)
+    async def bad_request(_: HTTPRequest, e: InvalidRequest):
+        return error(e.status, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: HTTPRequest, e: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in err['loc'] if x != 'body')}: {err['msg']}" for err in e.errors()]
-        return error(400, "; ".join(parts) or "invalid request")
+        return error(400, validation_message(e.errors()))
 
     @app.exception_handler(ServerBusy)
     async def busy(_: HTTPRequest, e: ServerBusy):
-        return error(503, str(e), "server_busy")
+        return error(503, str(e))
 
     @app.exception_handler(RequestFailed)
     async def failed(_: HTTPRequest, e: RequestFailed):
-        return error(e.status or 500, str(e), "server_error")
+        return error(e.status or 500, str(e))
+
+    @app.exception_handler(Exception)
+    async def internal(http: HTTPRequest, e: Exception):  # a bug: the client is told so, not blamed
+        log.exception("internal error on %s %s", http.method, http.url.path)
+        return error(500, f"internal error ({type(e).__name__}); the server logged it")
 
     return app
 

@@ -16,8 +16,9 @@ class ServerConfig:
     kv_cache_gb: float = 2.0
     host_cache_gb: float = 0.0
     transparent_documents: bool = True  # find ingested documents inside plain prompts
-    api_key: str | None = None  # Bearer key for every route (but /health and /metrics)
-    admin_api_key: str | None = None  # for admin routes (documents, flush); api_key when unset
+    api_key: str | None = None  # a shared user key for every route (but /health and /metrics): every namespace
+    admin_api_key: str | None = None  # everything, admin routes (documents, flush) included
+    api_keys: Path | None = None  # JSON list of per-tenant keys and their namespaces (server/access.py)
     max_running: int = 32
     prefill_token_budget: int = 8192
     max_queued: int = 1024
@@ -26,6 +27,7 @@ class ServerConfig:
     max_n: int = 16
     max_documents: int = 64  # documents in one request
     default_max_new_tokens: int = 128
+    max_response_bytes: int = 64 << 20  # a bound on one response body (logprobs of many tokens and samples)
 
     @property
     def model_name(self) -> str:

@@ -1,5 +1,6 @@
 """The document store behind /v1/documents, /v1/rag and transparent PIC, on one worker thread
-(SQLite connections belong to the thread that made them; FAISS index rebuilds are serialized)."""
+(SQLite connections belong to the thread that made them; FAISS index rebuilds are serialized).
+Reads on behalf of a request name its namespace and see that namespace's documents only."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +12,7 @@ from epic_sglang.document_spans import DocumentIndex
 from retrieval.parsers import Record
 
 LIST_PAGE = 1000
+MAX_ID = (1 << 63) - 1  # SQLite's largest INTEGER
 
 
 class DocumentService:
@@ -18,7 +20,7 @@ class DocumentService:
         self.store_path = Path(store_path)
         self.tokenizer = tokenizer
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="epic-documents")
-        self.index = DocumentIndex()
+        self._index: dict[str, DocumentIndex] = {}  # per namespace: transparent detection stays inside one
         self._store = None
         self._retriever = None
         self._pool.submit(self._open).result()
@@ -30,7 +32,7 @@ class DocumentService:
         total = self._store.count()
         for offset in range(0, total, LIST_PAGE):
             for d in self._store.list(limit=LIST_PAGE, offset=offset):
-                self.index.add(d.id, d.text)
+                self._index.setdefault(d.namespace, DocumentIndex()).add(d.id, d.text)
 
     def _retriever_(self):
         if self._retriever is None:  # the embedder loads on first use
@@ -50,28 +52,34 @@ class DocumentService:
 
             ids = ingest_records(records, self._store, self.tokenizer, self._retriever_().embedder, namespace)
             for d in self._store.get(ids).values():
-                self.index.add(d.id, d.text)
+                self._index.setdefault(d.namespace, DocumentIndex()).add(d.id, d.text)
             return ids
         return await self._run(add)
 
-    async def get(self, ids: list[int]):
-        return await self._run(lambda: self._store.get(ids))
+    async def get(self, ids: list[int], namespace: str | None = None) -> dict:
+        """{id: document} of the ids that exist in `namespace` (None: in any, for admins)."""
+        def get() -> dict:
+            found = self._store.get([i for i in ids if 0 < i <= MAX_ID])  # larger ones cannot exist
+            return {i: d for i, d in found.items() if namespace is None or d.namespace == namespace}
+        return await self._run(get)
 
     async def list(self, namespace: str | None, limit: int, offset: int):
         return await self._run(lambda: (self._store.list(namespace, limit, offset), self._store.count(namespace)))
 
     async def delete(self, ids: list[int]) -> int:
         def delete() -> int:
-            for i in ids:
-                self.index.remove(i)
-            return self._store.delete(ids)
+            for d in self._store.get([i for i in ids if 0 < i <= MAX_ID]).values():
+                self._index[d.namespace].remove(d.id)
+            return self._store.delete([i for i in ids if 0 < i <= MAX_ID])
         return await self._run(delete)
 
-    async def search(self, question: str, top_k: int, namespace: str | None, min_score: float | None):
+    async def search(self, question: str, top_k: int, namespace: str, min_score: float | None):
         return await self._run(lambda: self._retriever_().search(question, top_k, namespace, min_score))
 
-    async def find_spans(self, text: str) -> list[tuple[int, int]]:
-        return await self._run(self.index.find, text)
+    async def find_spans(self, text: str, namespace: str) -> list[tuple[int, int]]:
+        """Where the namespace's documents occur in the text."""
+        index = self._index.get(namespace)
+        return await self._run(index.find, text) if index is not None else []
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -10,13 +11,16 @@ from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from epic_sglang.engine import GenerateResult
+from epic_sglang.errors import InvalidRequest, NotFound
 from epic_sglang.scheduler import Progress
-from epic_sglang.server.inputs import (engine_request, json_body, merge, require_object, sampling_params,
-                                       samples)
+from epic_sglang.server.runtime import RequestFailed
+from epic_sglang.server.inputs import (check_response_size, engine_request, grant_of, json_body, json_response, merge,
+                                       owner_of, require_object, samples, sampling_params)
 
 GENERATE_KEYS = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
                  "top_logprobs_num", "return_text_in_logprobs", "kv_hints", "image_data"}
 
+log = logging.getLogger("epic_sglang.server")
 router = APIRouter()  # generation: served over either runtime (in-process, SGLang front)
 engine_router = APIRouter()  # the in-process engine's cache, scheduler and model
 
@@ -69,48 +73,58 @@ async def sse_response(items: AsyncIterator, render: Callable[[Any], list[dict]]
                 item = await anext(items, None)
             for obj in tail():
                 yield sse(obj)
-            yield "data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - the response has started: the error is the stream's last event
+            status = getattr(e, "status", None) or 500
+            log.warning("stream failed after its start: %s: %s", type(e).__name__, e)
+            yield sse({"error": {"message": str(e) if status < 500 or isinstance(e, RequestFailed)
+                                 else f"internal error ({type(e).__name__})", "type": "server_error", "code": status}})
         finally:
             await items.aclose()
+        yield "data: [DONE]\n\n"
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-async def _jobs(app, body: dict) -> tuple[list, bool]:
+async def _jobs(http: HTTPRequest, body: dict) -> tuple[list, bool]:
     """(engine requests with their rids, whether the input was a batch)."""
+    app, grant = http.app, grant_of(http)
     resolver = app.state.resolver
     if ("text" in body) == ("input_ids" in body):
-        raise ValueError("give exactly one of text or input_ids")
+        raise InvalidRequest("give exactly one of text or input_ids")
     if body.get("image_data") is not None:
-        raise ValueError("image_data is not supported: this server runs text models")
+        raise InvalidRequest("image_data is not supported: this server runs text models")
     prompts = body.get("text", body.get("input_ids"))
     is_text = "text" in body
     batch = isinstance(prompts, list) and (is_text or (prompts and isinstance(prompts[0], list)))
     prompts = prompts if batch else [prompts]
     if not prompts or len(prompts) > app.state.config.max_batch:
-        raise ValueError(f"a batch holds 1 to {app.state.config.max_batch} prompts, got {len(prompts)}")
+        raise InvalidRequest(f"a batch holds 1 to {app.state.config.max_batch} prompts, got {len(prompts)}")
 
     def per_prompt(key: str) -> list:
         v = body.get(key)
         if batch and isinstance(v, list):
             if len(v) != len(prompts):
-                raise ValueError(f"{key} has {len(v)} entries for {len(prompts)} prompts")
+                raise InvalidRequest(f"{key} has {len(v)} entries for {len(prompts)} prompts")
             return v
         return [v] * len(prompts)
 
     params_list, hints_list, rids = per_prompt("sampling_params"), per_prompt("kv_hints"), per_prompt("rid")
+    if any(r is not None and (not isinstance(r, str) or not r) for r in rids):
+        raise InvalidRequest("rid must be a non-empty string (or, for a batch, a list of them)")
     logprobs = {k: body[k] for k in ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
                 if body.get(k) is not None}
     _check_logprob_options(logprobs)
     jobs = []
     for i, prompt in enumerate(prompts):
         hints = resolver.hints(hints_list[i])
-        segments = (await resolver.text_segments(prompt, hints)) if is_text else resolver.id_segments(prompt, hints)
+        namespace = grant.namespace(hints.get("namespace"))
+        segments = (await resolver.text_segments(prompt, hints, namespace)) if is_text else resolver.id_segments(prompt, hints)
         params, n = sampling_params(params_list[i], app.state.config)
         policy = resolver.policy_of(hints.get("policy"))
-        rid = rids[i] if isinstance(rids[i], str) else uuid.uuid4().hex
+        rid = rids[i] if rids[i] is not None else uuid.uuid4().hex
         for j, p in enumerate(samples(params, n)):
-            jobs.append((engine_request(segments, policy, p, hints.get("namespace"), logprobs),
-                         rid if n == 1 else f"{rid}-{j}"))
+            jobs.append((engine_request(segments, policy, p, namespace, logprobs), rid if n == 1 else f"{rid}-{j}"))
+    if len({rid for _, rid in jobs}) < len(jobs):
+        raise InvalidRequest("every prompt of a batch needs its own rid")
     return jobs, batch or len(jobs) > 1
 
 
@@ -118,9 +132,11 @@ def _check_logprob_options(opts: dict) -> None:
     for key, kind in (("return_logprob", bool), ("return_text_in_logprobs", bool), ("logprob_start_len", int),
                       ("top_logprobs_num", int)):
         if key in opts and (not isinstance(opts[key], kind) or (kind is int and isinstance(opts[key], bool))):
-            raise ValueError(f"{key} must be {'a boolean' if kind is bool else 'an integer'}")
+            raise InvalidRequest(f"{key} must be {'a boolean' if kind is bool else 'an integer'}")
     if opts.get("top_logprobs_num", 0) < 0 or opts.get("top_logprobs_num", 0) > 20:
-        raise ValueError("top_logprobs_num must be in [0, 20]")
+        raise InvalidRequest("top_logprobs_num must be in [0, 20]")
+    if opts.get("logprob_start_len", -1) < -1:
+        raise InvalidRequest("logprob_start_len must be >= -1 (-1: no prompt logprobs)")
 
 
 @router.post("/generate")
@@ -128,9 +144,12 @@ async def generate(http: HTTPRequest):
     t0 = time.perf_counter()
     app = http.app
     body = require_object(await json_body(http), GENERATE_KEYS, "the /generate body")
-    jobs, batch = await _jobs(app, body)
+    if not isinstance(body.get("stream", False), bool):
+        raise InvalidRequest("stream must be true or false")
+    jobs, batch = await _jobs(http, body)
+    check_response_size([req for req, _ in jobs], app.state.config)
     runtime = app.state.runtime
-    streams = [runtime.stream(req, rid, http) for req, rid in jobs]
+    streams = [runtime.stream(req, rid, http, owner_of(http)) for req, rid in jobs]
     if body.get("stream"):
         return await sse_response(merge(streams), lambda item: [progress_json(item[1], t0, item[0] if batch else None)])
     finals: dict[int, Progress] = {}
@@ -138,9 +157,13 @@ async def generate(http: HTTPRequest):
         if p.done:
             finals[i] = p
     if len(finals) < len(jobs):  # the client went away
-        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-    outs = [progress_json(finals[i], t0, None) for i in range(len(jobs))]
-    return outs if batch else outs[0]
+        return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed", "code": 499}},
+                            status_code=499)
+
+    def build():
+        outs = [progress_json(finals[i], t0, None) for i in range(len(jobs))]
+        return outs if batch else outs[0]
+    return await json_response(build)
 
 
 @engine_router.api_route("/flush_cache", methods=["GET", "POST"])
@@ -151,20 +174,26 @@ async def flush_cache(http: HTTPRequest):
 
 @engine_router.post("/abort_request")
 async def abort_request(http: HTTPRequest):
+    """A caller aborts its own requests only (an admin: any; abort_all: all of the caller's)."""
     body = require_object(await json_body(http), {"rid", "abort_all"}, "the /abort_request body")
-    scheduler = http.app.state.runtime.scheduler
-    if body.get("abort_all"):
-        scheduler.abort_all()
+    scheduler, grant = http.app.state.runtime.scheduler, grant_of(http)
+    owner = None if grant.admin else grant.name
+    if body.get("abort_all") is True:
+        scheduler.abort_all(owner)
     elif isinstance(body.get("rid"), str):
-        scheduler.abort(body["rid"])
+        if not scheduler.abort(body["rid"], owner):
+            raise NotFound(f"no request with rid {body['rid']!r} in flight for this API key")
     else:
-        raise ValueError("give rid (a string) or abort_all: true")
+        raise InvalidRequest("give rid (a string) or abort_all: true")
     return {"message": "abort requested"}
 
 
 def _model_info(http: HTTPRequest) -> dict:
+    """As SGLang's: `model_path` is the folder it loaded (a client can load its tokenizer
+    from there), `served_model_name` the name clients use."""
     state = http.app.state
-    return {"model_path": state.config.model_name, "tokenizer_path": str(state.engine.model_dir),
+    return {"model_path": str(state.engine.model_dir), "tokenizer_path": str(state.engine.model_dir),
+            "served_model_name": state.config.model_name,
             "is_generation": True, "preferred_sampling_params": None, "weight_version": "default",
             "has_image_understanding": False, "has_audio_understanding": False, "model_type": state.engine.config.model_type}
 
@@ -181,7 +210,8 @@ async def server_info(http: HTTPRequest):
     state = http.app.state
     stats, kv = await state.runtime.call(lambda e: (e.cache.stats(), e.kv_usage()))
     cfg = state.config
-    return {"version": state.version, "model_path": cfg.model_name, "engine": "epic-sglang in-process",
+    return {"version": state.version, "model_path": str(state.engine.model_dir), "served_model_name": cfg.model_name,
+            "engine": "epic-sglang in-process",
             "device": str(state.engine.device), "dtype": str(state.engine.dtype), "default_policy": cfg.policy,
             "context_length": state.engine.max_context_len, "max_running_requests": state.runtime.scheduler.max_running,
             "prefill_token_budget": cfg.prefill_token_budget, "transparent_documents": cfg.transparent_documents,

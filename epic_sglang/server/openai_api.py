@@ -1,8 +1,9 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
 
 Extensions (ignored by OpenAI clients, reachable with `extra_body`): `documents` on chat
-(texts or {"id": n} of ingested documents, linked with PIC), `policy`, `namespace`,
-`kv_hints` on completions, `regex`, `ignore_eos`; every response carries `epic` stats.
+(texts, {"text": ...} or {"id": n} of the namespace's ingested documents, linked with PIC),
+`policy`, `namespace`, `kv_hints` on completions, `regex`, `ignore_eos`; every response
+carries `epic` stats. Bodies are strict: numbers finite, booleans booleans, integers integers.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from epic_sglang.engine import GenerateResult
+from epic_sglang.errors import InvalidRequest
 from epic_sglang.policies import Segment
-from epic_sglang.server.inputs import engine_request, merge, samples, sampling_params
+from epic_sglang.server.inputs import (check_response_size, engine_request, grant_of, json_body, json_response, merge,
+                                       owner_of, samples, sampling_params, validated)
 from epic_sglang.server.native import sse_response
 
 router = APIRouter()
@@ -25,7 +28,7 @@ FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _Sampling(_Strict):
@@ -61,7 +64,7 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # OpenAI's bounds
     response_format: dict | None = None
     documents: list[str | dict] | None = None
 
@@ -69,7 +72,7 @@ class ChatRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # OpenAI's bounds for completions
     echo: bool = False
     suffix: str | None = None
     kv_hints: dict | None = None
@@ -108,7 +111,7 @@ def _text_of_content(content: str | list[dict] | None) -> str:
     parts = []
     for part in content:
         if part.get("type") != "text":
-            raise ValueError(f"message content part of type {part.get('type')!r} is not supported; send text")
+            raise InvalidRequest(f"message content part of type {part.get('type')!r} is not supported; send text")
         parts.append(part.get("text", ""))
     return "".join(parts)
 
@@ -122,39 +125,36 @@ def _json_schema(response_format: dict | None) -> str | None:
     if kind == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema")
         if schema is None:
-            raise ValueError("response_format.json_schema.schema is required")
+            raise InvalidRequest("response_format.json_schema.schema is required")
         return json.dumps(schema)
-    raise ValueError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
+    raise InvalidRequest(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
 
 
-async def _chat_segments(app, req: ChatRequest) -> list[Segment]:
+async def _chat_segments(app, req: ChatRequest, namespace: str) -> list[Segment]:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of_content(m.content)}
                 for m in req.messages]
     if not req.documents:
         text = app.state.engine.prompts.render(messages)
-        return await app.state.resolver.text_segments(text, {}, leading=False)
+        return await app.state.resolver.text_segments(text, {}, namespace, leading=False)
     if messages[-1]["role"] != "user":
-        raise ValueError("with documents, the last message must be the user's question")
-    texts = await _document_texts(app, req.documents)
+        raise InvalidRequest("with documents, the last message must be the user's question")
+    texts = await _document_texts(app, req.documents, namespace)
     system = "\n".join(m["content"] for m in messages[:-1] if m["role"] == "system") or None
     history = [m for m in messages[:-1] if m["role"] != "system"]
     return app.state.engine.prompts.build(messages[-1]["content"], texts, system, history)
 
 
-async def _document_texts(app, documents: list[str | dict]) -> list[str]:
+async def _document_texts(app, documents: list[str | dict], namespace: str) -> list[str]:
+    """Texts of the chat's documents: strings and {"text": ...} as given, {"id": n} from the
+    namespace's ingested documents."""
     if len(documents) > app.state.config.max_documents:
-        raise ValueError(f"at most {app.state.config.max_documents} documents per request, got {len(documents)}")
-    ids = [d.get("id") for d in documents if isinstance(d, dict)]
-    by_id = dict(zip(ids, await app.state.resolver.document_texts(ids))) if ids else {}
-    texts = []
+        raise InvalidRequest(f"at most {app.state.config.max_documents} documents per request, got {len(documents)}")
     for d in documents:
-        if isinstance(d, dict):
-            if set(d) != {"id"}:
-                raise ValueError('a document is a string or {"id": <ingested document id>}')
-            texts.append(by_id[d["id"]])
-        else:
-            texts.append(d)
-    return texts
+        if isinstance(d, dict) and not (set(d) == {"id"} or (set(d) == {"text"} and isinstance(d["text"], str))):
+            raise InvalidRequest('a document is a string, {"text": "..."} or {"id": <ingested document id>}')
+    ids = [d["id"] for d in documents if isinstance(d, dict) and "id" in d]
+    by_id = dict(zip(ids, await app.state.resolver.document_texts(ids, namespace))) if ids else {}
+    return [d if isinstance(d, str) else d["text"] if "text" in d else by_id[d["id"]] for d in documents]
 
 
 def _chat_logprobs(r: GenerateResult) -> dict | None:
@@ -167,22 +167,27 @@ def _chat_logprobs(r: GenerateResult) -> dict | None:
 
 
 def _completion_logprobs(r: GenerateResult) -> dict | None:
+    """OpenAI's completion logprobs: of the prompt's tokens too when they were asked for
+    (echo), the first one's logprob and top entries null."""
     if r.output_token_logprobs is None:
         return None
-    tops = r.output_top_logprobs or [[] for _ in r.output_token_logprobs]
-    tokens = [t for _, _, t in r.output_token_logprobs]
+    entries = (r.input_token_logprobs or []) + r.output_token_logprobs
+    prompt_tops = r.input_top_logprobs or [[] for _ in r.input_token_logprobs or []]
+    tops = prompt_tops + (r.output_top_logprobs or [[] for _ in r.output_token_logprobs])
+    tokens = [t for _, _, t in entries]
     offsets, at = [], 0
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in r.output_token_logprobs],
-            "top_logprobs": [{t: v for v, _, t in top} for top in tops], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [lp for lp, _, _ in entries],
+            "top_logprobs": [None if top is None else {t: v for v, _, t in top} for top in tops], "text_offset": offsets}
 
 
 async def _run(http: HTTPRequest, jobs: list, stream_chunk, final_body, include_usage: bool, stream: bool):
-    """Run the jobs; stream chunks (SSE) or return one body."""
+    """Run the jobs; stream chunks (SSE) or return one body (built off the event loop)."""
     runtime = http.app.state.runtime
-    streams = [runtime.stream(r, None, http) for r in jobs]
+    check_response_size(jobs, http.app.state.config)
+    streams = [runtime.stream(r, None, http, owner_of(http)) for r in jobs]
     merged = merge(streams)
     if stream:
         sent = [""] * len(jobs)
@@ -204,19 +209,22 @@ async def _run(http: HTTPRequest, jobs: list, stream_chunk, final_body, include_
         if p.result is not None:
             finals[i] = p.result
     if not all(finals):
-        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-    return final_body(finals)
+        return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed", "code": 499}},
+                            status_code=499)
+    return await json_response(lambda: final_body(finals))
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatRequest, http: HTTPRequest):
+async def chat_completions(http: HTTPRequest):
     app = http.app
+    req = validated(ChatRequest, await json_body(http), "the chat completion body")
+    namespace = grant_of(http).namespace(req.namespace)
     params, n = _params(req, req.max_completion_tokens or req.max_tokens, app.state.config, _json_schema(req.response_format))
-    segments = await _chat_segments(app, req)
+    segments = await _chat_segments(app, req, namespace)
     policy = app.state.resolver.policy_of(req.policy)
     logprobs = {"return_logprob": True, "top_logprobs_num": req.top_logprobs or 0, "return_text_in_logprobs": True} \
         if req.logprobs else None
-    jobs = [engine_request(segments, policy, p, req.namespace, logprobs) for p in samples(params, n)]
+    jobs = [engine_request(segments, policy, p, namespace, logprobs) for p in samples(params, n)]
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), app.state.config.model_name
 
     def chunk(i, delta, result, first_chunk=False) -> dict:
@@ -244,27 +252,29 @@ async def chat_completions(req: ChatRequest, http: HTTPRequest):
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, http: HTTPRequest):
+async def completions(http: HTTPRequest):
     app = http.app
+    req = validated(CompletionRequest, await json_body(http), "the completion body")
     if req.suffix:
-        raise ValueError("suffix is not supported")
-    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-        raise ValueError("logprobs must be in [0, 20]")
+        raise InvalidRequest("suffix is not supported")
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) else [req.prompt]
-    if len(prompts) > app.state.config.max_batch:
-        raise ValueError(f"at most {app.state.config.max_batch} prompts per call")
+    if not prompts or len(prompts) > app.state.config.max_batch:
+        raise InvalidRequest(f"a call holds 1 to {app.state.config.max_batch} prompts")
     params, n = _params(req, req.max_tokens, app.state.config)
     policy = app.state.resolver.policy_of(req.policy)
     resolver = app.state.resolver
     hints = resolver.hints(req.kv_hints)
-    logprobs = {"return_logprob": True, "top_logprobs_num": req.logprobs, "return_text_in_logprobs": True} \
-        if req.logprobs is not None else None
+    namespace = grant_of(http).namespace(req.namespace if req.namespace is not None else hints.get("namespace"))
+    # echo with logprobs: the prompt's logprobs too, from its first token (OpenAI's `null` for it)
+    logprobs = {"return_logprob": True, "top_logprobs_num": req.logprobs, "return_text_in_logprobs": True,
+                "logprob_start_len": 0 if req.echo else -1} if req.logprobs is not None else None
     jobs, echoes = [], []
     for prompt in prompts:
-        segments = await resolver.text_segments(prompt, hints) if isinstance(prompt, str) else resolver.id_segments(prompt, hints)
+        segments = await resolver.text_segments(prompt, hints, namespace) if isinstance(prompt, str) \
+            else resolver.id_segments(prompt, hints)
         echo = (prompt if isinstance(prompt, str) else app.state.engine.tokenizer.decode(prompt)) if req.echo else ""
         for p in samples(params, n):
-            jobs.append(engine_request(segments, policy, p, req.namespace, logprobs))
+            jobs.append(engine_request(segments, policy, p, namespace, logprobs))
             echoes.append(echo)
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), app.state.config.model_name
 

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import JSONResponse
 
 from epic_sglang.engine import Request
-from epic_sglang.server.inputs import NotFound, json_body, require_object, sampling_params
+from epic_sglang.errors import InvalidRequest
+from epic_sglang.server.inputs import NotFound, grant_of, json_body, owner_of, require_object, sampling_params
 from epic_sglang.server.native import sse_response
 from retrieval.parsers import Record
 from retrieval.precompile import kv_namespace
@@ -24,15 +25,15 @@ MAX_TOP_K = 64
 
 def _documents(app):
     if app.state.documents is None:
-        raise ValueError("this server has no document store (start it with --store)")
+        raise InvalidRequest("this server has no document store (start it with --store)")
     return app.state.documents
 
 
-def _namespace(body: dict) -> str:
-    ns = body.get("namespace", "default")
-    if not isinstance(ns, str) or not ns:
-        raise ValueError("namespace must be a non-empty string")
-    return ns
+def _number(body: dict, key: str) -> float | None:
+    v = body.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        raise InvalidRequest(f"{key} must be a number")
+    return v
 
 
 @router.post("/v1/rag")
@@ -41,23 +42,32 @@ async def rag(http: HTTPRequest):
     body = require_object(await json_body(http), RAG_KEYS, "the /v1/rag body")
     question = body.get("question")
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("question must be a non-empty string")
+        raise InvalidRequest("question must be a non-empty string")
     top_k = body.get("top_k", 5)
-    if not isinstance(top_k, int) or not 1 <= top_k <= min(MAX_TOP_K, app.state.config.max_documents):
-        raise ValueError(f"top_k must be an integer in [1, {min(MAX_TOP_K, app.state.config.max_documents)}]")
-    namespace = _namespace(body)
+    most = min(MAX_TOP_K, app.state.config.max_documents)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= most:
+        raise InvalidRequest(f"top_k must be an integer in [1, {most}]")
+    system = body.get("system", DEFAULT_SYSTEM)
+    if system is not None and not isinstance(system, str):
+        raise InvalidRequest("system must be a string (or null for none)")
+    if not isinstance(body.get("stream", False), bool):
+        raise InvalidRequest("stream must be true or false")
+    min_score = _number(body, "min_score")
+    namespace = grant_of(http).namespace(body.get("namespace"))
     params, n = sampling_params(body.get("sampling_params"), app.state.config)
     if n != 1:
-        raise ValueError("n must be 1 for /v1/rag")
+        raise InvalidRequest("n must be 1 for /v1/rag")
     policy = app.state.resolver.policy_of(body.get("policy"))
-    hits = await _documents(app).search(question, top_k, namespace, body.get("min_score"))
-    if not hits:
-        raise NotFound(f"no documents in namespace {namespace!r}; add some with POST /v1/documents or epic-sglang ingest")
+    hits = await _documents(app).search(question, top_k, namespace, min_score)
     retrieval_s = time.perf_counter() - t0
-    req = Request(question, [h.document.text for h in hits], body.get("system", DEFAULT_SYSTEM), policy, params,
-                  namespace=kv_namespace(namespace))
-    cited = [{"id": h.document.id, "title": h.document.title, "source": h.document.source, "score": h.score}
-             for h in hits]
+    cited = [{"id": h.document.id, "title": h.document.title, "source": h.document.source, "score": h.score,
+              "similarity": h.similarity} for h in hits]
+    if not hits:  # nothing to ground an answer on: say so instead of answering from nothing
+        return {"answer": None, "documents": [], "finish_reason": None, "policy": None,
+                "message": f"no document of namespace {namespace!r} matched the question"
+                           + (f" with similarity >= {min_score:g}" if min_score is not None else ""),
+                "timings": {"retrieval_s": retrieval_s, "e2e_s": time.perf_counter() - t0}}
+    req = Request(question, [h.document.text for h in hits], system, policy, params, namespace=kv_namespace(namespace))
 
     def answer(result) -> dict:
         s = result.stats
@@ -68,14 +78,15 @@ async def rag(http: HTTPRequest):
                 "timings": {"retrieval_s": retrieval_s, "ttft_s": s.ttft_s + retrieval_s, "link_s": s.link_s,
                             "compile_s": s.compile_s, "e2e_s": time.perf_counter() - t0}}
 
-    stream = app.state.runtime.stream(req, None, http)
+    stream = app.state.runtime.stream(req, None, http, owner_of(http))
     if body.get("stream"):
         return await sse_response(stream, lambda p: [answer(p.result) if p.result is not None else {"text": p.text}],
                                   [{"documents": cited}])
     async for p in stream:
         if p.result is not None:
             return answer(p.result)
-    return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+    return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed", "code": 499}},
+                        status_code=499)
 
 
 DOC_KEYS = {"documents", "namespace", "precompile", "policy"}
@@ -88,16 +99,18 @@ async def add_documents(http: HTTPRequest):
     body = require_object(await json_body(http), DOC_KEYS, "the /v1/documents body")
     docs = body.get("documents")
     if not isinstance(docs, list) or not docs:
-        raise ValueError("documents must be a non-empty list of texts or {text, title, source} objects")
+        raise InvalidRequest("documents must be a non-empty list of texts or {text, title, source} objects")
     records = []
     for i, d in enumerate(docs):
         d = {"text": d} if isinstance(d, str) else d
         if not isinstance(d, dict) or not set(d) <= {"text", "title", "source"}:
-            raise ValueError(f"documents[{i}] must be a text or an object with text, title, source")
+            raise InvalidRequest(f"documents[{i}] must be a text or an object with text, title, source")
         if not isinstance(d.get("text"), str) or not d["text"].strip():
-            raise ValueError(f"documents[{i}] has no text")
+            raise InvalidRequest(f"documents[{i}] has no text")
         records.append(Record(str(d.get("source", "api")), str(d.get("title", "")), d["text"]))
-    namespace = _namespace(body)
+    namespace = grant_of(http).namespace(body.get("namespace"))
+    if not isinstance(body.get("precompile", False), bool):
+        raise InvalidRequest("precompile must be true or false")
     policy = app.state.resolver.policy_of(body.get("policy"))
     ids = await _documents(app).add(records, namespace)
     out = {"ids": ids, "namespace": namespace, "ingest_s": time.perf_counter() - t0}
@@ -117,7 +130,7 @@ def _doc_json(d, with_text: bool = True) -> dict:
 @router.get("/v1/documents")
 async def list_documents(http: HTTPRequest, namespace: str | None = None, limit: int = 100, offset: int = 0):
     if not 1 <= limit <= 1000 or offset < 0:
-        raise ValueError("limit must be in [1, 1000] and offset >= 0")
+        raise InvalidRequest("limit must be in [1, 1000] and offset >= 0")
     docs, total = await _documents(http.app).list(namespace, limit, offset)
     return {"documents": [_doc_json(d, with_text=False) for d in docs], "total": total}
 

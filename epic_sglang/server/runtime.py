@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Callable
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HTTPRequest
 
 from epic_sglang.engine import Engine, GenerateResult, Request
@@ -33,17 +32,18 @@ class Runtime:
         self.engine: Engine = scheduler.engine
         self.on_result = on_result  # metrics
 
-    async def stream(self, request: Request, rid: str | None = None,
-                     http: HTTPRequest | None = None) -> AsyncIterator[Progress]:
-        """Progress after every step until the request is done. Bad requests raise ValueError
-        before the first item; a failed one raises RequestFailed."""
+    async def stream(self, request: Request, rid: str | None = None, http: HTTPRequest | None = None,
+                     owner: str | None = None) -> AsyncIterator[Progress]:
+        """Progress after every step until the request is done. Bad requests raise
+        InvalidRequest (a reused rid: Conflict) before the first item; a failed one raises
+        RequestFailed. `owner` (the API key's name) is who may abort it by rid."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Progress] = asyncio.Queue()
 
         def deliver(p: Progress) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, p)
 
-        rid = await run_in_threadpool(self.scheduler.submit, request, deliver, rid)
+        rid = await asyncio.wrap_future(self.scheduler.submit_future(request, deliver, rid, owner))
         done = False
         try:
             while not done:
@@ -63,10 +63,10 @@ class Runtime:
             if not done:
                 self.scheduler.abort(rid)
 
-    async def generate(self, request: Request, rid: str | None = None,
-                       http: HTTPRequest | None = None) -> GenerateResult | None:
+    async def generate(self, request: Request, rid: str | None = None, http: HTTPRequest | None = None,
+                       owner: str | None = None) -> GenerateResult | None:
         """The finished result (None when the client went away first)."""
-        async for p in self.stream(request, rid, http):
+        async for p in self.stream(request, rid, http, owner):
             if p.result is not None:
                 return p.result
         return None

@@ -5,7 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import Response
 
-from epic_sglang.server.inputs import json_body
+from epic_sglang.errors import InvalidRequest
+from epic_sglang.server.access import OPEN, Forbidden
+from epic_sglang.server.inputs import grant_of, json_body, require_object
+from epic_sglang.sglang_plugin.runtime import owner_rid
 
 router = APIRouter()
 
@@ -25,10 +28,18 @@ async def flush_cache(http: HTTPRequest) -> Response:
 
 @router.post("/abort_request")
 async def abort_request(http: HTTPRequest) -> Response:
-    body = await json_body(http)
-    if not isinstance(body, dict):
-        raise ValueError("the /abort_request body must be a JSON object")
-    return await _forward(http, "POST", "/abort_request", body)
+    """Aborts reach only the caller's own requests (SGLang knows them by `owner_rid`); an
+    admin's rid goes as given, and only an admin may abort all."""
+    body = require_object(await json_body(http), {"rid", "abort_all"}, "the /abort_request body")
+    grant = grant_of(http)
+    if body.get("abort_all") is True:
+        if not grant.admin:
+            raise Forbidden("abort_all needs the admin API key")
+        return await _forward(http, "POST", "/abort_request", {"abort_all": True})
+    if not isinstance(body.get("rid"), str):
+        raise InvalidRequest("give rid (a string) or abort_all: true")
+    rid = body["rid"] if grant is OPEN or grant.admin else owner_rid(grant.name, body["rid"])
+    return await _forward(http, "POST", "/abort_request", {"rid": rid})
 
 
 @router.get("/model_info")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from epic_sglang.errors import InvalidRequest
 from epic_sglang.policies import Policy, Segment, parse_policy
 from epic_sglang.sglang_plugin.wire import LinkHint
 
@@ -24,7 +25,7 @@ def document_spans(segments: list[Segment]) -> list[tuple[int, int]]:
 
 def check_served(policy: Policy) -> None:
     if policy.kind not in SERVED_KINDS:
-        raise ValueError(f"the SGLang plugin serves fr, naive, legolink-<k> and legolink0, not {policy.name}")
+        raise InvalidRequest(f"the SGLang plugin serves fr, naive, legolink-<k> and legolink0, not {policy.name}")
 
 
 def generate_body(segments: list[Segment], policy: str | Policy, sampling_params: dict,

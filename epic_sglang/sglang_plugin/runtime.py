@@ -119,13 +119,21 @@ def sglang_logprobs(request: Request, meta: dict) -> dict:
     return out
 
 
+def owner_rid(owner: str | None, rid: str) -> str:
+    """The rid SGLang sees: the client's under its owner's name."""
+    return rid if owner is None else f"{owner}/{rid}"
+
+
 class SGLangRuntime:
     def __init__(self, engine: SGLangEngine, on_result: Callable[[GenerateResult], None] | None = None):
         self.engine = engine
         self.on_result = on_result
 
-    async def stream(self, request: Request, rid: str | None = None, http=None) -> AsyncIterator[Progress]:
-        """Progress per streamed chunk; bad requests raise ValueError before the first item."""
+    async def stream(self, request: Request, rid: str | None = None, http=None,
+                     owner: str | None = None) -> AsyncIterator[Progress]:
+        """Progress per streamed chunk; bad requests raise InvalidRequest before the first
+        item. SGLang sees the rid under its owner (`owner_rid`), so an /abort_request through
+        the front reaches only the caller's own requests."""
         e, t0 = self.engine, time.perf_counter()
         policy = parse_policy(request.policy)
         request.sampling.validate()
@@ -140,7 +148,7 @@ class SGLangRuntime:
         if wants_prompt_logprobs(request):
             logprobs["logprob_start_len"] = request.logprob_start_len
         body = generate_body(segments, policy, sglang_sampling(request.sampling), request.namespace,
-                             stream=True, rid=rid, **logprobs)  # refuses policies the plugin does not serve
+                             stream=True, rid=owner_rid(owner, rid), **logprobs)  # refuses policies it does not serve
         compiled = 0 if policy.kind == "fr" else await e.compile_missing(segments, policy, request.namespace)
         compile_s = time.perf_counter() - t0
         try:
@@ -175,8 +183,9 @@ class SGLangRuntime:
             self.on_result(result)
         yield Progress(rid, result.text, result.output_ids, len(prompt_ids), result=result)
 
-    async def generate(self, request: Request, rid: str | None = None, http=None) -> GenerateResult | None:
-        async for p in self.stream(request, rid, http):
+    async def generate(self, request: Request, rid: str | None = None, http=None,
+                       owner: str | None = None) -> GenerateResult | None:
+        async for p in self.stream(request, rid, http, owner):
             if p.result is not None:
                 return p.result
         return None
