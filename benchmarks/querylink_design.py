@@ -27,7 +27,7 @@ from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.evaluation import SYSTEM, sample_questions  # noqa: E402
 from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
 from epic_sglang.linker import ScoutQueries, attention_mass  # noqa: E402
-from epic_sglang.policies import Segment, parse_policy, plan_link  # noqa: E402
+from epic_sglang.policies import Segment, parse_policy, plan_link, querylink_pick  # noqa: E402
 
 
 def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +88,11 @@ def rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Ten
                                    ("second half", slice(layers // 2, None))):
                     out[f"head {head}, scout head {scout_head}: {what}, {name}"] = \
                         torch.cat([base.nonzero().flatten(), top(scores[rows].sum(0), cand, budget)])
+        if head == 8:  # the shipped rule, but in aligned 4-token blocks (fewer, longer runs in the link)
+            policy = parse_policy("querylink-16-b4")
+            plan = plan_link(policy, segs)
+            out["head 8, scout head 0: attention x value norm, all layers, 4-token blocks"] = torch.cat(
+                [base.nonzero().flatten(), querylink_pick(scouts[0][1].sum(0), plan, policy.block)])
         g = torch.Generator().manual_seed(seed)
         out[f"head {head}: random picks (control)"] = torch.cat(
             [base.nonzero().flatten(), top(torch.rand(len(docs), generator=g), cand, budget)])

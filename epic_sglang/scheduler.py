@@ -99,7 +99,12 @@ class Scheduler:
             raise ServerBusy("server is shutting down")
         if self.queue_depth >= self.max_queued:
             raise ServerBusy(f"queue full ({self.max_queued} waiting); retry later")
-        return self.call(lambda engine: self._enqueue(engine.admit(request), callback, rid or uuid.uuid4().hex, owner))
+        admit = lambda engine: self._enqueue(engine.admit(request), callback, rid or uuid.uuid4().hex, owner)  # noqa: E731
+        if self._thread.is_alive():
+            return self.call(admit)
+        fut: Future = Future()  # not started yet: no other thread touches the engine
+        self._run_call(admit, fut)
+        return fut
 
     def _enqueue(self, state: RunningRequest, callback: Callback, rid: str, owner: str | None) -> str:
         with self._cv:

@@ -18,8 +18,12 @@ class Collector:
         self.lock = threading.Lock()
         self.order: list = []  # every progress, in arrival order
 
+    on_progress = None  # called with every progress (under the lock)
+
     def __call__(self, p):
         with self.lock:
+            if self.on_progress is not None:
+                self.on_progress(p)
             self.order.append(p)
             self.events.setdefault(p.rid, []).append(p)
             if p.done and sum(e[-1].done for e in self.events.values()) == self.expected:
@@ -53,8 +57,9 @@ def test_a_late_request_is_served_while_a_long_one_decodes(engine, scheduler):
     got = Collector()
     got.expected = 2
     long_rid = scheduler.submit(req("Tell a story.", 60, ignore_eos=True), got)
-    while len(got.events.get(long_rid, [])) < 3:  # the long one is decoding
-        threading.Event().wait(0.01)
+    decoding = threading.Event()
+    got.on_progress = lambda p: p.rid == long_rid and len(p.output_ids) >= 3 and decoding.set()
+    assert decoding.wait(300), "the long request never decoded"  # bounded: a stuck scheduler fails, never hangs
     short_rid = scheduler.submit(req("Say hi.", 2, ignore_eos=True), got)
     assert got.done.wait(300)
     short_done = next(i for i, p in enumerate(got.order) if p.rid == short_rid and p.done)
