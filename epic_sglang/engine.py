@@ -312,6 +312,10 @@ class Engine:
                 "private": self.allocator.size - free - cached,
                 "request_rows_in_use": len(self.req_to_token_pool.req_to_token) - len(self.req_to_token_pool.free_rows)}
 
+    def close(self) -> None:
+        """Finish background work (the disk tier's queued writes); the engine stays usable."""
+        self.cache.close()
+
     def flush_cache(self) -> int:
         """Drop every cached document and prefix not in use from device and host (the disk
         tier stays); returns the number of device tokens freed."""

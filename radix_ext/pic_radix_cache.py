@@ -188,6 +188,11 @@ class PICRadixCache(RadixCache):
                 self.host.put(key, tuple(node.key.token_ids), k, v)
         super()._delete_leaf(node)
 
+    def close(self) -> None:
+        """Finish the tiers' background work (queued disk writes)."""
+        if self.disk is not None:
+            self.disk.drain()
+
     def flush(self) -> int:
         """Drop every unlocked node and the host tier (the disk tier stays: it is the
         persistent copy). Returns the number of device tokens freed."""

@@ -64,17 +64,38 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _statements(script: str) -> list[str]:
+    """The complete SQL statements of a script (triggers hold `;` inside BEGIN ... END)."""
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    return out
+
+
 class DocumentStore:
     def __init__(self, path: str | Path, index_kind: str = "auto"):
         if index_kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {index_kind!r}")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path / "documents.sqlite3")
-        self.db.executescript(SCHEMA)
-        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'documents_fts'").fetchone():
-            with self.db:  # stores made before the full-text index get it built here
-                self.db.executescript(FTS_SCHEMA)
+        self.db = sqlite3.connect(self.path / "documents.sqlite3", timeout=60, isolation_level=None)
+        # one schema check-and-create at a time: two processes opening a new store (an ingest
+        # and a reader) must not both build the full-text index
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(SCHEMA):
+                self.db.execute(statement)
+            if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'documents_fts'").fetchone():
+                for statement in _statements(FTS_SCHEMA):  # stores made before the full-text index get it here
+                    self.db.execute(statement)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.isolation_level = ""  # back to sqlite3's default transactions for the rest
         self.index_kind = index_kind
         self._index = None
 

@@ -180,7 +180,9 @@ def test_epic_backend_registers_and_builds_on_sglang_pools(tmp_path, monkeypatch
     slots = cache.alloc_slots(3)
     kv.k_buffer[1][slots] = 7.0
     cache.insert_document(key, ids, slots, namespace=None, recipe="plain")
-    assert cache.disk.contains(key) and cache.stats()["disk_documents"] == 1
+    assert cache.disk.contains(key)  # queued at once, written by the writer thread
+    cache.close()
+    assert cache.stats()["disk_documents"] == 1
     cache.flush()
     assert cache.match_document(key, ids) is not None and cache.counters.disk_hits == 1
     assert bool((kv.k_buffer[1][cache.document_nodes()[key].value] == 7.0).all())
@@ -237,6 +239,7 @@ def test_restart_links_50_documents_from_disk_without_recompiling(tmp_path, docs
     first = Engine("smollm2-135m", device="cpu", kv_dir=tmp_path, kv_cache_gb=0.5)
     assert first.compile(docs[:50]) > 0
     before = [ask(first, docs[i:i + 4]) for i in (0, 20, 46)]
+    first.close()  # its queued disk writes finish (a process exit waits for them too)
     del first
     second = Engine("smollm2-135m", device="cpu", kv_dir=tmp_path, kv_cache_gb=0.5)  # the restart
     assert second.compile(docs[:50]) == 0 and second.cache.counters.disk_hits == 50
@@ -257,6 +260,7 @@ def test_restart_links_50_documents_from_disk_without_recompiling(tmp_path, docs
     foreign = DiskTier(tmp_path, "another-model", second.cache.layout)
     entry = second.cache.disk.get(keys[2])
     foreign.put(keys[2], None, "plain", entry.token_ids, entry.k, entry.v)
+    foreign.drain()
     with caplog.at_level(logging.WARNING, logger="radix_ext.tiers"):
         recompiled = second.compile(docs[:3])
     assert recompiled == sum(len(second.prompts.encode_document(d)) for d in docs[:3])
