@@ -13,6 +13,7 @@ import torch
 
 from epic_sglang.errors import InvalidRequest
 
+GREEDY_BELOW = 1e-6  # as SGLang: a smaller temperature would overflow the scaled logits; it means greedy
 MAX_NEW_TOKENS = 1 << 20  # past any context; keeps later arithmetic (budgets, bounds) in range
 # SGLang keys we accept but that do not change our output (tokenizer-side formatting).
 _ACCEPTED_NO_EFFECT = {"spaces_between_special_tokens"}
@@ -22,7 +23,7 @@ _ACCEPTED_NO_EFFECT = {"spaces_between_special_tokens"}
 class SamplingParams:
     max_new_tokens: int = 32
     min_new_tokens: int = 0  # stop tokens are masked until this many are generated
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below GREEDY_BELOW = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = no top-k cut
     min_p: float = 0.0
@@ -114,8 +115,12 @@ class SamplingParams:
             except re.error as e:
                 raise InvalidRequest(f"bad stop_regex {pattern!r}: {e}") from e
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
     def generator(self) -> torch.Generator | None:
-        if self.temperature == 0:
+        if self.greedy:
             return None
         g = torch.Generator()
         g.manual_seed(self.seed % (1 << 64)) if self.seed is not None else g.seed()  # torch takes [0, 2^64)
@@ -143,7 +148,7 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, output_ids: list
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from one row of (already adjusted and masked) logits."""
-    if params.temperature == 0:
+    if params.greedy:
         return int(torch.argmax(logits))
     logits = logits.float().cpu() / params.temperature
     if params.top_k > 0:

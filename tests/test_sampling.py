@@ -8,7 +8,7 @@ import torch
 
 from epic_sglang.engine import Request
 from epic_sglang.policies import Segment
-from epic_sglang.sampling import SamplingParams
+from epic_sglang.sampling import SamplingParams, sample_next
 
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown"
 
@@ -90,3 +90,12 @@ def test_from_dict_takes_sglang_frontend_defaults():
     p = SamplingParams.from_dict({"max_new_tokens": 8, "stop": (), "stop_regex": (), "top_k": -1, "regex": None,
                                   "json_schema": None, "n": None, "spaces_between_special_tokens": True})
     assert (p.max_new_tokens, p.top_k, p.stop, p.regex) == (8, -1, [], None)
+
+
+def test_a_tiny_temperature_samples_greedily_instead_of_overflowing():
+    """1e-300 scales the logits past float range (the fuzz found it: multinomial on NaN)."""
+    logits = torch.tensor([1.0, 3.0, 2.0, -5.0])
+    for t in (1e-300, 1e-7):
+        p = SamplingParams.from_dict({"temperature": t, "seed": 1})
+        assert p.greedy and p.generator() is None and sample_next(logits, p, None) == 1
+    assert not SamplingParams.from_dict({"temperature": 1e-5}).greedy

@@ -26,7 +26,7 @@ from epic_sglang.server import native, openai_api, rag, sglang_proxy
 from epic_sglang.server.access import AccessPolicy
 from epic_sglang.server.config import ServerConfig
 from epic_sglang.server.documents import DocumentService
-from epic_sglang.server.inputs import PromptResolver, validation_message
+from epic_sglang.server.inputs import PromptResolver, printable, validation_message
 from epic_sglang.server.metrics import Metrics
 from epic_sglang.server.runtime import RequestFailed, Runtime
 
@@ -45,7 +45,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 def error(status: int, message: str, kind: str | None = None) -> JSONResponse:
     """The one error envelope: {"error": {"message", "type", "code"}}."""
     kind = kind or ERROR_TYPES.get(status, "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    return JSONResponse({"error": {"message": printable(message), "type": kind, "code": status}}, status_code=status)
 
 
 def bearer_token(headers: dict[bytes, bytes]) -> str | None:

@@ -39,6 +39,12 @@ def parse_json(raw: bytes | str) -> Any:
     return body
 
 
+def printable(text: str) -> str:
+    """`text` with what UTF-8 cannot hold (lone surrogates a client sent) escaped: a message
+    quoting the client's input must still go out."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _check_strings(value: Any, where: str) -> None:
     stack = [(value, where)]
     while stack:
@@ -47,7 +53,7 @@ def _check_strings(value: Any, where: str) -> None:
             try:
                 v.encode("utf-8")
             except UnicodeEncodeError:
-                raise InvalidRequest(f"{at} holds a lone surrogate (not valid Unicode)") from None
+                raise InvalidRequest(f"{printable(at)} holds a lone surrogate (not valid Unicode)") from None
         elif isinstance(v, dict):
             stack.extend((k, f"{at} (a key)") for k in v)
             stack.extend((x, f"{at}.{k}") for k, x in v.items())

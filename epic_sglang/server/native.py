@@ -15,7 +15,7 @@ from epic_sglang.errors import InvalidRequest, NotFound
 from epic_sglang.scheduler import Progress
 from epic_sglang.server.runtime import RequestFailed
 from epic_sglang.server.inputs import (check_response_size, engine_request, grant_of, json_body, json_response, merge,
-                                       owner_of, require_object, samples, sampling_params)
+                                       owner_of, printable, require_object, samples, sampling_params)
 
 GENERATE_KEYS = {"text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "logprob_start_len",
                  "top_logprobs_num", "return_text_in_logprobs", "kv_hints", "image_data"}
@@ -76,7 +76,7 @@ async def sse_response(items: AsyncIterator, render: Callable[[Any], list[dict]]
         except Exception as e:  # noqa: BLE001 - the response has started: the error is the stream's last event
             status = getattr(e, "status", None) or 500
             log.warning("stream failed after its start: %s: %s", type(e).__name__, e)
-            yield sse({"error": {"message": str(e) if status < 500 or isinstance(e, RequestFailed)
+            yield sse({"error": {"message": printable(str(e)) if status < 500 or isinstance(e, RequestFailed)
                                  else f"internal error ({type(e).__name__})", "type": "server_error", "code": status}})
         finally:
             await items.aclose()
