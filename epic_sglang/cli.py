@@ -155,6 +155,7 @@ def _server_config(args: argparse.Namespace):
         kv_dir=None if args.kv_dir == "none" else Path(args.kv_dir).expanduser(),
         kv_cache_gb=args.kv_cache_gb, host_cache_gb=args.host_cache_gb,
         transparent_documents=not args.no_transparent, api_key=args.api_key, admin_api_key=args.admin_api_key,
+        api_keys=Path(args.api_keys).expanduser() if args.api_keys else None,
         max_running=args.max_running, prefill_token_budget=args.prefill_token_budget)
 
 
@@ -167,6 +168,10 @@ def _serve(args: argparse.Namespace) -> int:
     from epic_sglang.server import create_app, freeze_startup_objects
 
     parse_policy(args.policy)  # fail before the model loads
+    if args.api_keys:
+        from epic_sglang.server.access import load_keys
+
+        load_keys(Path(args.api_keys).expanduser())  # a bad key file: one line, before the model loads
     for name in ("port", "sglang_port"):
         port = getattr(args, name)
         if port is not None and not 0 < port < 65536:
@@ -338,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--store", default=None, help="document store folder (from epic-sglang ingest; created if missing)")
     srv.add_argument("--no-transparent", action="store_true", help="do not look for ingested documents inside prompts")
     srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every route")
-    srv.add_argument("--admin-api-key", default=None, help="key for /v1/documents and /flush_cache (default: --api-key)")
+    srv.add_argument("--admin-api-key", default=None, help="admin key: every route, /v1/documents and /flush_cache too")
+    srv.add_argument("--api-keys", default=None,
+                     help='JSON file of tenant keys: [{"key", "name", "namespaces"?, "admin"?}] (README: access control)')
     srv.add_argument("--kv-cache-gb", type=float, default=2.0, help="--engine epic (SGLang sizes its own pool)")
     srv.add_argument("--host-cache-gb", type=float, default=0.0)
     srv.add_argument("--max-running", type=int, default=32)

@@ -240,3 +240,26 @@ def test_health_answers_while_a_large_response_is_built(server):
     too_big = {**big, "sampling_params": {**big["sampling_params"], "max_new_tokens": 8000, "n": 16}}  # ~2.8M entries
     r = post(url, "/generate", too_big, USER)
     assert r.status_code == 400 and "ask for fewer" in r.json()["error"]["message"]
+
+
+def test_key_files_and_grants(tmp_path):
+    from epic_sglang.server.access import OPEN, AccessPolicy, Forbidden, load_keys
+
+    f = tmp_path / "keys.json"
+    f.write_text(json.dumps([{"key": "a", "name": "alice"}, {"key": "b", "name": "bob", "namespaces": ["x", "y"]},
+                             {"key": "r", "name": "root", "admin": True}]))
+    policy = AccessPolicy(api_key="u", api_keys=f)
+    alice, bob, root, user = (policy.grant(k) for k in ("a", "b", "r", "u"))
+    assert policy.keys_required and policy.grant("nope") is None and policy.grant(None) is None
+    assert alice.namespace(None) == "alice" and bob.namespace(None) == "x" and bob.namespace("y") == "y"
+    assert root.admin and root.namespace("anything") == "anything" and user.namespace("any") == "any"
+    with pytest.raises(Forbidden, match="may not use namespace 'x'"):
+        alice.namespace("x")
+    assert AccessPolicy().grant(None) is OPEN and not AccessPolicy().keys_required
+    for bad, message in (([{"key": "a"}], "needs a non-empty key and name"), ({"key": "a"}, "JSON list"),
+                         ([{"key": "a", "name": "n", "namespaces": []}], "non-empty list"),
+                         ([{"key": "a", "name": "n"}, {"key": "b", "name": "n"}], "appears twice"),
+                         ([{"key": "a", "name": "n", "admin": "yes"}], "true or false")):
+        f.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            load_keys(f)

@@ -43,6 +43,10 @@ def test_chunks_respect_the_token_budget_and_sentence_boundaries(engine, hotpot)
     assert all(c.text[-1] in ".!?\")'" for c in chunks[:-1] if count(c.text) < 60)  # whole sentences
     long_word_run = "word " * 500
     assert all(count(c.text) <= 64 for c in chunk_text(long_word_run, count, 64))
+    for spaceless in ("x" * 6000, "这是一个很长的中文文档，没有空格。" * 60, "a" * 900 + " short " + "b" * 900):
+        pieces = chunk_text(spaceless, count, 64)
+        assert len(pieces) > 3 and all(count(c.text) <= 64 for c in pieces)  # cut by tokens where no space is
+        assert "".join(c.text for c in pieces).replace(" ", "") == spaceless.replace(" ", "")  # nothing lost
 
 
 def test_ingest_dedupes_and_retrieves_gold_paragraphs(tmp_path, engine, hotpot, embedder):
@@ -89,12 +93,18 @@ def test_bad_input_is_skipped_with_one_warning_each(tmp_path):
     (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02binary")
     (tmp_path / "table.xlsx").write_text("not supported")
     (tmp_path / "broken.md").symlink_to(tmp_path / "missing")
-    (tmp_path / "bad.jsonl").write_text('{"title": "x"}\n')
+    (tmp_path / "mixed.jsonl").write_text('{"text": "Line one holds the Zephyr line."}\n{not json\n{"title": "x"}\n'
+                                          '{"text": "Line four holds the Quillon bridge."}\n')
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer garbage")
     r = cli("ingest", str(tmp_path), "--store", str(tmp_path / "s"), "--model", "smollm2-135m", "--quiet")
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if line.startswith("epic-sglang: warning: skipped")]
-    assert len(warnings) == 4, r.stderr
-    assert "ingested 1 files (4 skipped)" in r.stdout
+    assert len(warnings) == 6, r.stderr  # 3 unreadable files, the broken PDF, 2 bad JSONL lines
+    assert any("broken.pdf" in w for w in warnings) and any("mixed.jsonl line 2" in w for w in warnings)
+    assert any("mixed.jsonl line 3" in w for w in warnings)
+    assert "ingested 2 files (4 skipped)" in r.stdout  # the JSONL file's good lines are in
+    texts = [d.text for d in DocumentStore(tmp_path / "s").list(limit=100)]
+    assert any("Zephyr" in t for t in texts) and any("Quillon" in t for t in texts)
     (tmp_path / "empty").mkdir()
     empty = cli("ingest", str(tmp_path / "empty"), "--store", str(tmp_path / "s2"), "--model", "smollm2-135m", "--quiet")
     assert empty.returncode == 1 and "nothing could be ingested" in empty.stderr

@@ -221,10 +221,37 @@ def test_rag_endpoint_cites_retrieved_documents(server, hotpot, corpus):
     assert body["answer"] and len(body["documents"]) == 3
     assert {d["id"] for d in body["documents"]} <= set(corpus)
     assert body["timings"]["retrieval_s"] > 0 and body["usage"]["reused_tokens"] + body["usage"]["compiled_tokens"] > 0
+    scores = [d["score"] for d in body["documents"]]
+    assert scores == sorted(scores, reverse=True)  # in the order that ranked them (the fused score)
+    assert all(-1 <= d["similarity"] <= 1 for d in body["documents"])  # and the dense cosine beside it
     events = sse_events(post(server, "/v1/rag", {"question": question, "top_k": 3, "stream": True,
                                                  "sampling_params": {"max_new_tokens": 8}}, stream=True))
     assert events[0]["documents"] == body["documents"] and events[-1] == "[DONE]"
     assert events[-2]["answer"] == body["answer"]
+    none = post(server, "/v1/rag", {"question": question, "min_score": 0.999})  # nothing that close
+    assert none.status_code == 200 and none.json()["answer"] is None and none.json()["documents"] == []
+    assert "matched the question with similarity >= 0.999" in none.json()["message"]
+
+
+def test_openai_extras_echo_logprobs_inline_documents_and_model_path(server, engine):
+    r = post(server, "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 2, "logprobs": 2,
+                                         "echo": True, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == prompt_tokens + 2 and lp["token_logprobs"][0] is None  # the prompt's, OpenAI's way
+    assert all(isinstance(x, float) for x in lp["token_logprobs"][1:]) and lp["top_logprobs"][0] is None
+    assert choice["text"].startswith("The capital of France is") and lp["text_offset"][0] == 0
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Which river?"}],
+                                                 "documents": [{"text": "The Verda river runs through Alder Bay."},
+                                                               "A plain text document."], "max_tokens": 2})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["epic"]["reused_tokens"] + chat.json()["epic"]["compiled_tokens"] > 0
+    info = requests.get(f"{server}/get_model_info", headers=AUTH, timeout=60).json()
+    assert info["model_path"] == str(engine.model_dir) and info["served_model_name"] == "smollm2-135m"
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(info["model_path"]).encode("hi")  # what SGLang's frontend does with it
 
 
 def test_documents_are_namespaced_and_admin_only(server):
