@@ -32,7 +32,7 @@ from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.attention import make_attention  # noqa: E402
 from epic_sglang.attention.flashinfer_backend import BULK_CHUNK, CASCADE_GROUP, LINK_MODES  # noqa: E402
 from epic_sglang.linker import Linker  # noqa: E402
-from epic_sglang.policies import Segment  # noqa: E402
+from epic_sglang.policies import LinkPlan, Segment  # noqa: E402
 
 # Llama-3-8B's shape (Llama-3.1-8B's, less its llama3 RoPE scaling, which `--rope llama3`
 # adds back), with the vocabulary of the tokenizer we ship (49,152), as in the SGLang
@@ -118,12 +118,12 @@ def link_of(engine: Engine, segs: list[Segment], positions: list[int]) -> torch.
     return engine.finish(s).first_logits
 
 
-def scout_of(engine: Engine, segs: list[Segment], policy: str) -> torch.Tensor:
-    """querylink's scout mass for the prompt (nothing linked)."""
+def scout_of(engine: Engine, segs: list[Segment], policy: str) -> tuple[torch.Tensor, LinkPlan]:
+    """querylink's scout mass for the prompt (nothing linked), and the plan it scouted for."""
     s = engine.admit(Request(segments=segs, policy=policy, sampling=SamplingParams(max_new_tokens=1)))
     try:
         engine.prefill([s])
-        return engine.scout_mass([s])[0].float().cpu()
+        return engine.scout_mass([s])[0].float().cpu(), s.plan
     finally:
         engine.finish(s)
 
@@ -145,7 +145,7 @@ def check_against_reference(engine: Engine, segs: list[Segment], min_cosine: flo
         scouts = policy.startswith("querylink")
         with_attention(engine, "torch")
         ref = first_result(engine, segs, policy)
-        ref_mass = scout_of(engine, segs, policy) if scouts else None
+        ref_mass = scout_of(engine, segs, policy)[0] if scouts else None
         for mode in LINK_MODES:
             with_attention(engine, "flashinfer", mode)
             r = first_result(engine, segs, policy)
@@ -154,7 +154,7 @@ def check_against_reference(engine: Engine, segs: list[Segment], min_cosine: flo
             # reference's picks; the share of positions both picked is reported
             shared = len(set(r.recomputed_positions) & set(ref.recomputed_positions)) / len(ref.recomputed_positions)
             got = link_of(engine, segs, ref.recomputed_positions) if scouts and shared < 1 else r.first_logits
-            mass_cos = cosine(scout_of(engine, segs, policy), ref_mass) if scouts else 1.0
+            mass_cos = cosine(scout_of(engine, segs, policy)[0], ref_mass) if scouts else 1.0
             err = (got - ref.first_logits).abs().max().item() / ref.first_logits.abs().max().item()
             cos = cosine(got, ref.first_logits)
             same = int(got.argmax()) == int(ref.first_logits.argmax())

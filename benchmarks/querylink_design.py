@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.gpu_ttft import link_of  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.evaluation import SYSTEM, sample_questions  # noqa: E402
@@ -42,27 +43,14 @@ def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int) -> tu
         rows = (batch.seqs[0].q_positions >= start + length).nonzero().flatten()
         lk, slots = engine.linker, batch.seqs[0].kv_slots
         sq = ScoutQueries.build(rows, batch.positions[rows].tolist(), slots.numel(), lk.rotary)
-        lk.attn.plan(batch)
-        x, plain, weighted = lk.model.embed(batch.input_ids), [], []
+        plain, weighted = [], []
         with torch.inference_mode():
-            for layer in lk.model.layers:
-                q = layer.write_kv(x, batch, lk.pool)
-                keys, values = lk.pool.get_key_buffer(layer.layer_id)[slots], lk.pool.get_value_buffer(layer.layer_id)[slots]
-                weighted.append(attention_mass(q[rows], keys, values, sq))
-                plain.append(attention_mass(q[rows], keys, torch.ones_like(values[..., :1]), sq))
-                x = layer.finish(x, q, batch, lk.pool, lk.attn)
+            for keys, values, q in lk.scout_layers(batch):
+                weighted.append(attention_mass(q[rows], keys[slots], values[slots], sq))
+                plain.append(attention_mass(q[rows], keys[slots], torch.ones_like(values[slots][..., :1]), sq))
         return torch.stack(plain).cpu(), torch.stack(weighted).cpu()
     finally:
         engine.finish(s)
-
-
-def link_logits(engine: Engine, segs: list[Segment], positions: torch.Tensor) -> torch.Tensor:
-    s = engine.admit(Request(segments=segs, policy="naive", sampling=SamplingParams(max_new_tokens=1),
-                             return_first_logits=True))
-    s.plan.recompute[positions] = True
-    engine.prefill([s])
-    engine.step([s], [])
-    return engine.finish(s).first_logits
 
 
 def top(score: torch.Tensor, candidates: torch.Tensor, budget: int) -> torch.Tensor:
@@ -115,7 +103,7 @@ def main() -> None:
                                             return_first_logits=True)])[0]
         ref = torch.log_softmax(fr.first_logits, -1)
         for name, positions in rules(engine, segs, i).items():
-            logp = torch.log_softmax(link_logits(engine, segs, positions), -1)
+            logp = torch.log_softmax(link_of(engine, segs, positions), -1)
             kl.setdefault(name, []).append(float((ref.exp() * (ref - logp)).sum()))
             agree.setdefault(name, []).append(float(logp.argmax() == ref.argmax()))
         print(f"{i + 1}/{args.n}", flush=True)

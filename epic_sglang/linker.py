@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -84,22 +85,27 @@ class Linker:
 
     @torch.inference_mode()
     def run_scout(self, batch: ForwardBatch, stride: int, queries: list[ScoutQueries]) -> list[torch.Tensor]:
-        """The batch through every layer (the last one only as far as its K/V and queries).
-        Returns, per sequence, `attention_mass` of its queries on each of its positions,
-        summed over every `stride`-th layer (0, s, 2s, ...)."""
+        """Per sequence, `attention_mass` of its queries on each of its positions, summed over
+        every `stride`-th layer (0, s, 2s, ...) of `scout_layers`."""
+        mass = [torch.zeros(s.kv_slots.numel(), device=batch.input_ids.device) for s in batch.seqs]
+        for keys, values, q in self.scout_layers(batch, stride):
+            for m, s, sq in zip(mass, batch.seqs, queries):
+                m += attention_mass(q[sq.rows], keys[s.kv_slots], values[s.kv_slots], sq)
+        return mass
+
+    def scout_layers(self, batch: ForwardBatch, stride: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batch through the layers, stopping after the last scored one (it only writes
+        its K/V): yields, at every `stride`-th layer, (the pool's keys, its values, the batch's
+        queries) of that layer."""
         self.attn.plan(batch)
         x = self.model.embed(batch.input_ids)
-        mass = [torch.zeros(s.kv_slots.numel(), device=x.device) for s in batch.seqs]
         layers = self.model.layers[:len(self.model.layers) - (len(self.model.layers) - 1) % stride]
         for i, layer in enumerate(layers):
             q = layer.write_kv(x, batch, self.pool)
             if i % stride == 0:
-                keys, values = self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id)
-                for m, s, sq in zip(mass, batch.seqs, queries):
-                    m += attention_mass(q[sq.rows], keys[s.kv_slots], values[s.kv_slots], sq)
+                yield self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id), q
             if i + 1 < len(layers):
                 x = layer.finish(x, q, batch, self.pool, self.attn)
-        return mass
 
     @torch.inference_mode()
     def run_cacheblend(self, seqs: list[BlendSeq]) -> tuple[torch.Tensor, list[torch.Tensor]]:

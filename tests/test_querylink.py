@@ -3,6 +3,7 @@ import shutil
 
 import torch
 
+from benchmarks.gpu_ttft import link_of, scout_of as scout
 from epic_sglang import Engine, Request, SamplingParams
 from epic_sglang.policies import Segment, parse_policy, plan_link, querylink_pick
 
@@ -12,14 +13,6 @@ def first(engine, segments, policy, n=1):
                                           return_first_logits=True)])[0]
 
 
-def scout(engine, segments, policy):
-    """The scout's mass for a request, from the step-level API (nothing linked)."""
-    s = engine.admit(Request(segments=segments, policy=policy, sampling=SamplingParams(max_new_tokens=1)))
-    try:
-        engine.prefill([s])
-        return engine.scout_mass([s])[0].cpu(), s.plan
-    finally:
-        engine.finish(s)
 
 
 def test_scout_mass_equals_transformers_attention_times_value_norms(engine, hotpot):
@@ -57,16 +50,9 @@ def test_querylink_is_a_plain_link_of_its_picks(engine, hotpot):
     assert picks.numel() == plan.pick_budget == in_docs(lego) - in_docs(plan) > 0
     assert not plan.recompute[picks].any() and plan.document_mask()[picks].all()
     got = first(engine, segs, "querylink-16-h4")
-    assert got.recomputed_positions == sorted(plan.recompute.nonzero().flatten().tolist() + picks.tolist())
-    s = engine.admit(Request(segments=segs, policy="naive", sampling=SamplingParams(max_new_tokens=1),
-                             return_first_logits=True))
-    s.plan.recompute[picks] = True  # the definition: naive's plan plus the picks (and the heads)
-    s.plan.recompute[plan.recompute] = True
-    engine.prefill([s])
-    engine.step([s], [])
-    want = engine.finish(s)
-    assert want.recomputed_positions == got.recomputed_positions
-    assert torch.equal(want.first_logits, got.first_logits)
+    positions = sorted(plan.recompute.nonzero().flatten().tolist() + picks.tolist())
+    assert got.recomputed_positions == positions
+    assert torch.equal(link_of(engine, segs, positions), got.first_logits)  # naive's plan + heads + picks
 
 
 def test_querylink_spends_legolink_budget_and_covering_it_equals_fr(engine, hotpot):
