@@ -46,8 +46,8 @@ def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int) -> tu
         plain, weighted = [], []
         with torch.inference_mode():
             for keys, values, q in lk.scout_layers(batch):
-                weighted.append(attention_mass(q[rows], keys[slots], values[slots], sq))
-                plain.append(attention_mass(q[rows], keys[slots], torch.ones_like(values[slots][..., :1]), sq))
+                weighted.append(attention_mass(q[rows], keys, values, slots, sq))
+                plain.append(attention_mass(q[rows], keys, torch.ones_like(values[..., :1]), slots, sq))  # torch path
         return torch.stack(plain).cpu(), torch.stack(weighted).cpu()
     finally:
         engine.finish(s)

@@ -37,29 +37,42 @@ class BlendSeq:
 @dataclass
 class ScoutQueries:
     """One sequence's scout queries and what scoring them needs at every layer, made once
-    per scout (no host round trip inside the layer loop)."""
+    per scout (no host round trip inside the layer loop). Keys' rotations in the layout of
+    the backend that scores them: the Triton kernels' angles on CUDA, cos/sin and the mask
+    for torch."""
     rows: torch.Tensor  # (nq,) indices into the batch
+    positions: torch.Tensor  # (nq,) their positions
     q_rope: tuple[torch.Tensor, torch.Tensor]  # the queries' cos, sin
-    k_rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin of positions 0..n-1 (the keys)
+    key_angles: torch.Tensor | None  # CUDA: (n, head_dim) fp32 [cos | sin] of positions 0..n-1
+    k_rope: tuple[torch.Tensor, torch.Tensor] | None  # torch: cos, sin of positions 0..n-1
     first: int  # the first query's position: only keys from here on can be hidden from a query
-    hidden: torch.Tensor  # (nq, n - first) bool: key first + j is after query i
+    hidden: torch.Tensor | None  # torch: (nq, n - first) bool: key first + j is after query i
 
     @classmethod
     def build(cls, rows: torch.Tensor, positions: list[int], n: int, rotary: Rotary) -> "ScoutQueries":
         device = rows.device
-        pos = torch.tensor(positions, device=device)
-        first = min(positions)
-        return cls(rows, rotary.cos_sin(pos, torch.float32), rotary.cos_sin(torch.arange(n, device=device), torch.float32),
+        pos, keys, first = torch.tensor(positions, device=device), torch.arange(n, device=device), min(positions)
+        if device.type == "cuda":
+            return cls(rows, pos, rotary.cos_sin(pos, torch.float32), rotary.angles(keys), None, first, None)
+        return cls(rows, pos, rotary.cos_sin(pos, torch.float32), None, rotary.cos_sin(keys, torch.float32),
                    first, torch.arange(first, n, device=device)[None, :] > pos[:, None])
 
 
-def attention_mass(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, sq: ScoutQueries) -> torch.Tensor:
+def attention_mass(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: torch.Tensor, slots: torch.Tensor,
+                   sq: ScoutQueries) -> torch.Tensor:
     """(n,) fp32: how much of the output of the queries `q` (nq, heads, head_dim), un-rotated,
-    comes from each of the keys (n, kv_heads, head_dim), un-rotated, of positions 0..n-1: the
-    softmax attention probability under the link mask (key j visible to query i iff
-    j <= pos_i) times the norm of key j's value, summed over queries and heads. Weighting by
-    the value skips attention sinks (much attention, near-zero values). Logits in the pool's
-    dtype, softmax and sums in fp32."""
+    comes from each of the keys of positions 0..n-1 (at `slots` of the pool's buffers,
+    un-rotated): the softmax attention probability under the link mask (key j visible to
+    query i iff j <= pos_i) times the norm of key j's value, summed over queries and heads.
+    Weighting by the value skips attention sinks (much attention, near-zero values). On CUDA
+    two Triton kernels (`epic_sglang.scout_mass`); in torch logits in the pool's dtype,
+    softmax and sums in fp32."""
+    if q.is_cuda:
+        from epic_sglang.scout_mass import attention_mass_triton
+
+        q = apply_rotation(q, *sq.q_rope)
+        return attention_mass_triton(q, sq.positions, key_buffer, value_buffer, slots, sq.key_angles)
+    keys, values = key_buffer[slots], value_buffer[slots]
     n, kv_heads, dim = keys.shape
     q = apply_rotation(q * dim ** -0.5, *sq.q_rope)
     k = apply_rotation(keys, *sq.k_rope)
@@ -90,7 +103,7 @@ class Linker:
         mass = [torch.zeros(s.kv_slots.numel(), device=batch.input_ids.device) for s in batch.seqs]
         for keys, values, q in self.scout_layers(batch, stride):
             for m, s, sq in zip(mass, batch.seqs, queries):
-                m += attention_mass(q[sq.rows], keys[s.kv_slots], values[s.kv_slots], sq)
+                m += attention_mass(q[sq.rows], keys, values, s.kv_slots, sq)
         return mass
 
     def scout_layers(self, batch: ForwardBatch, stride: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
