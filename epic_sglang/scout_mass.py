@@ -30,7 +30,8 @@ LSE_SPLIT_KEYS = 2048  # keys per `_lse_kernel` program: enough programs for a G
 
 @triton.jit
 def _lse_kernel(q, keys, row_pos, m_out, l_out, num_rows, num_keys, SPLIT_KEYS: tl.constexpr,
-                KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
     """q: (KV_HEADS, num_rows, HEAD_DIM) pre-scaled by log2(e)/sqrt(d); keys: (num_keys,
     KV_HEADS, HEAD_DIM); row_pos: (num_rows,) each row's query position. Writes the running
     max and sum of exp2 of this program's key split: m_out, l_out (splits, KV_HEADS, num_rows)."""
@@ -47,7 +48,7 @@ def _lse_kernel(q, keys, row_pos, m_out, l_out, num_rows, num_keys, SPLIT_KEYS: 
         cols = start + offset + tl.arange(0, BLOCK_N)
         live_cols = cols < num_keys
         kt = tl.load(keys + (cols[:, None] * KV_HEADS + kv_head) * HEAD_DIM + dims[None, :], mask=live_cols[:, None], other=0.0)
-        s = tl.dot(qt, tl.trans(kt))
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION)
         s = tl.where(live_cols[None, :] & (cols[None, :] <= pos[:, None]), s, float("-inf"))
         new_m = tl.maximum(m, tl.max(s, 1))
         safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # no visible key yet: keep l at 0
@@ -60,7 +61,8 @@ def _lse_kernel(q, keys, row_pos, m_out, l_out, num_rows, num_keys, SPLIT_KEYS: 
 
 @triton.jit
 def _mass_kernel(q, keys, values, row_pos, lse, out, num_rows, num_keys, ROW_TILES: tl.constexpr,
-                 KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
     """out (KV_HEADS, num_keys): per key, sum over its kv head's rows of exp2(logit - lse),
     times the norm of its value."""
     block, kv_head = tl.program_id(0), tl.program_id(1)
@@ -77,7 +79,7 @@ def _mass_kernel(q, keys, values, row_pos, lse, out, num_rows, num_keys, ROW_TIL
         qt = tl.load(q + (kv_head * num_rows + rows[:, None]) * HEAD_DIM + dims[None, :], mask=live_rows[:, None], other=0.0)
         pos = tl.load(row_pos + rows, mask=live_rows, other=-1)
         row_lse = tl.load(lse + kv_head * num_rows + rows, mask=live_rows, other=0.0)
-        s = tl.dot(qt, tl.trans(kt))
+        s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION)
         p = tl.exp2(s - row_lse[:, None])
         acc += tl.sum(tl.where(live_cols[None, :] & (cols[None, :] <= pos[:, None]), p, 0.0), 0)
     tl.store(out + kv_head * num_keys + cols, acc * tl.sqrt(tl.sum(v * v, 1)), mask=live_cols)
@@ -105,7 +107,9 @@ def attention_mass_triton(q: torch.Tensor, positions: torch.Tensor, key_buffer: 
     splits = triton.cdiv(n, split_keys)
     m = torch.empty((splits, kv_heads, num_rows), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    consts = dict(KV_HEADS=kv_heads, HEAD_DIM=dim, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS)
+    # fp32 (tests) exactly, not in TF32
+    consts = dict(KV_HEADS=kv_heads, HEAD_DIM=dim, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS,
+                  PRECISION="ieee" if keys.dtype == torch.float32 else "tf32")
     _lse_kernel[(triton.cdiv(num_rows, BLOCK_ROWS), kv_heads, splits)](
         qk, keys, row_pos, m, l, num_rows, n, split_keys, **consts)
     top = m.max(0).values

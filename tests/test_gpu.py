@@ -43,13 +43,8 @@ def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir, monk
         for name, p in engine.model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
-    segs = segments(5, 300, 40, 20, TINY["vocab_size"], seed=3)
-    rows = check_against_reference(engine, segs, min_cosine=0.998)
+    rows = check_against_reference(engine, segments(5, 300, 40, 20, TINY["vocab_size"], seed=3), min_cosine=0.998)
     assert len(rows) == len(CHECK_POLICIES) * len(flashinfer_backend.LINK_MODES)
-    assert all(r.endswith("| ok |") for r in rows)
-    # many runs (scattered picks): the cascade's masked group entries, the other modes' mask
-    monkeypatch.setattr(flashinfer_backend, "MAX_RUNS", 4)
-    rows = check_against_reference(engine, segs, min_cosine=0.998)
     assert all(r.endswith("| ok |") for r in rows)
 
 

@@ -38,17 +38,16 @@ def test_auto_cascades_once_the_runs_key_prefixes_reach_the_threshold():
     assert wants_cascade([(1, AUTO_CASCADE_KEYS)]) and not wants_cascade([(1, AUTO_CASCADE_KEYS - 1)])
 
 
-def visible_keys(bulk, local, positions, masked=False):
+def visible_keys(bulk, local, positions):
     """Per query row, the keys its entries let it see (bulk: all of [k0, k1); local: causal,
-    bottom-right aligned as FlashInfer does when kv is longer than the queries, or with
-    `masked` the link mask: the keys of [k0, k1) at or before the row's position)."""
+    bottom-right aligned as FlashInfer does when kv is longer than the queries)."""
     seen = [[] for _ in positions]
     for q0, q1, k0, k1 in bulk:
         for row in range(q0, q1):
             seen[row] += range(k0, k1)
     for q0, q1, k0, k1 in local:
         for i, row in enumerate(range(q0, q1)):
-            seen[row] += range(k0, min(k1, positions[row] + 1)) if masked else range(k0, k1 - (q1 - q0) + i + 1)
+            seen[row] += range(k0, k1 - (q1 - q0) + i + 1)
     return seen
 
 
@@ -61,16 +60,13 @@ def test_link_entries_give_every_query_exactly_the_keys_at_or_before_it():
         starts = sorted(torch.randperm(400, generator=g)[:int(torch.randint(1, 12, (1,), generator=g))].tolist())
         positions = sorted({p for s in starts for p in range(3 * s, 3 * s + int(torch.randint(1, 20, (1,), generator=g)))})
         runs = query_runs(positions)
-        for page, group, chunk, masked in [(1, None, 1, False), (16, None, 16, False), (16, 8, 16, False),
-                                           (16, 40, 64, False), (1, 1, 1 << 20, False), (16, 8, 16, True),
-                                           (16, 40, 64, True), (1, 1, 1 << 20, True)]:
-            bulk, local = link_entries(runs, page, group, masked)
+        for page, group, chunk in [(1, None, 1), (16, None, 16), (16, 8, 16), (16, 40, 64), (1, 1, 1 << 20)]:
+            bulk, local = link_entries(runs, page, group)
             bulk = split_keys(bulk, chunk)  # the cascade's bulk keys in several entries
             assert all(k0 % chunk == 0 and 0 < k1 - k0 <= chunk for _, _, k0, k1 in bulk)
             assert all(k0 % page == 0 for _, _, k0, _ in local)
-            for row, keys in enumerate(visible_keys(bulk, local, positions, masked)):
-                assert sorted(keys) == list(range(positions[row] + 1)), (trial, page, group, masked, row)
-            groups = {q0 for q0, _, _, _ in bulk} | {0}
-            assert len(local) == (len(groups) if masked else len(runs)) and (group is not None or bulk == [])
+            for row, keys in enumerate(visible_keys(bulk, local, positions)):
+                assert sorted(keys) == list(range(positions[row] + 1)), (trial, page, group, row)
+            assert len(local) == len(runs) and (group is not None or bulk == [])
             if group == 1 and page == 1:  # every run but one at position 0 has its own bulk entry
                 assert len(bulk) == len(runs) - (positions[0] == 0)

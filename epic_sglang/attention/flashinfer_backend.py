@@ -27,9 +27,7 @@ question). Three ways to attend:
   each run keeps a short causal local entry (FA2) from there to its end. FA3 gives a query
   tile's keys to one CTA whole (no split-KV), so bulk keys are cut into BULK_CHUNK-key
   entries that the CTAs share; the partial results merge by their log-sum-exp
-  (`epic_sglang.merge_states`, one launch per layer). A sequence of more than MAX_RUNS
-  runs (scattered picks) gets one local entry per group instead, with the link mask (FA2):
-  one-query runs would each re-read their group's keys.
+  (`epic_sglang.merge_states`, one launch per layer).
 - `mask`: one entry per sequence over its whole KV view with the custom mask
   `attend[i, j] = j <= pos_i` (gathered keys; FA2, as FA3 has no custom masks).
 
@@ -80,17 +78,13 @@ def wants_cascade(runs: list[tuple[int, int]]) -> bool:
     return sum(end for _, end in runs) >= AUTO_CASCADE_KEYS
 
 
-def link_entries(runs: list[tuple[int, int]], page: int, group: int | None,
-                 masked_groups: bool = False) -> tuple[list[Entry], list[Entry]]:
+def link_entries(runs: list[tuple[int, int]], page: int, group: int | None) -> tuple[list[Entry], list[Entry]]:
     """(bulk, local) attention entries that together give each query exactly the keys at or
     before its position. `group` None: one causal local entry per run over keys [0, end).
     Otherwise runs are grouped until `group` queries; a group's queries all see the keys
     before its first run, so they share one non-causal bulk entry over [0, a) (a: that
     start rounded down to a page) and each run keeps a causal local entry over [a, end),
-    which starts on a page as paged entries must; `masked_groups`: one local entry per
-    group instead, over [a, end of its last run), for the link mask to cut (many short
-    runs, e.g. querylink's single-token picks, would each re-read the group's keys). The
-    results merge by log-sum-exp."""
+    which starts on a page as paged entries must. The two results merge by log-sum-exp."""
     bulk, local = [], []
     group_start = a = 0  # the current group's first query row; its bulk keys are [0, a)
     for i, (count, end) in enumerate(runs):
@@ -99,10 +93,7 @@ def link_entries(runs: list[tuple[int, int]], page: int, group: int | None,
             if a:
                 bulk.append((group_start, start, 0, a))
             group_start, a = start, (end - (count - start)) // page * page
-        if masked_groups and local and local[-1][0] == group_start:
-            local[-1] = (group_start, count, a, end)  # the group's entry grows to this run
-        else:
-            local.append((start, count, a, end))
+        local.append((start, count, a, end))
     if a:
         bulk.append((group_start, runs[-1][0], 0, a))
     return bulk, local
@@ -173,13 +164,11 @@ class FlashInferAttention:
             mode = "cascade" if wants_cascade([r for seq_runs in runs for r in seq_runs]) else "fused"
         # per-run entries re-read their whole key prefix, so many runs take the mask; the
         # cascade's local entries start at their group, so it keeps them
-        many_runs = any(len(r) > MAX_RUNS for r in runs)
-        masked = mode == "mask" or (mode != "cascade" and many_runs)
+        masked = mode == "mask" or (mode != "cascade" and any(len(r) > MAX_RUNS for r in runs))
         dense = any(count - start >= DENSE_RUN for seq_runs in runs
                     for start, (count, _) in zip([0] + [c for c, _ in seq_runs], seq_runs))
         gathered = masked or dense or mode != "fused" or not self.can_fuse
         group = CASCADE_GROUP if mode == "cascade" and not (masked or dense) else None
-        masked_groups = group is not None and many_runs  # one masked local entry per group
 
         # Gathered: each sequence's keys in prompt order from a page boundary of the scratch.
         page = GATHER_PAGE if gathered else 1
@@ -196,11 +185,9 @@ class FlashInferAttention:
                 local.add(s.num_queries, pages, 0, n)
                 masks.append((torch.arange(n, device=self.device)[None, :] <= s.q_positions[:, None]).flatten())
                 continue
-            seq_bulk, seq_local = link_entries(seq_runs, page, group, masked_groups)
+            seq_bulk, seq_local = link_entries(seq_runs, page, group)
             for q0, q1, k0, k1 in seq_local:
                 local.add(q1 - q0, pages, k0, k1)
-                if masked_groups:
-                    masks.append((torch.arange(k0, k1, device=self.device)[None, :] <= s.q_positions[q0:q1, None]).flatten())
             for q0, q1, k0, k1 in split_keys(seq_bulk, BULK_CHUNK):
                 bulk.add(q1 - q0, pages, k0, k1)
                 bulk_rows.append((s.q_start + q0, s.q_start + q1))
@@ -214,8 +201,8 @@ class FlashInferAttention:
             rope = dict(pos_encoding_mode="NONE")
         else:
             self._gather, rope = None, self.fused_rope
-        self._wrapper = self.wrappers["masked" if masked or masked_groups else "fa3" if dense else "fa2" if gathered else "fused"]
-        mask = dict(custom_mask=torch.cat(masks)) if masks else dict(causal=True)
+        self._wrapper = self.wrappers["masked" if masked else "fa3" if dense else "fa2" if gathered else "fused"]
+        mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
         local.plan(self._wrapper, c, self.device, **rope, **dtypes, **mask)
         self._merge = MergeIndex.build(bulk_rows, self.device) if bulk_rows else None
         if bulk_rows:
