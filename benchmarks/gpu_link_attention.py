@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gpu_ttft import LLAMA_8B  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang.attention import flashinfer_backend  # noqa: E402
+from epic_sglang.link_plan import CascadeTuning  # noqa: E402
 from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
 from epic_sglang.kv_pool import KVPool  # noqa: E402
 from epic_sglang.models.config import ModelConfig  # noqa: E402
@@ -58,13 +59,13 @@ def time_link(attention, pool: KVPool, batch: ForwardBatch, q: torch.Tensor, rep
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
-    ap.add_argument("--groups", type=int, nargs="+", default=[flashinfer_backend.CASCADE_GROUP])
+    ap.add_argument("--groups", type=int, nargs="+", default=[CascadeTuning().group])
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 4096, 2048, 1024])
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     cfg = ModelConfig.from_hf_dict(LLAMA_8B)
     dev, bf16 = torch.device("cuda"), torch.bfloat16
-    default = (flashinfer_backend.CASCADE_GROUP, flashinfer_backend.BULK_CHUNK)
+    default = (CascadeTuning().group, CascadeTuning().chunk)
     rows = []
     for context in args.contexts:
         positions = link_positions(context)
@@ -77,14 +78,13 @@ def main() -> None:
         q = torch.randn(len(positions), cfg.num_heads, cfg.head_dim, device=dev, dtype=bf16)
         variants = [("cascade", g, c) for g in args.groups for c in args.chunks] + [("gathered", 0, 0), ("fused", 0, 0)]
         for mode, group, chunk in variants:
-            flashinfer_backend.CASCADE_GROUP, flashinfer_backend.BULK_CHUNK = group or default[0], chunk or 1 << 30
-            attention = flashinfer_backend.FlashInferAttention(cfg, dev, bf16, mode)
+            tuning = CascadeTuning(group=group or default[0], chunk=chunk or 1 << 30)
+            attention = flashinfer_backend.FlashInferAttention(cfg, dev, bf16, mode, tuning)
             plan_ms, run_ms = time_link(attention, pool, batch, q, args.repeats)
             label = mode if mode != "cascade" else f"cascade, group {group}, " + (f"chunk {chunk:,}" if chunk else "unsplit")
             rows.append(f"| {n:,} | {len(positions)} | {label}{' (default)' if (group, chunk) == default else ''} "
                         f"| {plan_ms:.2f} | {run_ms:.2f} |")
             print(rows[-1], flush=True)
-    flashinfer_backend.CASCADE_GROUP, flashinfer_backend.BULK_CHUNK = default
     write_section("gpu_link_attention", f"""## GPU: a legolink-16 link's attention alone (Llama-3-8B attention shape)
 
 Card: {machine()}. The engine's FlashInfer backend; the queries of a legolink-16 request

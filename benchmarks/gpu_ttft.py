@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.attention import make_attention  # noqa: E402
-from epic_sglang.attention.flashinfer_backend import BULK_CHUNK, CASCADE_GROUP, LINK_MODES  # noqa: E402
+from epic_sglang.attention.flashinfer_backend import LINK_MODES  # noqa: E402
 from epic_sglang.linker import Linker  # noqa: E402
-from epic_sglang.policies import LinkPlan, Segment  # noqa: E402
+from epic_sglang.link_plan import CascadeTuning, LinkPlan  # noqa: E402
+from epic_sglang.policies import Segment  # noqa: E402
 
 # Llama-3-8B's shape (Llama-3.1-8B's, less its llama3 RoPE scaling, which `--rope llama3`
 # adds back), with the vocabulary of the tokenizer we ship (49,152), as in the SGLang
@@ -128,15 +129,16 @@ def scout_of(engine: Engine, segs: list[Segment], policy: str) -> tuple[torch.Te
         engine.finish(s)
 
 
-def with_attention(engine: Engine, name: str, link_mode: str = "auto") -> None:
+def with_attention(engine: Engine, name: str, link_mode: str = "auto", tuning: CascadeTuning = CascadeTuning()) -> None:
     engine.linker = Linker(engine.model, engine.pool,
-                           make_attention(name, engine.config, engine.device, engine.dtype, link_mode))
+                           make_attention(name, engine.config, engine.device, engine.dtype, link_mode, tuning))
 
 
-def check_against_reference(engine: Engine, segs: list[Segment], min_cosine: float) -> list[str]:
-    """FlashInfer (both link modes) vs the torch reference for every policy. Both run in
-    bf16 and round differently, so the bar is a cosine on the first-token logits; its
-    value depends on depth (bf16 drift grows with layers)."""
+def check_against_reference(engine: Engine, segs: list[Segment], min_cosine: float,
+                            tuning: CascadeTuning = CascadeTuning()) -> list[str]:
+    """FlashInfer (every link mode, cascades cut by `tuning`) vs the torch reference for
+    every policy. Both run in bf16 and round differently, so the bar is a cosine on the
+    first-token logits; its value depends on depth (bf16 drift grows with layers)."""
     engine.compile_segments(segs, "legolink-16")
     engine.compile_segments(segs, "legolink0")
     rows = []
@@ -147,7 +149,7 @@ def check_against_reference(engine: Engine, segs: list[Segment], min_cosine: flo
         ref = first_result(engine, segs, policy)
         ref_mass = scout_of(engine, segs, policy)[0] if scouts else None
         for mode in LINK_MODES:
-            with_attention(engine, "flashinfer", mode)
+            with_attention(engine, "flashinfer", mode, tuning)
             r = first_result(engine, segs, policy)
             # querylink: in bf16 the scout's picks may differ near ties (random weights attend
             # almost evenly), so the scout is checked by its mass and the link on the
@@ -293,8 +295,8 @@ Floor = one forward of legolink-16's number of new tokens over an already cached
 Link mode of the table: `{args.link_mode}`. Every link mode, same prompts, timed after the table
 (`gathered`: a causal entry per query run over the truncated KV, keys gathered and rotated into
 scratch by one Triton launch per layer, FA2 for short runs and FA3 for dense ones; `cascade`:
-gathered keys, runs grouped by {CASCADE_GROUP} queries into non-causal FA3 entries over the keys before
-the group ({BULK_CHUNK:,}-key chunks) plus a short causal FA2 entry per run, merged by log-sum-exp; `fused`: per-run entries
+gathered keys, runs grouped by {CascadeTuning().group} queries into non-causal FA3 entries over the keys before
+the group ({CascadeTuning().chunk:,}-key chunks) plus a short causal FA2 entry per run, merged by log-sum-exp; `fused`: per-run entries
 over the pool's keys in place, RoPE fused in FA2 (gathered where RoPE cannot fuse: llama3);
 `mask`: one entry with the custom mask, FA2; `auto`: cascade when the runs' key prefixes reach
 128K keys, else fused); the floor is dense in every mode (FA3); fr / lego uses the table's fr:

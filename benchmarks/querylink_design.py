@@ -28,7 +28,8 @@ from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.evaluation import SYSTEM, sample_questions  # noqa: E402
 from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
 from epic_sglang.linker import ScoutQueries, attention_mass  # noqa: E402
-from epic_sglang.policies import Segment, parse_policy, plan_link, querylink_pick  # noqa: E402
+from epic_sglang.link_plan import plan_link, querylink_pick  # noqa: E402
+from epic_sglang.policies import Segment, parse_policy  # noqa: E402
 
 
 def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int) -> tuple[torch.Tensor, torch.Tensor]:

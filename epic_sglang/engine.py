@@ -24,7 +24,8 @@ from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAlloc
 from epic_sglang.linker import BlendSeq, Linker, ScoutQueries
 from epic_sglang.models.loader import resolve_model_dir
 from epic_sglang.models.weights import load_causal_lm
-from epic_sglang.policies import CompileRecipe, LinkPlan, Policy, Segment, parse_policy, plan_link, querylink_pick
+from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick
+from epic_sglang.policies import CompileRecipe, Policy, Segment, parse_policy
 from epic_sglang.prompt import PromptBuilder
 from epic_sglang.sampling import SamplingParams, adjust_logits, sample_next
 from radix_ext import KVLayout, PICRadixCache, document_key

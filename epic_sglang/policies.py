@@ -1,26 +1,11 @@
-"""Link policies as pure functions: (policy, prompt segments) -> which positions to recompute.
+"""Link policies: their names, parameters and compile recipes, parsed from text.
 
-| policy          | recomputed at link time                                          |
-|-----------------|------------------------------------------------------------------|
-| fr              | every token                                                      |
-| naive           | every non-document token (prefix, question)                      |
-| legolink-<k>    | the first k tokens of every document + every non-document token  |
-| legolink0       | like naive, but documents are compiled behind throw-away sinks   |
-| cacheblend-<r>  | all tokens in layers 0..1, then r% of document tokens (largest   |
-|                 | KV deviation at layer 1) + every non-document token              |
-| querylink-<k>   | legolink-k's number of document tokens, chosen by the question:  |
-|                 | the first `head` of each document, the rest where a scout pass   |
-|                 | of the question over the cached KV draws most (attention x value |
-|                 | norm, over its layers) + every non-document token                |
-
-The prompt's last token is always recomputed, even inside a document.
+What each policy recomputes is `epic_sglang.link_plan` (its table); the prompt is `Segment`s.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
 
 from epic_sglang.errors import InvalidRequest
 
@@ -117,80 +102,3 @@ class Segment:
 
     def __len__(self) -> int:
         return len(self.token_ids)
-
-
-@dataclass
-class LinkPlan:
-    recompute: torch.Tensor  # (n,) bool: positions computed in the link pass
-    doc_spans: list[tuple[int, int, int]]  # (start, length, segment index) of reused documents
-    blend_ratio: float = 0.0  # cacheblend: % of document tokens picked at the check layer
-    pick_budget: int = 0  # querylink: document tokens the scout pass still picks
-
-    @property
-    def num_tokens(self) -> int:
-        return self.recompute.numel()
-
-    def document_mask(self) -> torch.Tensor:
-        """(n,) bool: positions inside reused documents."""
-        mask = torch.zeros_like(self.recompute)
-        for start, length, _ in self.doc_spans:
-            mask[start:start + length] = True
-        return mask
-
-
-def plan_link(policy: Policy, segments: list[Segment]) -> LinkPlan:
-    n = sum(len(s) for s in segments)
-    recompute = torch.zeros(n, dtype=torch.bool)
-    spans, pos = [], 0
-    head = {"legolink": policy.k, "querylink": policy.head}.get(policy.kind, 0)
-    for i, seg in enumerate(segments):
-        if seg.document is not None and policy.uses_document_cache:
-            spans.append((pos, len(seg), i))
-            recompute[pos:pos + min(head, len(seg))] = True
-        else:
-            recompute[pos:pos + len(seg)] = True
-        pos += len(seg)
-    recompute[-1] = True  # the first output token always comes from fresh logits
-    plan = LinkPlan(recompute, spans, policy.ratio if policy.kind == "cacheblend" else 0.0)
-    if policy.kind == "querylink":
-        # legolink-k's document tokens in all, less those already recomputed
-        plan.pick_budget = sum(min(policy.k, n) - int(recompute[s:s + n].sum()) for s, n, _ in spans)
-        plan.pick_budget = max(plan.pick_budget, 0)
-    return plan
-
-
-def cacheblend_pick(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices (into `deviation`) of the ceil(ratio%) document tokens that deviate most."""
-    count = min(deviation.numel(), -(-int(round(deviation.numel() * ratio * 1000)) // 100000))
-    return torch.topk(deviation, count).indices.sort().values
-
-
-def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Tensor:
-    """Positions (sorted) of the `plan.pick_budget` document tokens the question needs most:
-    each document is cut into `block`-token blocks aligned to its start; a block's score is
-    the attention mass (`scores`, one per prompt position) on its tokens not yet recomputed;
-    blocks are taken in score order (ties: the earlier first) and the last one taken is cut
-    to its best tokens so that exactly the budget is spent (or every candidate, if fewer).
-    Vectorized: a 32K-token prompt has ~2,000 blocks."""
-    scores = scores.float().cpu()
-    if not plan.doc_spans or plan.pick_budget <= 0:
-        return torch.zeros(0, dtype=torch.int64)
-    pos = torch.cat([torch.arange(st, st + n) for st, n, _ in plan.doc_spans])
-    first = torch.tensor([0] + [-(-n // block) for _, n, _ in plan.doc_spans]).cumsum(0)
-    blk = torch.cat([torch.arange(n) // block + first[i] for i, (_, n, _) in enumerate(plan.doc_spans)])
-    free = ~plan.recompute[pos]
-    pos, blk = pos[free], blk[free]  # candidates, in position order; blocks numbered in position order
-    mass = torch.zeros(int(first[-1]), dtype=torch.float64).index_add_(0, blk, scores[pos].double())
-    count = torch.bincount(blk, minlength=mass.numel())
-    order = torch.sort(mass, descending=True, stable=True).indices  # stable: ties keep position order
-    order = order[count[order] > 0]
-    before = torch.cumsum(count[order], 0) - count[order]  # candidates taken ahead of each block
-    whole, partial = order[before + count[order] <= plan.pick_budget], order[before < plan.pick_budget]
-    picked = [pos[torch.isin(blk, whole)]]
-    if partial.numel() > whole.numel():  # the block that crosses the budget: its best tokens
-        cut = partial[-1]
-        left = plan.pick_budget - int(count[whole].sum())
-        mine = pos[blk == cut]
-        best = torch.sort(scores[mine], descending=True, stable=True).indices[:left]
-        picked.append(mine[best])
-    return torch.cat(picked).sort().values

@@ -26,15 +26,15 @@ def tokenizer_dir() -> Path:
     return resolve_model_dir("smollm2-135m")
 
 
-def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir, monkeypatch):
+def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir):
     from benchmarks.gpu_ttft import CHECK_POLICIES, check_against_reference, model_dir, segments
     from epic_sglang import Engine
     from epic_sglang.attention import flashinfer_backend
+    from epic_sglang.link_plan import CascadeTuning
 
     # At this size a link is one cascade group (no bulk entries) unless groups are small;
     # small chunks give rows a dozen bulk results to merge.
-    monkeypatch.setattr(flashinfer_backend, "CASCADE_GROUP", 32)
-    monkeypatch.setattr(flashinfer_backend, "BULK_CHUNK", 64)
+    tuning = CascadeTuning(group=32, chunk=64)
 
     engine = Engine(str(model_dir(TINY, tokenizer_dir)), device="cuda", load_format="dummy", kv_cache_gb=1)
     # Widen the random weights so logits are far from flat; both sides round in bf16 (the
@@ -43,7 +43,8 @@ def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir, monk
         for name, p in engine.model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
-    rows = check_against_reference(engine, segments(5, 300, 40, 20, TINY["vocab_size"], seed=3), min_cosine=0.998)
+    rows = check_against_reference(engine, segments(5, 300, 40, 20, TINY["vocab_size"], seed=3), min_cosine=0.998,
+                                   tuning=tuning)
     assert len(rows) == len(CHECK_POLICIES) * len(flashinfer_backend.LINK_MODES)
     assert all(r.endswith("| ok |") for r in rows)
 

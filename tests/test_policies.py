@@ -3,7 +3,8 @@ import re
 import pytest
 import torch
 
-from epic_sglang.policies import Segment, cacheblend_pick, parse_policy, plan_link, querylink_pick
+from epic_sglang.link_plan import cacheblend_pick, plan_link, querylink_pick
+from epic_sglang.policies import Segment, parse_policy
 
 
 @pytest.mark.parametrize("text,name", [

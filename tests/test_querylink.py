@@ -5,7 +5,8 @@ import torch
 
 from benchmarks.gpu_ttft import link_of, scout_of as scout
 from epic_sglang import Engine, Request, SamplingParams
-from epic_sglang.policies import Segment, parse_policy, plan_link, querylink_pick
+from epic_sglang.link_plan import plan_link, querylink_pick
+from epic_sglang.policies import Segment, parse_policy
 
 
 def first(engine, segments, policy, n=1):

@@ -19,16 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from epic_sglang.attention import flashinfer_backend
-from epic_sglang.attention.flashinfer_backend import link_entries
-from epic_sglang.policies import Segment, parse_policy, plan_link
+from epic_sglang.link_plan import CascadeTuning, link_entries, plan_link, plan_spans, segment_spans
+from epic_sglang.policies import Segment, parse_policy
 from epic_sglang.sglang_plugin import attention, client, hooks, load
 from epic_sglang.sglang_plugin.layout import plan_rows
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
 from epic_sglang.sglang_plugin.wire import HintError, LinkHint, decode
 from radix_ext import KVLayout, PICRadixCache
-from test_rope import visible_keys
+from test_link_plan import visible_keys
 
 HEADS, DIM, LAYERS = 2, 8, 2
 
@@ -101,7 +100,7 @@ class Scheduler:
         return Req(f"r{next(self.rids)}", "", array("q", ids), SamplingParams(max_new_tokens=max_new_tokens),
                    extra_key=hint.encode() if isinstance(hint, LinkHint) else hint)
 
-    def prefill(self, reqs: list) -> tuple[list, attention.LinkAttentionPlan | None]:
+    def prefill(self, reqs: list, tuning: CascadeTuning = CascadeTuning()) -> tuple[list, attention.LinkAttentionPlan | None]:
         """Match, admit, prepare the extend, then 'run' it: returns the admitted requests and
         the link plan the FlashInfer backend would get."""
         from sglang.srt.managers.schedule_batch import ScheduleBatch
@@ -120,7 +119,7 @@ class Scheduler:
                                        False, SpeculativeAlgorithm.NONE)
         batch.prepare_for_extend()
         links = hooks.extending_links(batch)  # what the ForwardBatch.init_new hook does
-        plan = hooks.prepare_links(links, batch, self.kv, self.rope) if links else None
+        plan = hooks.prepare_links(links, batch, self.kv, self.rope, tuning) if links else None
         offset = 0
         for i, req in enumerate(batch.reqs):
             n = batch.extend_lens[i]
@@ -216,9 +215,10 @@ def test_computed_tokens_are_the_policy_plan_of_the_in_process_engine(policy):
                                                         for j, n in enumerate(sizes[1:-1])] + [Segment(tuple(range(sizes[-1])))]
         segments = [s for s in segments if len(s)]
         p = parse_policy(policy)
-        recompute = plan_link(p, segments).recompute
-        layout = plan_rows(len(recompute), client.document_spans(segments), p.k, [True] * 8, 0)
-        assert sorted(layout.extend_positions.tolist()) == torch.nonzero(recompute).flatten().tolist()
+        plan = plan_link(p, segments)
+        layout = plan_rows(plan_spans(plan.num_tokens, segment_spans(segments), p.k), 0)
+        assert sorted(layout.extend_positions.tolist()) == torch.nonzero(plan.recompute).flatten().tolist()
+        assert layout.private_tokens == plan.reused_tokens  # what the client's accounting expects
 
 
 def test_every_link_query_attends_exactly_the_keys_at_or_before_it():
@@ -228,8 +228,8 @@ def test_every_link_query_attends_exactly_the_keys_at_or_before_it():
         cuts = sorted(rng.sample(range(1, 80), 2 * n_docs))
         spans = [(cuts[2 * j], cuts[2 * j + 1]) for j in range(n_docs)]
         total = rng.choice([spans[-1][1], 80])
-        layout = plan_rows(total, spans, rng.randint(0, 6), [rng.random() < 0.8 for _ in spans],
-                           rng.randint(0, spans[0][0]))
+        cached = [(a, b - a, j) for j, (a, b) in enumerate(spans) if rng.random() < 0.8]
+        layout = plan_rows(plan_spans(total, cached, rng.randint(0, 6)), rng.randint(0, spans[0][0]))
         queries = layout.extend_positions.tolist()
         for group in (None, 3):  # per-run entries; runs grouped behind shared bulk entries
             bulk, local = link_entries(layout.query_runs(), 1, group)
@@ -265,12 +265,10 @@ def test_a_client_forgets_documents_a_response_shows_evicted():
 
 # ----------------------------------------------------------------- through SGLang's scheduler classes
 @pytest.mark.parametrize("cascade", [False, True])
-def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_unchanged(sglang_runtime, cascade,
-                                                                                          monkeypatch):
-    if cascade:  # a link this short is planned as a cascade only past a lowered threshold, in small groups
-        monkeypatch.setattr(flashinfer_backend, "AUTO_CASCADE_KEYS", 0)
-        monkeypatch.setattr(flashinfer_backend, "CASCADE_GROUP", 4)
-        monkeypatch.setattr(flashinfer_backend, "BULK_CHUNK", 5)  # bulk keys in several entries
+def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_unchanged(sglang_runtime, cascade):
+    # a link this short is planned as a cascade only past a lowered threshold, in small
+    # groups, its bulk keys in several entries
+    tuning = CascadeTuning(auto_keys=0, group=4, chunk=5) if cascade else CascadeTuning()
     s = Scheduler()
     ids, spans, docs = prompt(random.Random(1))
     for doc in docs:
@@ -280,7 +278,7 @@ def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_
     shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in nodes.items()}
 
     req = s.request(ids, LinkHint("ns", tuple(spans), 4))
-    admitted, plan = s.prefill([req])
+    admitted, plan = s.prefill([req], tuning)
     assert admitted == [req]
     layout = req.epic_link.layout
     assert [r.length for r in layout.cached_runs] == [16, 13] and layout.extend_len == 6 + 4 + 3 + 4 + 9
@@ -445,19 +443,18 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
 # ----------------------------------------------------------------- on a GPU, through FlashInfer
 @pytest.mark.gpu
 @pytest.mark.parametrize("cascade", [False, True])
-def test_link_attention_through_flashinfer_equals_the_link_mask(cascade, monkeypatch):
+def test_link_attention_through_flashinfer_equals_the_link_mask(cascade):
     """The plan SGLang's FlashInfer backend gets for a link (per-run entries, or the cascade's
     bulk and local entries merged by log-sum-exp) attends each query to exactly the keys at
     or before its prompt position: dense masked attention in fp32, within bf16."""
     flashinfer = pytest.importorskip("flashinfer")
-    if cascade:  # a link this short cascades only past a lowered threshold, in small groups
-        monkeypatch.setattr(flashinfer_backend, "AUTO_CASCADE_KEYS", 0)
-        monkeypatch.setattr(flashinfer_backend, "CASCADE_GROUP", 32)
-        monkeypatch.setattr(flashinfer_backend, "BULK_CHUNK", 96)  # rows merge up to 12 bulk results
+    # a link this short cascades only past a lowered threshold, in small groups; rows merge
+    # up to 12 bulk results
+    tuning = CascadeTuning(auto_keys=0, group=32, chunk=96) if cascade else CascadeTuning()
     dev, q_heads, kv_heads, dim, bf16 = torch.device("cuda"), 8, 2, 128, torch.bfloat16
     docs = [(16 + 100 * i, 16 + 100 * (i + 1)) for i in range(12)]
     n = docs[-1][1] + 24
-    layout = plan_rows(n, docs, 16, [True] * len(docs), exact_prefix_len=16)
+    layout = plan_rows(plan_spans(n, [(a, b - a, j) for j, (a, b) in enumerate(docs)], 16), exact_prefix_len=16)
     g = torch.Generator(device=dev).manual_seed(0)
     slots = torch.randperm(4 * n, device=dev, generator=g)[:n]  # the request's row: row slot -> pool slot
     k, v = (torch.randn(4 * n, kv_heads, dim, device=dev, generator=g).to(bf16) for _ in range(2))
@@ -467,7 +464,7 @@ def test_link_attention_through_flashinfer_equals_the_link_mask(cascade, monkeyp
     batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=0)], extend_lens=[layout.extend_len],
                                   seq_lens_cpu=torch.tensor([n]), device=dev,
                                   req_to_token_pool=types.SimpleNamespace(req_to_token=slots[None].to(torch.int32)))
-    plan = attention.build_plan(batch, {0: types.SimpleNamespace(layout=layout)})
+    plan = attention.build_plan(batch, {0: types.SimpleNamespace(layout=layout)}, tuning)
     assert (plan.bulk is not None) == cascade and (not cascade or plan.merge.most_parts > 1)
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
     backend = types.SimpleNamespace(

@@ -6,13 +6,14 @@ import importlib.util
 import torch
 
 from epic_sglang.attention.torch_ref import TorchReferenceAttention
+from epic_sglang.link_plan import CascadeTuning
 from epic_sglang.models.config import ModelConfig
 
 BACKENDS = ("auto", "torch", "flashinfer")
 
 
 def make_attention(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
-                   link_mode: str = "auto"):
+                   link_mode: str = "auto", tuning: CascadeTuning = CascadeTuning()):
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "auto":
@@ -23,7 +24,7 @@ def make_attention(name: str, cfg: ModelConfig, device: torch.device, dtype: tor
         return TorchReferenceAttention(cfg, device)
     from epic_sglang.attention.flashinfer_backend import FlashInferAttention
 
-    return FlashInferAttention(cfg, device, dtype, link_mode)
+    return FlashInferAttention(cfg, device, dtype, link_mode, tuning)
 
 
 __all__ = ["BACKENDS", "TorchReferenceAttention", "make_attention"]

@@ -21,17 +21,18 @@ question). Three ways to attend:
   alignment puts query i at position a + i, seeing keys [0, a + i]: exactly the link mask,
   no mask tensor. Each run re-reads its KV prefix, so sequences with more than MAX_RUNS
   runs (CacheBlend's or querylink's scattered picks) use the mask instead, unless cascaded.
-- `cascade` (gathered keys): runs are grouped (CASCADE_GROUP queries); the keys before a
+- `cascade` (gathered keys): runs are grouped (`CascadeTuning.group` queries); the keys before a
   group's first run are seen by all its queries, so they are one non-causal bulk entry
   per group (FA3: full query tiles, each key tile read once per group, not once per run);
   each run keeps a short causal local entry (FA2) from there to its end. FA3 gives a query
-  tile's keys to one CTA whole (no split-KV), so bulk keys are cut into BULK_CHUNK-key
+  tile's keys to one CTA whole (no split-KV), so bulk keys are cut into `chunk`-key
   entries that the CTAs share; the partial results merge by their log-sum-exp
   (`epic_sglang.merge_states`, one launch per layer).
 - `mask`: one entry per sequence over its whole KV view with the custom mask
   `attend[i, j] = j <= pos_i` (gathered keys; FA2, as FA3 has no custom masks).
 
 `auto` (the default) picks per forward: cascade for long links, fused for short ones.
+The runs and entries are `epic_sglang.link_plan`'s (the plugin plans with the same ones).
 Plan once per forward (every layer shares it), run per layer: FlashInfer's own pattern.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
+from epic_sglang.link_plan import CascadeTuning, cascade_entries, link_entries, query_runs, wants_cascade
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.models.config import ModelConfig
 from epic_sglang.models.rope import Rotary, apply_rotation
@@ -50,59 +52,6 @@ LINK_MODES = ("auto", "gathered", "cascade", "fused", "mask")
 MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry reads less KV
 DENSE_RUN = 256  # a query run this long is a dense prefill: gathered keys, FA3
 GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read them in pages
-CASCADE_GROUP = 128  # cascade: runs grouped until this many queries share one bulk (FA3) entry
-# cascade: bulk keys per entry. FA3 schedules (query tile, head) items whole, so at 16K the
-# last group's ~15K keys took one CTA while the CTAs averaged ~8.7K; chunks balance them
-# (4,096 measured best at 16K and 32K on an H200: benchmarks/gpu_link_attention.py).
-BULK_CHUNK = 4096
-# auto: cascade once the runs' key prefixes add up to this many keys (per-run entries would
-# re-read them all), else fused (gathered if RoPE cannot fuse): below, the cascade's second
-# kernel and merge cost more host time than they save. On an H200 (BENCHMARKS.md) per-run
-# entries won at 8K-token links (62K run keys) and cascade at 16K (255K), in the engine and
-# in the SGLang plugin alike.
-AUTO_CASCADE_KEYS = 1 << 17
-
-Entry = tuple[int, int, int, int]  # query rows [q0, q1), keys [k0, k1), all sequence-local
-
-
-def query_runs(positions: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive positions, as (index just past the run, position just
-    past the run): the run's query count so far and its truncated KV length."""
-    return [(i, positions[i - 1] + 1) for i in range(1, len(positions) + 1)
-            if i == len(positions) or positions[i] != positions[i - 1] + 1]
-
-
-def wants_cascade(runs: list[tuple[int, int]]) -> bool:
-    """`auto`'s choice for these runs (`query_runs`' output): cascade once their key
-    prefixes add up to AUTO_CASCADE_KEYS."""
-    return sum(end for _, end in runs) >= AUTO_CASCADE_KEYS
-
-
-def link_entries(runs: list[tuple[int, int]], page: int, group: int | None) -> tuple[list[Entry], list[Entry]]:
-    """(bulk, local) attention entries that together give each query exactly the keys at or
-    before its position. `group` None: one causal local entry per run over keys [0, end).
-    Otherwise runs are grouped until `group` queries; a group's queries all see the keys
-    before its first run, so they share one non-causal bulk entry over [0, a) (a: that
-    start rounded down to a page) and each run keeps a causal local entry over [a, end),
-    which starts on a page as paged entries must. The two results merge by log-sum-exp."""
-    bulk, local = [], []
-    group_start = a = 0  # the current group's first query row; its bulk keys are [0, a)
-    for i, (count, end) in enumerate(runs):
-        start = runs[i - 1][0] if i else 0
-        if group is not None and (i == 0 or start - group_start >= group):
-            if a:
-                bulk.append((group_start, start, 0, a))
-            group_start, a = start, (end - (count - start)) // page * page
-        local.append((start, count, a, end))
-    if a:
-        bulk.append((group_start, runs[-1][0], 0, a))
-    return bulk, local
-
-
-def split_keys(entries: list[Entry], chunk: int) -> list[Entry]:
-    """Each entry's keys in pieces of at most `chunk` (a whole number of pages), same queries."""
-    return [(q0, q1, k, min(k + chunk, k1)) for q0, q1, k0, k1 in entries for k in range(k0, k1, chunk)]
-
 
 class PagedEntries:
     """Attention entries over pages of `page` keys, collected for one wrapper's plan."""
@@ -124,14 +73,15 @@ class PagedEntries:
 
 
 class FlashInferAttention:
-    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, link_mode: str = "gathered"):
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, link_mode: str = "gathered",
+                 tuning: CascadeTuning = CascadeTuning()):
         import flashinfer
 
         if link_mode not in LINK_MODES:
             raise ValueError(f"link_mode must be one of {LINK_MODES}, got {link_mode!r}")
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"FlashInfer needs bfloat16 or float16 KV, got {dtype}")
-        self.cfg, self.device, self.dtype, self.link_mode = cfg, device, dtype, link_mode
+        self.cfg, self.device, self.dtype, self.link_mode, self.tuning = cfg, device, dtype, link_mode, tuning
         self.rotary = Rotary(cfg, device)
         self.can_fuse = cfg.rope_type in ("default", "linear")
         self.fused_rope = dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=cfg.rope_theta,
@@ -161,14 +111,14 @@ class FlashInferAttention:
         runs = [query_runs(s.q_positions.tolist()) for s in batch.seqs]
         mode = self.link_mode
         if mode == "auto":
-            mode = "cascade" if wants_cascade([r for seq_runs in runs for r in seq_runs]) else "fused"
+            mode = "cascade" if wants_cascade([r for seq_runs in runs for r in seq_runs], self.tuning) else "fused"
         # per-run entries re-read their whole key prefix, so many runs take the mask; the
         # cascade's local entries start at their group, so it keeps them
         masked = mode == "mask" or (mode != "cascade" and any(len(r) > MAX_RUNS for r in runs))
         dense = any(count - start >= DENSE_RUN for seq_runs in runs
                     for start, (count, _) in zip([0] + [c for c, _ in seq_runs], seq_runs))
         gathered = masked or dense or mode != "fused" or not self.can_fuse
-        group = CASCADE_GROUP if mode == "cascade" and not (masked or dense) else None
+        cascade = mode == "cascade" and not (masked or dense)
 
         # Gathered: each sequence's keys in prompt order from a page boundary of the scratch.
         page = GATHER_PAGE if gathered else 1
@@ -185,10 +135,11 @@ class FlashInferAttention:
                 local.add(s.num_queries, pages, 0, n)
                 masks.append((torch.arange(n, device=self.device)[None, :] <= s.q_positions[:, None]).flatten())
                 continue
-            seq_bulk, seq_local = link_entries(seq_runs, page, group)
+            seq_bulk, seq_local = cascade_entries(seq_runs, page, self.tuning) if cascade \
+                else link_entries(seq_runs, page, None)
             for q0, q1, k0, k1 in seq_local:
                 local.add(q1 - q0, pages, k0, k1)
-            for q0, q1, k0, k1 in split_keys(seq_bulk, BULK_CHUNK):
+            for q0, q1, k0, k1 in seq_bulk:
                 bulk.add(q1 - q0, pages, k0, k1)
                 bulk_rows.append((s.q_start + q0, s.q_start + q1))
         if gathered:

@@ -1,9 +1,10 @@
 """The link pass's attention on SGLang's FlashInfer backend, planned once per forward.
 
 A linked request's computed runs (see `layout.py`) attend as the engine's `auto` link mode
-does (`epic_sglang.attention.flashinfer_backend`): a long link as a cascade (runs grouped
-to CASCADE_GROUP queries share one non-causal bulk entry over the keys before the group,
-each key read once per group, not once per run, in BULK_CHUNK-key pieces; each run keeps a
+does (`epic_sglang.attention.flashinfer_backend`), with the same entries
+(`epic_sglang.link_plan`): a long link as a cascade (runs grouped to `CascadeTuning.group`
+queries share one non-causal bulk entry over the keys before the group, each key read once
+per group, not once per run, in `chunk`-key pieces; each run keeps a
 causal local entry from there to its end; the partial results merge by log-sum-exp, one
 kernel, `epic_sglang.merge_states`), a short one as one causal
 entry per run (`wants_cascade`). Other requests of the batch are one causal entry each.
@@ -16,8 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from epic_sglang.attention import flashinfer_backend
-from epic_sglang.attention.flashinfer_backend import link_entries, split_keys
+from epic_sglang.link_plan import CascadeTuning, cascade_entries, link_entries, wants_cascade
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.sglang_plugin.link_request import LinkRequest
 
@@ -63,7 +63,7 @@ def _indptr(lens: list[int], device) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)).to(device)
 
 
-def build_plan(batch, links: dict[int, LinkRequest]) -> LinkAttentionPlan:
+def build_plan(batch, links: dict[int, LinkRequest], tuning: CascadeTuning = CascadeTuning()) -> LinkAttentionPlan:
     """`batch`: a SGLang ScheduleBatch in extend mode; `links`: its linked requests by index."""
     local, bulk, bulk_rows, positions = _EntryList(), _EntryList(), [], {}
     offset = 0
@@ -76,11 +76,11 @@ def build_plan(batch, links: dict[int, LinkRequest]) -> LinkAttentionPlan:
             layout = link.layout
             row_of = layout.row_of()  # prompt position -> row slot
             runs = layout.query_runs()
-            group = flashinfer_backend.CASCADE_GROUP if flashinfer_backend.wants_cascade(runs) else None
-            group_entries, run_entries = link_entries(runs, 1, group)
+            group_entries, run_entries = cascade_entries(runs, 1, tuning) if wants_cascade(runs, tuning) \
+                else link_entries(runs, 1, None)
             for q0, q1, k0, k1 in run_entries:
                 local.add(req.req_pool_idx, row_of[k0:k1], q1 - q0)
-            for q0, q1, k0, k1 in split_keys(group_entries, flashinfer_backend.BULK_CHUNK):
+            for q0, q1, k0, k1 in group_entries:
                 bulk.add(req.req_pool_idx, row_of[k0:k1], q1 - q0)
                 bulk_rows.append((offset + q0, offset + q1))
             positions[offset] = torch.from_numpy(layout.extend_positions)

@@ -8,19 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from epic_sglang.errors import InvalidRequest
+from epic_sglang.link_plan import plan_link, segment_spans
 from epic_sglang.policies import Policy, Segment, parse_policy
 from epic_sglang.sglang_plugin.wire import LinkHint
 
 SERVED_KINDS = ("fr", "naive", "legolink", "legolink0")
-
-
-def document_spans(segments: list[Segment]) -> list[tuple[int, int]]:
-    spans, pos = [], 0
-    for seg in segments:
-        if seg.document is not None:
-            spans.append((pos, pos + len(seg)))
-        pos += len(seg)
-    return spans
 
 
 def check_served(policy: Policy) -> None:
@@ -33,7 +25,7 @@ def generate_body(segments: list[Segment], policy: str | Policy, sampling_params
     """The /generate body of one prompt under `policy`."""
     policy = parse_policy(policy) if isinstance(policy, str) else policy
     body = {"input_ids": [t for s in segments for t in s.token_ids], "sampling_params": sampling_params, **fields}
-    spans = document_spans(segments)
+    spans = [(start, start + length) for start, length, _ in segment_spans(segments)]
     if policy.kind == "fr" or not spans:
         if namespace is not None:
             body["extra_key"] = namespace
@@ -76,12 +68,7 @@ class CompiledDocuments:
         """False (and the prompt's documents forgotten) when a document was not reused.
         An fr request reuses no document, so it shows nothing."""
         policy = parse_policy(policy) if isinstance(policy, str) else policy
-        if policy.kind == "fr":
+        if cached_tokens >= plan_link(policy, segments).reused_tokens:
             return True
-        docs = [s for s in segments if s.document is not None]
-        last = segments[-1]  # a prompt that ends inside a document recomputes its last token
-        planned = sum(max(0, len(s) - policy.k) for s in docs) - (last.document is not None and len(last) > policy.k)
-        if cached_tokens >= planned:
-            return True
-        self.known.difference_update((namespace, policy.recipe.name, s.token_ids) for s in docs)
+        self.known.difference_update((namespace, policy.recipe.name, s.token_ids) for s in segments if s.document is not None)
         return False

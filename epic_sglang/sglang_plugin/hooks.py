@@ -21,6 +21,7 @@ import torch
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from epic_sglang.link_plan import CascadeTuning
 from epic_sglang.sglang_plugin import attention, wire
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable, copy_rotated
@@ -92,7 +93,8 @@ def extending_links(batch) -> dict[int, LinkRequest]:
             if isinstance(getattr(r, "epic_link", None), LinkRequest) and r.epic_link.extending}
 
 
-def prepare_links(links: dict[int, LinkRequest], batch, kv_pool, rope: RopeTable) -> attention.LinkAttentionPlan:
+def prepare_links(links: dict[int, LinkRequest], batch, kv_pool, rope: RopeTable,
+                  tuning: CascadeTuning = CascadeTuning()) -> attention.LinkAttentionPlan:
     """Copy every link's reused tokens into its slots (one copy for the batch) and plan the
     link attention."""
     copies = [c for c in (link.take_pending_copy() for link in links.values()) if c is not None]
@@ -100,7 +102,7 @@ def prepare_links(links: dict[int, LinkRequest], batch, kv_pool, rope: RopeTable
         copy_rotated(kv_pool, rope, *(torch.cat(parts) for parts in zip(*copies)))
     for link in links.values():
         link.extending = False
-    return attention.build_plan(batch, links)
+    return attention.build_plan(batch, links, tuning)
 
 
 def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs):

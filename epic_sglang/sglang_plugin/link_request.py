@@ -26,6 +26,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
+from epic_sglang.link_plan import plan_spans
 from epic_sglang.policies import CompileRecipe
 from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows
 from epic_sglang.sglang_plugin.wire import LinkHint
@@ -96,7 +97,8 @@ class LinkRequest:
         for node in nodes:
             if node is not None:
                 cache.dec_lock_ref(node)
-        self.layout = plan_rows(len(ids), docs, self.hint.k, [n is not None for n in nodes], len(exact))
+        cached = [(start, end - start, j) for j, ((start, end), node) in enumerate(zip(docs, nodes)) if node is not None]
+        self.layout = plan_rows(plan_spans(len(ids), cached, self.hint.k), len(exact))
         self.doc_nodes = nodes
         self.doc_slots = [cache.document_slots(n) if n is not None else None for n in nodes]
         fill = ids[self.layout.order]

@@ -1,0 +1,213 @@
+"""The link plan: which prompt tokens a link recomputes, the runs they form, and the attention
+entries that give each recomputed query exactly the keys at or before it.
+
+Pure functions of (policy, segments, cached documents) and tuning arguments, no device
+state. The in-process engine (`engine.py`, `attention/flashinfer_backend.py`), the SGLang
+plugin (`sglang_plugin/layout.py`, `sglang_plugin/attention.py`) and the plugin client's
+reuse accounting (`sglang_plugin/client.py`) all call these, so the rule is written once.
+
+| policy          | recomputed at link time                                          |
+|-----------------|------------------------------------------------------------------|
+| fr              | every token                                                      |
+| naive           | every non-document token (prefix, question)                      |
+| legolink-<k>    | the first k tokens of every document + every non-document token  |
+| legolink0       | like naive, but documents are compiled behind throw-away sinks   |
+| cacheblend-<r>  | all tokens in layers 0..1, then r% of document tokens (largest   |
+|                 | KV deviation at layer 1) + every non-document token              |
+| querylink-<k>   | legolink-k's number of document tokens, chosen by the question:  |
+|                 | the first `head` of each document, the rest where a scout pass   |
+|                 | of the question over the cached KV draws most (attention x value |
+|                 | norm, over its layers) + every non-document token                |
+
+The prompt's last token is always recomputed, even inside a document (the first output
+token comes from fresh logits).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from epic_sglang.policies import Policy, Segment
+
+Span = tuple[int, int, int]  # (start, length, id) of a reused document in the prompt
+Entry = tuple[int, int, int, int]  # query rows [q0, q1), keys [k0, k1), all sequence-local
+
+
+@dataclass(frozen=True)
+class CascadeTuning:
+    """How a long link's attention is cut into entries (measured on an H200, BENCHMARKS.md)."""
+    # runs grouped until this many queries share one non-causal bulk (FA3) entry
+    group: int = 128
+    # bulk keys per entry. FA3 schedules (query tile, head) items whole, so at 16K the last
+    # group's ~15K keys took one CTA while the CTAs averaged ~8.7K; chunks balance them
+    # (4,096 measured best at 16K and 32K: benchmarks/gpu_link_attention.py)
+    chunk: int = 4096
+    # `auto` cascades once the runs' key prefixes add up to this many keys (per-run entries
+    # would re-read them all); below, the cascade's second kernel and merge cost more host
+    # time than they save: per-run entries won at 8K-token links (62K run keys), cascade at
+    # 16K (255K), in the engine and in the SGLang plugin alike
+    auto_keys: int = 1 << 17
+
+
+@dataclass
+class LinkPlan:
+    recompute: torch.Tensor  # (n,) bool: positions computed in the link pass
+    doc_spans: list[Span]  # reused documents; the id is the caller's (segment or document index)
+    blend_ratio: float = 0.0  # cacheblend: % of document tokens picked at the check layer
+    pick_budget: int = 0  # querylink: document tokens the scout pass still picks
+
+    @property
+    def num_tokens(self) -> int:
+        return self.recompute.numel()
+
+    def document_mask(self) -> torch.Tensor:
+        """(n,) bool: positions inside reused documents."""
+        mask = torch.zeros_like(self.recompute)
+        for start, length, _ in self.doc_spans:
+            mask[start:start + length] = True
+        return mask
+
+    @property
+    def reused_tokens(self) -> int:
+        """Document tokens read from the cache, not recomputed."""
+        return int((self.document_mask() & ~self.recompute).sum())
+
+    def reused_runs(self) -> list[tuple[int, int, int, int]]:
+        """Maximal runs of reused tokens, each inside one document: (start, length, document
+        id, offset of `start` inside the document), in prompt order."""
+        runs = []
+        for start, length, doc in self.doc_spans:
+            reused = (~self.recompute[start:start + length]).nonzero().flatten().tolist()
+            for first, end in _runs(reused):
+                runs.append((start + first, end - first, doc, first))
+        return runs
+
+
+def _runs(sorted_ints: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers as [first, end) ranges."""
+    out = []
+    for x in sorted_ints:
+        if out and out[-1][1] == x:
+            out[-1] = (out[-1][0], x + 1)
+        else:
+            out.append((x, x + 1))
+    return out
+
+
+def segment_spans(segments: Sequence[Segment]) -> list[Span]:
+    """(start, length, segment index) of every document segment."""
+    spans, pos = [], 0
+    for i, seg in enumerate(segments):
+        if seg.document is not None:
+            spans.append((pos, len(seg), i))
+        pos += len(seg)
+    return spans
+
+
+def plan_spans(num_tokens: int, doc_spans: Sequence[Span], head: int) -> LinkPlan:
+    """The plan of a prompt of `num_tokens` tokens whose reused documents are `doc_spans`:
+    each document's first `head` tokens recomputed, every token outside them, and the last."""
+    recompute = torch.ones(num_tokens, dtype=torch.bool)
+    for start, length, _ in doc_spans:
+        recompute[start + min(head, length):start + length] = False
+    recompute[-1] = True
+    return LinkPlan(recompute, list(doc_spans))
+
+
+def plan_link(policy: Policy, segments: Sequence[Segment]) -> LinkPlan:
+    """The policy's plan for the prompt (fr: every token; querylink: its picks come later,
+    from the scout, within `pick_budget`)."""
+    n = sum(len(s) for s in segments)
+    spans = segment_spans(segments) if policy.uses_document_cache else []
+    plan = plan_spans(n, spans, {"legolink": policy.k, "querylink": policy.head}.get(policy.kind, 0))
+    plan.blend_ratio = policy.ratio if policy.kind == "cacheblend" else 0.0
+    if policy.kind == "querylink":
+        # legolink-k's document tokens in all, less those already recomputed
+        budget = sum(min(policy.k, length) - int(plan.recompute[s:s + length].sum()) for s, length, _ in spans)
+        plan.pick_budget = max(budget, 0)
+    return plan
+
+
+def cacheblend_pick(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Indices (into `deviation`) of the ceil(ratio%) document tokens that deviate most."""
+    count = min(deviation.numel(), -(-int(round(deviation.numel() * ratio * 1000)) // 100000))
+    return torch.topk(deviation, count).indices.sort().values
+
+
+def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Tensor:
+    """Positions (sorted) of the `plan.pick_budget` document tokens the question needs most:
+    each document is cut into `block`-token blocks aligned to its start; a block's score is
+    the attention mass (`scores`, one per prompt position) on its tokens not yet recomputed;
+    blocks are taken in score order (ties: the earlier first) and the last one taken is cut
+    to its best tokens so that exactly the budget is spent (or every candidate, if fewer).
+    Vectorized: a 32K-token prompt has ~2,000 blocks."""
+    scores = scores.float().cpu()
+    if not plan.doc_spans or plan.pick_budget <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    pos = torch.cat([torch.arange(st, st + n) for st, n, _ in plan.doc_spans])
+    first = torch.tensor([0] + [-(-n // block) for _, n, _ in plan.doc_spans]).cumsum(0)
+    blk = torch.cat([torch.arange(n) // block + first[i] for i, (_, n, _) in enumerate(plan.doc_spans)])
+    free = ~plan.recompute[pos]
+    pos, blk = pos[free], blk[free]  # candidates, in position order; blocks numbered in position order
+    mass = torch.zeros(int(first[-1]), dtype=torch.float64).index_add_(0, blk, scores[pos].double())
+    count = torch.bincount(blk, minlength=mass.numel())
+    order = torch.sort(mass, descending=True, stable=True).indices  # stable: ties keep position order
+    order = order[count[order] > 0]
+    before = torch.cumsum(count[order], 0) - count[order]  # candidates taken ahead of each block
+    whole, partial = order[before + count[order] <= plan.pick_budget], order[before < plan.pick_budget]
+    picked = [pos[torch.isin(blk, whole)]]
+    if partial.numel() > whole.numel():  # the block that crosses the budget: its best tokens
+        cut = partial[-1]
+        left = plan.pick_budget - int(count[whole].sum())
+        mine = pos[blk == cut]
+        best = torch.sort(scores[mine], descending=True, stable=True).indices[:left]
+        picked.append(mine[best])
+    return torch.cat(picked).sort().values
+
+
+# ----------------------------------------------------------------- attention entries
+def query_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive positions, as (index just past the run, position just
+    past the run): the run's query count so far and its truncated KV length."""
+    return [(i, positions[i - 1] + 1) for i in range(1, len(positions) + 1)
+            if i == len(positions) or positions[i] != positions[i - 1] + 1]
+
+
+def wants_cascade(runs: list[tuple[int, int]], tuning: CascadeTuning) -> bool:
+    """`auto`'s choice for these runs (`query_runs`' output): cascade once their key
+    prefixes add up to `tuning.auto_keys`."""
+    return sum(end for _, end in runs) >= tuning.auto_keys
+
+
+def link_entries(runs: list[tuple[int, int]], page: int, group: int | None) -> tuple[list[Entry], list[Entry]]:
+    """(bulk, local) attention entries that together give each query exactly the keys at or
+    before its position. `group` None: one causal local entry per run over keys [0, end).
+    Otherwise runs are grouped until `group` queries; a group's queries all see the keys
+    before its first run, so they share one non-causal bulk entry over [0, a) (a: that
+    start rounded down to a page) and each run keeps a causal local entry over [a, end),
+    which starts on a page as paged entries must. The two results merge by log-sum-exp."""
+    bulk, local = [], []
+    group_start = a = 0  # the current group's first query row; its bulk keys are [0, a)
+    for i, (count, end) in enumerate(runs):
+        start = runs[i - 1][0] if i else 0
+        if group is not None and (i == 0 or start - group_start >= group):
+            if a:
+                bulk.append((group_start, start, 0, a))
+            group_start, a = start, (end - (count - start)) // page * page
+        local.append((start, count, a, end))
+    if a:
+        bulk.append((group_start, runs[-1][0], 0, a))
+    return bulk, local
+
+
+def split_keys(entries: list[Entry], chunk: int) -> list[Entry]:
+    """Each entry's keys in pieces of at most `chunk` (a whole number of pages), same queries."""
+    return [(q0, q1, k, min(k + chunk, k1)) for q0, q1, k0, k1 in entries for k in range(k0, k1, chunk)]
+
+
+def cascade_entries(runs: list[tuple[int, int]], page: int, tuning: CascadeTuning) -> tuple[list[Entry], list[Entry]]:
+    """(bulk entries in key chunks, local entries) of a cascade over these runs."""
+    bulk, local = link_entries(runs, page, tuning.group)
+    return split_keys(bulk, tuning.chunk), local
