@@ -207,7 +207,11 @@ def split_keys(entries: list[Entry], chunk: int) -> list[Entry]:
     return [(q0, q1, k, min(k + chunk, k1)) for q0, q1, k0, k1 in entries for k in range(k0, k1, chunk)]
 
 
-def cascade_entries(runs: list[tuple[int, int]], page: int, tuning: CascadeTuning) -> tuple[list[Entry], list[Entry]]:
-    """(bulk entries in key chunks, local entries) of a cascade over these runs."""
-    bulk, local = link_entries(runs, page, tuning.group)
-    return split_keys(bulk, tuning.chunk), local
+def attention_entries(runs: list[tuple[int, int]], page: int,
+                      cascade: CascadeTuning | None) -> tuple[list[Entry], list[Entry]]:
+    """(bulk, local) entries of a link's runs: `cascade` None, one causal entry per run (no
+    bulk); else the cascade's groups, their bulk keys in `cascade.chunk`-key entries."""
+    if cascade is None:
+        return link_entries(runs, page, None)
+    bulk, local = link_entries(runs, page, cascade.group)
+    return split_keys(bulk, cascade.chunk), local

@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from epic_sglang.link_plan import (CascadeTuning, cascade_entries, link_entries, plan_link, plan_spans, query_runs,
+from epic_sglang.link_plan import (CascadeTuning, attention_entries, link_entries, plan_link, plan_spans, query_runs,
                                    segment_spans, split_keys, wants_cascade)
 from epic_sglang.policies import Segment, parse_policy
 
@@ -58,14 +58,15 @@ def test_link_entries_give_every_query_exactly_the_keys_at_or_before_it():
                 assert len(bulk) == len(runs) - (positions[0] == 0)
 
 
-def test_cascade_entries_cut_bulk_keys_by_the_tuning():
+def test_attention_entries_cut_bulk_keys_by_the_tuning():
     runs = query_runs(list(range(0, 4)) + list(range(100, 116)) + list(range(300, 316)) + list(range(600, 664)))
-    bulk, local = cascade_entries(runs, 16, CascadeTuning(group=20, chunk=32))
+    bulk, local = attention_entries(runs, 16, CascadeTuning(group=20, chunk=32))
     assert all(k1 - k0 <= 32 for _, _, k0, k1 in bulk) and len(local) == len(runs)
     for row, keys in enumerate(visible_keys(bulk, local, [p for r in [range(0, 4), range(100, 116), range(300, 316),
                                                                       range(600, 664)] for p in r])):
         assert len(keys) == len(set(keys))
-    assert cascade_entries(runs, 16, CascadeTuning(group=20, chunk=1 << 20))[0] == link_entries(runs, 16, 20)[0]
+    assert attention_entries(runs, 16, CascadeTuning(group=20, chunk=1 << 20))[0] == link_entries(runs, 16, 20)[0]
+    assert attention_entries(runs, 16, None) == link_entries(runs, 16, None)  # per-run entries, no bulk
 
 
 def random_segments(rng: random.Random) -> list[Segment]:
@@ -79,16 +80,11 @@ def test_every_policy_recomputes_its_definition():
     rng = random.Random(0)
     for _ in range(300):
         segs = random_segments(rng)
-        n = sum(len(s) for s in segs)
         for name in ["fr", "naive", "legolink0", "legolink-1", "legolink-4", "cacheblend-15", "querylink-6-h2"]:
             policy = parse_policy(name)
             plan = plan_link(policy, segs)
             head = {"legolink": policy.k, "querylink": policy.head}.get(policy.kind, 0)
-            expected, pos = [], 0
-            for seg in segs:
-                for t in range(len(seg)):
-                    expected.append(policy.kind == "fr" or seg.document is None or t < head)
-                pos += len(seg)
+            expected = [policy.kind == "fr" or seg.document is None or t < head for seg in segs for t in range(len(seg))]
             expected[-1] = True
             assert plan.recompute.tolist() == expected, (name, segs)
             reused = sum(not e for e in expected)

@@ -41,7 +41,7 @@ import torch
 
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
-from epic_sglang.link_plan import CascadeTuning, cascade_entries, link_entries, query_runs, wants_cascade
+from epic_sglang.link_plan import CascadeTuning, attention_entries, query_runs, wants_cascade
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.models.config import ModelConfig
 from epic_sglang.models.rope import Rotary, apply_rotation
@@ -135,8 +135,7 @@ class FlashInferAttention:
                 local.add(s.num_queries, pages, 0, n)
                 masks.append((torch.arange(n, device=self.device)[None, :] <= s.q_positions[:, None]).flatten())
                 continue
-            seq_bulk, seq_local = cascade_entries(seq_runs, page, self.tuning) if cascade \
-                else link_entries(seq_runs, page, None)
+            seq_bulk, seq_local = attention_entries(seq_runs, page, self.tuning if cascade else None)
             for q0, q1, k0, k1 in seq_local:
                 local.add(q1 - q0, pages, k0, k1)
             for q0, q1, k0, k1 in seq_bulk:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from epic_sglang.link_plan import CascadeTuning, cascade_entries, link_entries, wants_cascade
+from epic_sglang.link_plan import CascadeTuning, attention_entries, wants_cascade
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.sglang_plugin.link_request import LinkRequest
 
@@ -76,8 +76,7 @@ def build_plan(batch, links: dict[int, LinkRequest], tuning: CascadeTuning = Cas
             layout = link.layout
             row_of = layout.row_of()  # prompt position -> row slot
             runs = layout.query_runs()
-            group_entries, run_entries = cascade_entries(runs, 1, tuning) if wants_cascade(runs, tuning) \
-                else link_entries(runs, 1, None)
+            group_entries, run_entries = attention_entries(runs, 1, tuning if wants_cascade(runs, tuning) else None)
             for q0, q1, k0, k1 in run_entries:
                 local.add(req.req_pool_idx, row_of[k0:k1], q1 - q0)
             for q0, q1, k0, k1 in group_entries:
