@@ -7,9 +7,10 @@ documents, the question), so the row is a permutation of the prompt:
 
     [exact prefix | cached runs (document tokens past k) | computed runs, in prompt order]
 
-Which tokens are computed is the engine's rule (`epic_sglang.link_plan`, `plan_spans`
-over the documents found cached). Every query of a computed run attends all tokens before it in prompt order: the design
-card's mask (attend iff key position <= query position). `attention.py` plans that as
+Which tokens are computed is the engine's rule (`epic_sglang.link_plan`, `plan_spans` over
+the documents found cached). Every query of a computed run attends all tokens before it in
+prompt order: the design card's mask (attend iff key position <= query position).
+`attention.py` plans that as
 FlashInfer entries over the row's slots (per-run causal entries, grouped runs sharing one
 entry for the keys before them), with no mask tensor. Positions are the prompt positions, so
 the model sees the document where it sits, not where its row slot is.
