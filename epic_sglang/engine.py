@@ -21,10 +21,10 @@ from epic_sglang.constrained import Grammar, GrammarBackend
 from epic_sglang.errors import InvalidRequest
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
+from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick
 from epic_sglang.linker import BlendSeq, Linker, ScoutQueries
 from epic_sglang.models.loader import resolve_model_dir
 from epic_sglang.models.weights import load_causal_lm
-from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick
 from epic_sglang.policies import CompileRecipe, Policy, Segment, parse_policy
 from epic_sglang.prompt import PromptBuilder
 from epic_sglang.sampling import SamplingParams, adjust_logits, sample_next

@@ -80,15 +80,15 @@ class LinkPlan:
         runs = []
         for start, length, doc in self.doc_spans:
             reused = (~self.recompute[start:start + length]).nonzero().flatten().tolist()
-            for first, end in _runs(reused):
+            for first, end in consecutive_runs(reused):
                 runs.append((start + first, end - first, doc, first))
         return runs
 
 
-def _runs(sorted_ints: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive integers as [first, end) ranges."""
-    out = []
-    for x in sorted_ints:
+def consecutive_runs(values: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive integers (sorted `values`) as [first, end) ranges."""
+    out: list[tuple[int, int]] = []
+    for x in values:
         if out and out[-1][1] == x:
             out[-1] = (out[-1][0], x + 1)
         else:
@@ -169,10 +169,13 @@ def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Te
 
 # ----------------------------------------------------------------- attention entries
 def query_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive positions, as (index just past the run, position just
-    past the run): the run's query count so far and its truncated KV length."""
-    return [(i, positions[i - 1] + 1) for i in range(1, len(positions) + 1)
-            if i == len(positions) or positions[i] != positions[i - 1] + 1]
+    """`consecutive_runs` of the queries' positions, as (index just past the run, position
+    just past the run): the run's query count so far and its truncated KV length."""
+    out, count = [], 0
+    for first, end in consecutive_runs(positions):
+        count += end - first
+        out.append((count, end))
+    return out
 
 
 def wants_cascade(runs: list[tuple[int, int]], tuning: CascadeTuning) -> bool:

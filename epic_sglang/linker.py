@@ -17,9 +17,9 @@ import torch
 
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
+from epic_sglang.link_plan import cacheblend_pick
 from epic_sglang.models.decoder import CausalLM
 from epic_sglang.models.rope import Rotary, apply_rotation
-from epic_sglang.link_plan import cacheblend_pick
 from epic_sglang.policies import CACHEBLEND_CHECK_LAYER
 
 
