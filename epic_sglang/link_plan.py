@@ -24,6 +24,7 @@ token comes from fresh logits).
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -176,6 +177,14 @@ def query_runs(positions: Sequence[int]) -> list[tuple[int, int]]:
         count += end - first
         out.append((count, end))
     return out
+
+
+def run_query_starts(runs: Sequence[tuple[int, int]], positions: Sequence[int]) -> list[int]:
+    """For each reused run (start, length): the index of the first of the queries' (sorted)
+    `positions` past it. A run is reused and the queries are computed, so every query lies
+    wholly before a run or wholly after it: the queries from that index on attend the whole
+    run, the ones before it none of it."""
+    return [bisect.bisect_left(positions, start + length) for start, length in runs]
 
 
 def wants_cascade(runs: list[tuple[int, int]], tuning: CascadeTuning) -> bool:

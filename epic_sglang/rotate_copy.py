@@ -22,7 +22,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 def _rotate_copy_kernel(k_src, v_src, k_dst, v_dst,  # int64 address tables, one entry per layer
                         src_rows, dst_rows, cos_sin,  # (n,) (n,) (n, ROT) fp32 as [cos | sin]
                         DTYPE: tl.constexpr, ROW: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK: tl.constexpr):
+                        ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK: tl.constexpr, VALUES: tl.constexpr):
     token = tl.program_id(0)
     layer = tl.program_id(1)
     ptr = tl.pointer_type(DTYPE)
@@ -47,8 +47,9 @@ def _rotate_copy_kernel(k_src, v_src, k_dst, v_dst,  # int64 address tables, one
     cos = tl.load(cos_sin + token * ROT + freq, mask=rotated, other=1.0)
     sin = tl.load(cos_sin + token * ROT + half + freq, mask=rotated, other=0.0)
     tl.store(tl.load(k_dst + layer).to(ptr) + dst + offs, (x * cos + sign * pair * sin).to(DTYPE), mask=live)
-    value = tl.load(tl.load(v_src + layer).to(ptr) + src + offs, mask=live)
-    tl.store(tl.load(v_dst + layer).to(ptr) + dst + offs, value, mask=live)
+    if VALUES:
+        value = tl.load(tl.load(v_src + layer).to(ptr) + src + offs, mask=live)
+        tl.store(tl.load(v_dst + layer).to(ptr) + dst + offs, value, mask=live)
 
 
 @functools.lru_cache(maxsize=256)
@@ -62,14 +63,18 @@ def address_table(buffers: list[torch.Tensor]) -> torch.Tensor:
     return _device_table(tuple(b.data_ptr() for b in buffers), buffers[0].device)
 
 
-def rotate_copy(k_src: list[torch.Tensor], v_src: list[torch.Tensor], k_dst: list[torch.Tensor],
-                v_dst: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, cos_sin: torch.Tensor,
+def rotate_copy(k_src: list[torch.Tensor], v_src: list[torch.Tensor] | None, k_dst: list[torch.Tensor],
+                v_dst: list[torch.Tensor] | None, src: torch.Tensor, dst: torch.Tensor, cos_sin: torch.Tensor,
                 is_neox_style: bool = True) -> None:
     """For each layer l and token i: k_dst[l][dst[i]] = rotate(k_src[l][src[i]]) and
-    v_dst[l][dst[i]] = v_src[l][src[i]]. Buffers: contiguous (rows, heads, head_dim), one
-    dtype. cos_sin: (tokens, rotary_dim) fp32, cos then sin of each token's angles (rotary
-    dims past rotary_dim are copied as they are)."""
+    v_dst[l][dst[i]] = v_src[l][src[i]] (no values: rotate rows of one kind, e.g. queries).
+    Buffers: contiguous (rows, heads, head_dim), one dtype. cos_sin: (tokens, rotary_dim)
+    fp32, cos then sin of each token's angles (rotary dims past rotary_dim are copied as they are)."""
     first = k_src[0]
+    values = v_src is not None
+    if values != (v_dst is not None):
+        raise ValueError("rotate_copy copies values from and to buffers, or neither")
+    v_src, v_dst = (v_src, v_dst) if values else (k_src, k_dst)  # unread stand-ins
     buffers = [*k_src, *v_src, *k_dst, *v_dst]
     if any(not b.is_contiguous() or b.dtype != first.dtype or b.shape[1:] != first.shape[1:] for b in buffers):
         raise ValueError("rotate_copy needs contiguous buffers of one dtype and row shape")
@@ -83,4 +88,4 @@ def rotate_copy(k_src: list[torch.Tensor], v_src: list[torch.Tensor], k_dst: lis
         address_table(k_src), address_table(v_src), address_table(k_dst), address_table(v_dst),
         src, dst, cos_sin.float().contiguous(),
         DTYPE=_TL_DTYPES[first.dtype], ROW=heads * head_dim, HEAD_DIM=head_dim, ROT=rot,
-        NEOX=is_neox_style, BLOCK=triton.next_power_of_2(heads * head_dim))
+        NEOX=is_neox_style, BLOCK=triton.next_power_of_2(heads * head_dim), VALUES=values)

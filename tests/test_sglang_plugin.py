@@ -4,8 +4,10 @@ allocator and `release_kv_cache`, patched by the plugin's real `HookRegistry` ho
 
 The model forward is the one part that needs CUDA (SGLang's kernels): here a stand-in
 writes each computed token's K as RoPE(position) applied to a per-token vector, which is
-what a layer stores for a token at that position. The GPU script
-(`benchmarks/sglang_pic.py`) runs the real forward in a real server.
+what a layer stores for a token at that position, and a query is the same vector rotated by
+the query's position. Scoring the plan's entries with them checks every score a link gives
+(which keys, at which rotation). The GPU tests run the plan through FlashInfer; the GPU
+script (`benchmarks/sglang_pic.py`) runs the real forward in a real server.
 """
 from __future__ import annotations
 
@@ -19,15 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from epic_sglang.link_plan import CascadeTuning, link_entries, plan_link, plan_spans, segment_spans
+from epic_sglang.link_plan import plan_link, plan_spans, segment_spans
 from epic_sglang.policies import Segment, parse_policy
 from epic_sglang.sglang_plugin import attention, client, hooks, load
 from epic_sglang.sglang_plugin.layout import plan_rows
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
-from epic_sglang.sglang_plugin.rotary import RopeTable
+from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
 from epic_sglang.sglang_plugin.wire import HintError, LinkHint, decode
 from radix_ext import KVLayout, PICRadixCache
-from test_link_plan import visible_keys
 
 HEADS, DIM, LAYERS = 2, 8, 2
 
@@ -100,7 +101,7 @@ class Scheduler:
         return Req(f"r{next(self.rids)}", "", array("q", ids), SamplingParams(max_new_tokens=max_new_tokens),
                    extra_key=hint.encode() if isinstance(hint, LinkHint) else hint)
 
-    def prefill(self, reqs: list, tuning: CascadeTuning = CascadeTuning()) -> tuple[list, attention.LinkAttentionPlan | None]:
+    def prefill(self, reqs: list) -> tuple[list, attention.LinkAttentionPlan | None]:
         """Match, admit, prepare the extend, then 'run' it: returns the admitted requests and
         the link plan the FlashInfer backend would get."""
         from sglang.srt.managers.schedule_batch import ScheduleBatch
@@ -118,26 +119,42 @@ class Scheduler:
                                        types.SimpleNamespace(is_encoder_decoder=False, vocab_size=1 << 16),
                                        False, SpeculativeAlgorithm.NONE)
         batch.prepare_for_extend()
-        links = hooks.extending_links(batch)  # what the ForwardBatch.init_new hook does
-        plan = hooks.prepare_links(links, batch, self.kv, self.rope, tuning) if links else None
+        self.batch = batch
+        plan = self.forward(batch)
+        return admitted, plan
+
+    def forward(self, batch, decode: bool = False) -> attention.LinkAttentionPlan | None:
+        """What the ForwardBatch.init_new hook plans, then the layers' KV writes."""
+        links = attention.batch_links(batch)
+        plan = hooks.prepare_links(links, batch, self.rope, decode) if links else None
         offset = 0
         for i, req in enumerate(batch.reqs):
-            n = batch.extend_lens[i]
-            prefix = batch.prefix_lens[i]
+            n = 1 if decode else batch.extend_lens[i]
+            seq_len = int(batch.seq_lens_cpu[i])
             positions = plan.positions.get(offset) if plan else None
-            positions = positions.tolist() if positions is not None else list(range(prefix, prefix + n))
-            tokens = req.full_untruncated_fill_ids[prefix:prefix + n]
+            positions = positions.tolist() if positions is not None else list(range(seq_len - n, seq_len))
+            tokens = (list(req.origin_input_ids) + list(req.output_ids))[seq_len - n:seq_len]
             slots = batch.out_cache_loc[offset:offset + n]
             for layer in range(LAYERS):
                 self.kv.k_buffer[layer][slots] = torch.stack([self.key(t, p) for t, p in zip(tokens, positions)])
                 self.kv.v_buffer[layer][slots] = torch.stack([self.base(t) for t in tokens])
             offset += n
-        return admitted, plan
+        return plan
+
+    def decode_step(self, token: int = 3) -> attention.LinkAttentionPlan | None:
+        """Every request of the last batch samples `token`; SGLang's decode step's set-up, then
+        the forward."""
+        for req in self.batch.reqs:
+            req.output_ids.append(token)
+        self.batch.output_ids = torch.tensor([token] * len(self.batch.reqs))
+        self.batch.prepare_for_decode()
+        return self.forward(self.batch, decode=True)
 
     def finish(self, req) -> None:
         from sglang.srt.mem_cache.common import release_kv_cache
 
-        req.output_ids.append(3)
+        if not req.output_ids:
+            req.output_ids.append(3)
         release_kv_cache(req, self.cache)
 
     def compile(self, doc: list[int], namespace: str | None = "ns", sinks: tuple[int, ...] = ()) -> None:
@@ -149,8 +166,8 @@ class Scheduler:
         return self.req_pool.req_to_token[req.req_pool_idx, :len(req.full_untruncated_fill_ids)]
 
     def assert_row_at_prompt_positions(self, req, ids: list[int], layer: int) -> None:
-        """Every slot of the request's row holds its token's K at its prompt position
-        (re-rotated document copies and newly computed tokens alike)."""
+        """Every slot of the request's row holds its token's K at its prompt position (the
+        private tokens: the row holds no reused document token)."""
         for slot, position in zip(self.row(req).tolist(), req.epic_link.layout.order.tolist()):
             torch.testing.assert_close(self.kv.k_buffer[layer][slot], self.key(ids[position], position),
                                        atol=1e-5, rtol=1e-5)
@@ -165,28 +182,54 @@ def prompt(rng: random.Random, sizes=(6, 20, 3, 17, 9)) -> tuple[list[int], list
     return ids, spans, [ids[s:e] for s, e in spans]
 
 
-def visible_positions(plan, layout, row) -> list[tuple[int, list[int]]]:
-    """(query position, positions of the keys its entries attend) for every link query of a
-    batch holding this one request: causal local entries, bottom-right aligned, plus the bulk
-    entries (every query of one sees all its keys) of the rows `plan.merge` names."""
-    position_of_slot = {int(s): int(p) for s, p in zip(row, layout.order)}
-    queries = layout.extend_positions.tolist()
-    seen = [[] for _ in queries]
+def link_scores(s: Scheduler, plan, req, ids: list[int], batch_row: int = 0) -> list[tuple[int, dict[int, float]]]:
+    """(query position, {key position: score}) for every query of `req` (the batch's query
+    rows from `batch_row` on) as the plan scores it: its causal entry over the row (bottom-right
+    aligned; in decode SGLang's own, over the whole row) and the shared parts' rotated queries
+    over the documents' slots. A query is its token's vector rotated by its position."""
+    link, layout = req.epic_link, req.epic_link.layout
+    seq = ids + list(req.output_ids)
+    positions = plan.positions[batch_row].tolist()
+    q = torch.stack([s.key(seq[p], p) for p in positions])
+    keys = s.kv.k_buffer[0]
+    row_positions = np.concatenate([layout.order, len(ids) + np.arange(len(req.output_ids))])
+    row = s.req_pool.req_to_token[req.req_pool_idx, :positions[-1] + 1 - layout.reused_tokens]
+    scores = [{} for _ in positions]
+    for j in range(len(positions)):  # the row: causal, its last len(positions) slots the queries'
+        for slot, pos in zip(row[:len(row) - len(positions) + j + 1].tolist(), row_positions.tolist()):
+            scores[j][pos] = float((q[j] * keys[slot]).sum())
+    if plan.local is not None:  # the plan's local entry is that row
+        qo, kv = plan.local.qo_indptr.tolist(), plan.local.kv_indptr.tolist()
+        e = qo.index(batch_row)
+        assert qo[e + 1] - qo[e] == len(positions) and torch.equal(plan.local.kv_indices[kv[e]:kv[e + 1]], row.int())
+    if plan.shared is not None:
+        position_of = {}
+        for r, slots in zip(layout.cached_runs, link.shared.slots.split(link.shared.lengths)):
+            position_of.update(zip(slots.tolist(), range(r.start, r.start + r.length)))
+        rows = plan.shared.merge.query_rows
+        batch_q = torch.zeros(int(rows.max()) + 1, *q.shape[1:])
+        batch_q[batch_row:batch_row + len(positions)] = q
+        rotated = rotated_rows(s.rope, batch_q, rows, plan.shared.cos_sin)
+        qo, kv = plan.shared.entries.qo_indptr.tolist(), plan.shared.entries.kv_indptr.tolist()
+        for e in range(len(qo) - 1):
+            slots = plan.shared.entries.kv_indices[kv[e]:kv[e + 1]].tolist()
+            for g in range(qo[e], qo[e + 1]):
+                j = int(rows[g]) - batch_row
+                if 0 <= j < len(positions):
+                    for slot in slots:
+                        assert position_of[slot] not in scores[j], "a key attended twice"
+                        scores[j][position_of[slot]] = float((rotated[g] * keys[slot]).sum())
+    return list(zip(positions, scores))
 
-    def entries(e):
-        qo, kv = e.qo_indptr.tolist(), e.kv_indptr.tolist()
-        for i in range(len(qo) - 1):
-            yield range(qo[i], qo[i + 1]), [position_of_slot[int(s)] for s in e.kv_indices[kv[i]:kv[i + 1]]]
 
-    for rows, keys in entries(plan.local):
-        for j, r in enumerate(rows):
-            seen[r] += keys[:len(keys) - len(rows) + j + 1]
-    if plan.bulk is not None:
-        bulk_rows = plan.merge.query_rows.tolist()
-        for rows, keys in entries(plan.bulk):
-            for r in rows:
-                seen[bulk_rows[r]] += keys
-    return list(zip(queries, seen))
+def assert_link_scores(s: Scheduler, plan, req, ids: list[int], batch_row: int = 0) -> None:
+    """Every query scores exactly the tokens at or before it, each at its prompt position."""
+    seq = ids + list(req.output_ids)
+    for p, got in link_scores(s, plan, req, ids, batch_row):
+        assert sorted(got) == list(range(p + 1))
+        q = s.key(seq[p], p)
+        for k, score in got.items():
+            assert abs(score - float((q * s.key(seq[k], k)).sum())) < 1e-4, (p, k)
 
 
 # ----------------------------------------------------------------- pure parts
@@ -218,23 +261,29 @@ def test_computed_tokens_are_the_policy_plan_of_the_in_process_engine(policy):
         plan = plan_link(p, segments)
         layout = plan_rows(plan_spans(plan.num_tokens, segment_spans(segments), p.k), 0)
         assert sorted(layout.extend_positions.tolist()) == torch.nonzero(plan.recompute).flatten().tolist()
-        assert layout.private_tokens == plan.reused_tokens  # what the client's accounting expects
+        assert layout.reused_tokens == plan.reused_tokens  # what the client's accounting expects
 
 
 def test_every_link_query_attends_exactly_the_keys_at_or_before_it():
+    """The row (private tokens, causal in prompt order) and each cached run from its first
+    query on cover every key at or before each query, once."""
     rng = random.Random(0)
-    for _ in range(200):
+    for _ in range(300):
         n_docs = rng.randint(1, 5)
         cuts = sorted(rng.sample(range(1, 80), 2 * n_docs))
         spans = [(cuts[2 * j], cuts[2 * j + 1]) for j in range(n_docs)]
         total = rng.choice([spans[-1][1], 80])
         cached = [(a, b - a, j) for j, (a, b) in enumerate(spans) if rng.random() < 0.8]
         layout = plan_rows(plan_spans(total, cached, rng.randint(0, 6)), rng.randint(0, spans[0][0]))
-        queries = layout.extend_positions.tolist()
-        for group in (None, 3):  # per-run entries; runs grouped behind shared bulk entries
-            bulk, local = link_entries(layout.query_runs(), 1, group)
-            for q, keys in zip(queries, visible_keys(bulk, local, queries)):
-                assert sorted(keys) == list(range(q + 1))
+        private = layout.order.tolist()
+        assert sorted(private + [p for r in layout.cached_runs for p in range(r.start, r.start + r.length)]) \
+            == list(range(total))
+        starts = layout.run_query_starts()
+        for i, q in enumerate(layout.extend_positions.tolist()):
+            keys = [p for p in private if p <= q]
+            for r, first in zip(layout.cached_runs, starts):
+                keys += list(range(r.start, r.start + r.length)) if i >= first else []
+            assert sorted(keys) == list(range(q + 1))
         assert total - 1 in layout.extend_positions  # the last token always yields fresh logits
 
 
@@ -264,11 +313,7 @@ def test_a_client_forgets_documents_a_response_shows_evicted():
 
 
 # ----------------------------------------------------------------- through SGLang's scheduler classes
-@pytest.mark.parametrize("cascade", [False, True])
-def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_unchanged(sglang_runtime, cascade):
-    # a link this short is planned as a cascade only past a lowered threshold, in small
-    # groups, its bulk keys in several entries
-    tuning = CascadeTuning(auto_keys=0, group=4, chunk=5) if cascade else CascadeTuning()
+def test_linked_row_holds_only_private_tokens_and_documents_are_read_in_place_unchanged(sglang_runtime):
     s = Scheduler()
     ids, spans, docs = prompt(random.Random(1))
     for doc in docs:
@@ -276,21 +321,48 @@ def test_linked_row_holds_every_token_at_its_prompt_position_and_documents_stay_
     nodes = s.cache.document_nodes()
     assert len(nodes) == 2
     shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in nodes.items()}
+    free = s.allocator.available_size()
 
     req = s.request(ids, LinkHint("ns", tuple(spans), 4))
-    admitted, plan = s.prefill([req], tuning)
+    admitted, plan = s.prefill([req])
     assert admitted == [req]
     layout = req.epic_link.layout
     assert [r.length for r in layout.cached_runs] == [16, 13] and layout.extend_len == 6 + 4 + 3 + 4 + 9
+    assert free - s.allocator.available_size() == layout.extend_len  # private KV: the computed tokens only
     assert list(req.origin_input_ids_unpadded) == ids  # what SGLang detokenizes against stays the prompt
+    assert req.cached_tokens == 29  # SGLang reports the reused document tokens as cached
     s.assert_row_at_prompt_positions(req, ids, layer=1)
-    row = s.row(req)
-    assert (plan.bulk is not None) == cascade and (not cascade or plan.merge.most_parts > 1)
-    for q, keys in visible_positions(plan, layout, row):
-        assert sorted(keys) == list(range(q + 1))
+    assert_link_scores(s, plan, req, ids)
+    for _ in range(3):  # decode: the new token attends the prompt and what came before it, at their positions
+        assert_link_scores(s, s.decode_step(), req, ids)
+    assert free - s.allocator.available_size() == layout.extend_len + 3  # + the generated tokens
     for k, n in s.cache.document_nodes().items():
         assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
         assert n.lock_ref > 0  # held while the request runs
+    s.finish(req)
+    assert all(n.lock_ref == 0 for n in s.cache.document_nodes().values())
+
+
+def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_documents(sglang_runtime):
+    s = Scheduler()
+    first, second = (prompt(random.Random(seed)) for seed in (6, 7))
+    for _, _, docs in (first, second):
+        for doc in docs:
+            s.compile(doc)
+    plain = list(range(2000, 2012))
+    reqs = [s.request(first[0], LinkHint("ns", tuple(first[1]), 2)), s.request(plain),
+            s.request(second[0], LinkHint("ns", tuple(second[1]), 5))]
+    admitted, plan = s.prefill(reqs)
+    assert admitted == reqs
+    starts = np.cumsum([0] + s.batch.extend_lens)
+    assert_link_scores(s, plan, reqs[0], first[0], int(starts[0]))
+    assert_link_scores(s, plan, reqs[2], second[0], int(starts[2]))
+    assert int(starts[1]) not in plan.positions  # the plain request keeps SGLang's positions
+    step = s.decode_step()
+    assert_link_scores(s, step, reqs[0], first[0], 0)
+    assert_link_scores(s, step, reqs[2], second[0], 2)
+    for req in reqs:
+        s.finish(req)
 
 
 def test_legolink0_links_documents_compiled_behind_sinks_at_their_prompt_positions(sglang_runtime):
@@ -306,10 +378,12 @@ def test_legolink0_links_documents_compiled_behind_sinks_at_their_prompt_positio
     assert plain.epic_link.layout.cached_runs == ()  # sink-compiled documents are another recipe's
 
     req = s.request(ids, LinkHint("ns", tuple(spans), 0, sink=len(sinks)))
-    admitted, _ = s.prefill([req])
+    admitted, plan = s.prefill([req])
     layout = req.epic_link.layout
     assert admitted == [req] and [r.length for r in layout.cached_runs] == [20, 17]
-    s.assert_row_at_prompt_positions(req, ids, layer=1)  # keys compiled at t + 4, re-rotated to their place
+    s.assert_row_at_prompt_positions(req, ids, layer=1)
+    assert_link_scores(s, plan, req, ids)  # keys compiled at t + 4, scored at their place
+    assert_link_scores(s, s.decode_step(), req, ids)
     s.finish(req)
 
 
@@ -442,44 +516,81 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
 
 # ----------------------------------------------------------------- on a GPU, through FlashInfer
 @pytest.mark.gpu
-@pytest.mark.parametrize("cascade", [False, True])
-def test_link_attention_through_flashinfer_equals_the_link_mask(cascade):
-    """The plan SGLang's FlashInfer backend gets for a link (per-run entries, or the cascade's
-    bulk and local entries merged by log-sum-exp) attends each query to exactly the keys at
-    or before its prompt position: dense masked attention in fp32, within bf16."""
+@pytest.mark.parametrize("sink", [0, 4])
+def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_their_prompt_positions(sink):
+    """The plan SGLang's FlashInfer backend gets for a link pass and for a decode step after it
+    (the row's causal entry or SGLang's own decode plan; each cached run attended by the
+    queries after it, rotated back by the run's shift, over the documents' shared slots, merged
+    by log-sum-exp) attends each query to exactly the keys at or before its prompt position,
+    each as if rotated there: dense masked attention in fp32, within bf16."""
     flashinfer = pytest.importorskip("flashinfer")
-    # a link this short cascades only past a lowered threshold, in small groups; rows merge
-    # up to 12 bulk results
-    tuning = CascadeTuning(auto_keys=0, group=32, chunk=96) if cascade else CascadeTuning()
+    from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata
+
+    from epic_sglang.sglang_plugin.link_request import SharedRuns
+
     dev, q_heads, kv_heads, dim, bf16 = torch.device("cuda"), 8, 2, 128, torch.bfloat16
     docs = [(16 + 100 * i, 16 + 100 * (i + 1)) for i in range(12)]
     n = docs[-1][1] + 24
     layout = plan_rows(plan_spans(n, [(a, b - a, j) for j, (a, b) in enumerate(docs)], 16), exact_prefix_len=16)
-    g = torch.Generator(device=dev).manual_seed(0)
-    slots = torch.randperm(4 * n, device=dev, generator=g)[:n]  # the request's row: row slot -> pool slot
-    k, v = (torch.randn(4 * n, kv_heads, dim, device=dev, generator=g).to(bf16) for _ in range(2))
-    q = torch.randn(layout.extend_len, q_heads, dim, device=dev, generator=g).to(bf16)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.arange(4 * n, dtype=torch.float32)[:, None] * inv_freq
+    rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(dev), dim, True)
 
-    # the parts of SGLang's ScheduleBatch and FlashInfer backend that planning reads
-    batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=0)], extend_lens=[layout.extend_len],
-                                  seq_lens_cpu=torch.tensor([n]), device=dev,
-                                  req_to_token_pool=types.SimpleNamespace(req_to_token=slots[None].to(torch.int32)))
-    plan = attention.build_plan(batch, {0: types.SimpleNamespace(layout=layout)}, tuning)
-    assert (plan.bulk is not None) == cascade and (not cascade or plan.merge.most_parts > 1)
+    def rotated(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return rope.rotate(x.float(), *rope.angles(positions.to(dev))).to(bf16)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    k_base, v = (torch.randn(n + 1, kv_heads, dim, device=dev, generator=g) for _ in range(2))
+    q_base = torch.randn(n + 1, q_heads, dim, device=dev, generator=g)
+    slot_of = torch.randperm(4 * n, device=dev, generator=g)[:n + 1]  # pool slot of each position (+ a decode token)
+    k_pool = torch.zeros(4 * n, kv_heads, dim, device=dev, dtype=bf16)
+    v_pool = torch.zeros_like(k_pool)
+    v_pool[slot_of] = v.to(bf16)
+    stored_at = torch.arange(n + 1)  # private tokens: rotated at their positions; documents: at compile positions
+    for r in layout.cached_runs:
+        stored_at[r.start:r.start + r.length] = torch.arange(r.offset, r.offset + r.length) + sink
+    k_pool[slot_of] = rotated(k_base, stored_at)
+    runs = layout.cached_runs
+    shared = SharedRuns(torch.cat([slot_of[r.start:r.start + r.length] for r in runs]).int(), [r.length for r in runs],
+                        torch.tensor([r.start - r.offset - sink for r in runs]))
+    row = slot_of[torch.from_numpy(np.concatenate([layout.order, [n]])).to(dev)]
+    link = types.SimpleNamespace(layout=layout, shared=shared, extending=True, position_shift=layout.reused_tokens)
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
     backend = types.SimpleNamespace(
         num_wrappers=1, workspace_buffer=workspace,
         prefill_wrappers_paged=[flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")],
         indices_updater_prefill=types.SimpleNamespace(num_qo_heads=q_heads, num_kv_heads=kv_heads, head_dim=dim,
                                                       q_data_type=bf16, data_type=bf16))
-    attention.plan_flashinfer(backend, plan)
     scale = dim ** -0.5
-    out = backend.forward_metadata.prefill_wrappers[0].forward(q, (k, v), causal=True, sm_scale=scale)
 
-    key_slots = slots[torch.from_numpy(layout.row_of()).to(dev)]  # pool slot of each prompt position
-    expected = []
-    for i, p in enumerate(layout.extend_positions.tolist()):
-        ks, vs = (t[key_slots[:p + 1]].float().repeat_interleave(q_heads // kv_heads, dim=1) for t in (k, v))
-        weights = torch.softmax(torch.einsum("hd,khd->hk", q[i].float(), ks) * scale, dim=-1)
-        expected.append(torch.einsum("hk,khd->hd", weights, vs))
-    torch.testing.assert_close(out.float(), torch.stack(expected), atol=2e-2, rtol=2e-2)
+    def expected(positions: list[int]) -> torch.Tensor:
+        keys = rotated(k_base, torch.arange(n + 1)).float().repeat_interleave(q_heads // kv_heads, dim=1)
+        values = v_pool[slot_of].float().repeat_interleave(q_heads // kv_heads, dim=1)
+        out = []
+        for p in positions:
+            q = rotated(q_base[p:p + 1], torch.tensor([p]))[0].float()
+            weights = torch.softmax(torch.einsum("hd,khd->hk", q, keys[:p + 1]) * scale, dim=-1)
+            out.append(torch.einsum("hk,khd->hd", weights, values[:p + 1]))
+        return torch.stack(out)
+
+    for decode in (False, True):
+        seq_len = len(layout.order) + decode
+        batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=0)], extend_lens=[layout.extend_len],
+                                      seq_lens_cpu=torch.tensor([seq_len]), device=dev,
+                                      req_to_token_pool=types.SimpleNamespace(req_to_token=row[None].int()))
+        link.extending = not decode
+        plan = attention.build_plan(batch, {0: link}, rope, decode)
+        positions = plan.positions[0].tolist()
+        assert positions == (layout.extend_positions.tolist() if not decode else [n])
+        if decode:
+            own = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+            own.plan(torch.tensor([0, seq_len], dtype=torch.int32, device=dev), row[:seq_len].int(),
+                     torch.ones(1, dtype=torch.int32, device=dev), q_heads, kv_heads, dim, 1,
+                     q_data_type=bf16, kv_data_type=bf16)
+            backend.forward_metadata = DecodeMetadata([own])
+        attention.plan_flashinfer(backend, plan)
+        wrapper = (backend.forward_metadata.decode_wrappers if decode else backend.forward_metadata.prefill_wrappers)[0]
+        q = rotated(q_base[positions], torch.tensor(positions))
+        kwargs = {} if decode else {"causal": True}
+        out = wrapper.forward(q, (k_pool, v_pool), sm_scale=scale, **kwargs)
+        torch.testing.assert_close(out.float(), expected(positions), atol=2e-2, rtol=2e-2)

@@ -1,14 +1,14 @@
-"""The link pass's attention on SGLang's FlashInfer backend, planned once per forward.
+"""A linked request's attention on SGLang's FlashInfer backend, planned once per forward.
 
-A linked request's computed runs (see `layout.py`) attend as the engine's `auto` link mode
-does (`epic_sglang.attention.flashinfer_backend`), with the same entries
-(`epic_sglang.link_plan`): a long link as a cascade (runs grouped to `CascadeTuning.group`
-queries share one non-causal bulk entry over the keys before the group, each key read once
-per group, not once per run, in `chunk`-key pieces; each run keeps a
-causal local entry from there to its end; the partial results merge by log-sum-exp, one
-kernel, `epic_sglang.merge_states`), a short one as one causal
-entry per run (`wants_cascade`). Other requests of the batch are one causal entry each.
-Keys are KV pool slots (page size 1) read through the request's row, so nothing is gathered.
+A linked request's row holds its private tokens in prompt order (`layout.py`), so SGLang's
+own causal attention over the row gives every query the private keys before it: one causal
+entry per request, as SGLang plans any extend, and SGLang's own decode plan. The reused
+document tokens stay in their documents' shared slots, stored rotated at their compile
+positions: each cached run is one more non-causal entry over those slots, attended by the
+queries after it (`link_plan.run_query_starts`; in decode, the one new query) rotated back by
+the run's shift (`rotary.py`), so the scores are those at the linked positions. The parts
+merge into the row's result by log-sum-exp (one kernel, `epic_sglang.merge_states`).
+Nothing is copied: the shared slots are read in place by every request that links them.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from epic_sglang.link_plan import CascadeTuning, attention_entries, wants_cascade
 from epic_sglang.merge_states import MergeIndex, merge_into
-from epic_sglang.sglang_plugin.link_request import LinkRequest
+from epic_sglang.sglang_plugin.link_request import LinkRequest, SharedRuns
+from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
 
 
 @dataclass
@@ -32,11 +32,20 @@ class Entries:
 
 
 @dataclass
+class SharedParts:
+    """The batch's cached runs: entry e's queries are rotated copies of the batch's query rows
+    `merge.query_rows` (by `cos_sin`, one row each) attending the run's shared slots whole."""
+    entries: Entries
+    cos_sin: torch.Tensor  # (gathered rows, rotary_dim) fp32 [cos | sin]
+    merge: MergeIndex
+
+
+@dataclass
 class LinkAttentionPlan:
-    local: Entries
-    bulk: Entries | None  # None: no linked request has keys before its runs' groups
-    merge: MergeIndex | None  # the batch's query rows each bulk entry holds
-    positions: dict[int, torch.Tensor]  # batch token offset -> positions of a linked request's extend
+    local: Entries | None  # extend: one causal entry per request over its row; decode: SGLang's own plan
+    shared: SharedParts | None  # None: no linked request reuses a document token
+    positions: dict[int, torch.Tensor]  # batch token offset -> prompt positions of a linked request's tokens
+    rope: RopeTable  # the model's, to rotate the queries of the shared parts
 
 
 @dataclass
@@ -59,77 +68,116 @@ class _EntryList:
         return Entries(_indptr(self.qo_lens, device), _indptr([len(r) for r in self.kv_rows], device), kv_indices)
 
 
+@dataclass
+class _PartList:
+    spans: list[tuple[int, int]] = field(default_factory=list)  # batch query rows of each run's entry
+    kv_lens: list[int] = field(default_factory=list)
+    slots: list[torch.Tensor] = field(default_factory=list)
+    angles: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, shared: SharedRuns, spans: list[tuple[int, int]], rope: RopeTable) -> None:
+        """Every run of `shared` (each has queries after it: the prompt's last token is computed)."""
+        if shared.cos_sin is None:  # once per request: decode steps reuse it
+            shared.cos_sin = torch.cat(rope.angles(-shared.shifts.to(rope.cos_sin_cache.device)), dim=-1)
+        self.spans += spans
+        self.kv_lens += shared.lengths
+        self.slots.append(shared.slots)
+        self.angles.append(shared.cos_sin)
+
+    def build(self, device) -> SharedParts | None:
+        if not self.spans:
+            return None
+        queries = [b - a for a, b in self.spans]
+        entries = Entries(_indptr(queries, device), _indptr(self.kv_lens, device), torch.cat(self.slots).to(device))
+        repeats = torch.tensor(queries, device=device)
+        cos_sin = torch.repeat_interleave(torch.cat(self.angles).to(device), repeats, dim=0, output_size=sum(queries))
+        return SharedParts(entries, cos_sin, MergeIndex.build(self.spans, device))
+
+
 def _indptr(lens: list[int], device) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)).to(device)
 
 
-def build_plan(batch, links: dict[int, LinkRequest], tuning: CascadeTuning = CascadeTuning()) -> LinkAttentionPlan:
-    """`batch`: a SGLang ScheduleBatch in extend mode; `links`: its linked requests by index."""
-    local, bulk, bulk_rows, positions = _EntryList(), _EntryList(), [], {}
+def batch_links(batch) -> dict[int, LinkRequest]:
+    """The batch's linked requests, by position in the batch: in their link pass or past it."""
+    return {i: r.epic_link for i, r in enumerate(batch.reqs)
+            if isinstance(getattr(r, "epic_link", None), LinkRequest) and r.epic_link.prepared}
+
+
+def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bool = False) -> LinkAttentionPlan:
+    """`batch`: a SGLang ScheduleBatch (extend or decode); `links`: its linked requests by index.
+    A request in its link pass computes its layout's extend tokens; one past it (decode, or
+    merged into a mixed batch) its newest tokens, which follow every cached run."""
+    local, parts, positions = _EntryList(), _PartList(), {}
     offset = 0
     for i, req in enumerate(batch.reqs):
-        extend_len = batch.extend_lens[i]
+        seq_len = int(batch.seq_lens_cpu[i])
+        n = 1 if decode else batch.extend_lens[i]
+        if not decode:
+            local.add(req.req_pool_idx, np.arange(seq_len), n)
         link = links.get(i)
-        if link is None:
-            local.add(req.req_pool_idx, np.arange(int(batch.seq_lens_cpu[i])), extend_len)
-        else:
-            layout = link.layout
-            row_of = layout.row_of()  # prompt position -> row slot
-            runs = layout.query_runs()
-            group_entries, run_entries = attention_entries(runs, 1, tuning if wants_cascade(runs, tuning) else None)
-            for q0, q1, k0, k1 in run_entries:
-                local.add(req.req_pool_idx, row_of[k0:k1], q1 - q0)
-            for q0, q1, k0, k1 in group_entries:
-                bulk.add(req.req_pool_idx, row_of[k0:k1], q1 - q0)
-                bulk_rows.append((offset + q0, offset + q1))
-            positions[offset] = torch.from_numpy(layout.extend_positions)
-        offset += extend_len
-    req_to_token, device = batch.req_to_token_pool.req_to_token, batch.device
-    return LinkAttentionPlan(local.build(req_to_token, device), bulk.build(req_to_token, device),
-                             MergeIndex.build(bulk_rows, device) if bulk_rows else None, positions)
+        if link is not None:
+            if link.extending:
+                positions[offset] = torch.from_numpy(link.layout.extend_positions)
+                starts = link.layout.run_query_starts()
+            else:  # SGLang numbers the row; the reused tokens it does not hold come before
+                positions[offset] = torch.arange(seq_len - n, seq_len) + link.position_shift
+                starts = [0] * len(link.layout.cached_runs)
+            if link.shared is not None:
+                parts.add(link.shared, [(offset + s, offset + n) for s in starts], rope)
+        offset += n
+    device = batch.device
+    return LinkAttentionPlan(None if decode else local.build(batch.req_to_token_pool.req_to_token, device),
+                             parts.build(device), positions, rope)
 
 
 def apply_positions(plan: LinkAttentionPlan, positions: torch.Tensor) -> None:
-    """Prompt positions for the linked requests' new tokens (SGLang numbered them as if
-    they followed their prefix in the row)."""
+    """Prompt positions for the linked requests' tokens (SGLang numbered them by row slot)."""
     for offset, pos in plan.positions.items():
         positions[offset:offset + len(pos)] = pos.to(positions.device, positions.dtype, non_blocking=True)
 
 
-class CascadeWrapper:
-    """Stands where SGLang's backend expects its paged-prefill wrapper: `forward` attends
-    the local entries and the bulk entries (for the rows that have one) and merges them."""
+class LinkWrapper:
+    """Stands where SGLang's backend expects its paged-prefill or decode wrapper: `forward`
+    attends as the wrapped one does (the private rows), then every cached run with its rotated
+    queries, and merges the runs' results into the rows they belong to."""
 
-    def __init__(self, local, bulk, merge: MergeIndex):
-        self.local, self.bulk, self.merge = local, bulk, merge
+    def __init__(self, own, shared_wrapper, parts: SharedParts, rope: RopeTable):
+        self.own, self.shared_wrapper, self.parts, self.rope = own, shared_wrapper, parts, rope
 
     def forward(self, q: torch.Tensor, kv_cache, **kwargs) -> torch.Tensor:
-        out, lse = self.local.forward_return_lse(q, kv_cache, **kwargs)
-        bulk = self.bulk.forward_return_lse(q[self.merge.query_rows], kv_cache, **{**kwargs, "causal": False})
-        merge_into(out, lse, *bulk, self.merge)
+        out, lse = self.own.forward_return_lse(q, kv_cache, **kwargs)
+        rotated = rotated_rows(self.rope, q, self.parts.merge.query_rows, self.parts.cos_sin)
+        shared = self.shared_wrapper.forward_return_lse(rotated, kv_cache, **{**kwargs, "causal": False})
+        merge_into(out, lse, *shared, self.parts.merge)
         return out
 
 
 def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
-    """Plan the backend's paged prefill wrapper with the local entries (no ragged pass:
-    SGLang then writes the new KV before attending, so entries see each other's runs) and,
-    when there are bulk entries, a second wrapper of ours (FlashInfer picks FA3 on Hopper)."""
-    from sglang.srt.layers.attention.flashinfer_backend import PrefillMetadata
+    """Extend: plan the backend's paged prefill wrapper with the local entries (no ragged
+    pass: SGLang then writes the new KV before attending). Decode: SGLang has planned its own
+    wrapper. Then, when runs are reused, a wrapper of ours for them (FlashInfer picks FA3 on
+    Hopper) and the merge around both."""
+    from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata, PrefillMetadata
 
     if backend.num_wrappers != 1:
         raise NotImplementedError("epic: linking needs a model without sliding-window or cross attention")
-    wrapper = backend.prefill_wrappers_paged[0]
-    _plan(wrapper, backend, plan.local)
-    if plan.bulk is None:
-        backend.forward_metadata = PrefillMetadata(backend.prefill_wrappers_paged, False, False)
-        return
-    bulk = getattr(backend, "epic_bulk_wrapper", None)
-    if bulk is None:
-        import flashinfer
+    decode = plan.local is None
+    if decode:
+        own = backend.forward_metadata.decode_wrappers[0]
+    else:
+        own = backend.prefill_wrappers_paged[0]
+        _plan(own, backend, plan.local)
+    if plan.shared is not None:
+        shared = getattr(backend, "epic_shared_wrapper", None)
+        if shared is None:
+            import flashinfer
 
-        bulk = backend.epic_bulk_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(backend.workspace_buffer, "NHD")
-    _plan(bulk, backend, plan.bulk, causal=False)
-    backend.forward_metadata = PrefillMetadata([CascadeWrapper(wrapper, bulk, plan.merge)], False, False)
+            shared = backend.epic_shared_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                backend.workspace_buffer, "NHD")
+        _plan(shared, backend, plan.shared.entries, causal=False)
+        own = LinkWrapper(own, shared, plan.shared, plan.rope)
+    backend.forward_metadata = DecodeMetadata([own]) if decode else PrefillMetadata([own], False, False)
 
 
 def _plan(wrapper, backend, entries: Entries, **kwargs) -> None:

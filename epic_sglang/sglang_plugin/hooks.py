@@ -3,11 +3,11 @@
 | target                                    | what happens there                              |
 |-------------------------------------------|-------------------------------------------------|
 | `Req.__init__` (after)                    | an `epic:` extra_key becomes `req.epic_link`    |
-| `PrefillAdder.add_one_req` (around)       | re-match stale nodes, budget the private copies,|
-|                                           | never chunk a link pass, lock documents         |
-| `ScheduleBatch.prepare_for_extend` (before)| private slots into the row                      |
-| `ForwardBatch.init_new` (after)           | copy + re-rotate documents, positions, plan     |
-| `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
+| `PrefillAdder.add_one_req` (around)       | re-match stale nodes, never chunk a link pass,  |
+|                                           | lock documents                                  |
+| `ScheduleBatch.prepare_for_extend` (before)| the link pass starts; reused tokens count as cached |
+| `ForwardBatch.init_new` (after)           | positions, the plan of the shared runs' entries |
+| `{Prefill,Decode}CudaGraphRunner.can_run_graph` | a batch with linked requests runs eagerly |
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
 
@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from epic_sglang.link_plan import CascadeTuning
 from epic_sglang.sglang_plugin import attention, wire
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
-from epic_sglang.sglang_plugin.rotary import RopeTable, copy_rotated
+from epic_sglang.sglang_plugin.rotary import RopeTable
 
 logger = logging.getLogger(__name__)
 
@@ -68,52 +65,41 @@ def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
                        "serving it without linking", req.rid, layout.extend_len, adder.rem_chunk_tokens)
         link.fall_back(req, cache)
         return original(adder, req, has_chunked_req=has_chunked_req, **kwargs)
-    max_new = max(req.sampling_params.max_new_tokens - len(req.output_ids), 0)
-    if layout.private_tokens + layout.extend_len + max_new >= adder.rem_total_tokens:
-        return AddReqResult.NO_TOKEN
+    # SGLang's own budget counts the link pass's extend and the new tokens: the reused
+    # tokens take no slots of the request's
     result = original(adder, req, has_chunked_req=has_chunked_req, **kwargs)
     if adder.can_run_list and adder.can_run_list[-1] is req:
         link.admit(cache)
-        adder.rem_total_token_offset += layout.private_tokens
     return result
 
 
-def materialize_links(batch, *args, **kwargs):
+def start_link_passes(batch, *args, **kwargs):
     """ScheduleBatch.prepare_for_extend: before SGLang writes the rows."""
     for req in batch.reqs:
         link = getattr(req, "epic_link", None)
-        if isinstance(link, LinkRequest) and link.admitted and not link.materialized:
-            link.materialize(batch.tree_cache, req)
+        if isinstance(link, LinkRequest) and link.admitted and not link.prepared:
+            link.start_link_pass(req)
     return None
 
 
-def extending_links(batch) -> dict[int, LinkRequest]:
-    """The batch's link requests about to run their link pass, by position in the batch."""
-    return {i: r.epic_link for i, r in enumerate(batch.reqs)
-            if isinstance(getattr(r, "epic_link", None), LinkRequest) and r.epic_link.extending}
-
-
-def prepare_links(links: dict[int, LinkRequest], batch, kv_pool, rope: RopeTable,
-                  tuning: CascadeTuning = CascadeTuning()) -> attention.LinkAttentionPlan:
-    """Copy every link's reused tokens into its slots (one copy for the batch) and plan the
-    link attention."""
-    copies = [c for c in (link.take_pending_copy() for link in links.values()) if c is not None]
-    if copies:
-        copy_rotated(kv_pool, rope, *(torch.cat(parts) for parts in zip(*copies)))
+def prepare_links(links: dict[int, LinkRequest], batch, rope: RopeTable, decode: bool = False) -> attention.LinkAttentionPlan:
+    """Plan the batch's link attention; the link passes in it are then under way."""
+    plan = attention.build_plan(batch, links, rope, decode)
     for link in links.values():
         link.extending = False
-    return attention.build_plan(batch, links, tuning)
+    return plan
 
 
 def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs):
     """ForwardBatch.init_new: runs on the forward stream, right before the model."""
-    links = extending_links(batch)
+    mode = forward_batch.forward_mode
+    links = attention.batch_links(batch) if mode.is_extend() or mode.is_decode() else {}
     if not links:
         return forward_batch
     rope = getattr(model_runner, "epic_rope", None)
     if rope is None:
         rope = model_runner.epic_rope = RopeTable.of_model(model_runner.model)
-    plan = prepare_links(links, batch, model_runner.token_to_kv_pool, rope)
+    plan = prepare_links(links, batch, rope, decode=mode.is_decode())
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
     return forward_batch
@@ -134,8 +120,10 @@ def keep_plan(result, runner, forward_batch, *args, **kwargs):
 
 def plan_link_attention(original, backend, forward_batch, *args, **kwargs):
     plan = getattr(forward_batch, "epic_plan", None)
-    if plan is None or forward_batch.forward_mode.is_decode_or_idle():
-        return original(backend, forward_batch, *args, **kwargs)
+    if plan is None or plan.local is None:  # decode: SGLang plans its own wrapper first
+        result = original(backend, forward_batch, *args, **kwargs)
+        if plan is None:
+            return result
     attention.plan_flashinfer(backend, plan)
 
 
@@ -143,9 +131,11 @@ def install() -> None:
     for target, hook, kind in [
         (f"{SCHEDULE_BATCH}.Req.__init__", attach_link, HookType.AFTER),
         ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", admit_link, HookType.AROUND),
-        (f"{SCHEDULE_BATCH}.ScheduleBatch.prepare_for_extend", materialize_links, HookType.BEFORE),
+        (f"{SCHEDULE_BATCH}.ScheduleBatch.prepare_for_extend", start_link_passes, HookType.BEFORE),
         ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", link_forward_batch, HookType.AFTER),
         ("sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
+         eager_for_links, HookType.AROUND),
+        ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
          eager_for_links, HookType.AROUND),
         ("sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch", keep_plan, HookType.AFTER),
         ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata",

@@ -1,19 +1,20 @@
-"""Where each token of a linked request lives in its SGLang KV row, and what it attends to.
+"""Where each token of a linked request lives, and what it attends to.
 
 SGLang's extend batch is "cached prefix, then new tokens": a request's row in
 `req_to_token` holds `prefix_len` reused slots followed by the slots the forward writes.
-LegoLink's recomputed tokens are scattered (first k of every document, the text between
-documents, the question), so the row is a permutation of the prompt:
+A linked request's row holds only its private tokens, in prompt order:
 
-    [exact prefix | cached runs (document tokens past k) | computed runs, in prompt order]
+    [exact prefix (the exact-prefix tree's slots) | computed tokens (LegoLink's recomputed
+     first k of every document, the text between documents, the question) | generated]
 
 Which tokens are computed is the engine's rule (`epic_sglang.link_plan`, `plan_spans` over
-the documents found cached). Every query of a computed run attends all tokens before it in
-prompt order: the design card's mask (attend iff key position <= query position).
-`attention.py` plans that as
-FlashInfer entries over the row's slots (per-run causal entries, grouped runs sharing one
-entry for the keys before them), with no mask tensor. Positions are the prompt positions, so
-the model sees the document where it sits, not where its row slot is.
+the documents found cached). The reused document tokens (the cached runs) stay in their
+document's shared slots: nothing is copied. Every query attends all tokens before it in
+prompt order (the design card's mask): the private ones through SGLang's own causal row (its
+row order is prompt order), each cached run whole through one extra entry over the shared
+slots for the queries after it, its queries rotated to the run's place (`rotary.py`,
+`attention.py`). Positions are the prompt positions, so the model sees every token where
+it sits in the prompt, not where its row slot is; in decode they run past the prompt.
 """
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from epic_sglang.link_plan import LinkPlan, query_runs
+from epic_sglang.link_plan import LinkPlan, run_query_starts
 
 
 @dataclass(frozen=True)
 class CachedRun:
     """Reused tokens [start, start + length) of the prompt: document `doc`'s compiled KV
-    from token `offset` on, re-rotated from where it was compiled (position `offset`, after
-    legolink0's sinks if any) to position `start`."""
+    from token `offset` on, read in place; it was compiled at position `offset` (after
+    legolink0's sinks if any) and is scored as if at `start`."""
     start: int
     length: int
     doc: int
@@ -37,17 +38,18 @@ class CachedRun:
 
 @dataclass(frozen=True)
 class RowLayout:
-    order: np.ndarray  # prompt position of each row slot
+    order: np.ndarray  # prompt position of each row slot (the private tokens, ascending)
     exact_prefix_len: int  # rows [0, exact_prefix_len): the exact-prefix tree's slots
-    cached_runs: tuple[CachedRun, ...]  # rows [exact_prefix_len, prefix_len), in this order
+    cached_runs: tuple[CachedRun, ...]  # in prompt order; not in the row
+    prompt_len: int
 
     @property
     def prefix_len(self) -> int:
-        return self.exact_prefix_len + self.private_tokens
+        return self.exact_prefix_len
 
     @property
-    def private_tokens(self) -> int:
-        """Reused document tokens copied (re-rotated) into request-private slots."""
+    def reused_tokens(self) -> int:
+        """Document tokens read in place from their documents' shared slots."""
         return sum(r.length for r in self.cached_runs)
 
     @property
@@ -58,13 +60,13 @@ class RowLayout:
     def extend_positions(self) -> np.ndarray:
         return self.order[self.prefix_len:]
 
-    def query_runs(self) -> list[tuple[int, int]]:
-        """`link_plan.query_runs` of the extend tokens (the computed runs, in prompt order)."""
-        return query_runs(self.extend_positions.tolist())
+    def run_query_starts(self) -> list[int]:
+        """For each cached run, the first extend token after it (`link_plan.run_query_starts`)."""
+        return run_query_starts([(r.start, r.length) for r in self.cached_runs], self.extend_positions.tolist())
 
     def row_of(self) -> np.ndarray:
-        """The row slot of each prompt position (the inverse of `order`)."""
-        rows = np.empty_like(self.order)
+        """The row slot of each prompt position, -1 for the reused ones (the inverse of `order`)."""
+        rows = np.full(self.prompt_len, -1, dtype=np.int64)
         rows[self.order] = np.arange(len(self.order))
         return rows
 
@@ -76,9 +78,6 @@ def plan_rows(plan: LinkPlan, exact_prefix_len: int) -> RowLayout:
     if plan.doc_spans and exact_prefix_len > plan.doc_spans[0][0]:
         raise ValueError("the exact prefix must end before the first document")
     runs = tuple(CachedRun(*run) for run in plan.reused_runs())
-    computed = plan.recompute.clone()
-    computed[:exact_prefix_len] = False
-    computed = computed.nonzero().flatten().numpy()
-    order = np.concatenate([np.arange(exact_prefix_len)]
-                           + [np.arange(r.start, r.start + r.length) for r in runs] + [computed])
-    return RowLayout(order.astype(np.int64), exact_prefix_len, runs)
+    private = plan.recompute.clone()
+    private[:exact_prefix_len] = True
+    return RowLayout(private.nonzero().flatten().numpy().astype(np.int64), exact_prefix_len, runs, plan.num_tokens)

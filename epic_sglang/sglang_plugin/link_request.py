@@ -9,17 +9,18 @@ the plugin attached one (see `hooks.py`):
   tokens, then the document: the sinks' KV is dropped and the document is keyed under
   the sink recipe (its keys are rotated from position `sink` on).
 - `LinkRequest`: at match time the exact prefix and every document are looked up, the row
-  is planned (`layout.py`) and the request's token order is set to the row order, so
-  SGLang's "cached prefix + new tokens" extend computes exactly LegoLink's tokens. The
-  documents' nodes are locked when the scheduler admits the request; just before the
-  forward their reused tokens are copied, re-rotated, into private slots (`rotary.py`);
-  the forward writes only private slots. At the end the exact prefix (exact KV) is
-  published and everything else is freed: linked KV never enters the exact-prefix tree
-  and shared document KV is never written.
+  is planned (`layout.py`) and the request's token order is set to the row's, so SGLang's
+  "cached prefix + new tokens" extend computes exactly LegoLink's tokens after the exact
+  prefix. The documents' nodes are locked when the scheduler admits the request and read in
+  place, in the link pass and in every decode step (`attention.py`): the forward writes only
+  the request's private slots (computed and generated tokens). At the end the exact prefix
+  (exact KV) is published and every private slot is freed: linked KV never enters the
+  exact-prefix tree and shared document KV is never written.
 """
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,17 +66,27 @@ class CompileRequest:
         cache.dec_lock_ref(req.last_node)
 
 
+@dataclass
+class SharedRuns:
+    """A linked request's cached runs as its attention reads them: the runs' shared slots back
+    to back, each run's length, and its shift (prompt start - compile position: the keys are
+    stored rotated at the compile position)."""
+    slots: torch.Tensor  # int32, on the pool's device
+    lengths: list[int]
+    shifts: torch.Tensor  # int64 (runs,)
+    cos_sin: torch.Tensor | None = None  # the queries' rotation by -shift, set where the model's RoPE is known
+
+
 class LinkRequest:
     def __init__(self, hint: LinkHint, token_ids: array):
         self.hint = hint
-        self.prompt = token_ids  # prompt order; the request's own origin_input_ids get the row order
+        self.prompt = token_ids  # prompt order; the request's own origin_input_ids get the row's tokens
         self.layout: RowLayout | None = None
+        self.shared: SharedRuns | None = None
         self.doc_nodes: list = []
-        self.doc_slots: list = []
         self.locked: list = []
-        self.pending_copy: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.admitted = False  # taken into a prefill batch, documents locked
-        self.materialized = False  # private slots in the row
+        self.prepared = False  # its extend (the link pass) was prepared
         self.extending = False  # the next extend forward is this request's link pass
 
     # ------------------------------------------------------------- scheduling
@@ -98,17 +109,22 @@ class LinkRequest:
             if node is not None:
                 cache.dec_lock_ref(node)
         cached = [(start, end - start, j) for j, ((start, end), node) in enumerate(zip(docs, nodes)) if node is not None]
-        self.layout = plan_rows(plan_spans(len(ids), cached, self.hint.k), len(exact))
+        self.layout = layout = plan_rows(plan_spans(len(ids), cached, self.hint.k), len(exact))
         self.doc_nodes = nodes
-        self.doc_slots = [cache.document_slots(n) if n is not None else None for n in nodes]
-        fill = ids[self.layout.order]
-        req.origin_input_ids = array("q", fill[:len(self.prompt)].tolist())
+        self.shared = self._shared_runs(cache, exact.device) if layout.cached_runs else None
+        fill = ids[layout.order]
+        req.origin_input_ids = array("q", fill[:int((layout.order < len(self.prompt)).sum())].tolist())
         req.full_untruncated_fill_ids = array("q", fill.tolist())
-        # Stand-ins of the right length; `materialize` puts the re-rotated copies there.
-        shared = [self.doc_slots[r.doc][r.offset:r.offset + r.length] for r in self.layout.cached_runs]
-        prefix = torch.cat([exact.to(torch.int64), *[s.to(torch.int64) for s in shared]])
-        return MatchResult(device_indices=prefix, last_device_node=last_node, last_host_node=last_node,
+        return MatchResult(device_indices=exact.to(torch.int64), last_device_node=last_node, last_host_node=last_node,
                            best_match_node=last_node, cache_protected_len=len(exact))
+
+    def _shared_runs(self, cache, device) -> SharedRuns:
+        runs = self.layout.cached_runs
+        docs = {r.doc: cache.document_slots(self.doc_nodes[r.doc]) for r in runs}
+        slots = torch.cat([docs[r.doc][r.offset:r.offset + r.length] for r in runs]).to(device, torch.int32)
+        # a document token at offset t was compiled at position t (+ the sinks before it)
+        shifts = torch.tensor([r.start - r.offset - self.hint.sink for r in runs], dtype=torch.int64)
+        return SharedRuns(slots, [r.length for r in runs], shifts)
 
     def still_matched(self, cache, req) -> bool:
         """False when a node found at match time was evicted since (match again)."""
@@ -133,27 +149,18 @@ class LinkRequest:
             cache.dec_lock_ref(node)
         self.locked, self.admitted = [], False
 
-    def materialize(self, cache, req) -> None:
-        """Before the extend: private slots for the reused tokens (the copy runs on the
-        forward stream, see `copy_pending`)."""
-        runs = self.layout.cached_runs
-        self.materialized = self.extending = True
-        if not runs:
-            return
-        dst = cache.alloc_slots(self.layout.private_tokens)
-        if dst is None:
-            raise RuntimeError("epic: KV pool exhausted while linking (admission accounted for it)")
-        src = torch.cat([self.doc_slots[r.doc][r.offset:r.offset + r.length].to(torch.int64) for r in runs])
-        # a document token at offset t was compiled at position t (+ the sinks before it)
-        delta = torch.cat([torch.full((r.length,), r.start - r.offset - self.hint.sink, dtype=torch.int64)
-                           for r in runs])
-        self.pending_copy = (src.to(dst.device), dst, delta.to(dst.device))
-        req.prefix_indices = torch.cat([req.prefix_indices[:self.layout.exact_prefix_len], dst.to(torch.int64)])
+    def start_link_pass(self, req) -> None:
+        """Before the extend: the next forward is this request's link pass. SGLang reports the
+        reused document tokens as cached, beside the exact prefix (once, as it counts its own)."""
+        self.prepared = self.extending = True
+        if not req.retracted_stain:
+            req.cached_tokens += self.layout.reused_tokens
 
-    def take_pending_copy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(src, dst, delta) of the reused tokens still to copy into this request's slots."""
-        copy, self.pending_copy = self.pending_copy, None
-        return copy
+    @property
+    def position_shift(self) -> int:
+        """Prompt position minus row slot of every token past the prompt's last reused one
+        (the generated tokens: SGLang numbers them by their row slot)."""
+        return self.layout.reused_tokens
 
     # ------------------------------------------------------------- end
     def release(self, cache, req, kv_len: int) -> None:
@@ -172,5 +179,5 @@ class LinkRequest:
         cache.token_to_kv_pool_allocator.free(row[torch.from_numpy(np.flatnonzero(owned)).to(row.device)])
         cache.dec_lock_ref(req.last_node)
         self._unlock(cache)
-        self.doc_nodes, self.doc_slots, self.layout, self.pending_copy = [], [], None, None
-        self.materialized = self.extending = False
+        self.doc_nodes, self.layout, self.shared = [], None, None
+        self.prepared = self.extending = False
