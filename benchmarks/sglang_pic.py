@@ -14,7 +14,10 @@
    not depend on weight values): client-side TTFT over HTTP of RAG prompts (512-token
    documents, 64-token question) whose documents are cached but whose 32-token head is new:
    SGLang's full prefill (a prefix miss), SGLang's exact prefix hit with 64 new tokens
-   (the same prompt with another question), legolink-16 and naive through the plugin.
+   (the same prompt with another question), legolink-16 and naive through the plugin; the KV
+   slots a linked request holds; decode steps over the documents read in place against
+   SGLang's decode over its own exact KV (batches 1 / 8 / 32 at the largest context).
+3. load: the RAG load over a 1,000-document corpus, compiled whole before the linked run.
 Writes its tables to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -282,11 +285,59 @@ def prompt(docs: list[Segment], seed: int, head: int = 32, question: int = 64) -
     return [Segment(ids(head))] + docs + [Segment(ids(question))]
 
 
-def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int) -> list[str]:
-    one = {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True}
+def batch_seconds(url: str, bodies: list[dict]) -> float:
+    """Wall time of `bodies` sent at once."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        list(pool.map(lambda b: generate(url, b), bodies))
+    return time.perf_counter() - t0
+
+
+def decode_step_ms(url: str, bodies_of, batch: int, steps: int = 64) -> float:
+    """Per-step decode time of `batch` concurrent requests: (time of 1 + `steps` tokens - time
+    of 1 token) / steps, each the median of three; `bodies_of(params, round)` builds the batch."""
+    def timed_batch(tokens: int, round_: int) -> float:
+        params = {"max_new_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
+        return batch_seconds(url, bodies_of(params, round_))
+    timed_batch(1 + steps, -1)  # warm-up (the CUDA graph of this batch size)
+    one = statistics.median(timed_batch(1, r) for r in range(3))
+    many = statistics.median(timed_batch(1 + steps, 3 + r) for r in range(3))
+    return (many - one) / steps * 1000
+
+
+def decode(url: str, docs: list[Segment], batches: list[int], seed: int) -> list[str]:
+    """SGLang's decode over its own exact KV (requests sharing one cached prefix: the same
+    documents, each its own question) against linked requests over the same documents read in
+    place (legolink-16, each its own head and question), and the KV slots each linked request
+    holds (its row: SGLang's `prompt_tokens` + the generated tokens)."""
+    ctx = sum(len(d) for d in docs) + 32 + 64
+    base = prompt(docs, seed)
+    generate(url, client.generate_body(base, "fr", {"max_new_tokens": 1}))  # the exact prefix, cached
     rows = []
+    for batch in batches:
+        exact = decode_step_ms(url, lambda params, r: [client.generate_body(
+            base[:-1] + prompt([], seed + 100 * r + i)[-1:], "fr", params) for i in range(batch)], batch)
+        linked = decode_step_ms(url, lambda params, r: [client.generate_body(
+            prompt(docs, seed + 10_000 + 100 * r + i), "legolink-16", params) for i in range(batch)], batch)
+        rows.append(f"| {ctx:,} | {batch} | {exact:.2f} | {linked:.2f} | {linked / exact:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def private_slots(url: str, docs: list[Segment], seed: int) -> str:
+    segs = prompt(docs, seed)
+    out = generate(url, client.generate_body(segs, "legolink-16", {"max_new_tokens": 16, "ignore_eos": True}))
+    meta, n = out["meta_info"], sum(len(s) for s in segs)
+    return (f"| {n:,} | {n - meta['cached_tokens']:,} | {meta['prompt_tokens']:,} | {meta['completion_tokens']} | "
+            f"{meta['prompt_tokens'] + meta['completion_tokens']:,} |")
+
+
+def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int,
+          decode_batches: list[int]) -> tuple[list[str], list[str], list[str]]:
+    one = {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True}
+    rows, decode_rows, slot_rows = [], [], []
     flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--context-length", str(max(contexts) + 2048),
-             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "16"]
+             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", str(max([16, *decode_batches]))]
     with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags,
                       log_path=logs / "sglang_speed.log") as url:
         seed = 1000
@@ -309,8 +360,12 @@ def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int) -> lis
             rows.append(f"| {ctx:,} | {n_docs} | {m['fr']:,.1f} | {m['hit']:,.1f} | {m['legolink-16']:,.1f} | "
                         f"{m['naive']:,.1f} | {m['fr'] / m['legolink-16']:.1f}x | {m['legolink-16'] / m['hit']:.2f}x |")
             print(rows[-1], flush=True)
+            slot_rows.append(private_slots(url, docs, seed + 40_000))
+            print(slot_rows[-1], flush=True)
+            if ctx == max(contexts) and decode_batches:
+                decode_rows = decode(url, docs, decode_batches, seed + 50_000)
             requests.post(url + "/flush_cache", timeout=60)
-    return rows
+    return rows, decode_rows, slot_rows
 
 
 # ----------------------------------------------------------------- 3. load
@@ -327,18 +382,21 @@ class RagLoad:
         self.weights = weights
         self.compiled = client.CompiledDocuments()
         self.lock = threading.Lock()
+        self.compiled_on_clock = 0  # documents compiled during a run (never compiled, or evicted)
+        self.served, self.all_resident = 0, 0  # linked requests; those that found every document cached
         self.compiler = ThreadPoolExecutor(max_workers=32)
 
-    def compile(self, docs: list[Segment]) -> None:
+    def compile(self, docs: list[Segment], on_clock: bool = True) -> None:
         """Compile documents concurrently (SGLang batches their prefills)."""
         with self.lock:
             docs = self.compiled.missing(docs)
             self.compiled.add(docs)
+            self.compiled_on_clock += len(docs) if on_clock else 0
         list(self.compiler.map(lambda body: generate(self.url, body), client.compile_bodies(docs)))
 
     def precompile(self, count: int) -> None:
         """The `count` most popular documents, as ingestion would (the corpus is ranked by popularity)."""
-        self.compile(self.corpus[:count])
+        self.compile(self.corpus[:count], on_clock=False)
 
     def prompt(self) -> list[Segment]:
         picked: list[int] = []
@@ -365,7 +423,8 @@ class RagLoad:
         if self.policy != "fr":
             cached = json.loads(last[5:])["meta_info"]["cached_tokens"]
             with self.lock:
-                self.compiled.confirm(segs, self.policy, cached)
+                self.served += 1
+                self.all_resident += self.compiled.confirm(segs, self.policy, cached)
         return ttft
 
     def run(self, rate: float, n: int) -> tuple[float, float, float]:
@@ -383,9 +442,9 @@ class RagLoad:
 
 
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo_s: float,
-         precompiled: int) -> tuple[list[str], dict[str, float]]:
+         precompiled: int) -> tuple[list[str], dict[str, float], str]:
     flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--context-length", "8192",
-             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "64"]
+             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "128"]
     corpus = [s for s in segments(1000, 512, 0, 0, LLAMA_8B["vocab_size"], seed=7) if s.document is not None]
     rows, best = [], {}
     with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags,
@@ -394,6 +453,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo
             runner = RagLoad(url, corpus, policy, seed=11)
             if policy != "fr":
                 runner.precompile(precompiled)
+                linked = runner
             runner.run(policy_rates[0], 16)  # warm-up
             for rate in policy_rates:
                 p50, p90, achieved = runner.run(rate, n)
@@ -405,7 +465,9 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo
                     best[policy] = max(best.get(policy, 0.0), achieved)
                 else:
                     break
-    return rows, best
+    residency = (f"Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
+                 f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile.")
+    return rows, best, residency
 
 
 def main() -> None:
@@ -415,8 +477,10 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the tp part")
     ap.add_argument("--requests", type=int, default=48, help="requests per load rate")
     ap.add_argument("--fr-rates", type=float, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--precompile", type=int, default=600, help="most popular documents compiled before the run")
-    ap.add_argument("--epic-rates", type=float, nargs="+", default=[8, 16, 24, 32, 48, 64])
+    ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
+    ap.add_argument("--epic-rates", type=float, nargs="+", default=[16, 32, 48, 64, 96, 128])
+    ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32],
+                    help="decode batch sizes timed at the largest context (none: skip)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()))
@@ -430,8 +494,9 @@ def main() -> None:
 Card: {machine()}. SGLang 0.5.16, FlashInfer attention, `--radix-cache-backend epic` vs no plugin.
 
 Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question; 16 greedy tokens.
-The two runtimes use different kernels (SGLang stores rotated keys, the plugin re-rotates document
-keys in fp32 and rounds them to bf16; the in-process engine rotates in FlashInfer's fused RoPE), so fr's
+The two runtimes use different kernels (SGLang stores rotated keys and the plugin reads documents in
+place, rotating each cached run's queries back by the run's shift in fp32, rounded to bf16; the in-process
+engine rotates in FlashInfer's fused RoPE), so fr's
 gap between them is the bf16 tolerance; the widened weights (std 0.08) make logits peaky and amplify it.
 
 | check | result |
@@ -463,7 +528,7 @@ reductions, so fr's own gap between the two servers is the tolerance the linked 
 {chr(10).join(rows)}
 """)
     if "speed" in parts:
-        rows = speed(args.tokenizer, args.logs, args.contexts, args.repeats)
+        rows, decode_rows, slot_rows = speed(args.tokenizer, args.logs, args.contexts, args.repeats, args.decode_batches)
         write_section("sglang-plugin-speed", f"""## SGLang plugin on GPU: TTFT over HTTP (Llama-3-8B shape, dummy bf16 weights)
 
 Card: {machine()}. One SGLang 0.5.16 server with the plugin (FlashInfer attention).
@@ -475,10 +540,27 @@ prefix hit = SGLang's own exact prefix cache with 64 new tokens (same prompt, an
 | context | docs | SGLang full prefill ms | SGLang prefix hit ms | legolink-16 ms | naive ms | fr / lego | lego / hit |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+KV slots a linked request holds (legolink-16, 16 generated tokens): its row, SGLang's `prompt_tokens`
+(the private prompt tokens: the exact prefix and the recomputed ones) + the generated tokens; the
+documents' tokens are read in place from their shared slots.
+
+| prompt tokens | recomputed (prompt - cached_tokens) | row prompt tokens | generated | KV slots held |
+|---|---|---|---|---|
+{chr(10).join(slot_rows)}
+
+Decode over the documents: per-step time of a batch of concurrent requests, (time for 65 tokens -
+time for 1) / 64, median of three. SGLang exact KV = requests sharing one cached exact prefix (the
+documents), each its own question (SGLang's decode CUDA graphs); linked = legolink-16 requests over
+the same documents read in place, each its own head and question.
+
+| context | batch | SGLang exact KV ms/step | linked, shared documents ms/step | linked / exact |
+|---|---|---|---|---|
+{chr(10).join(decode_rows)}
 """)
     if "load" in parts:
-        rows, best = load(args.tokenizer, args.logs, {"fr": args.fr_rates, "legolink-16": args.epic_rates},
-                          args.requests, 0.2, args.precompile)
+        rows, best, residency = load(args.tokenizer, args.logs, {"fr": args.fr_rates, "legolink-16": args.epic_rates},
+                                     args.requests, 0.2, args.precompile)
         ratio = best.get("legolink-16", 0) / best["fr"] if best.get("fr") else float("nan")
         write_section("sglang-plugin-load", f"""## SGLang plugin on GPU: RAG load (Llama-3-8B shape, dummy bf16 weights)
 
@@ -486,9 +568,9 @@ Card: {machine()}. One SGLang 0.5.16 server with the plugin; a corpus of 1,000 d
 each request: a shared 32-token head, 8 documents by Zipf popularity (s = 1), a new 64-token question,
 32 output tokens, streamed; Poisson arrivals, {args.requests} requests per rate (after a warm-up of 16).
 `fr` requests are plain SGLang (exact prefix caching), run first; then the {args.precompile} most popular
-documents are compiled (as ingestion does; the pool holds about 430K tokens, the corpus is 512K), and
-legolink-16 requests link them, compiling on the clock any document the client has not compiled or a
-response showed evicted. A rate passes when p90 TTFT <= 200 ms.
+documents are compiled (as ingestion does; the corpus is 512K tokens), and legolink-16 requests link
+them in place, compiling on the clock any document the client has not compiled or a response showed
+evicted. A rate passes when p90 TTFT <= 200 ms. {residency}
 
 | mode | offered req/s | achieved req/s | TTFT p50 ms | TTFT p90 ms | p90 <= 200 ms |
 |---|---|---|---|---|---|
