@@ -1,4 +1,5 @@
-"""One Triton kernel: copy KV rows across every layer, rotating the keys on the way.
+"""Two Triton kernels: copy KV rows across every layer, rotating the keys on the way; and
+gather rows of one buffer rotated (`rotate_rows`: the SGLang plugin's queries of a cached run).
 
 Placing a cached document at a new position is `K[dst] = rotate(K[src], angle)` and
 `V[dst] = V[src]` for each of its tokens in every layer. In torch that is about ten
@@ -19,17 +20,8 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 
 @triton.jit
-def _rotate_copy_kernel(k_src, v_src, k_dst, v_dst,  # int64 address tables, one entry per layer
-                        src_rows, dst_rows, cos_sin,  # (n,) (n,) (n, ROT) fp32 as [cos | sin]
-                        DTYPE: tl.constexpr, ROW: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK: tl.constexpr, VALUES: tl.constexpr):
-    token = tl.program_id(0)
-    layer = tl.program_id(1)
-    ptr = tl.pointer_type(DTYPE)
-    src = tl.load(src_rows + token).to(tl.int64) * ROW
-    dst = tl.load(dst_rows + token).to(tl.int64) * ROW
-    offs = tl.arange(0, BLOCK)
-    live = offs < ROW
+def _rotated(row, cos_sin, offs, live, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr):
+    """The row at `row` (fp32) rotated by its angles [cos | sin] at `cos_sin`; dims past ROT as they are."""
     dim = offs % HEAD_DIM
     half: tl.constexpr = ROT // 2
     if NEOX:  # rotate-half: pairs (i, i + ROT/2)
@@ -41,15 +33,39 @@ def _rotate_copy_kernel(k_src, v_src, k_dst, v_dst,  # int64 address tables, one
         freq = dim // 2
         sign = tl.where(dim % 2 == 0, -1.0, 1.0)
     rotated = live & (dim < ROT)
-    k_in = tl.load(k_src + layer).to(ptr) + src
-    x = tl.load(k_in + offs, mask=live).to(tl.float32)
-    pair = tl.load(k_in + offs - dim + partner, mask=rotated, other=0.0).to(tl.float32)
-    cos = tl.load(cos_sin + token * ROT + freq, mask=rotated, other=1.0)
-    sin = tl.load(cos_sin + token * ROT + half + freq, mask=rotated, other=0.0)
-    tl.store(tl.load(k_dst + layer).to(ptr) + dst + offs, (x * cos + sign * pair * sin).to(DTYPE), mask=live)
-    if VALUES:
-        value = tl.load(tl.load(v_src + layer).to(ptr) + src + offs, mask=live)
-        tl.store(tl.load(v_dst + layer).to(ptr) + dst + offs, value, mask=live)
+    x = tl.load(row + offs, mask=live).to(tl.float32)
+    pair = tl.load(row + offs - dim + partner, mask=rotated, other=0.0).to(tl.float32)
+    cos = tl.load(cos_sin + freq, mask=rotated, other=1.0)
+    sin = tl.load(cos_sin + half + freq, mask=rotated, other=0.0)
+    return x * cos + sign * pair * sin
+
+
+@triton.jit
+def _rotate_copy_kernel(k_src, v_src, k_dst, v_dst,  # int64 address tables, one entry per layer
+                        src_rows, dst_rows, cos_sin,  # (n,) (n,) (n, ROT) fp32 as [cos | sin]
+                        DTYPE: tl.constexpr, ROW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    layer = tl.program_id(1)
+    ptr = tl.pointer_type(DTYPE)
+    src = tl.load(src_rows + token).to(tl.int64) * ROW
+    dst = tl.load(dst_rows + token).to(tl.int64) * ROW
+    offs = tl.arange(0, BLOCK)
+    live = offs < ROW
+    key = _rotated(tl.load(k_src + layer).to(ptr) + src, cos_sin + token * ROT, offs, live, HEAD_DIM, ROT, NEOX)
+    tl.store(tl.load(k_dst + layer).to(ptr) + dst + offs, key.to(DTYPE), mask=live)
+    value = tl.load(tl.load(v_src + layer).to(ptr) + src + offs, mask=live)
+    tl.store(tl.load(v_dst + layer).to(ptr) + dst + offs, value, mask=live)
+
+
+@triton.jit
+def _rotate_rows_kernel(x, out, rows, cos_sin, ROW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        ROT: tl.constexpr, NEOX: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    live = offs < ROW
+    y = _rotated(x + tl.load(rows + i).to(tl.int64) * ROW, cos_sin + i * ROT, offs, live, HEAD_DIM, ROT, NEOX)
+    tl.store(out + i.to(tl.int64) * ROW + offs, y.to(out.dtype.element_ty), mask=live)
 
 
 @functools.lru_cache(maxsize=256)
@@ -63,18 +79,14 @@ def address_table(buffers: list[torch.Tensor]) -> torch.Tensor:
     return _device_table(tuple(b.data_ptr() for b in buffers), buffers[0].device)
 
 
-def rotate_copy(k_src: list[torch.Tensor], v_src: list[torch.Tensor] | None, k_dst: list[torch.Tensor],
-                v_dst: list[torch.Tensor] | None, src: torch.Tensor, dst: torch.Tensor, cos_sin: torch.Tensor,
+def rotate_copy(k_src: list[torch.Tensor], v_src: list[torch.Tensor], k_dst: list[torch.Tensor],
+                v_dst: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor, cos_sin: torch.Tensor,
                 is_neox_style: bool = True) -> None:
     """For each layer l and token i: k_dst[l][dst[i]] = rotate(k_src[l][src[i]]) and
-    v_dst[l][dst[i]] = v_src[l][src[i]] (no values: rotate rows of one kind, e.g. queries).
-    Buffers: contiguous (rows, heads, head_dim), one dtype. cos_sin: (tokens, rotary_dim)
-    fp32, cos then sin of each token's angles (rotary dims past rotary_dim are copied as they are)."""
+    v_dst[l][dst[i]] = v_src[l][src[i]]. Buffers: contiguous (rows, heads, head_dim), one
+    dtype. cos_sin: (tokens, rotary_dim) fp32, cos then sin of each token's angles (rotary
+    dims past rotary_dim are copied as they are)."""
     first = k_src[0]
-    values = v_src is not None
-    if values != (v_dst is not None):
-        raise ValueError("rotate_copy copies values from and to buffers, or neither")
-    v_src, v_dst = (v_src, v_dst) if values else (k_src, k_dst)  # unread stand-ins
     buffers = [*k_src, *v_src, *k_dst, *v_dst]
     if any(not b.is_contiguous() or b.dtype != first.dtype or b.shape[1:] != first.shape[1:] for b in buffers):
         raise ValueError("rotate_copy needs contiguous buffers of one dtype and row shape")
@@ -88,4 +100,18 @@ def rotate_copy(k_src: list[torch.Tensor], v_src: list[torch.Tensor] | None, k_d
         address_table(k_src), address_table(v_src), address_table(k_dst), address_table(v_dst),
         src, dst, cos_sin.float().contiguous(),
         DTYPE=_TL_DTYPES[first.dtype], ROW=heads * head_dim, HEAD_DIM=head_dim, ROT=rot,
-        NEOX=is_neox_style, BLOCK=triton.next_power_of_2(heads * head_dim), VALUES=values)
+        NEOX=is_neox_style, BLOCK=triton.next_power_of_2(heads * head_dim))
+
+
+def rotate_rows(x: torch.Tensor, rows: torch.Tensor, cos_sin: torch.Tensor, is_neox_style: bool = True) -> torch.Tensor:
+    """out[i] = rotate(x[rows[i]]) by the angles cos_sin[i] (as `rotate_copy`'s): a gathered,
+    rotated copy of rows of one buffer (queries), one launch, no address table to upload."""
+    if not x.is_contiguous() or x.dtype not in _TL_DTYPES:
+        raise ValueError(f"rotate_rows needs a contiguous buffer of {list(_TL_DTYPES)}")
+    out = torch.empty((rows.numel(), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    if rows.numel():
+        row = x[0].numel()
+        _rotate_rows_kernel[(rows.numel(),)](x, out, rows, cos_sin.float().contiguous(), ROW=row, HEAD_DIM=x.shape[-1],
+                                             ROT=cos_sin.shape[-1], NEOX=is_neox_style,
+                                             BLOCK=triton.next_power_of_2(row))
+    return out

@@ -25,10 +25,12 @@ from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
 @dataclass
 class Entries:
     """One paged-prefill wrapper's plan: query rows and pool slots of every entry (an
-    entry's own queries are its last keys: causal alignment is bottom-right)."""
-    qo_indptr: torch.Tensor  # int32, device
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
+    entry's own queries are its last keys: causal alignment is bottom-right). The offsets stay
+    on the host: FlashInfer plans from host copies, and one read back from the device would
+    wait for the forward still running (SGLang overlaps planning with it)."""
+    qo_indptr: torch.Tensor  # int32, host
+    kv_indptr: torch.Tensor  # int32, host
+    kv_indices: torch.Tensor  # int32, device
 
 
 @dataclass
@@ -63,9 +65,9 @@ class _EntryList:
     def build(self, req_to_token: torch.Tensor, device) -> Entries | None:
         if not self.qo_lens:
             return None
-        kv_indices = req_to_token[torch.from_numpy(np.concatenate(self.pool_rows)).to(device),
-                                  torch.from_numpy(np.concatenate(self.kv_rows)).to(device)].to(torch.int32)
-        return Entries(_indptr(self.qo_lens, device), _indptr([len(r) for r in self.kv_rows], device), kv_indices)
+        kv_indices = req_to_token[_to(np.concatenate(self.pool_rows), device),
+                                  _to(np.concatenate(self.kv_rows), device)].to(torch.int32)
+        return Entries(_indptr(self.qo_lens), _indptr([len(r) for r in self.kv_rows]), kv_indices)
 
 
 @dataclass
@@ -78,7 +80,7 @@ class _PartList:
     def add(self, shared: SharedRuns, spans: list[tuple[int, int]], rope: RopeTable) -> None:
         """Every run of `shared` (each has queries after it: the prompt's last token is computed)."""
         if shared.cos_sin is None:  # once per request: decode steps reuse it
-            shared.cos_sin = torch.cat(rope.angles(-shared.shifts.to(rope.cos_sin_cache.device)), dim=-1)
+            shared.cos_sin = torch.cat(rope.angles(-shared.shifts.to(rope.cos_sin_cache.device, non_blocking=True)), -1)
         self.spans += spans
         self.kv_lens += shared.lengths
         self.slots.append(shared.slots)
@@ -88,14 +90,19 @@ class _PartList:
         if not self.spans:
             return None
         queries = [b - a for a, b in self.spans]
-        entries = Entries(_indptr(queries, device), _indptr(self.kv_lens, device), torch.cat(self.slots).to(device))
-        repeats = torch.tensor(queries, device=device)
-        cos_sin = torch.repeat_interleave(torch.cat(self.angles).to(device), repeats, dim=0, output_size=sum(queries))
+        entries = Entries(_indptr(queries), _indptr(self.kv_lens), torch.cat(self.slots).to(device))
+        cos_sin = torch.repeat_interleave(torch.cat(self.angles).to(device), _to(np.asarray(queries), device), dim=0,
+                                          output_size=sum(queries))
         return SharedParts(entries, cos_sin, MergeIndex.build(self.spans, device))
 
 
-def _indptr(lens: list[int], device) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)).to(device)
+def _indptr(lens: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+
+
+def _to(array: np.ndarray, device) -> torch.Tensor:
+    """A host array on the device without waiting for the stream (a blocking copy would)."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def batch_links(batch) -> dict[int, LinkRequest]:
@@ -148,7 +155,9 @@ class LinkWrapper:
     def forward(self, q: torch.Tensor, kv_cache, **kwargs) -> torch.Tensor:
         out, lse = self.own.forward_return_lse(q, kv_cache, **kwargs)
         rotated = rotated_rows(self.rope, q, self.parts.merge.query_rows, self.parts.cos_sin)
-        shared = self.shared_wrapper.forward_return_lse(rotated, kv_cache, **{**kwargs, "causal": False})
+        if "causal" in kwargs:  # extend (a decode wrapper takes no mask)
+            kwargs = {**kwargs, "causal": False}
+        shared = self.shared_wrapper.forward_return_lse(rotated, kv_cache, **kwargs)
         merge_into(out, lse, *shared, self.parts.merge)
         return out
 
@@ -156,8 +165,10 @@ class LinkWrapper:
 def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
     """Extend: plan the backend's paged prefill wrapper with the local entries (no ragged
     pass: SGLang then writes the new KV before attending). Decode: SGLang has planned its own
-    wrapper. Then, when runs are reused, a wrapper of ours for them (FlashInfer picks FA3 on
-    Hopper) and the merge around both."""
+    wrapper. Then, when runs are reused, a wrapper of ours for them (extend: a paged prefill,
+    FlashInfer picks FA3 on Hopper; decode: one query per entry, a decode wrapper) and the
+    merge around both."""
+    import flashinfer
     from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata, PrefillMetadata
 
     if backend.num_wrappers != 1:
@@ -169,21 +180,32 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
         own = backend.prefill_wrappers_paged[0]
         _plan(own, backend, plan.local)
     if plan.shared is not None:
-        shared = getattr(backend, "epic_shared_wrapper", None)
-        if shared is None:
-            import flashinfer
-
-            shared = backend.epic_shared_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                backend.workspace_buffer, "NHD")
-        _plan(shared, backend, plan.shared.entries, causal=False)
+        entries, updater = plan.shared.entries, backend.indices_updater_prefill
+        if decode:
+            shared = getattr(backend, "epic_shared_decode", None)
+            if shared is None:
+                shared = backend.epic_shared_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                    backend.workspace_buffer, "NHD", use_tensor_cores=getattr(backend, "decode_use_tensor_cores", True))
+            shared.begin_forward(entries.kv_indptr, entries.kv_indices, _ones(entries), updater.num_qo_heads,
+                                 updater.num_kv_heads, updater.head_dim, 1, q_data_type=updater.q_data_type,
+                                 data_type=updater.data_type, non_blocking=True)
+        else:
+            shared = getattr(backend, "epic_shared_prefill", None)
+            if shared is None:
+                shared = backend.epic_shared_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                    backend.workspace_buffer, "NHD")
+            _plan(shared, backend, entries, causal=False)
         own = LinkWrapper(own, shared, plan.shared, plan.rope)
     backend.forward_metadata = DecodeMetadata([own]) if decode else PrefillMetadata([own], False, False)
 
 
+def _ones(entries: Entries) -> torch.Tensor:
+    """Every page's last length, page size 1."""
+    return torch.ones(len(entries.kv_indptr) - 1, dtype=torch.int32, device=entries.kv_indices.device)
+
+
 def _plan(wrapper, backend, entries: Entries, **kwargs) -> None:
     updater = backend.indices_updater_prefill
-    count = len(entries.qo_indptr) - 1
-    wrapper.begin_forward(entries.qo_indptr, entries.kv_indptr, entries.kv_indices,
-                          torch.ones(count, dtype=torch.int32, device=entries.kv_indices.device),
+    wrapper.begin_forward(entries.qo_indptr, entries.kv_indptr, entries.kv_indices, _ones(entries),
                           updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
                           q_data_type=updater.q_data_type, kv_data_type=updater.data_type, non_blocking=True, **kwargs)

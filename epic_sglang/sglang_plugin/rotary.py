@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding, apply_rotary_emb
 
-from epic_sglang.rotate_copy import rotate_copy
+from epic_sglang.rotate_copy import rotate_rows
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,5 @@ def rotated_rows(rope: RopeTable, x: torch.Tensor, rows: torch.Tensor, cos_sin: 
     """x[rows] (x: (tokens, heads, head_dim)), row i rotated by the angles cos_sin[i]
     ([cos | sin], fp32). On GPU one Triton launch; on CPU (tests) torch."""
     if x.is_cuda:
-        out = torch.empty((rows.numel(), *x.shape[1:]), dtype=x.dtype, device=x.device)
-        rotate_copy([x.contiguous()], None, [out], None, rows, torch.arange(rows.numel(), device=x.device),
-                    cos_sin, rope.is_neox_style)
-        return out
+        return rotate_rows(x.contiguous(), rows, cos_sin, rope.is_neox_style)
     return rope.rotate(x[rows], *cos_sin.chunk(2, dim=-1))
