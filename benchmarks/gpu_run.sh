@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_run.sh profile [gpu_profile.py args...]
 #   bash benchmarks/gpu_run.sh link [gpu_link_attention.py args...]   # link attention alone
 #   bash benchmarks/gpu_run.sh sglang [sglang_pic.py args...]   # real SGLang server + the plugin
+#   bash benchmarks/gpu_run.sh sglang-profile [sglang_profile.py args...]   # a linked request under SGLang's profiler
 #   bash benchmarks/gpu_run.sh cache   # only the JIT caches into $OUT
 #   bash benchmarks/gpu_run.sh warm [gpu_warm.py args...]   # compile a model shape's kernels ahead
 #   bash benchmarks/gpu_run.sh accuracy [accuracy.py args...]   # real weights (../shared/gpu-kit/WEIGHTS.md,
@@ -57,6 +58,7 @@ case "$MODE" in
   link) run_script gpu_link_attention "$@"; rc=$? ;;
   profile) run_script gpu_profile --tokenizer "$TOK" "$@"; rc=$? ;;
   sglang) run_script sglang_pic --tokenizer "$TOK" --logs "$OUT" "$@"; rc=$? ;;
+  sglang-profile) run_script sglang_profile --tokenizer "$TOK" --logs "$OUT" "$@"; rc=$? ;;
   cache) rc=0 ;;
   warm) "$PY" benchmarks/gpu_warm.py --tokenizer "$TOK" "$@" 2>&1 | grep -v -i warn | tail -20; rc=${PIPESTATUS[0]} ;;
   accuracy) [ -d .data ] && export PYTHONPATH=$PWD/.data:$PYTHONPATH
