@@ -192,7 +192,8 @@ def link_scores(s: Scheduler, plan, req, ids: list[int], batch_row: int = 0) -> 
     positions = plan.positions[batch_row].tolist()
     q = torch.stack([s.key(seq[p], p) for p in positions])
     keys = s.kv.k_buffer[0]
-    row_positions = np.concatenate([layout.order, len(ids) + np.arange(len(req.output_ids))])
+    generated_since_link = len(seq) - layout.prompt_len  # a retracted request relinks its earlier output
+    row_positions = np.concatenate([layout.order, layout.prompt_len + np.arange(generated_since_link)])
     row = s.req_pool.req_to_token[req.req_pool_idx, :positions[-1] + 1 - layout.reused_tokens]
     scores = [{} for _ in positions]
     for j in range(len(positions)):  # the row: causal, its last len(positions) slots the queries'
@@ -363,6 +364,32 @@ def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_doc
     assert_link_scores(s, step, reqs[2], second[0], 2)
     for req in reqs:
         s.finish(req)
+
+
+def test_a_retracted_linked_request_links_again_with_its_output_computed(sglang_runtime):
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    s = Scheduler()
+    ids, spans, docs = prompt(random.Random(8))
+    for doc in docs:
+        s.compile(doc)
+    free = s.allocator.available_size()
+    req = s.request(ids, LinkHint("ns", tuple(spans), 4), max_new_tokens=8)
+    s.prefill([req])
+    s.decode_step(5)
+    s.decode_step(6)
+    release_kv_cache(req, s.cache, is_insert=False)  # what SGLang's retract_decode does
+    req.reset_for_retract()
+    assert s.allocator.available_size() == free - spans[0][0]  # only the published exact prefix stays
+    assert all(n.lock_ref == 0 for n in s.cache.document_nodes().values())
+    admitted, plan = s.prefill([req])
+    layout = req.epic_link.layout
+    assert admitted == [req] and layout.prompt_len == len(ids) + 2 and layout.exact_prefix_len == spans[0][0]
+    assert req.cached_tokens == layout.reused_tokens  # counted once, at the first link (no exact prefix yet)
+    assert_link_scores(s, plan, req, ids)  # the earlier output is computed at its positions
+    assert_link_scores(s, s.decode_step(7), req, ids)
+    s.finish(req)
+    assert s.allocator.available_size() == free - spans[0][0]
 
 
 def test_legolink0_links_documents_compiled_behind_sinks_at_their_prompt_positions(sglang_runtime):
