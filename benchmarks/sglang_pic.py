@@ -75,9 +75,9 @@ def small_checkpoint(tokenizer: Path) -> Path:
     return ckpt
 
 
-def check_prompts() -> list[list[Segment]]:
+def check_prompts(vocab: int) -> list[list[Segment]]:
     """Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question."""
-    return [segments(4, 120, 24, 16, SMALL["vocab_size"], seed=s) for s in range(6)]
+    return [segments(4, 120, 24, 16, vocab, seed=s) for s in range(6)]
 
 
 def sink_tokens(ckpt: Path) -> list[int]:
@@ -119,10 +119,14 @@ def max_logprob_gap(a: list[dict], b: list[dict]) -> float:
 
 
 # ----------------------------------------------------------------- 1. check
-def check(tokenizer: Path, logs: Path) -> list[str]:
+def check(tokenizer: Path, logs: Path, model: str | None = None) -> list[str]:
+    """`model`: an engine model name or folder (real weights, e.g. qwen2.5-0.5b unpacked by
+    ../shared/gpu-kit/weights.sh); none: the small random checkpoint."""
     from epic_sglang import Engine, Request, SamplingParams
+    from epic_sglang.models.loader import resolve_model_dir
 
-    ckpt, prompts = small_checkpoint(tokenizer), check_prompts()
+    ckpt = resolve_model_dir(model) if model else small_checkpoint(tokenizer)
+    prompts = check_prompts(json.loads((ckpt / "config.json").read_text())["vocab_size"])
     flags = ["--dtype", "bfloat16", "--mem-fraction-static", "0.5"]
     sinks = sink_tokens(ckpt)
 
@@ -164,7 +168,7 @@ def check(tokenizer: Path, logs: Path) -> list[str]:
 def tensor_parallel(tokenizer: Path, logs: Path, tp: int) -> list[str]:
     """The same link requests on plugin servers with --tp 1 and --tp `tp` (each rank holds
     its heads' share of every document's KV and links it in its own scheduler)."""
-    ckpt, prompts = small_checkpoint(tokenizer), check_prompts()
+    ckpt, prompts = small_checkpoint(tokenizer), check_prompts(SMALL["vocab_size"])
     flags = ["--dtype", "bfloat16", "--mem-fraction-static", "0.5", "--cuda-graph-max-bs", "8"]
     sinks, outs = sink_tokens(ckpt), {}
     for size in (1, tp):
@@ -475,6 +479,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json (vocab 49,152)")
     ap.add_argument("--part", choices=["check", "front", "tp", "speed", "load", "all"], nargs="+", default=["all"])
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the tp part")
+    ap.add_argument("--model", help="the check part on real weights: an engine model name or folder")
     ap.add_argument("--requests", type=int, default=48, help="requests per load rate")
     ap.add_argument("--fr-rates", type=float, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
@@ -488,8 +493,12 @@ def main() -> None:
     everything = {"check", "front", "speed", "load"} | ({"tp"} if torch.cuda.device_count() >= args.tp else set())
     parts = everything if "all" in args.part else set(args.part)
     if "check" in parts:
-        rows = check(args.tokenizer, args.logs)
-        write_section("sglang-plugin-check", f"""## SGLang plugin on GPU: correctness (small Qwen2 checkpoint, random widened weights, bf16)
+        rows = check(args.tokenizer, args.logs, args.model)
+        weights = (f"{args.model}, real weights, random-token prompts" if args.model
+                   else "small Qwen2 checkpoint, random widened weights")
+        tolerance = ("" if args.model else "; the widened weights (std 0.08) make logits peaky and amplify it")
+        write_section("sglang-plugin-check" + (f"-{args.model}" if args.model else ""),
+                      f"""## SGLang plugin on GPU: correctness ({weights}, bf16)
 
 Card: {machine()}. SGLang 0.5.16, FlashInfer attention, `--radix-cache-backend epic` vs no plugin.
 
@@ -497,7 +506,7 @@ Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question;
 The two runtimes use different kernels (SGLang stores rotated keys and the plugin reads documents in
 place, rotating each cached run's queries back by the run's shift in fp32, rounded to bf16; the in-process
 engine rotates in FlashInfer's fused RoPE), so fr's
-gap between them is the bf16 tolerance; the widened weights (std 0.08) make logits peaky and amplify it.
+gap between them is the bf16 tolerance{tolerance}.
 
 | check | result |
 |---|---|

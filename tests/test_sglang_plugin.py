@@ -600,24 +600,24 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
             out.append(torch.einsum("hk,khd->hd", weights, values[:p + 1]))
         return torch.stack(out)
 
-    for decode in (False, True):
-        seq_len = len(layout.order) + decode
+    for decoding in (False, True):
+        seq_len = len(layout.order) + decoding
         batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=0)], extend_lens=[layout.extend_len],
                                       seq_lens_cpu=torch.tensor([seq_len]), device=dev,
                                       req_to_token_pool=types.SimpleNamespace(req_to_token=row[None].int()))
-        link.extending = not decode
-        plan = attention.build_plan(batch, {0: link}, rope, decode)
+        link.extending = not decoding
+        plan = attention.build_plan(batch, {0: link}, rope, decoding)
         positions = plan.positions[0].tolist()
-        assert positions == (layout.extend_positions.tolist() if not decode else [n])
-        if decode:
+        assert positions == (layout.extend_positions.tolist() if not decoding else [n])
+        if decoding:
             own = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
             own.plan(torch.tensor([0, seq_len], dtype=torch.int32, device=dev), row[:seq_len].int(),
                      torch.ones(1, dtype=torch.int32, device=dev), q_heads, kv_heads, dim, 1,
                      q_data_type=bf16, kv_data_type=bf16)
             backend.forward_metadata = DecodeMetadata([own])
         attention.plan_flashinfer(backend, plan)
-        wrapper = (backend.forward_metadata.decode_wrappers if decode else backend.forward_metadata.prefill_wrappers)[0]
+        wrapper = (backend.forward_metadata.decode_wrappers if decoding else backend.forward_metadata.prefill_wrappers)[0]
         q = rotated(q_base[positions], torch.tensor(positions))
-        kwargs = {} if decode else {"causal": True}
+        kwargs = {} if decoding else {"causal": True}
         out = wrapper.forward(q, (k_pool, v_pool), sm_scale=scale, **kwargs)
         torch.testing.assert_close(out.float(), expected(positions), atol=2e-2, rtol=2e-2)
