@@ -162,6 +162,13 @@ class Scheduler:
         assert self.prefill([req])[0] == [req]
         self.finish(req)
 
+    def compiled_prompt(self, seed: int) -> tuple[list[int], list[tuple[int, int]], list[list[int]]]:
+        """`prompt` with its documents compiled."""
+        ids, spans, docs = prompt(random.Random(seed))
+        for doc in docs:
+            self.compile(doc)
+        return ids, spans, docs
+
     def row(self, req) -> torch.Tensor:
         return self.req_pool.req_to_token[req.req_pool_idx, :len(req.full_untruncated_fill_ids)]
 
@@ -316,9 +323,7 @@ def test_a_client_forgets_documents_a_response_shows_evicted():
 # ----------------------------------------------------------------- through SGLang's scheduler classes
 def test_linked_row_holds_only_private_tokens_and_documents_are_read_in_place_unchanged(sglang_runtime):
     s = Scheduler()
-    ids, spans, docs = prompt(random.Random(1))
-    for doc in docs:
-        s.compile(doc)
+    ids, spans, docs = s.compiled_prompt(1)
     nodes = s.cache.document_nodes()
     assert len(nodes) == 2
     shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in nodes.items()}
@@ -370,9 +375,7 @@ def test_a_retracted_linked_request_links_again_with_its_output_computed(sglang_
     from sglang.srt.mem_cache.common import release_kv_cache
 
     s = Scheduler()
-    ids, spans, docs = prompt(random.Random(8))
-    for doc in docs:
-        s.compile(doc)
+    ids, spans, docs = s.compiled_prompt(8)
     free = s.allocator.available_size()
     req = s.request(ids, LinkHint("ns", tuple(spans), 4), max_new_tokens=8)
     s.prefill([req])
@@ -416,9 +419,7 @@ def test_legolink0_links_documents_compiled_behind_sinks_at_their_prompt_positio
 
 def test_release_publishes_the_exact_prefix_frees_everything_else_and_unlocks(sglang_runtime):
     s = Scheduler()
-    ids, spans, docs = prompt(random.Random(2))
-    for doc in docs:
-        s.compile(doc)
+    ids, spans, docs = s.compiled_prompt(2)
     free_after_compile = s.allocator.available_size()
     req = s.request(ids, LinkHint("ns", tuple(spans), 4))
     s.prefill([req])
@@ -460,9 +461,7 @@ def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runti
     from radix_ext.doc_key import doc_extra_key, document_key
 
     s = Scheduler()
-    ids, spans, docs = prompt(random.Random(5))
-    for doc in docs:
-        s.compile(doc)
+    ids, spans, docs = s.compiled_prompt(5)
     key = document_key(s.cache.fingerprint, "plain", "ns", docs[0])
     s.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", docs[0][:7]), doc_extra_key(key))))
     req = s.request(ids, LinkHint("ns", tuple(spans), 4))
@@ -487,9 +486,7 @@ def test_compiling_a_cached_document_again_keeps_one_copy(sglang_runtime):
 
 def test_a_link_pass_wider_than_a_prefill_chunk_falls_back_to_a_full_prefill(sglang_runtime):
     s = Scheduler(chunk=16)
-    ids, spans, docs = prompt(random.Random(4))
-    for doc in docs:
-        s.compile(doc)
+    ids, spans, docs = s.compiled_prompt(4)
     req = s.request(ids, LinkHint("ns", tuple(spans), 4))
     s.chunk = 64
     admitted, plan = s.prefill([req])  # fits: linked
