@@ -371,6 +371,37 @@ def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_doc
         s.finish(req)
 
 
+def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_nowhere(sglang_runtime):
+    from epic_sglang.sglang_plugin import decode_graphs
+
+    s = Scheduler()
+    first, second = s.compiled_prompt(9), s.compiled_prompt(10)
+    reqs = [s.request(first[0], LinkHint("ns", tuple(first[1]), 2)), s.request(list(range(2000, 2012))),
+            s.request(second[0], LinkHint("ns", tuple(second[1]), 5))]
+    s.prefill(reqs)
+    plan = s.decode_step()
+    parts, bs = plan.shared, 4  # SGLang pads 3 requests to its captured batch size 4
+    entries = decode_graphs.graph_entries(bs)
+    padded = decode_graphs.PaddedEntries.of(parts, bs, entries)
+    assert padded.real == len(parts.spans) == 4 and decode_graphs.fits(plan, bs)
+    kv = parts.entries.kv_indptr.tolist()
+    lens = np.diff(padded.kv_indptr)
+    assert lens[:padded.real].tolist() == np.diff(kv).tolist() and (lens[padded.real:] == 1).all()
+    assert len(padded.kv_indptr) == entries + 1 and len(padded.query_rows) == len(padded.part_idx) == entries
+    # each batch row merges exactly its own runs' entries, in the order the eager merge takes them
+    merged = {r: padded.part_idx[padded.part_ptr[r]:padded.part_ptr[r + 1]].tolist() for r in range(bs)}
+    rows = parts.merge.rows.tolist()
+    ptr, idx = parts.merge.part_ptr.tolist(), parts.merge.part_idx.tolist()
+    assert merged == {r: idx[ptr[rows.index(r)]:ptr[rows.index(r) + 1]] if r in rows else [] for r in range(bs)}
+    assert all(padded.query_rows[e] == r for r, es in merged.items() for e in es)
+    assert sorted(e for es in merged.values() for e in es) == list(range(padded.real))  # padding merges nowhere
+    empty = decode_graphs.PaddedEntries.of(None, bs, entries)  # a step without links: all padding
+    assert empty.real == 0 and empty.part_ptr.tolist() == [0] * (bs + 1) and empty.kv_indptr[-1] == entries
+    assert not decode_graphs.fits(plan, 0)  # no room: the step runs eagerly
+    for req in reqs:
+        s.finish(req)
+
+
 def test_a_retracted_linked_request_links_again_with_its_output_computed(sglang_runtime):
     from sglang.srt.mem_cache.common import release_kv_cache
 
@@ -546,7 +577,8 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
     (the row's causal entry or SGLang's own decode plan; each cached run attended by the
     queries after it, rotated back by the run's shift, over the documents' shared slots, merged
     by log-sum-exp) attends each query to exactly the keys at or before its prompt position,
-    each as if rotated there: dense masked attention in fp32, within bf16."""
+    each as if rotated there: dense masked attention in fp32, within bf16; the decode step also
+    inside a CUDA graph captured over padding entries and replayed with the step's entries."""
     flashinfer = pytest.importorskip("flashinfer")
     from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata
 
@@ -618,3 +650,33 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
         kwargs = {} if decoding else {"causal": True}
         out = wrapper.forward(q, (k_pool, v_pool), sm_scale=scale, **kwargs)
         torch.testing.assert_close(out.float(), expected(positions), atol=2e-2, rtol=2e-2)
+
+    # The same decode step inside a CUDA graph (`decode_graphs`): captured over padding entries
+    # only, then refilled from the step's plan and replayed.
+    from epic_sglang.sglang_plugin import decode_graphs
+
+    backend.decode_use_tensor_cores, backend.max_context_len = True, 4 * n
+    graph = decode_graphs.captured(backend, 1, rope)
+    own = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+        paged_kv_indptr_buffer=torch.zeros(2, dtype=torch.int32, device=dev),
+        paged_kv_indices_buffer=torch.zeros(4 * n, dtype=torch.int32, device=dev),
+        paged_kv_last_page_len_buffer=torch.ones(1, dtype=torch.int32, device=dev))
+
+    def plan_own(length: int) -> None:  # SGLang's own graph wrapper over the request's row
+        own.plan(torch.tensor([0, length], dtype=torch.int32), row[:length].int(),
+                 torch.ones(1, dtype=torch.int32, device=dev), q_heads, kv_heads, dim, 1,
+                 q_data_type=bf16, kv_data_type=bf16)
+
+    plan_own(1)
+    graph.fill(backend, None)
+    q_static, wrapper = torch.zeros_like(q), graph.link_wrapper(own)
+    wrapper.forward(q_static, (k_pool, v_pool), sm_scale=scale)  # compiles the kernels outside the capture
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        out_static = wrapper.forward(q_static, (k_pool, v_pool), sm_scale=scale)
+    plan_own(seq_len)
+    graph.fill(backend, plan)
+    q_static.copy_(q)
+    cuda_graph.replay()
+    torch.testing.assert_close(out_static.float(), expected([n]), atol=2e-2, rtol=2e-2)

@@ -40,6 +40,7 @@ class SharedParts:
     entries: Entries
     cos_sin: torch.Tensor  # (gathered rows, rotary_dim) fp32 [cos | sin]
     merge: MergeIndex
+    spans: list[tuple[int, int]]  # host: the batch query rows [a, b) of each entry
 
 
 @dataclass
@@ -93,7 +94,7 @@ class _PartList:
         entries = Entries(_indptr(queries), _indptr(self.kv_lens), torch.cat(self.slots).to(device))
         cos_sin = torch.repeat_interleave(torch.cat(self.angles).to(device), _to(np.asarray(queries), device), dim=0,
                                           output_size=sum(queries))
-        return SharedParts(entries, cos_sin, MergeIndex.build(self.spans, device))
+        return SharedParts(entries, cos_sin, MergeIndex.build(self.spans, device), self.spans)
 
 
 def _indptr(lens: list[int]) -> torch.Tensor:
@@ -147,18 +148,19 @@ def apply_positions(plan: LinkAttentionPlan, positions: torch.Tensor) -> None:
 class LinkWrapper:
     """Stands where SGLang's backend expects its paged-prefill or decode wrapper: `forward`
     attends as the wrapped one does (the private rows), then every cached run with its rotated
-    queries, and merges the runs' results into the rows they belong to."""
+    queries (`merge.query_rows` rotated by `cos_sin`), and merges the runs' results into the
+    rows they belong to."""
 
-    def __init__(self, own, shared_wrapper, parts: SharedParts, rope: RopeTable):
-        self.own, self.shared_wrapper, self.parts, self.rope = own, shared_wrapper, parts, rope
+    def __init__(self, own, shared_wrapper, cos_sin: torch.Tensor, merge: MergeIndex, rope: RopeTable):
+        self.own, self.shared_wrapper, self.cos_sin, self.merge, self.rope = own, shared_wrapper, cos_sin, merge, rope
 
     def forward(self, q: torch.Tensor, kv_cache, **kwargs) -> torch.Tensor:
         out, lse = self.own.forward_return_lse(q, kv_cache, **kwargs)
-        rotated = rotated_rows(self.rope, q, self.parts.merge.query_rows, self.parts.cos_sin)
+        rotated = rotated_rows(self.rope, q, self.merge.query_rows, self.cos_sin)
         if "causal" in kwargs:  # extend (a decode wrapper takes no mask)
             kwargs = {**kwargs, "causal": False}
         shared = self.shared_wrapper.forward_return_lse(rotated, kv_cache, **kwargs)
-        merge_into(out, lse, *shared, self.parts.merge)
+        merge_into(out, lse, *shared, self.merge)
         return out
 
 
@@ -195,7 +197,7 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
                 shared = backend.epic_shared_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     backend.workspace_buffer, "NHD")
             _plan(shared, backend, entries, causal=False)
-        own = LinkWrapper(own, shared, plan.shared, plan.rope)
+        own = LinkWrapper(own, shared, plan.shared.cos_sin, plan.shared.merge, plan.rope)
     backend.forward_metadata = DecodeMetadata([own]) if decode else PrefillMetadata([own], False, False)
 
 

@@ -7,9 +7,13 @@
 |                                           | lock documents                                  |
 | `ScheduleBatch.prepare_for_extend` (before)| the link pass starts; reused tokens count as cached |
 | `ForwardBatch.init_new` (after)           | positions, the plan of the shared runs' entries |
-| `{Prefill,Decode}CudaGraphRunner.can_run_graph` | a batch with linked requests runs eagerly |
+| `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
+| `DecodeCudaGraphRunner.can_run_graph`     | a decode batch with linked requests runs eagerly,|
+|                                           | or in the graph when `decode_graphs` is on and it fits |
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
+| `DecodeCudaGraphRunner.capture` (before), `.load_batch` (around), | `decode_graphs` only: the    |
+| `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | shared entries in the graphs |
 
 Matching and release need no hook: the `epic` radix cache defers to `req.epic_link`.
 """
@@ -19,13 +23,14 @@ import logging
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from epic_sglang.sglang_plugin import attention, wire
+from epic_sglang.sglang_plugin import attention, decode_graphs, wire
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 logger = logging.getLogger(__name__)
 
 SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch"
+DECODE_GRAPHS = "sglang.srt.model_executor.runner.decode_cuda_graph_runner"
 
 
 def attach_link(result, req, *args, **kwargs):
@@ -96,17 +101,62 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
     links = attention.batch_links(batch) if mode.is_extend() or mode.is_decode() else {}
     if not links:
         return forward_batch
-    rope = getattr(model_runner, "epic_rope", None)
-    if rope is None:
-        rope = model_runner.epic_rope = RopeTable.of_model(model_runner.model)
-    plan = prepare_links(links, batch, rope, decode=mode.is_decode())
+    plan = prepare_links(links, batch, model_rope(model_runner), decode=mode.is_decode())
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
     return forward_batch
 
 
+def model_rope(model_runner) -> RopeTable:
+    rope = getattr(model_runner, "epic_rope", None)
+    if rope is None:
+        rope = model_runner.epic_rope = RopeTable.of_model(model_runner.model)
+    return rope
+
+
 def eager_for_links(original, runner, forward_batch, *args, **kwargs):
     return False if getattr(forward_batch, "epic_plan", None) is not None else original(runner, forward_batch, *args, **kwargs)
+
+
+def decode_graph_for_links(original, runner, forward_batch, *args, **kwargs):
+    plan = getattr(forward_batch, "epic_plan", None)
+    if plan is not None and not (decode_graphs.enabled() and decode_graphs.fits(plan, forward_batch.batch_size)):
+        return False
+    return original(runner, forward_batch, *args, **kwargs)
+
+
+def rope_for_capture(runner, *args, **kwargs):
+    """DecodeCudaGraphRunner.capture: the graphs' shared entries rotate by the model's RoPE."""
+    runner.attn_backend.epic_rope = model_rope(runner.model_runner)
+
+
+def replay_with_plan(original, runner, forward_batch, *args, **kwargs):
+    """DecodeCudaGraphRunner.load_batch: the step's plan reaches the backend's replay
+    planning (SGLang hands the backend a view without it)."""
+    runner.attn_backend.epic_replay_plan = getattr(forward_batch, "epic_plan", None)
+    try:
+        return original(runner, forward_batch, *args, **kwargs)
+    finally:
+        runner.attn_backend.epic_replay_plan = None
+
+
+def graph_link_metadata(original, backend, forward_batch, *args, in_capture: bool = False, **kwargs):
+    """FlashInferAttnBackend.init_forward_metadata_out_graph: at capture, the decode graph's
+    wrapper becomes a LinkWrapper over the batch size's static entries; before a replay,
+    those are refilled from the step's plan."""
+    result = original(backend, forward_batch, *args, in_capture=in_capture, **kwargs)
+    if not forward_batch.forward_mode.is_decode_or_idle():
+        return result
+    from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata
+
+    bs = forward_batch.batch_size
+    if in_capture:
+        graph = decode_graphs.captured(backend, bs, backend.epic_rope)
+        graph.fill(backend, None)
+        backend.forward_metadata = DecodeMetadata([graph.link_wrapper(backend.forward_metadata.decode_wrappers[0])])
+    else:
+        backend.epic_decode_graphs[bs].fill(backend, getattr(backend, "epic_replay_plan", None))
+    return result
 
 
 def keep_plan(result, runner, forward_batch, *args, **kwargs):
@@ -135,10 +185,17 @@ def install() -> None:
         ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", link_forward_batch, HookType.AFTER),
         ("sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
          eager_for_links, HookType.AROUND),
-        ("sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph",
-         eager_for_links, HookType.AROUND),
+        (f"{DECODE_GRAPHS}.DecodeCudaGraphRunner.can_run_graph", decode_graph_for_links, HookType.AROUND),
         ("sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch", keep_plan, HookType.AFTER),
         ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata",
          plan_link_attention, HookType.AROUND),
     ]:
         HookRegistry.register(target, hook, kind)
+    if decode_graphs.enabled():
+        for target, hook, kind in [
+            (f"{DECODE_GRAPHS}.DecodeCudaGraphRunner.capture", rope_for_capture, HookType.BEFORE),
+            (f"{DECODE_GRAPHS}.DecodeCudaGraphRunner.load_batch", replay_with_plan, HookType.AROUND),
+            ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata_out_graph",
+             graph_link_metadata, HookType.AROUND),
+        ]:
+            HookRegistry.register(target, hook, kind)

@@ -1,0 +1,132 @@
+"""Linked requests' decode steps inside SGLang's decode CUDA graphs.
+
+Off unless `EPIC_SGLANG_DECODE_GRAPHS=1`: written and tested on CPU (the padding below), not
+yet run on a GPU (issue 19). Without it a decode batch holding a linked request runs eagerly.
+
+SGLang captures one decode graph per batch size, and a graph's kernels have fixed shapes,
+while the shared runs' entries (`attention.py`) change from step to step. So each captured
+graph holds a fixed number of shared entries, `graph_entries(bs)`: a step's real entries
+first, then padding entries of one key (slot 0, SGLang's padding slot) gathered from query
+row 0 and merged into no row. The merge index covers every batch row (a row without parts
+is rewritten with its own value). A step with more entries, or a request with more than
+`MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps SGLang's graph
+wrapper around static buffers; before each replay they are refilled from the step's plan and
+the shared wrapper re-planned (host-side offsets: nothing waits for the stream).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from epic_sglang.merge_states import MergeIndex
+from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts
+from epic_sglang.sglang_plugin.rotary import RopeTable
+
+MAX_RUNS = 64  # cached runs per request a graph holds (legolink: one per document)
+MAX_ENTRIES = 4096  # shared entries per graph: the padding's cost is one rotated query row each
+
+
+def enabled() -> bool:
+    return os.environ.get("EPIC_SGLANG_DECODE_GRAPHS", "") == "1"
+
+
+def graph_entries(bs: int) -> int:
+    return min(bs * MAX_RUNS, MAX_ENTRIES)
+
+
+def fits(plan: LinkAttentionPlan | None, bs: int) -> bool:
+    """Whether a decode step of `bs` requests fits the graph of that batch size."""
+    if plan is None or plan.shared is None:
+        return True
+    return len(plan.shared.spans) <= graph_entries(bs) and plan.shared.merge.most_parts <= MAX_RUNS
+
+
+@dataclass(frozen=True)
+class PaddedEntries:
+    """Host arrays of a graph's shared entries for one step (see the module docstring)."""
+    kv_indptr: np.ndarray  # int32 (entries + 1,)
+    query_rows: np.ndarray  # int64 (entries,)
+    part_ptr: np.ndarray  # int32 (bs + 1,): batch row r's parts are part_idx[part_ptr[r]:part_ptr[r + 1]]
+    part_idx: np.ndarray  # int32 (entries,)
+    real: int  # entries [0, real) are the step's
+
+    @classmethod
+    def of(cls, parts: SharedParts | None, bs: int, entries: int) -> PaddedEntries:
+        spans = parts.spans if parts is not None else []
+        if any(b - a != 1 for a, b in spans):
+            raise ValueError("a decode step's shared entries have one query each")
+        real = len(spans)
+        rows = np.array([a for a, _ in spans], dtype=np.int64)
+        kv_lens = np.diff(parts.entries.kv_indptr.numpy()) if parts is not None else np.zeros(0, np.int64)
+        lens = np.concatenate([kv_lens, np.ones(entries - real, dtype=np.int64)])
+        counts = np.bincount(rows, minlength=bs)
+        return cls(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32),
+                   np.concatenate([rows, np.zeros(entries - real, dtype=np.int64)]),
+                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+                   np.concatenate([np.argsort(rows, kind="stable"), np.zeros(entries - real, np.int64)]).astype(np.int32),
+                   real)
+
+
+class DecodeGraph:
+    """One captured batch size's shared entries: static buffers and a cuda-graph decode wrapper."""
+
+    def __init__(self, backend, bs: int, rope: RopeTable, kv_indices: torch.Tensor):
+        import flashinfer
+
+        self.bs, self.entries, self.rope = bs, graph_entries(bs), rope
+        device = kv_indices.device
+        self.cos_sin = torch.zeros(self.entries, rope.rotary_dim, dtype=torch.float32, device=device)
+        self.merge = MergeIndex(query_rows=torch.zeros(self.entries, dtype=torch.int64, device=device),
+                                rows=torch.arange(bs, dtype=torch.int32, device=device),
+                                part_ptr=torch.zeros(bs + 1, dtype=torch.int32, device=device),
+                                part_idx=torch.zeros(self.entries, dtype=torch.int32, device=device),
+                                most_parts=MAX_RUNS)
+        self.kv_indices = kv_indices  # shared by every batch size's graph (one replays at a time)
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            backend.workspace_buffer, "NHD", use_cuda_graph=True,
+            use_tensor_cores=getattr(backend, "decode_use_tensor_cores", True),
+            paged_kv_indptr_buffer=torch.zeros(self.entries + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buffer=kv_indices,
+            paged_kv_last_page_len_buffer=torch.ones(self.entries, dtype=torch.int32, device=device))
+
+    def link_wrapper(self, own) -> LinkWrapper:
+        """What the captured forward calls: SGLang's graph wrapper and these entries."""
+        return LinkWrapper(own, self.wrapper, self.cos_sin, self.merge, self.rope)
+
+    def fill(self, backend, plan: LinkAttentionPlan | None) -> None:
+        """The step's shared entries into the static buffers (stream-ordered copies), then plan."""
+        parts = plan.shared if plan is not None else None
+        padded = PaddedEntries.of(parts, self.bs, self.entries)
+        device = self.cos_sin.device
+
+        def put(dst: torch.Tensor, src: np.ndarray) -> None:
+            dst.copy_(torch.from_numpy(src).to(device, non_blocking=True), non_blocking=True)
+
+        put(self.merge.query_rows, padded.query_rows)
+        put(self.merge.part_ptr, padded.part_ptr)
+        put(self.merge.part_idx, padded.part_idx)
+        keys = int(padded.kv_indptr[-1])
+        indices = torch.zeros(keys, dtype=torch.int32, device=device)  # padding entries read slot 0
+        if parts is not None:
+            self.cos_sin[:padded.real].copy_(parts.cos_sin, non_blocking=True)
+            indices[:parts.entries.kv_indices.numel()] = parts.entries.kv_indices
+        updater = backend.indices_updater_prefill
+        self.wrapper.begin_forward(torch.from_numpy(padded.kv_indptr), indices,
+                                   torch.ones(self.entries, dtype=torch.int32, device=device),
+                                   updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
+                                   q_data_type=updater.q_data_type, data_type=updater.data_type, non_blocking=True)
+
+
+def captured(backend, bs: int, rope: RopeTable) -> DecodeGraph:
+    """The graph of batch size `bs`, made at its capture; one key buffer for all (SGLang
+    captures the largest batch size first)."""
+    graphs = backend.__dict__.setdefault("epic_decode_graphs", {})
+    need = bs * backend.max_context_len + graph_entries(bs)  # every request's keys + the padding's
+    keys = next((g.kv_indices for g in graphs.values() if g.kv_indices.numel() >= need), None)
+    if keys is None:
+        keys = torch.zeros(need, dtype=torch.int32, device=backend.workspace_buffer.device)
+    graphs[bs] = DecodeGraph(backend, bs, rope, keys)
+    return graphs[bs]
