@@ -62,7 +62,7 @@ def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
         req.init_next_round_input(cache)
     layout = link.layout
     if adder.rem_chunk_tokens is not None and layout.extend_len > adder.rem_chunk_tokens:
-        # A link pass is never chunked (its entries span the whole row): wait for an
+        # A link pass is never chunked (its runs' entries are planned for the whole pass): wait for an
         # emptier batch, or compute the prompt in full if even an empty one is too small.
         if adder.can_run_list or has_chunked_req:
             return AddReqResult.OTHER

@@ -111,17 +111,17 @@ class LinkRequest:
         cached = [(start, end - start, j) for j, ((start, end), node) in enumerate(zip(docs, nodes)) if node is not None]
         self.layout = layout = plan_rows(plan_spans(len(ids), cached, self.hint.k), len(exact))
         self.doc_nodes = nodes
-        self.shared = self._shared_runs(cache, exact.device) if layout.cached_runs else None
+        self.shared = self._shared_runs(cache) if layout.cached_runs else None
         fill = ids[layout.order]
         req.origin_input_ids = array("q", fill[:int((layout.order < len(self.prompt)).sum())].tolist())
         req.full_untruncated_fill_ids = array("q", fill.tolist())
         return MatchResult(device_indices=exact.to(torch.int64), last_device_node=last_node, last_host_node=last_node,
                            best_match_node=last_node, cache_protected_len=len(exact))
 
-    def _shared_runs(self, cache, device) -> SharedRuns:
+    def _shared_runs(self, cache) -> SharedRuns:
         runs = self.layout.cached_runs
         docs = {r.doc: cache.document_slots(self.doc_nodes[r.doc]) for r in runs}
-        slots = torch.cat([docs[r.doc][r.offset:r.offset + r.length] for r in runs]).to(device, torch.int32)
+        slots = torch.cat([docs[r.doc][r.offset:r.offset + r.length] for r in runs]).to(torch.int32)  # on the pool's device
         # a document token at offset t was compiled at position t (+ the sinks before it)
         shifts = torch.tensor([r.start - r.offset - self.hint.sink for r in runs], dtype=torch.int64)
         return SharedRuns(slots, [r.length for r in runs], shifts)
