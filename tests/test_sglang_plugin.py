@@ -371,6 +371,50 @@ def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_doc
         s.finish(req)
 
 
+def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sglang_runtime):
+    """Property: random batches of linked requests (documents in any order and subset, random
+    k, prefixes that sometimes hit the exact-prefix tree, plain requests mixed in), each link
+    pass and two decode steps scored exactly; afterwards every document's KV is bit for bit
+    what its compile wrote and nothing is left locked."""
+    rng = random.Random(11)
+    s = Scheduler(size=4096)
+    docs = [list(range(3000 + 100 * j, 3000 + 100 * j + rng.randint(4, 24))) for j in range(6)]
+    for doc in docs:
+        s.compile(doc)
+    shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in s.cache.document_nodes().items()}
+    heads = [[rng.randint(100, 199) for _ in range(rng.randint(0, 5))] for _ in range(3)]
+
+    def linked() -> tuple[list[int], LinkHint]:
+        ids, spans = list(rng.choice(heads)), []
+        for j in rng.sample(range(len(docs)), rng.randint(1, 4)):
+            ids += [rng.randint(200, 299) for _ in range(rng.randint(0, 2))]
+            spans.append((len(ids), len(ids) + len(docs[j])))
+            ids += docs[j]
+        ids += [rng.randint(300, 399) for _ in range(rng.randint(1, 6))]
+        return ids, LinkHint("ns", tuple(spans), rng.randint(0, 6))
+
+    for _ in range(25):
+        prompts = [linked() for _ in range(rng.randint(1, 3))]
+        reqs = [s.request(ids, hint) for ids, hint in prompts]
+        if rng.random() < 0.5:
+            reqs.insert(rng.randint(0, len(reqs)), s.request([rng.randint(400, 499) for _ in range(5)]))
+        admitted, plan = s.prefill(reqs)
+        assert admitted == reqs
+        starts = np.cumsum([0] + s.batch.extend_lens)
+        linked_rows = [(i, req) for i, req in enumerate(reqs) if getattr(req, "epic_link", None) is not None]
+        for i, req in linked_rows:
+            assert_link_scores(s, plan, req, list(req.epic_link.prompt), int(starts[i]))
+        for token in (5, 6):
+            step = s.decode_step(token)
+            for i, req in linked_rows:
+                assert_link_scores(s, step, req, list(req.epic_link.prompt), i)
+        for req in reqs:
+            s.finish(req)
+    for k, n in s.cache.document_nodes().items():
+        assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
+    assert s.cache.evictable_size() == s.cache.total_size()  # nothing left locked
+
+
 def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_nowhere(sglang_runtime):
     from epic_sglang.sglang_plugin import decode_graphs
 
