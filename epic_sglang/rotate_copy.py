@@ -70,12 +70,17 @@ def _rotate_rows_kernel(x, out, rows, cos_sin, ROW: tl.constexpr, HEAD_DIM: tl.c
 
 @functools.lru_cache(maxsize=256)
 def _device_table(addresses: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(addresses, dtype=torch.int64, device=device)
+    table = torch.tensor(addresses, dtype=torch.int64)
+    if device.type == "cuda":  # from pinned memory the upload is queued, not waited for
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
 
 
 def address_table(buffers: list[torch.Tensor]) -> torch.Tensor:
-    """int64 addresses of per-layer buffers, on their device. Cached by the addresses: a
-    fresh host-to-device copy per launch would block the host on the stream each time."""
+    """int64 addresses of per-layer buffers, on their device, cached by the addresses. A
+    table is uploaded from pinned memory without waiting: a blocking upload would stall the
+    host on the stream at every launch over fresh buffers (the scout's gathered keys, the
+    engine's scratch), as it did the plugin's queries (session 11, BENCHMARKS.md)."""
     return _device_table(tuple(b.data_ptr() for b in buffers), buffers[0].device)
 
 
