@@ -2,9 +2,10 @@
 entries that give each recomputed query exactly the keys at or before it.
 
 Pure functions of (policy, segments, cached documents) and tuning arguments, no device
-state. The in-process engine (`engine.py`, `attention/flashinfer_backend.py`), the SGLang
-plugin (`sglang_plugin/layout.py`, `sglang_plugin/attention.py`) and the plugin client's
-reuse accounting (`sglang_plugin/client.py`) all call these, so the rule is written once.
+state. The in-process engine (`engine.py`, `attention/flashinfer_backend.py`: the runs and
+their cascade entries), the SGLang plugin (`sglang_plugin/layout.py`: the recomputed
+positions, the reused runs and the queries after each) and the plugin client's reuse
+accounting (`sglang_plugin/client.py`) all call these, so the rule is written once.
 
 | policy          | recomputed at link time                                          |
 |-----------------|------------------------------------------------------------------|

@@ -1,7 +1,7 @@
 """Where each token of a linked request lives, and what it attends to.
 
 SGLang's extend batch is "cached prefix, then new tokens": a request's row in
-`req_to_token` holds `prefix_len` reused slots followed by the slots the forward writes.
+`req_to_token` holds its prefix's reused slots followed by the slots the forward writes.
 A linked request's row holds only its private tokens, in prompt order:
 
     [exact prefix (the exact-prefix tree's slots) | computed tokens (LegoLink's recomputed
@@ -44,21 +44,17 @@ class RowLayout:
     prompt_len: int
 
     @property
-    def prefix_len(self) -> int:
-        return self.exact_prefix_len
-
-    @property
     def reused_tokens(self) -> int:
         """Document tokens read in place from their documents' shared slots."""
         return sum(r.length for r in self.cached_runs)
 
     @property
     def extend_len(self) -> int:
-        return len(self.order) - self.prefix_len
+        return len(self.order) - self.exact_prefix_len
 
     @property
     def extend_positions(self) -> np.ndarray:
-        return self.order[self.prefix_len:]
+        return self.order[self.exact_prefix_len:]
 
     def run_query_starts(self) -> list[int]:
         """For each cached run, the first extend token after it (`link_plan.run_query_starts`)."""
