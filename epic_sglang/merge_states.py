@@ -57,13 +57,24 @@ class MergeIndex:
     @classmethod
     def build(cls, spans: list[tuple[int, int]], device: torch.device) -> MergeIndex:
         """`spans`: the query rows [a, b) of each part entry, in the parts' output order."""
-        targets = np.concatenate([np.arange(a, b) for a, b in spans])
-        order = np.argsort(targets, kind="stable")
+        arrays = merge_arrays(spans)
+        return cls(*(torch.from_numpy(a).to(device, non_blocking=True) for a in arrays[:4]), most_parts=arrays[4])
+
+
+def merge_arrays(spans: list[tuple[int, int]], num_rows: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """MergeIndex's host arrays (query_rows int64, rows / part_ptr / part_idx int32) and its
+    most parts per row, for the parts' query-row `spans`. `num_rows`: every row 0..num_rows-1
+    is listed, those without parts with none (a fixed shape, as a CUDA graph needs)."""
+    targets = np.concatenate([np.arange(a, b) for a, b in spans] + [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+    order = np.argsort(targets, kind="stable")  # each row's parts in output order
+    if num_rows is None:
         rows, counts = np.unique(targets, return_counts=True)
-        ptr = np.concatenate([[0], np.cumsum(counts)])
-        return cls(*(torch.from_numpy(a).to(device, non_blocking=True) for a in (
-            targets.astype(np.int64), rows.astype(np.int32), ptr.astype(np.int32), order.astype(np.int32))),
-                   most_parts=int(counts.max()))
+    else:
+        rows, counts = np.arange(num_rows), np.bincount(targets, minlength=num_rows)
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    return (targets, rows.astype(np.int32), ptr.astype(np.int32), order.astype(np.int32),
+            int(counts.max()) if counts.size else 0)
 
 
 def merge_into(out: torch.Tensor, out_lse: torch.Tensor, parts: torch.Tensor, parts_lse: torch.Tensor,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from epic_sglang.merge_states import MergeIndex
+from epic_sglang.merge_states import MergeIndex, merge_arrays
 from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
@@ -59,15 +59,12 @@ class PaddedEntries:
         if any(b - a != 1 for a, b in spans):
             raise ValueError("a decode step's shared entries have one query each")
         real = len(spans)
-        rows = np.array([a for a, _ in spans], dtype=np.int64)
+        query_rows, _, part_ptr, part_idx, _ = merge_arrays(spans, bs)  # the eager merge's order
         kv_lens = np.diff(parts.entries.kv_indptr.numpy()) if parts is not None else np.zeros(0, np.int64)
         lens = np.concatenate([kv_lens, np.ones(entries - real, dtype=np.int64)])
-        counts = np.bincount(rows, minlength=bs)
-        return cls(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32),
-                   np.concatenate([rows, np.zeros(entries - real, dtype=np.int64)]),
-                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
-                   np.concatenate([np.argsort(rows, kind="stable"), np.zeros(entries - real, np.int64)]).astype(np.int32),
-                   real)
+        pad = np.zeros(entries - real, dtype=np.int64)
+        return cls(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), np.concatenate([query_rows, pad]),
+                   part_ptr, np.concatenate([part_idx, pad]).astype(np.int32), real)
 
 
 class DecodeGraph:
