@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gpu_ttft import LLAMA_8B, model_dir, random_checkpoint, segments  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang.policies import Segment, parse_policy  # noqa: E402
-from epic_sglang.sglang_plugin import client  # noqa: E402
+from epic_sglang.sglang_plugin import client, decode_graphs  # noqa: E402
 from epic_sglang.sglang_plugin.launch import SGLangServer, wait_until_ready  # noqa: E402
 
 SMALL = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=512, intermediate_size=1024,
@@ -540,7 +540,8 @@ reductions, so fr's own gap between the two servers is the tolerance the linked 
         rows, decode_rows, slot_rows = speed(args.tokenizer, args.logs, args.contexts, args.repeats, args.decode_batches)
         write_section("sglang-plugin-speed", f"""## SGLang plugin on GPU: TTFT over HTTP (Llama-3-8B shape, dummy bf16 weights)
 
-Card: {machine()}. One SGLang 0.5.16 server with the plugin (FlashInfer attention).
+Card: {machine()}. One SGLang 0.5.16 server with the plugin (FlashInfer attention); linked decode
+steps {"inside SGLang's decode CUDA graphs" if decode_graphs.enabled() else "eager (EPIC_SGLANG_DECODE_GRAPHS=0)"}.
 
 512-token documents (compiled through the plugin) + a new 32-token head + a 64-token question;
 client-side latency of a 1-token request, median of {args.repeats} after two warm-ups.

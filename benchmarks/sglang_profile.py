@@ -7,7 +7,7 @@ One plugin server (Llama-3-8B shape, dummy bf16 weights), the context's 512-toke
 compiled, three warm-up requests, then SGLang's own torch profiler (`/start_profile`,
 `/stop_profile`) around one linked request (its link pass and `--new-tokens` - 1 decode
 steps). Prints the GPU kernels by total time and the host ops by inclusive time, from the
-trace SGLang writes.
+trace SGLang writes (with Python stacks: the plugin's functions are listed apart).
 """
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def summarize(trace: Path, top: int) -> None:
     print("host ops (inclusive):")
     for name, us in sorted(host.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {us / 1000:8.2f} ms  {name}")
+    print("the plugin's own functions (inclusive):")
+    for name, us in sorted(((n, us) for n, us in host.items() if "epic_sglang" in n or "radix_ext" in n),
+                           key=lambda kv: -kv[1])[:top]:
+        print(f"  {us / 1000:8.2f} ms  {name}")
 
 
 def main() -> None:
@@ -68,7 +72,7 @@ def main() -> None:
         compile_documents(url, docs)
         for seed in range(3):
             generate(url, client.generate_body(prompt(docs, 500 + seed), args.policy, params))
-        requests.post(url + "/start_profile", json={"output_dir": str(args.out), "activities": ["CPU", "GPU"]},
+        requests.post(url + "/start_profile", json={"output_dir": str(args.out), "activities": ["CPU", "GPU"], "with_stack": True},
                       timeout=120).raise_for_status()
         t0 = time.perf_counter()
         generate(url, client.generate_body(prompt(docs, 900), args.policy, params))

@@ -415,7 +415,7 @@ def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sgl
     assert s.cache.evictable_size() == s.cache.total_size()  # nothing left locked
 
 
-def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_nowhere(sglang_runtime):
+def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_nowhere(sglang_runtime, monkeypatch):
     from epic_sglang.sglang_plugin import decode_graphs
 
     s = Scheduler()
@@ -441,7 +441,12 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     assert sorted(e for es in merged.values() for e in es) == list(range(padded.real))  # padding merges nowhere
     empty = decode_graphs.PaddedEntries.of(None, bs, entries)  # a step without links: all padding
     assert empty.real == 0 and empty.part_ptr.tolist() == [0] * (bs + 1) and empty.kv_indptr[-1] == entries
-    assert not decode_graphs.fits(plan, 0)  # no room: the step runs eagerly
+    assert not decode_graphs.fits(plan, 0) and not decode_graphs.runs_in_graph(plan, 0)  # no room: eager
+    assert decode_graphs.runs_in_graph(plan, bs) and not decode_graphs.runs_in_graph(plan, bs, lora_variants=True)
+    positions_only = dataclasses.replace(plan, shared=None)  # documents all computed: SGLang's own graph
+    assert decode_graphs.runs_in_graph(None, 1) and decode_graphs.runs_in_graph(positions_only, 1, lora_variants=True)
+    monkeypatch.setenv("EPIC_SGLANG_DECODE_GRAPHS", "0")  # no `epic` graphs captured
+    assert not decode_graphs.runs_in_graph(plan, bs) and decode_graphs.runs_in_graph(positions_only, bs)
     for req in reqs:
         s.finish(req)
 

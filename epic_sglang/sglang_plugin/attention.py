@@ -201,9 +201,14 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
     backend.forward_metadata = DecodeMetadata([own]) if decode else PrefillMetadata([own], False, False)
 
 
+def last_page_lens(entries: int) -> torch.Tensor:
+    """Every page's last length, page size 1, on the host: FlashInfer's plan reads it back with
+    `.to("cpu")`, which on a device tensor waits for the forward queued before it."""
+    return torch.ones(entries, dtype=torch.int32)
+
+
 def _ones(entries: Entries) -> torch.Tensor:
-    """Every page's last length, page size 1."""
-    return torch.ones(len(entries.kv_indptr) - 1, dtype=torch.int32, device=entries.kv_indices.device)
+    return last_page_lens(len(entries.kv_indptr) - 1)
 
 
 def _plan(wrapper, backend, entries: Entries, **kwargs) -> None:

@@ -1,17 +1,20 @@
 """Linked requests' decode steps inside SGLang's decode CUDA graphs.
 
-Off unless `EPIC_SGLANG_DECODE_GRAPHS=1`: written and tested on CPU (the padding below), not
-yet run on a GPU (issue 19). Without it a decode batch holding a linked request runs eagerly.
+On unless `EPIC_SGLANG_DECODE_GRAPHS=0` (then a decode batch holding a linked request runs
+eagerly). SGLang captures one decode graph per batch size; for each, a second graph, the
+`epic` variant, is captured beside it (`VARIANT`, SGLang's graph key has a variant label,
+as for LoRA), and only a batch whose linked requests read shared documents replays it:
+plain batches keep SGLang's own graphs, untouched.
 
-SGLang captures one decode graph per batch size, and a graph's kernels have fixed shapes,
-while the shared runs' entries (`attention.py`) change from step to step. So each captured
-graph holds a fixed number of shared entries, `graph_entries(bs)`: a step's real entries
-first, then padding entries of one key (slot 0, SGLang's padding slot) gathered from query
-row 0 and merged into no row. The merge index covers every batch row (a row without parts
-is rewritten with its own value). A step with more entries, or a request with more than
-`MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps SGLang's graph
-wrapper around static buffers; before each replay they are refilled from the step's plan and
-the shared wrapper re-planned (host-side offsets: nothing waits for the stream).
+A graph's kernels have fixed shapes, while the shared runs' entries (`attention.py`) change
+from step to step. So each `epic` graph holds a fixed number of shared entries,
+`graph_entries(bs)`: a step's real entries first, then padding entries of one key (slot 0,
+SGLang's padding slot) gathered from query row 0 and merged into no row. The merge index
+covers every batch row (a row without parts is rewritten with its own value). A step with
+more entries, or a request with more than `MAX_RUNS` runs, runs eagerly. At capture the
+graph's `LinkWrapper` wraps SGLang's graph wrapper of that batch size around static buffers;
+before each replay they are refilled from the step's plan and the shared wrapper re-planned
+(host-side offsets: nothing waits for the stream).
 """
 from __future__ import annotations
 
@@ -22,25 +25,36 @@ import numpy as np
 import torch
 
 from epic_sglang.merge_states import MergeIndex, merge_arrays
-from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts
+from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts, last_page_lens
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 MAX_RUNS = 64  # cached runs per request a graph holds (legolink: one per document)
 MAX_ENTRIES = 4096  # shared entries per graph: the padding's cost is one rotated query row each
+VARIANT = "epic"  # the label of the linked graphs in SGLang's graph keys
 
 
 def enabled() -> bool:
-    return os.environ.get("EPIC_SGLANG_DECODE_GRAPHS", "") == "1"
+    return os.environ.get("EPIC_SGLANG_DECODE_GRAPHS", "1") != "0"
+
+
+def needs_variant(plan: LinkAttentionPlan | None) -> bool:
+    """Whether a decode step needs the `epic` graph (shared runs to attend): a linked request
+    whose documents were all computed needs only its positions, which SGLang's graph takes."""
+    return plan is not None and plan.shared is not None
 
 
 def graph_entries(bs: int) -> int:
     return min(bs * MAX_RUNS, MAX_ENTRIES)
 
 
-def fits(plan: LinkAttentionPlan | None, bs: int) -> bool:
-    """Whether a decode step of `bs` requests fits the graph of that batch size."""
-    if plan is None or plan.shared is None:
-        return True
+def runs_in_graph(plan: LinkAttentionPlan | None, bs: int, lora_variants: bool = False) -> bool:
+    """Whether a decode step of `bs` requests can replay a graph: SGLang's own, or the `epic`
+    one when it is captured (on, and SGLang has no LoRA variants of its own) and the step fits."""
+    return not needs_variant(plan) or (enabled() and not lora_variants and fits(plan, bs))
+
+
+def fits(plan: LinkAttentionPlan, bs: int) -> bool:
+    """Whether a decode step of `bs` requests fits the `epic` graph of that batch size."""
     return len(plan.shared.spans) <= graph_entries(bs) and plan.shared.merge.most_parts <= MAX_RUNS
 
 
@@ -111,10 +125,13 @@ class DecodeGraph:
             self.cos_sin[:padded.real].copy_(parts.cos_sin, non_blocking=True)
             indices[:parts.entries.kv_indices.numel()] = parts.entries.kv_indices
         updater = backend.indices_updater_prefill
+        # no split-kv: thousands of one-query entries fill the GPU whole, and a split's scratch
+        # for them would overflow the workspace the backend shares
         self.wrapper.begin_forward(torch.from_numpy(padded.kv_indptr), indices,
-                                   torch.ones(self.entries, dtype=torch.int32, device=device),
+                                   last_page_lens(self.entries),
                                    updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
-                                   q_data_type=updater.q_data_type, data_type=updater.data_type, non_blocking=True)
+                                   q_data_type=updater.q_data_type, data_type=updater.data_type, non_blocking=True,
+                                   disable_split_kv=True)
 
 
 def captured(backend, bs: int, rope: RopeTable) -> DecodeGraph:

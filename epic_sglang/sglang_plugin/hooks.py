@@ -8,12 +8,12 @@
 | `ScheduleBatch.prepare_for_extend` (before)| the link pass starts; reused tokens count as cached |
 | `ForwardBatch.init_new` (after)           | positions, the plan of the shared runs' entries |
 | `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
-| `DecodeCudaGraphRunner.can_run_graph`     | a decode batch with linked requests runs eagerly,|
-|                                           | or in the graph when `decode_graphs` is on and it fits |
+| `DecodeCudaGraphRunner.can_run_graph`     | a decode step over shared documents replays the |
+|                                           | `epic` graph if it fits (`decode_graphs`), else runs eagerly |
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
-| `DecodeCudaGraphRunner.capture` (before), `.load_batch` (around), | `decode_graphs` only: the    |
-| `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | shared entries in the graphs |
+| `DecodeCudaGraphRunner.capture` (before), `.capture_one_shape`, `._resolve_lora_variant`, | the `epic` |
+| `.load_batch`, `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | decode graphs |
 
 Matching and release need no hook: the `epic` radix cache defers to `req.epic_link`.
 """
@@ -120,7 +120,7 @@ def eager_for_links(original, runner, forward_batch, *args, **kwargs):
 
 def decode_graph_for_links(original, runner, forward_batch, *args, **kwargs):
     plan = getattr(forward_batch, "epic_plan", None)
-    if plan is not None and not (decode_graphs.enabled() and decode_graphs.fits(plan, forward_batch.batch_size)):
+    if not decode_graphs.runs_in_graph(plan, forward_batch.batch_size, getattr(runner, "record_nolora_graph", False)):
         return False
     return original(runner, forward_batch, *args, **kwargs)
 
@@ -128,6 +128,26 @@ def decode_graph_for_links(original, runner, forward_batch, *args, **kwargs):
 def rope_for_capture(runner, *args, **kwargs):
     """DecodeCudaGraphRunner.capture: the graphs' shared entries rotate by the model's RoPE."""
     runner.attn_backend.epic_rope = model_rope(runner.model_runner)
+
+
+def capture_link_variant(original, runner, size, forward, stream_idx=None, variant_label=None):
+    """DecodeCudaGraphRunner.capture_one_shape: SGLang's graph of this size, then the `epic`
+    one beside it (none when SGLang captures LoRA variants: linked steps then run eagerly)."""
+    original(runner, size, forward, stream_idx, variant_label)
+    if variant_label is None and not getattr(runner, "record_nolora_graph", False):
+        runner.attn_backend.epic_capturing = True
+        try:
+            original(runner, size, forward, stream_idx, decode_graphs.VARIANT)
+        finally:
+            runner.attn_backend.epic_capturing = False
+
+
+def link_graph_variant(original, runner, forward_batch, *args, **kwargs):
+    """DecodeCudaGraphRunner._resolve_lora_variant: a step over shared documents replays the
+    `epic` graph."""
+    label = original(runner, forward_batch, *args, **kwargs)
+    plan = getattr(forward_batch, "epic_plan", None)
+    return decode_graphs.VARIANT if label is None and decode_graphs.needs_variant(plan) else label
 
 
 def replay_with_plan(original, runner, forward_batch, *args, **kwargs):
@@ -141,21 +161,24 @@ def replay_with_plan(original, runner, forward_batch, *args, **kwargs):
 
 
 def graph_link_metadata(original, backend, forward_batch, *args, in_capture: bool = False, **kwargs):
-    """FlashInferAttnBackend.init_forward_metadata_out_graph: at capture, the decode graph's
-    wrapper becomes a LinkWrapper over the batch size's static entries; before a replay,
-    those are refilled from the step's plan."""
-    result = original(backend, forward_batch, *args, in_capture=in_capture, **kwargs)
+    """FlashInferAttnBackend.init_forward_metadata_out_graph: at the `epic` capture, SGLang's
+    graph wrapper of the batch size (made at its own capture, and read by that graph: planned
+    again, not made anew) is wrapped in a LinkWrapper over the size's static entries; before
+    an `epic` replay, those are refilled from the step's plan."""
     if not forward_batch.forward_mode.is_decode_or_idle():
-        return result
+        return original(backend, forward_batch, *args, in_capture=in_capture, **kwargs)
     from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata
 
     bs = forward_batch.batch_size
-    if in_capture:
+    linking = in_capture and getattr(backend, "epic_capturing", False)
+    result = original(backend, forward_batch, *args, in_capture=in_capture and not linking, **kwargs)
+    plan = getattr(backend, "epic_replay_plan", None)
+    if linking:
         graph = decode_graphs.captured(backend, bs, backend.epic_rope)
         graph.fill(backend, None)
-        backend.forward_metadata = DecodeMetadata([graph.link_wrapper(backend.forward_metadata.decode_wrappers[0])])
-    else:
-        backend.epic_decode_graphs[bs].fill(backend, getattr(backend, "epic_replay_plan", None))
+        backend.forward_metadata = DecodeMetadata([graph.link_wrapper(backend.decode_cuda_graph_metadata[bs][0])])
+    elif not in_capture and decode_graphs.needs_variant(plan):
+        backend.epic_decode_graphs[bs].fill(backend, plan)
     return result
 
 
@@ -194,6 +217,8 @@ def install() -> None:
     if decode_graphs.enabled():
         for target, hook, kind in [
             (f"{DECODE_GRAPHS}.DecodeCudaGraphRunner.capture", rope_for_capture, HookType.BEFORE),
+            (f"{DECODE_GRAPHS}.DecodeCudaGraphRunner.capture_one_shape", capture_link_variant, HookType.AROUND),
+            (f"{DECODE_GRAPHS}.DecodeCudaGraphRunner._resolve_lora_variant", link_graph_variant, HookType.AROUND),
             (f"{DECODE_GRAPHS}.DecodeCudaGraphRunner.load_batch", replay_with_plan, HookType.AROUND),
             ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata_out_graph",
              graph_link_metadata, HookType.AROUND),
