@@ -2,10 +2,11 @@
 plugin and the client's reuse accounting; runs; attention entries (pure torch; CPU)."""
 import random
 
+import numpy as np
 import torch
 
-from epic_sglang.link_plan import (CascadeTuning, attention_entries, link_entries, plan_link, plan_spans, query_runs,
-                                   segment_spans, split_keys, wants_cascade)
+from epic_sglang.link_plan import (CascadeTuning, attention_entries, consecutive_runs, link_entries, plan_link,
+                                   plan_spans, query_runs, segment_spans, split_keys, wants_cascade)
 from epic_sglang.policies import Segment, parse_policy
 
 
@@ -103,3 +104,15 @@ def test_reused_runs_are_maximal_and_name_their_document_offset():
     assert plan.reused_runs() == [(6, 2, 1, 4), (9, 3, 1, 7), (17, 1, 3, 4)]
     assert segment_spans(segs) == [(2, 10, 1), (13, 6, 3)]
     assert plan_spans(19, [(2, 10, 0)], 4).reused_runs() == [(6, 6, 0, 4)]  # a document not cached is text
+
+
+def test_consecutive_runs_are_the_maximal_runs_of_any_sorted_set():
+    rng = random.Random(0)
+    assert consecutive_runs([]) == [] and consecutive_runs(np.zeros(0, dtype=np.int64)) == []
+    for _ in range(200):
+        values = sorted(rng.sample(range(60), rng.randrange(1, 40)))
+        runs = consecutive_runs(values)
+        assert [x for a, b in runs for x in range(a, b)] == values  # every value once, in order
+        assert all(b1 < a2 for (_, b1), (a2, _) in zip(runs, runs[1:]))  # maximal: a gap between runs
+        assert consecutive_runs(np.asarray(values)) == runs
+

@@ -534,6 +534,29 @@ def test_a_document_not_cached_is_computed_in_place_and_an_evicted_one_is_matche
     s.finish(req)
 
 
+def test_a_waiting_request_keeps_its_match_until_a_document_is_evicted_or_was_missing(sglang_runtime):
+    """SGLang matches every waiting request twice a scheduling round: a match that found every
+    document stands (no lookups) until one of them is evicted; one that missed a document
+    looks again, and finds it once compiled."""
+    s = Scheduler()
+    ids, spans, docs = s.compiled_prompt(7)
+    req = s.request(ids, LinkHint("ns", tuple(spans), 2))
+    req.init_next_round_input(s.cache)
+    first, lookups = req.epic_link.matched[1], s.cache.counters.device_hits
+    req.init_next_round_input(s.cache)
+    assert req.epic_link.matched[1] is first and s.cache.counters.device_hits == lookups
+    s.cache.flush()  # evicted: matched again, the documents now computed in place
+    req.init_next_round_input(s.cache)
+    assert req.epic_link.matched[1] is not first and req.epic_link.layout.cached_runs == ()
+    s.compile(docs[1])  # compiled since the miss: found at the next round
+    req.init_next_round_input(s.cache)
+    assert [r.doc for r in req.epic_link.layout.cached_runs] == [1]
+    assert s.prefill([req])[0] == [req]
+    s.assert_row_at_prompt_positions(req, ids, layer=0)
+    s.finish(req)
+    assert s.cache.evictable_size() == s.cache.total_size()
+
+
 def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runtime):
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey

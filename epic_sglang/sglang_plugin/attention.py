@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from epic_sglang.merge_states import MergeIndex, merge_into
-from epic_sglang.sglang_plugin.link_request import LinkRequest, SharedRuns
+from epic_sglang.sglang_plugin.link_request import LinkRequest, SharedRuns, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
 
 
@@ -66,8 +66,8 @@ class _EntryList:
     def build(self, req_to_token: torch.Tensor, device) -> Entries | None:
         if not self.qo_lens:
             return None
-        kv_indices = req_to_token[_to(np.concatenate(self.pool_rows), device),
-                                  _to(np.concatenate(self.kv_rows), device)].to(torch.int32)
+        kv_indices = req_to_token[to_device(np.concatenate(self.pool_rows), device),
+                                  to_device(np.concatenate(self.kv_rows), device)].to(torch.int32)
         return Entries(_indptr(self.qo_lens), _indptr([len(r) for r in self.kv_rows]), kv_indices)
 
 
@@ -92,18 +92,13 @@ class _PartList:
             return None
         queries = [b - a for a, b in self.spans]
         entries = Entries(_indptr(queries), _indptr(self.kv_lens), torch.cat(self.slots).to(device))
-        cos_sin = torch.repeat_interleave(torch.cat(self.angles).to(device), _to(np.asarray(queries), device), dim=0,
+        cos_sin = torch.repeat_interleave(torch.cat(self.angles).to(device), to_device(np.asarray(queries), device), dim=0,
                                           output_size=sum(queries))
         return SharedParts(entries, cos_sin, MergeIndex.build(self.spans, device), self.spans)
 
 
 def _indptr(lens: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
-
-
-def _to(array: np.ndarray, device) -> torch.Tensor:
-    """A host array on the device without waiting for the stream (a blocking copy would)."""
-    return torch.from_numpy(array).to(device, non_blocking=True)
 
 
 def batch_links(batch) -> dict[int, LinkRequest]:

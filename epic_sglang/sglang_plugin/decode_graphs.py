@@ -26,6 +26,7 @@ import torch
 
 from epic_sglang.merge_states import MergeIndex, merge_arrays
 from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts, last_page_lens
+from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 MAX_RUNS = 64  # cached runs per request a graph holds (legolink: one per document)
@@ -114,7 +115,7 @@ class DecodeGraph:
         device = self.cos_sin.device
 
         def put(dst: torch.Tensor, src: np.ndarray) -> None:
-            dst.copy_(torch.from_numpy(src).to(device, non_blocking=True), non_blocking=True)
+            dst.copy_(to_device(src, device), non_blocking=True)
 
         put(self.merge.query_rows, padded.query_rows)
         put(self.merge.part_ptr, padded.part_ptr)

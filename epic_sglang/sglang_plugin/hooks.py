@@ -58,7 +58,7 @@ def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
     if not isinstance(link, LinkRequest) or link.layout is None:
         return original(adder, req, has_chunked_req=has_chunked_req, **kwargs)
     cache = adder.tree_cache
-    if not link.still_matched(cache, req):
+    if not link.still_matched(cache, req.last_node):
         req.init_next_round_input(cache)
     layout = link.layout
     if adder.rem_chunk_tokens is not None and layout.extend_len > adder.rem_chunk_tokens:

@@ -66,6 +66,12 @@ class CompileRequest:
         cache.dec_lock_ref(req.last_node)
 
 
+def to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A host array on the device without waiting for the stream: a blocking copy would wait
+    for the forward queued before it (SGLang overlaps its scheduling with the GPU)."""
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
 @dataclass
 class SharedRuns:
     """A linked request's cached runs as its attention reads them: the runs' shared slots back
@@ -85,6 +91,7 @@ class LinkRequest:
         self.shared: SharedRuns | None = None
         self.doc_nodes: list = []
         self.locked: list = []
+        self.matched: tuple[int, MatchResult] | None = None  # (output tokens then, the last match's result)
         self.admitted = False  # taken into a prefill batch, documents locked
         self.prepared = False  # its extend (the link pass) was prepared
         self.extending = False  # the next extend forward is this request's link pass
@@ -92,15 +99,22 @@ class LinkRequest:
     # ------------------------------------------------------------- scheduling
     def match(self, cache, params: MatchPrefixParams) -> MatchResult:
         req, ns, docs = params.req, self.hint.namespace, self.hint.docs
+        if self.matched is not None and not self.admitted and self.matched[0] == len(req.output_ids) \
+                and None not in self.doc_nodes and self.still_matched(cache, self.matched[1].last_device_node):
+            # SGLang matches a waiting request again every scheduling round (its policy's
+            # ordering, then the admission): the last match stands while every document was
+            # found and nothing it found is gone (a missing one may be compiled since: look again)
+            return self.matched[1]
         self._unlock(cache)  # admitted earlier, but that batch never ran
         if req.return_logprob and 0 <= req.logprob_start_len < len(self.prompt):
             req.epic_link = None  # prompt logprobs need the exact prompt: a plain request
             return cache.match_plain(params)
-        ids = np.asarray(self.prompt.tolist() + list(req.output_ids), dtype=np.int64)
+        tokens = array("q", self.prompt) + array("q", req.output_ids)  # C-level slices below, no Python lists
+        ids = np.frombuffer(tokens, dtype=np.int64)
         nodes = []
         for start, end in docs:
-            tokens = ids[start:end].tolist()
-            node = cache.match_document(document_key(cache.fingerprint, recipe(self.hint.sink), ns, tokens), tokens)
+            node = cache.match_document(document_key(cache.fingerprint, recipe(self.hint.sink), ns, tokens[start:end]),
+                                        tokens[start:end])
             if node is not None:
                 cache.inc_lock_ref(node)  # a later document's reload may evict: hold this one meanwhile
             nodes.append(node)
@@ -113,10 +127,12 @@ class LinkRequest:
         self.doc_nodes = nodes
         self.shared = self._shared_runs(cache) if layout.cached_runs else None
         fill = ids[layout.order]
-        req.origin_input_ids = array("q", fill[:int((layout.order < len(self.prompt)).sum())].tolist())
-        req.full_untruncated_fill_ids = array("q", fill.tolist())
-        return MatchResult(device_indices=exact.to(torch.int64), last_device_node=last_node, last_host_node=last_node,
-                           best_match_node=last_node, cache_protected_len=len(exact))
+        req.origin_input_ids = array("q", fill[:int((layout.order < len(self.prompt)).sum())].tobytes())
+        req.full_untruncated_fill_ids = array("q", fill.tobytes())
+        result = MatchResult(device_indices=exact.to(torch.int64), last_device_node=last_node,
+                             last_host_node=last_node, best_match_node=last_node, cache_protected_len=len(exact))
+        self.matched = (len(req.output_ids), result)
+        return result
 
     def _shared_runs(self, cache) -> SharedRuns:
         runs = self.layout.cached_runs
@@ -126,9 +142,10 @@ class LinkRequest:
         shifts = torch.tensor([r.start - r.offset - self.hint.sink for r in runs], dtype=torch.int64)
         return SharedRuns(slots, [r.length for r in runs], shifts)
 
-    def still_matched(self, cache, req) -> bool:
-        """False when a node found at match time was evicted since (match again)."""
-        return all(cache.is_live(n) for n in [*self.doc_nodes, req.last_node] if n is not None)
+    def still_matched(self, cache, last_node) -> bool:
+        """False when a node found at match time (the documents', the exact prefix's
+        `last_node`) was evicted since (match again)."""
+        return all(cache.is_live(n) for n in [*self.doc_nodes, last_node] if n is not None)
 
     def admit(self, cache) -> None:
         """The scheduler took the request: hold its documents until it ends."""
@@ -173,11 +190,11 @@ class LinkRequest:
         prefix_end = self.hint.docs[0][0]
         prefix_rows = layout.row_of()[:prefix_end]
         if prefix_end and prefix_rows.max() < kv_len:
-            index = torch.from_numpy(prefix_rows).to(row.device)
+            index = to_device(prefix_rows, row.device)
             cached = cache.publish_exact_prefix(self.prompt[:prefix_end].tolist(), row[index], self.hint.namespace)
             owned[prefix_rows[max(cached, layout.exact_prefix_len):]] = False  # now the tree's
-        cache.token_to_kv_pool_allocator.free(row[torch.from_numpy(np.flatnonzero(owned)).to(row.device)])
+        cache.token_to_kv_pool_allocator.free(row[to_device(np.flatnonzero(owned), row.device)])
         cache.dec_lock_ref(req.last_node)
         self._unlock(cache)
-        self.doc_nodes, self.layout, self.shared = [], None, None
+        self.doc_nodes, self.layout, self.shared, self.matched = [], None, None, None
         self.prepared = self.extending = False

@@ -1,0 +1,141 @@
+"""CPU: the SGLang plugin's host work for one linked request, with SGLang's real cache classes.
+
+    python benchmarks/plugin_host.py [--contexts 16384 32768] [--repeats 20]
+
+A linked request's time to first token inside SGLang includes host work that no GPU hides:
+the scheduler matches the request (`LinkRequest.match`: every document looked up in the
+`epic` radix cache, the row planned), then the forward's set-up plans the link attention
+(`attention.build_plan` for the link pass, again for each decode step, and the `epic` decode
+graph's padded entries). This times each on a real `PICRadixCache` over SGLang's
+`MHATokenToKVPool` holding the context's 512-token documents (legolink-16, the prompt of
+`sglang_pic.py --part speed`: a 32-token head, the documents, a 64-token question). The
+profile of a 32K request in a real server (`gpu_run.sh sglang-profile --context 32768`)
+showed the same functions on its critical path.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+import types
+from array import array
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.report import machine, write_section  # noqa: E402
+
+DOC, HEAD, QUESTION, K = 512, 32, 64, 16
+
+
+def cache_with_documents(docs: list[list[int]]):
+    """A `PICRadixCache` on CPU whose documents are `docs` (compiled plainly, namespace "ns")."""
+    from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+    from epic_sglang.sglang_plugin.link_request import recipe
+    from radix_ext import KVLayout, PICRadixCache
+    from radix_ext.doc_key import document_key
+
+    size = sum(map(len, docs)) + 4096
+    kv = MHATokenToKVPool(size=size, page_size=1, dtype=torch.float32, head_num=1, head_dim=8, layer_num=1,
+                          device="cpu", enable_memory_saver=False)
+    allocator = TokenToKVPoolAllocator(size, torch.float32, "cpu", kv, False)
+    params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(4, size, "cpu", False),
+                             token_to_kv_pool_allocator=allocator, page_size=1)
+    cache = PICRadixCache(params, kv, KVLayout(1, 1, 8, torch.float32), "fp-bench")
+    for doc in docs:
+        cache.insert_document(document_key(cache.fingerprint, recipe(0), "ns", doc), doc, allocator.alloc(len(doc)),
+                              namespace="ns", recipe=recipe(0))
+    return cache
+
+
+def timed(fn, repeats: int) -> float:
+    """Median ms of `repeats` calls (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
+def measure(context: int, repeats: int) -> str:
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from epic_sglang.sglang_plugin import attention, decode_graphs
+    from epic_sglang.sglang_plugin.link_request import LinkRequest
+    from epic_sglang.sglang_plugin.rotary import RopeTable
+    from epic_sglang.sglang_plugin.wire import LinkHint
+
+    rng = random.Random(context)
+    n_docs = (context - HEAD - QUESTION) // DOC
+    docs = [[rng.randrange(1000, 60000) for _ in range(DOC)] for _ in range(n_docs)]
+    ids = [rng.randrange(1000, 60000) for _ in range(HEAD)] + sum(docs, []) + [rng.randrange(1000, 60000) for _ in range(QUESTION)]
+    spans = tuple((HEAD + i * DOC, HEAD + (i + 1) * DOC) for i in range(n_docs))
+    cache = cache_with_documents(docs)
+    hint = LinkHint("ns", spans, K)
+    req = Req("r0", "", array("q", ids), SamplingParams(max_new_tokens=16))
+
+    def match() -> LinkRequest:
+        link = req.epic_link = LinkRequest(hint, array("q", ids))
+        link.match(cache, MatchPrefixParams(key=RadixKey(array("q", ids), "ns"), req=req))
+        return link
+
+    match_ms = timed(match, repeats)
+    link = match()
+    params = MatchPrefixParams(key=RadixKey(array("q", ids), "ns"), req=req)
+    rematch_ms = timed(lambda: link.match(cache, params), repeats)  # the same request, its next round
+    layout = link.layout
+    dim = 128
+    angles = torch.arange(2 * context, dtype=torch.float32)[:, None] * (1.0 / 10000 ** (torch.arange(0, dim, 2) / dim))
+    rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1), dim, True)
+    row = torch.arange(len(layout.order) + 1, dtype=torch.int32)
+
+    def plan(decoding: bool):
+        batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=0)], extend_lens=[layout.extend_len],
+                                      seq_lens_cpu=torch.tensor([len(layout.order) + decoding]), device=torch.device("cpu"),
+                                      req_to_token_pool=types.SimpleNamespace(req_to_token=row[None]))
+        link.extending = not decoding
+        return attention.build_plan(batch, {0: link}, rope, decoding)
+
+    link_pass_ms = timed(lambda: plan(False), repeats)
+    decode_ms = timed(lambda: plan(True), repeats)
+    step = plan(True)
+    pad_ms = timed(lambda: decode_graphs.PaddedEntries.of(step.shared, 1, decode_graphs.graph_entries(1)), repeats)
+    return (f"| {len(ids):,} | {n_docs} | {match_ms:.2f} | {rematch_ms:.3f} | {link_pass_ms:.2f} | {decode_ms:.2f} "
+            f"| {pad_ms:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # SGLang's scheduler is one Python thread
+    rows = [measure(c, args.repeats) for c in args.contexts]
+    write_section("sglang-plugin-host", f"""## SGLang plugin: host work of one linked request (CPU)
+
+Machine: {machine()}, one thread. SGLang 0.5.16's `PICRadixCache` / `MHATokenToKVPool` on CPU;
+legolink-16 over 512-token documents (a 32-token head, the documents, a 64-token question),
+median ms of the calls the scheduler and the forward's set-up make for one request. SGLang matches
+a waiting request twice every scheduling round (its policy's ordering, then the admission).
+
+| prompt tokens | documents | match ms | match again, next round ms | link-pass plan ms | decode-step plan ms | decode-graph padding ms |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+""")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
