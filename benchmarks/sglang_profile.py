@@ -7,7 +7,8 @@ One plugin server (Llama-3-8B shape, dummy bf16 weights), the context's 512-toke
 compiled, three warm-up requests, then SGLang's own torch profiler (`/start_profile`,
 `/stop_profile`) around one linked request (its link pass and `--new-tokens` - 1 decode
 steps). Prints the GPU kernels by total time and the host ops by inclusive time, from the
-trace SGLang writes (with Python stacks: the plugin's functions are listed apart).
+trace SGLang writes (`--with-stack`: Python functions too, the plugin's listed apart; the
+profiler then slows every Python call several-fold, so read their shares, not their times).
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--policy", default="legolink-16")
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--with-stack", action="store_true",
+                    help="Python stacks too: the plugin's functions listed, but every Python call slowed several-fold")
     ap.add_argument("--out", type=Path, default=Path("/tmp/epic-profile"))
     ap.add_argument("--logs", type=Path, default=Path("/tmp"))
     args = ap.parse_args()
@@ -72,7 +75,7 @@ def main() -> None:
         compile_documents(url, docs)
         for seed in range(3):
             generate(url, client.generate_body(prompt(docs, 500 + seed), args.policy, params))
-        requests.post(url + "/start_profile", json={"output_dir": str(args.out), "activities": ["CPU", "GPU"], "with_stack": True},
+        requests.post(url + "/start_profile", json={"output_dir": str(args.out), "activities": ["CPU", "GPU"], "with_stack": args.with_stack},
                       timeout=120).raise_for_status()
         t0 = time.perf_counter()
         generate(url, client.generate_body(prompt(docs, 900), args.policy, params))

@@ -1,0 +1,164 @@
+"""GPU: the SGLang plugin's decode-step attention over shared documents, alone (no server).
+
+    python benchmarks/gpu_plugin_decode.py [--context 32768] [--batches 1 8 32] [--repeats 20]
+
+Where a linked decode step's extra time goes (`sglang_pic.py --part speed` gives the whole
+step inside a server). Llama-3-8B's attention shape (32 query heads, 8 KV heads, head dim
+128), random bf16 KV; `batch` requests over the same legolink-16 layout of 512-token
+documents (each its own private row: exact head, the recomputed first 16 tokens of every
+document, the question, one generated token), the documents' slots shared. Timed over 32
+layers' attention (one plan), CUDA events, median of `--repeats`, each inside a CUDA graph as
+SGLang's decode runs it:
+
+- SGLang exact: SGLang's decode wrapper (tensor cores) over each request's whole row of
+  prompt KV (what SGLang's own decode reads for a request whose prompt is all its own);
+- linked: the plugin's `epic` decode graph (`decode_graphs.DecodeGraph`): SGLang's wrapper
+  over the private row, the queries rotated per cached run, the shared entries, the merge;
+- its parts, eagerly: the private row alone, the rotation alone, the shared entries alone,
+  the merge alone.
+Writes its table to BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.report import machine, write_section  # noqa: E402
+from epic_sglang.link_plan import plan_spans  # noqa: E402
+from epic_sglang.merge_states import merge_into  # noqa: E402
+from epic_sglang.sglang_plugin import attention, decode_graphs  # noqa: E402
+from epic_sglang.sglang_plugin.layout import plan_rows  # noqa: E402
+from epic_sglang.sglang_plugin.link_request import SharedRuns  # noqa: E402
+from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows  # noqa: E402
+
+LAYERS, Q_HEADS, KV_HEADS, DIM, DOC, HEAD, QUESTION, K = 32, 32, 8, 128, 512, 32, 64, 16
+BF16, DEV = torch.bfloat16, torch.device("cuda")
+
+
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 2):  # two warm-ups
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[2:])
+
+
+def graphed(fn):
+    """`fn` captured in a CUDA graph (run once first: kernels compile outside the capture)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def decode_wrapper(workspace, bs: int, keys: int):
+    import flashinfer
+
+    return flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+        paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=DEV),
+        paged_kv_indices_buffer=torch.zeros(keys, dtype=torch.int32, device=DEV),
+        paged_kv_last_page_len_buffer=torch.ones(bs, dtype=torch.int32, device=DEV))
+
+
+def plan_rows_of(wrapper, rows: list[torch.Tensor]) -> None:
+    indptr = torch.from_numpy(np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32))
+    wrapper.plan(indptr, torch.cat(rows).int(), attention.last_page_lens(len(rows)), Q_HEADS, KV_HEADS, DIM, 1,
+                 q_data_type=BF16, kv_data_type=BF16)
+
+
+def measure(context: int, bs: int, repeats: int) -> str:
+    docs = (context - HEAD - QUESTION) // DOC
+    n = HEAD + docs * DOC + QUESTION
+    layout = plan_rows(plan_spans(n, [(HEAD + i * DOC, DOC, i) for i in range(docs)], K), exact_prefix_len=HEAD)
+    private = len(layout.order) + 1  # + the generated token
+    pool_size = layout.reused_tokens + bs * private
+    k_pool = torch.randn(pool_size, KV_HEADS, DIM, device=DEV, dtype=BF16)
+    v_pool = torch.randn_like(k_pool)
+    doc_slots = torch.arange(layout.reused_tokens, device=DEV, dtype=torch.int32)  # shared by every request
+    rows = [layout.reused_tokens + r * private + torch.arange(private, device=DEV) for r in range(bs)]
+    full_rows = [torch.cat([doc_slots.long(), row]) for row in rows]  # SGLang exact: the same KV bytes, all its own
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)
+    angles = torch.arange(2 * n, dtype=torch.float32)[:, None] * inv_freq
+    rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(DEV), DIM, True)
+    runs = layout.cached_runs
+    links = {r: types.SimpleNamespace(layout=layout, extending=False, position_shift=layout.reused_tokens,
+                                      shared=SharedRuns(doc_slots, [c.length for c in runs],
+                                                        torch.tensor([c.start - c.offset for c in runs])))
+             for r in range(bs)}
+    batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=r) for r in range(bs)], extend_lens=[1] * bs,
+                                  seq_lens_cpu=torch.tensor([private] * bs), device=DEV,
+                                  req_to_token_pool=types.SimpleNamespace(req_to_token=torch.stack(rows).int()))
+    plan = attention.build_plan(batch, links, rope, decode=True)
+    q = torch.randn(bs, Q_HEADS, DIM, device=DEV, dtype=BF16)
+    kv, scale = (k_pool, v_pool), DIM ** -0.5
+    workspace = torch.empty(384 << 20, dtype=torch.uint8, device=DEV)
+
+    exact = decode_wrapper(workspace, bs, bs * (n + 1))
+    plan_rows_of(exact, full_rows)
+    exact_ms = median_ms(graphed(lambda: [exact.forward(q, kv, sm_scale=scale) for _ in range(LAYERS)]), repeats)
+
+    own = decode_wrapper(workspace, bs, bs * private)
+    plan_rows_of(own, rows)
+    backend = types.SimpleNamespace(workspace_buffer=workspace, decode_use_tensor_cores=True, max_context_len=n + 1,
+                                    indices_updater_prefill=types.SimpleNamespace(
+                                        num_qo_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=DIM,
+                                        q_data_type=BF16, data_type=BF16))
+    graph = decode_graphs.captured(backend, bs, rope)
+    graph.fill(backend, plan)
+    link = graph.link_wrapper(own)
+    linked_ms = median_ms(graphed(lambda: [link.forward(q, kv, sm_scale=scale) for _ in range(LAYERS)]), repeats)
+
+    own_ms = median_ms(lambda: [own.forward(q, kv, sm_scale=scale) for _ in range(LAYERS)], repeats)
+    rotated = rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin)
+    rotate_ms = median_ms(lambda: [rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin) for _ in range(LAYERS)],
+                          repeats)
+    shared_ms = median_ms(lambda: [graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale) for _ in range(LAYERS)],
+                          repeats)
+    out, lse = own.forward_return_lse(q, kv, sm_scale=scale)
+    parts = graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale)
+    merge_ms = median_ms(lambda: [merge_into(out, lse, *parts, graph.merge) for _ in range(LAYERS)], repeats)
+    return (f"| {n:,} | {bs} | {len(plan.shared.spans)} / {graph.entries} | {exact_ms:.2f} | {linked_ms:.2f} "
+            f"| {linked_ms / exact_ms:.2f}x | {own_ms:.2f} | {rotate_ms:.2f} | {shared_ms:.2f} | {merge_ms:.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    rows = []
+    for bs in args.batches:
+        rows.append(measure(args.context, bs, args.repeats))
+        print(rows[-1], flush=True)
+    write_section("gpu_plugin_decode", f"""## GPU: the plugin's decode-step attention over shared documents, alone (Llama-3-8B attention shape)
+
+Card: {machine()}. {LAYERS} layers' attention of one decode step (ms, median of {args.repeats}; the first two
+columns of times inside a CUDA graph, the parts eagerly): `batch` legolink-16 requests over the same
+512-token documents (shared slots, read in place), each its own private row; SGLang exact = SGLang's
+decode wrapper over each request's whole prompt KV. Entries: the step's shared entries / the `epic`
+graph's (the rest padding).
+
+| context | batch | shared entries | SGLang exact ms | linked ms | linked / exact | private row ms | rotation ms | shared entries ms | merge ms |
+|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+""")
+
+
+if __name__ == "__main__":
+    main()
