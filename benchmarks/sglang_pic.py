@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_ttft import LLAMA_8B, model_dir, random_checkpoint, segments  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
+from epic_sglang.link_plan import plan_link  # noqa: E402
 from epic_sglang.policies import Segment, parse_policy  # noqa: E402
 from epic_sglang.sglang_plugin import client, decode_graphs  # noqa: E402
 from epic_sglang.sglang_plugin.launch import SGLangServer, wait_until_ready  # noqa: E402
@@ -91,9 +92,9 @@ def sink_tokens(ckpt: Path) -> list[int]:
 
 
 def plugin_outputs(url: str, prompts: list[list[Segment]], sinks: list[int]) -> dict[str, list[dict]]:
-    """fr, then (documents compiled) legolink-16, naive and legolink-16 again, then
-    (documents compiled behind `sinks`) legolink0, with the first token's top-10 logprobs:
-    what the checks compare."""
+    """fr, then (documents compiled) legolink-16, naive, legolink-16 again and cacheblend-15,
+    then (documents compiled behind `sinks`) legolink0, with the first token's top-10
+    logprobs: what the checks compare."""
     def ask(policy: str) -> list[dict]:
         return [generate(url, client.generate_body(p, policy, GREEDY, return_logprob=True, top_logprobs_num=10))
                 for p in prompts]
@@ -101,7 +102,7 @@ def plugin_outputs(url: str, prompts: list[list[Segment]], sinks: list[int]) -> 
     out = {"fr": ask("fr")}
     for p in prompts:
         compile_documents(url, p)
-    for policy in ("legolink-16", "naive", "legolink-16-again"):
+    for policy in ("legolink-16", "naive", "legolink-16-again", "cacheblend-15"):
         out[policy] = ask(policy.removesuffix("-again"))
     for p in prompts:
         compile_documents(url, p, sinks)
@@ -138,7 +139,7 @@ def check(tokenizer: Path, logs: Path, model: str | None = None) -> list[str]:
 
     engine = Engine(str(ckpt), device="cuda", kv_cache_gb=1)
     rows = [f"| fr: plugin server = plain SGLang server, token for token | {sum(a == b for a, b in zip(fr, plain))}/{len(prompts)} |"]
-    for policy in ("fr", "legolink-16", "naive", "legolink0"):
+    for policy in ("fr", "legolink-16", "naive", "legolink0", "cacheblend-15"):
         ours = engine.generate_batch([Request(segments=p, policy=policy, return_first_logits=True,
                                               sampling=SamplingParams(max_new_tokens=16, ignore_eos=True))
                                       for p in prompts])
@@ -147,9 +148,7 @@ def check(tokenizer: Path, logs: Path, model: str | None = None) -> list[str]:
             lp = torch.log_softmax(en.first_logits.float(), dim=-1)
             gaps += [abs(v - lp[t].item()) for t, v in first_logprobs(sg).items()]
             same_tokens += sg["output_ids"] == en.output_ids
-            doc_tokens = sum(len(s) for s in p if s.document is not None)
-            k = parse_policy(policy).k
-            reused &= policy == "fr" or sg["meta_info"]["cached_tokens"] >= doc_tokens - k * 4
+            reused &= policy == "fr" or sg["meta_info"]["cached_tokens"] >= plan_link(parse_policy(policy), p).reused_tokens
         again = sum(a["output_ids"] == b["output_ids"] for a, b in zip(linked[policy], linked[policy + "-again"])
                     ) if policy == "legolink-16" else None
         rows.append(f"| {policy}: plugin vs in-process engine, max abs first-token logprob gap over SGLang's top-10 "
@@ -176,7 +175,7 @@ def tensor_parallel(tokenizer: Path, logs: Path, tp: int) -> list[str]:
                           log_path=logs / f"sglang_tp{size}.log") as url:
             outs[size] = plugin_outputs(url, prompts, sinks)
     rows = []
-    for policy in ("fr", "legolink-16", "naive", "legolink-16-again", "legolink0"):
+    for policy in ("fr", "legolink-16", "naive", "legolink-16-again", "cacheblend-15", "legolink0"):
         one, many = outs[1][policy], outs[tp][policy]
         same = sum(a["output_ids"] == b["output_ids"] for a, b in zip(one, many))
         cached = min(o["meta_info"]["cached_tokens"] for o in many)

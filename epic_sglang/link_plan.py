@@ -74,8 +74,12 @@ class LinkPlan:
 
     @property
     def reused_tokens(self) -> int:
-        """Document tokens read from the cache, not recomputed."""
-        return int((self.document_mask() & ~self.recompute).sum())
+        """Document tokens read from the cache, not recomputed (cacheblend: at least this
+        many, less its picks, which are known only at the check layer)."""
+        reused = int((self.document_mask() & ~self.recompute).sum())
+        if self.blend_ratio:
+            reused -= cacheblend_count(sum(length for _, length, _ in self.doc_spans), self.blend_ratio)
+        return max(reused, 0)
 
     def reused_runs(self) -> list[tuple[int, int, int, int]]:
         """Maximal runs of reused tokens, each inside one document: (start, length, document
@@ -132,10 +136,15 @@ def plan_link(policy: Policy, segments: Sequence[Segment]) -> LinkPlan:
     return plan
 
 
+def cacheblend_count(doc_tokens: int, ratio: float) -> int:
+    """How many of `doc_tokens` document tokens CacheBlend-`ratio` recomputes: ceil(ratio%)."""
+    return min(doc_tokens, -(-int(round(doc_tokens * ratio * 1000)) // 100000))
+
+
 def cacheblend_pick(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices (into `deviation`) of the ceil(ratio%) document tokens that deviate most."""
-    count = min(deviation.numel(), -(-int(round(deviation.numel() * ratio * 1000)) // 100000))
-    return torch.topk(deviation, count).indices.sort().values
+    """Indices (into `deviation`, one per document token) of the `cacheblend_count` that
+    deviate most, sorted."""
+    return torch.topk(deviation, cacheblend_count(deviation.numel(), ratio)).indices.sort().values
 
 
 def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Tensor:

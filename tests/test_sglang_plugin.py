@@ -30,7 +30,7 @@ from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
 from epic_sglang.sglang_plugin.wire import HintError, LinkHint, decode
 from radix_ext import KVLayout, PICRadixCache
 
-HEADS, DIM, LAYERS = 2, 8, 2
+HEADS, DIM, LAYERS = 2, 8, 3  # CacheBlend cuts the batch past layer 1
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def sglang_runtime():
     context.set_server_args(args)
     load()
     HookRegistry.apply_hooks()
-    with get_parallel().override(tp_rank=0):  # one scheduler, no process group
+    with get_parallel().override(tp_rank=0, tp_size=1):  # one scheduler, no process group
         yield
     if previous is not None:
         context.set_server_args(previous)
@@ -255,6 +255,11 @@ def test_hint_round_trip_and_refusals():
     for docs, n in [(((3, 9), (8, 12)), 20), (((3, 30),), 20), ((), 20), (((5, 5),), 20)]:
         with pytest.raises(HintError, match="epic:"):
             LinkHint(None, docs, 4).validate(n)
+    assert decode(LinkHint("t", ((3, 9),), blend=15.0).encode()) == LinkHint("t", ((3, 9),), blend=15.0)
+    for bad in [LinkHint("t", ((3, 9),), blend=101.0), LinkHint("t", ((3, 9),), blend=-1.0),
+                LinkHint("t", ((3, 9),), 4, blend=15.0)]:
+        with pytest.raises(HintError, match="epic: blend must be a percent"):
+            bad.validate(20)
 
 
 @pytest.mark.parametrize("policy", ["naive", "legolink-1", "legolink-4", "legolink-16"])
@@ -302,8 +307,9 @@ def test_generate_body_carries_the_link_hint_and_refuses_unserved_policies():
     assert decode(body["extra_key"]) == LinkHint("t", ((2, 5),), 2)
     assert "extra_key" not in client.generate_body(segs, "fr", {})
     assert [b["input_ids"] for b in client.compile_bodies(segs)] == [[5, 6, 7]]
+    assert decode(client.generate_body(segs, "cacheblend-15", {}, namespace="t")["extra_key"]) == LinkHint("t", ((2, 5),), blend=15.0)
     with pytest.raises(ValueError, match="serves fr, naive"):
-        client.generate_body(segs, "cacheblend-15", {})
+        client.generate_body(segs, "querylink-16", {})
 
 
 def test_a_client_forgets_documents_a_response_shows_evicted():
@@ -557,6 +563,98 @@ def test_a_waiting_request_keeps_its_match_until_a_document_is_evicted_or_was_mi
     assert s.cache.evictable_size() == s.cache.total_size()
 
 
+def entry_keys(entries, causal: bool) -> dict[int, list[int]]:
+    """Query row -> the slots its entries attend (causal: bottom-right aligned, FlashInfer's)."""
+    qo, kv, slots = entries.qo_indptr.tolist(), entries.kv_indptr.tolist(), entries.kv_indices.tolist()
+    seen = {}
+    for e in range(len(qo) - 1):
+        queries, keys = qo[e + 1] - qo[e], slots[kv[e]:kv[e + 1]]
+        for j in range(queries):
+            seen.setdefault(qo[e] + j, []).extend(keys[:len(keys) - queries + j + 1] if causal else keys)
+    return seen
+
+
+def test_cacheblend_picks_the_deviating_tokens_copies_the_rest_and_attends_each_pick_to_its_past(sglang_runtime,
+                                                                                                  monkeypatch):
+    """CacheBlend inside SGLang's forward (`blend.py`), on SGLang's real cache classes: its
+    row is the whole prompt; at the check layer the document tokens whose fresh KV deviates
+    most from their documents' (the cached keys rotated to the prompt positions) are picked
+    with every token outside the documents and the last; the other document tokens' KV of the
+    later layers is copied from the documents, keys rotated to their prompt positions (the
+    documents untouched); the later layers compute the picks only, each attending exactly the
+    keys at or before its position, and hand SGLang the batch's full shape back."""
+    from epic_sglang.link_plan import CascadeTuning
+    from epic_sglang.policies import CACHEBLEND_CHECK_LAYER
+    from epic_sglang.sglang_plugin import blend
+
+    s = Scheduler()
+    ids, spans, docs = s.compiled_prompt(11)
+    shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in s.cache.document_nodes().items()}
+    req = s.request(ids, LinkHint("ns", tuple(spans), blend=8.0))  # ceil(8% of 37 document tokens) = 3
+    admitted, plan = s.prefill([req])
+    link, row = req.epic_link, s.row(req).to(torch.int64)
+    assert admitted == [req] and link.layout.order.tolist() == list(range(len(ids))) and link.shared is None
+    assert req.cached_tokens == 37 - 3 and plan.blend is not None and plan.blend.extend_start == 0
+    s.assert_row_at_prompt_positions(req, ids, layer=0)  # up to the check layer: every token computed
+    planted = [spans[0][0] + 4, spans[1][0] + 1, spans[1][0] + 16]
+    s.kv.k_buffer[CACHEBLEND_CHECK_LAYER][row[planted]] += 0.05  # fresh KV a little off the documents' (rotated right, the rest match)
+    picked = blend.picked_positions(plan.blend, s.kv, s.rope)
+    in_docs = {p for a, b in spans for p in range(a, b)}
+    assert picked.tolist() == sorted({p for p in range(len(ids)) if p not in in_docs} | {len(ids) - 1} | set(planted))
+
+    later = range(CACHEBLEND_CHECK_LAYER + 1, LAYERS)
+    unpicked = sorted(in_docs - set(picked.tolist()))
+    for layer in later:  # what the copy must fill
+        s.kv.k_buffer[layer][row[unpicked]] = 0
+        s.kv.v_buffer[layer][row[unpicked]] = 0
+    recorded = {}
+    monkeypatch.setattr(blend, "plan_cut", lambda backend, local, bulk, spans_, rope: recorded.update(
+        local=local, bulk=bulk, spans=spans_))
+    monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_attn_backend", lambda: None)
+    hidden, residual = torch.randn(len(ids), 4), torch.randn(len(ids), 4)
+    fb = types.SimpleNamespace(epic_plan=plan, token_to_kv_pool=s.kv, out_cache_loc=row.clone())
+    calls = []
+
+    def layer_forward(layer, positions, h, forward_batch, r):
+        calls.append((layer.self_attn.attn.layer_id, positions.tolist(), h.shape[0], forward_batch.out_cache_loc.tolist()))
+        return h + 1, r + 1
+
+    out = (hidden, residual)
+    for layer_id in range(LAYERS):
+        layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(attn=types.SimpleNamespace(layer_id=layer_id)))
+        out = blend.blend_layer(layer_forward, layer, torch.arange(len(ids)), *out[:1], fb, out[1])
+    for layer_id, positions, rows, locs in calls:
+        cut = layer_id > CACHEBLEND_CHECK_LAYER
+        assert positions == (picked.tolist() if cut else list(range(len(ids))))
+        assert rows == len(positions) and locs == row[positions].tolist()
+    assert fb.out_cache_loc.tolist() == row.tolist()  # given back after the last layer
+    kept = torch.zeros(len(ids), dtype=torch.bool)
+    kept[picked] = True
+    torch.testing.assert_close(out[0][kept], hidden[kept] + LAYERS)
+    assert (out[0][~kept] == 0).all() and (out[1][~kept] == 0).all()  # cut away: zero (SGLang reads the last)
+    for layer in later:
+        for p in unpicked:
+            torch.testing.assert_close(s.kv.k_buffer[layer][row[p]], s.key(ids[p], p), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(s.kv.v_buffer[layer][row[p]], s.base(ids[p]))
+    # each pick (a row of the cut batch) attends exactly the row's slots at or before its position:
+    # its local entry, and the bulk entries of its group (their queries gathered by the spans)
+    def attended(local, bulk_entries, bulk_spans) -> dict[int, list[int]]:
+        seen = entry_keys(local, causal=True)
+        gathered = [q for a, b in bulk_spans for q in range(a, b)]
+        for g, keys in (entry_keys(bulk_entries, causal=False) if bulk_entries is not None else {}).items():
+            seen[gathered[g]] += keys
+        return seen
+
+    expected = {i: sorted(row[:p + 1].tolist()) for i, p in enumerate(picked.tolist())}
+    assert {i: sorted(k) for i, k in attended(recorded["local"], recorded["bulk"], recorded["spans"]).items()} == expected
+    cascaded = blend.cut_plan(plan.blend, picked, CascadeTuning(group=4, chunk=8))  # groups of 4: bulk entries
+    assert cascaded[2] and {i: sorted(k) for i, k in attended(*cascaded).items()} == expected
+    s.finish(req)
+    for k, n in s.cache.document_nodes().items():  # read, never written
+        assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
+    assert s.cache.evictable_size() == s.cache.total_size()
+
+
 def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runtime):
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -626,8 +724,8 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
     assert cmd[cmd.index("--attention-backend") + 1] == "flashinfer" and "--disable-prefill-cuda-graph" in cmd
     assert "--radix-cache-backend" not in server_command("/models/m", 30001, plugin=False)
     assert server_env(True, kv_dir="/kv")["EPIC_SGLANG_KV_DIR"] == "/kv" and server_env(False)["SGLANG_PLUGINS"] == "-"
-    assert main(["serve", "--engine", "sglang", "--policy", "cacheblend-15"]) == 2
-    assert "--policy cacheblend-15: the SGLang plugin serves fr, naive" in capsys.readouterr().err
+    assert main(["serve", "--engine", "sglang", "--policy", "querylink-16"]) == 2
+    assert "--policy querylink-16: the SGLang plugin serves fr, naive" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--sglang-port", "70000"]) == 2
     assert "--sglang-port must be in 1..65535" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--sglang-args", "--tp 2 --port=9"]) == 2
@@ -752,3 +850,40 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
     q_static.copy_(q)
     cuda_graph.replay()
     torch.testing.assert_close(out_static.float(), expected([n]), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cacheblend_cut_through_flashinfer_attends_each_pick_to_its_past():
+    """The cut layers' plan (`blend.plan_cut`: each pick's local causal entry, its group's bulk
+    entries merged by log-sum-exp) through FlashInfer equals dense masked attention in fp32,
+    within bf16."""
+    pytest.importorskip("flashinfer")
+    from epic_sglang.link_plan import CascadeTuning
+    from epic_sglang.sglang_plugin import blend
+    from epic_sglang.sglang_plugin.attention import BlendPass
+
+    dev, q_heads, kv_heads, dim, bf16, n = torch.device("cuda"), 8, 2, 128, torch.bfloat16, 700
+    g = torch.Generator(device=dev).manual_seed(1)
+    k_pool, v_pool = (torch.randn(2 * n, kv_heads, dim, device=dev, generator=g).to(bf16) for _ in range(2))
+    row = torch.randperm(2 * n, device=dev, generator=g)[:n]  # the row's slot of each position
+    picked = np.sort(np.random.default_rng(0).choice(n - 1, 90, replace=False))
+    picked = np.concatenate([picked[picked >= 40], [n - 1]])  # the first 40: the exact prefix
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+    backend = types.SimpleNamespace(workspace_buffer=workspace, indices_updater_prefill=types.SimpleNamespace(
+        num_qo_heads=q_heads, num_kv_heads=kv_heads, head_dim=dim, q_data_type=bf16, data_type=bf16))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq
+    rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(dev), dim, True)
+    cut = BlendPass(None, row, 40)
+    q = torch.randn(len(picked), q_heads, dim, device=dev, generator=g).to(bf16)
+    keys = k_pool[row].float().repeat_interleave(q_heads // kv_heads, dim=1)
+    values = v_pool[row].float().repeat_interleave(q_heads // kv_heads, dim=1)
+    expected = torch.stack([torch.einsum("hk,khd->hd", torch.softmax(
+        torch.einsum("hd,khd->hk", q[i].float(), keys[:p + 1]) * dim ** -0.5, -1), values[:p + 1])
+        for i, p in enumerate(picked.tolist())])
+    for tuning in (CascadeTuning(), CascadeTuning(group=8, chunk=64)):  # one entry per run; bulk entries too
+        local, bulk, spans = blend.cut_plan(cut, picked, tuning)
+        blend.plan_cut(backend, local, bulk, spans, rope)
+        out = backend.forward_metadata.prefill_wrappers[0].forward(q, (k_pool, v_pool), causal=True, sm_scale=dim ** -0.5)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from epic_sglang.merge_states import MergeIndex, merge_into
-from epic_sglang.sglang_plugin.link_request import LinkRequest, SharedRuns, to_device
+from epic_sglang.sglang_plugin.link_request import BlendSources, LinkRequest, SharedRuns, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
 
 
@@ -44,11 +44,25 @@ class SharedParts:
 
 
 @dataclass
+class BlendPass:
+    """A CacheBlend request's link pass, alone in its batch: every prompt token up to the check
+    layer, as SGLang's own extend over the row; `blend.py` cuts the batch to the picks there."""
+    sources: BlendSources
+    row: torch.Tensor  # int64: the request's row slots (prompt position p at row p)
+    extend_start: int  # the first computed position (the exact prefix is the tree's)
+    # set at the cut, read by the layers after it
+    keep: torch.Tensor | None = None  # the batch rows still computed
+    positions: torch.Tensor | None = None  # their positions
+    out_cache_loc: torch.Tensor | None = None  # the whole batch's, given back after the last layer
+
+
+@dataclass
 class LinkAttentionPlan:
     local: Entries | None  # extend: one causal entry per request over its row; decode: SGLang's own plan
     shared: SharedParts | None  # None: no linked request reuses a document token
     positions: dict[int, torch.Tensor]  # batch token offset -> prompt positions of a linked request's tokens
     rope: RopeTable  # the model's, to rotate the queries of the shared parts
+    blend: BlendPass | None = None
 
 
 @dataclass
@@ -68,7 +82,7 @@ class _EntryList:
             return None
         kv_indices = req_to_token[to_device(np.concatenate(self.pool_rows), device),
                                   to_device(np.concatenate(self.kv_rows), device)].to(torch.int32)
-        return Entries(_indptr(self.qo_lens), _indptr([len(r) for r in self.kv_rows]), kv_indices)
+        return Entries(indptr(self.qo_lens), indptr([len(r) for r in self.kv_rows]), kv_indices)
 
 
 @dataclass
@@ -91,13 +105,13 @@ class _PartList:
         if not self.spans:
             return None
         queries = [b - a for a, b in self.spans]
-        entries = Entries(_indptr(queries), _indptr(self.kv_lens), torch.cat(self.slots).to(device))
+        entries = Entries(indptr(queries), indptr(self.kv_lens), torch.cat(self.slots).to(device))
         cos_sin = torch.repeat_interleave(torch.cat(self.angles).to(device), to_device(np.asarray(queries), device), dim=0,
                                           output_size=sum(queries))
         return SharedParts(entries, cos_sin, MergeIndex.build(self.spans, device), self.spans)
 
 
-def _indptr(lens: list[int]) -> torch.Tensor:
+def indptr(lens: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
 
 
@@ -111,7 +125,7 @@ def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bo
     """`batch`: a SGLang ScheduleBatch (extend or decode); `links`: its linked requests by index.
     A request in its link pass computes its layout's extend tokens; one past it (decode, or
     merged into a mixed batch) its newest tokens, which follow every cached run."""
-    local, parts, positions = _EntryList(), _PartList(), {}
+    local, parts, positions, blend = _EntryList(), _PartList(), {}, None
     offset = 0
     for i, req in enumerate(batch.reqs):
         seq_len = int(batch.seq_lens_cpu[i])
@@ -120,6 +134,11 @@ def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bo
             local.add(req.req_pool_idx, np.arange(seq_len), n)
         link = links.get(i)
         if link is not None:
+            if link.extending and link.blend is not None:
+                if len(batch.reqs) != 1:
+                    raise RuntimeError("epic: a CacheBlend link pass runs alone in its batch")
+                row = batch.req_to_token_pool.req_to_token[req.req_pool_idx, :seq_len].to(torch.int64)
+                blend = BlendPass(link.blend, row, link.layout.exact_prefix_len)
             if link.extending:
                 positions[offset] = torch.from_numpy(link.layout.extend_positions)
                 starts = link.layout.run_query_starts()
@@ -131,7 +150,7 @@ def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bo
         offset += n
     device = batch.device
     return LinkAttentionPlan(None if decode else local.build(batch.req_to_token_pool.req_to_token, device),
-                             parts.build(device), positions, rope)
+                             parts.build(device), positions, rope, blend)
 
 
 def apply_positions(plan: LinkAttentionPlan, positions: torch.Tensor) -> None:
@@ -143,15 +162,16 @@ def apply_positions(plan: LinkAttentionPlan, positions: torch.Tensor) -> None:
 class LinkWrapper:
     """Stands where SGLang's backend expects its paged-prefill or decode wrapper: `forward`
     attends as the wrapped one does (the private rows), then every cached run with its rotated
-    queries (`merge.query_rows` rotated by `cos_sin`), and merges the runs' results into the
-    rows they belong to."""
+    queries (`merge.query_rows` rotated by `cos_sin`; None: as they are, CacheBlend's bulk
+    keys), and merges the runs' results into the rows they belong to."""
 
-    def __init__(self, own, shared_wrapper, cos_sin: torch.Tensor, merge: MergeIndex, rope: RopeTable):
+    def __init__(self, own, shared_wrapper, cos_sin: torch.Tensor | None, merge: MergeIndex, rope: RopeTable):
         self.own, self.shared_wrapper, self.cos_sin, self.merge, self.rope = own, shared_wrapper, cos_sin, merge, rope
 
     def forward(self, q: torch.Tensor, kv_cache, **kwargs) -> torch.Tensor:
         out, lse = self.own.forward_return_lse(q, kv_cache, **kwargs)
-        rotated = rotated_rows(self.rope, q, self.merge.query_rows, self.cos_sin)
+        rotated = (q.index_select(0, self.merge.query_rows) if self.cos_sin is None
+                   else rotated_rows(self.rope, q, self.merge.query_rows, self.cos_sin))
         if "causal" in kwargs:  # extend (a decode wrapper takes no mask)
             kwargs = {**kwargs, "causal": False}
         shared = self.shared_wrapper.forward_return_lse(rotated, kv_cache, **kwargs)
@@ -175,7 +195,7 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
         own = backend.forward_metadata.decode_wrappers[0]
     else:
         own = backend.prefill_wrappers_paged[0]
-        _plan(own, backend, plan.local)
+        plan_entries(own, backend, plan.local)
     if plan.shared is not None:
         entries, updater = plan.shared.entries, backend.indices_updater_prefill
         if decode:
@@ -191,7 +211,7 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
             if shared is None:
                 shared = backend.epic_shared_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     backend.workspace_buffer, "NHD")
-            _plan(shared, backend, entries, causal=False)
+            plan_entries(shared, backend, entries, causal=False)
         own = LinkWrapper(own, shared, plan.shared.cos_sin, plan.shared.merge, plan.rope)
     backend.forward_metadata = DecodeMetadata([own]) if decode else PrefillMetadata([own], False, False)
 
@@ -206,7 +226,7 @@ def _ones(entries: Entries) -> torch.Tensor:
     return last_page_lens(len(entries.kv_indptr) - 1)
 
 
-def _plan(wrapper, backend, entries: Entries, **kwargs) -> None:
+def plan_entries(wrapper, backend, entries: Entries, **kwargs) -> None:
     updater = backend.indices_updater_prefill
     wrapper.begin_forward(entries.qo_indptr, entries.kv_indptr, entries.kv_indices, _ones(entries),
                           updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,

@@ -12,12 +12,13 @@ from epic_sglang.link_plan import plan_link, segment_spans
 from epic_sglang.policies import Policy, Segment, parse_policy
 from epic_sglang.sglang_plugin.wire import LinkHint
 
-SERVED_KINDS = ("fr", "naive", "legolink", "legolink0")
+SERVED_KINDS = ("fr", "naive", "legolink", "legolink0", "cacheblend")
 
 
 def check_served(policy: Policy) -> None:
     if policy.kind not in SERVED_KINDS:
-        raise InvalidRequest(f"the SGLang plugin serves fr, naive, legolink-<k> and legolink0, not {policy.name}")
+        raise InvalidRequest(f"the SGLang plugin serves fr, naive, legolink-<k>, legolink0 and cacheblend-<r>, "
+                             f"not {policy.name}")
 
 
 def generate_body(segments: list[Segment], policy: str | Policy, sampling_params: dict,
@@ -31,7 +32,8 @@ def generate_body(segments: list[Segment], policy: str | Policy, sampling_params
             body["extra_key"] = namespace
         return body
     check_served(policy)
-    body["extra_key"] = LinkHint(namespace, tuple(spans), policy.k, sink=policy.recipe.sink_tokens).encode()
+    body["extra_key"] = LinkHint(namespace, tuple(spans), policy.k, sink=policy.recipe.sink_tokens,
+                                 blend=policy.ratio if policy.kind == "cacheblend" else 0.0).encode()
     return body
 
 

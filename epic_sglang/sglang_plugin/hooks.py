@@ -4,7 +4,7 @@
 |-------------------------------------------|-------------------------------------------------|
 | `Req.__init__` (after)                    | an `epic:` extra_key becomes `req.epic_link`    |
 | `PrefillAdder.add_one_req` (around)       | re-match stale nodes, never chunk a link pass,  |
-|                                           | lock documents                                  |
+|                                           | lock documents; a CacheBlend pass runs alone    |
 | `ScheduleBatch.prepare_for_extend` (before)| the link pass starts; reused tokens count as cached |
 | `ForwardBatch.init_new` (after)           | positions, the plan of the shared runs' entries |
 | `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
@@ -12,6 +12,8 @@
 |                                           | `epic` graph if it fits (`decode_graphs`), else runs eagerly |
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
+| `LlamaDecoderLayer.forward`, `Qwen2DecoderLayer.forward` (around) | CacheBlend: past its check layer, |
+|                                           | the picks only (`blend.py`)                     |
 | `DecodeCudaGraphRunner.capture` (before), `.capture_one_shape`, `._resolve_lora_variant`, | the `epic` |
 | `.load_batch`, `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | decode graphs |
 
@@ -23,7 +25,7 @@ import logging
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from epic_sglang.sglang_plugin import attention, decode_graphs, wire
+from epic_sglang.sglang_plugin import attention, blend, decode_graphs, wire
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
@@ -50,16 +52,26 @@ def attach_link(result, req, *args, **kwargs):
     return result
 
 
+def blends(req) -> bool:
+    link = getattr(req, "epic_link", None)
+    return isinstance(link, LinkRequest) and link.blend is not None
+
+
 def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
-    """PrefillAdder.add_one_req for a linked request."""
+    """PrefillAdder.add_one_req for a linked request (and for any request behind a CacheBlend
+    link pass, which runs alone in its batch)."""
     from sglang.srt.managers.schedule_policy import AddReqResult
 
+    if any(blends(r) for r in adder.can_run_list):
+        return AddReqResult.OTHER
     link = getattr(req, "epic_link", None)
     if not isinstance(link, LinkRequest) or link.layout is None:
         return original(adder, req, has_chunked_req=has_chunked_req, **kwargs)
     cache = adder.tree_cache
     if not link.still_matched(cache, req.last_node):
         req.init_next_round_input(cache)
+    if blends(req) and (adder.can_run_list or has_chunked_req):
+        return AddReqResult.OTHER  # the check layer cuts the whole batch: wait for one of its own
     layout = link.layout
     if adder.rem_chunk_tokens is not None and layout.extend_len > adder.rem_chunk_tokens:
         # A link pass is never chunked (its runs' entries are planned for the whole pass): wait for an
@@ -212,7 +224,7 @@ def install() -> None:
         ("sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch", keep_plan, HookType.AFTER),
         ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata",
          plan_link_attention, HookType.AROUND),
-    ]:
+    ] + [(f"{layer}.forward", blend.blend_layer, HookType.AROUND) for layer in blend.HOOKED_LAYERS]:
         HookRegistry.register(target, hook, kind)
     if decode_graphs.enabled():
         for target, hook, kind in [

@@ -83,12 +83,27 @@ class SharedRuns:
     cos_sin: torch.Tensor | None = None  # the queries' rotation by -shift, set where the model's RoPE is known
 
 
+@dataclass
+class BlendSources:
+    """A CacheBlend request's cached documents as its check layer reads them (`blend.py`):
+    each cached document token's prompt position, shared slot and shift (prompt position -
+    compile position), and the positions computed whatever the picks (outside the cached
+    documents, and the last)."""
+    positions: np.ndarray  # int64 (d,)
+    slots: torch.Tensor  # int64 (d,), on the pool's device
+    shifts: np.ndarray  # int64 (d,)
+    always: np.ndarray  # bool (prompt tokens,)
+    ratio: float  # percent of the d tokens picked
+
+
 class LinkRequest:
     def __init__(self, hint: LinkHint, token_ids: array):
         self.hint = hint
         self.prompt = token_ids  # prompt order; the request's own origin_input_ids get the row's tokens
         self.layout: RowLayout | None = None
         self.shared: SharedRuns | None = None
+        self.blend: BlendSources | None = None  # CacheBlend: every prompt token is in the row
+        self.reused_tokens = 0  # document tokens whose KV comes from the cache (CacheBlend: at least)
         self.doc_nodes: list = []
         self.locked: list = []
         self.matched: tuple[int, MatchResult] | None = None  # (output tokens then, the last match's result)
@@ -123,9 +138,14 @@ class LinkRequest:
             if node is not None:
                 cache.dec_lock_ref(node)
         cached = [(start, end - start, j) for j, ((start, end), node) in enumerate(zip(docs, nodes)) if node is not None]
-        self.layout = layout = plan_rows(plan_spans(len(ids), cached, self.hint.k), len(exact))
+        plan = plan_spans(len(ids), cached, self.hint.k)
+        plan.blend_ratio = self.hint.blend
+        self.reused_tokens = plan.reused_tokens
+        # CacheBlend computes every token up to its check layer: all of them in the row
+        self.layout = layout = plan_rows(plan_spans(len(ids), [], 0) if self.hint.blend else plan, len(exact))
         self.doc_nodes = nodes
         self.shared = self._shared_runs(cache) if layout.cached_runs else None
+        self.blend = self._blend_sources(cache, plan) if self.hint.blend and cached else None
         fill = ids[layout.order]
         req.origin_input_ids = array("q", fill[:int((layout.order < len(self.prompt)).sum())].tobytes())
         req.full_untruncated_fill_ids = array("q", fill.tobytes())
@@ -141,6 +161,13 @@ class LinkRequest:
         # a document token at offset t was compiled at position t (+ the sinks before it)
         shifts = torch.tensor([r.start - r.offset - self.hint.sink for r in runs], dtype=torch.int64)
         return SharedRuns(slots, [r.length for r in runs], shifts)
+
+    def _blend_sources(self, cache, plan) -> BlendSources:
+        spans = plan.doc_spans
+        positions = np.concatenate([np.arange(start, start + length) for start, length, _ in spans])
+        shifts = np.concatenate([np.full(length, start - self.hint.sink) for start, length, _ in spans])
+        slots = torch.cat([cache.document_slots(self.doc_nodes[j]) for _, _, j in spans]).to(torch.int64)
+        return BlendSources(positions, slots, shifts, plan.recompute.numpy().copy(), self.hint.blend)
 
     def still_matched(self, cache, last_node) -> bool:
         """False when a node found at match time (the documents', the exact prefix's
@@ -171,7 +198,7 @@ class LinkRequest:
         reused document tokens as cached, beside the exact prefix (once, as it counts its own)."""
         self.prepared = self.extending = True
         if not req.retracted_stain:
-            req.cached_tokens += self.layout.reused_tokens
+            req.cached_tokens += self.reused_tokens
 
     @property
     def position_shift(self) -> int:
@@ -196,5 +223,5 @@ class LinkRequest:
         cache.token_to_kv_pool_allocator.free(row[to_device(np.flatnonzero(owned), row.device)])
         cache.dec_lock_ref(req.last_node)
         self._unlock(cache)
-        self.doc_nodes, self.layout, self.shared, self.matched = [], None, None, None
+        self.doc_nodes, self.layout, self.shared, self.blend, self.matched = [], None, None, None, None
         self.prepared = self.extending = False

@@ -10,7 +10,9 @@ rotated by its position p
 
 i.e. the query, rotated back by the document's shift d, scores the stored key in place. The
 plugin attends each reused run with such rotated copies of the queries after it; the shared
-document slots are only read.
+document slots are only read. (CacheBlend's check layer compares the document's keys with
+freshly computed ones, and its later layers read them from the request's row: there they are
+rotated forward by d, `rotated_copy`.)
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding, apply_rotary_emb
 
-from epic_sglang.rotate_copy import rotate_rows
+from epic_sglang.rotate_copy import rotate_copy, rotate_rows
 
 
 @dataclass(frozen=True)
@@ -57,3 +59,18 @@ def rotated_rows(rope: RopeTable, x: torch.Tensor, rows: torch.Tensor, cos_sin: 
     if x.is_cuda:
         return rotate_rows(x.contiguous(), rows, cos_sin, rope.is_neox_style)
     return rope.rotate(x[rows], *cos_sin.chunk(2, dim=-1))
+
+
+def rotated_copy(rope: RopeTable, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], src: torch.Tensor,
+                 dst: torch.Tensor, cos_sin: torch.Tensor) -> None:
+    """In every layer's buffers: k[dst[i]] = k[src[i]] rotated by cos_sin[i] ([cos | sin],
+    fp32), v[dst[i]] = v[src[i]]. On GPU one Triton launch for all layers; on CPU torch."""
+    if not src.numel():
+        return
+    if k_buffers[0].is_cuda:
+        rotate_copy(k_buffers, v_buffers, k_buffers, v_buffers, src, dst, cos_sin, rope.is_neox_style)
+        return
+    for k, v in zip(k_buffers, v_buffers):
+        k[dst] = rope.rotate(k[src], *cos_sin.chunk(2, dim=-1))
+        v[dst] = v[src]
+

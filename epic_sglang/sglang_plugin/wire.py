@@ -6,7 +6,8 @@ radix cache's namespace), so the plugin needs no new request field. A link reque
 in `input_ids` and LegoLink's k; a compile request names only the namespace: its whole
 `input_ids` is one document, prefilled alone at position 0. legolink0 adds `sink`: its
 documents are compiled behind that many throw-away tokens (the compile request's first
-`sink` input ids, whose KV is dropped) and linked from there.
+`sink` input ids, whose KV is dropped) and linked from there. CacheBlend-r adds `blend`: r,
+the percent of document tokens its check layer picks to recompute (`blend.py`).
 """
 from __future__ import annotations
 
@@ -27,11 +28,14 @@ class LinkHint:
     k: int = 0  # LegoLink: first k tokens of each document recomputed (0 = naive)
     compile: bool = False  # this request compiles its input as one document
     sink: int = 0  # legolink0: documents compiled behind this many throw-away tokens
+    blend: float = 0.0  # CacheBlend: percent of document tokens recomputed (0: not CacheBlend)
 
     def encode(self) -> str:
         body = {"ns": self.namespace}
         if self.sink:
             body["sink"] = self.sink
+        if self.blend:
+            body["blend"] = self.blend
         if self.compile:
             body["compile"] = True
         else:
@@ -47,6 +51,8 @@ class LinkHint:
             return
         if self.k < 0:
             raise HintError(f"epic: k must be >= 0, got {self.k}")
+        if not 0 <= self.blend <= 100 or (self.blend and self.k):
+            raise HintError(f"epic: blend must be a percent in (0, 100], without k; got blend {self.blend:g}, k {self.k}")
         if not self.docs:
             raise HintError("epic: a link request names no documents")
         prev_end = 0
@@ -71,7 +77,7 @@ def decode(extra_key: str) -> LinkHint:
         if body.get("compile"):
             return LinkHint(ns, compile=True, sink=sink)
         docs = tuple((int(s), int(e)) for s, e in body["docs"])
-        return LinkHint(ns, docs, int(body.get("k", 0)), sink=sink)
+        return LinkHint(ns, docs, int(body.get("k", 0)), sink=sink, blend=float(body.get("blend", 0)))
     except HintError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
