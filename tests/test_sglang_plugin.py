@@ -611,8 +611,9 @@ def test_cacheblend_picks_the_deviating_tokens_copies_the_rest_and_attends_each_
     monkeypatch.setattr(blend, "plan_cut", lambda backend, local, bulk, spans_, rope: recorded.update(
         local=local, bulk=bulk, spans=spans_))
     monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_attn_backend", lambda: None)
+    monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_token_to_kv_pool", lambda: s.kv)
     hidden, residual = torch.randn(len(ids), 4), torch.randn(len(ids), 4)
-    fb = types.SimpleNamespace(epic_plan=plan, token_to_kv_pool=s.kv, out_cache_loc=row.clone())
+    fb = types.SimpleNamespace(epic_plan=plan, out_cache_loc=row.clone())
     calls = []
 
     def layer_forward(layer, positions, h, forward_batch, r):

@@ -86,9 +86,8 @@ def cut_plan(blend: BlendPass, picked: np.ndarray, tuning: CascadeTuning = Casca
     return entries(local), (entries(bulk) if bulk else None), [(q0, q1) for q0, q1, _, _ in bulk]
 
 
-def cut(blend: BlendPass, forward_batch, rope: RopeTable) -> None:
+def cut(blend: BlendPass, forward_batch, pool, rope: RopeTable) -> None:
     """Entering the first layer past the check one: pick, copy, and cut the batch."""
-    pool = forward_batch.token_to_kv_pool
     picked = picked_positions(blend, pool, rope)
     copy_unpicked(blend, pool, rope, picked)
     computed = picked[picked >= blend.extend_start]
@@ -124,16 +123,19 @@ def plan_cut(backend, local: Entries, bulk: Entries | None, spans: list[tuple[in
 def blend_layer(original, layer, positions, hidden_states, forward_batch, residual, *args, **kwargs):
     """A decoder layer's forward (SGLang: `layer(positions, hidden_states, forward_batch,
     residual)`): past the check layer of a CacheBlend link pass, over the picks only."""
+    from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+
     plan = getattr(forward_batch, "epic_plan", None)
     blend = plan.blend if plan is not None else None
     layer_id = layer.self_attn.attn.layer_id
     if blend is None or layer_id <= CACHEBLEND_CHECK_LAYER:
         return original(layer, positions, hidden_states, forward_batch, residual, *args, **kwargs)
+    pool = get_token_to_kv_pool()
     if layer_id == CACHEBLEND_CHECK_LAYER + 1:
-        cut(blend, forward_batch, plan.rope)
+        cut(blend, forward_batch, pool, plan.rope)
         hidden_states, residual = hidden_states[blend.keep], residual[blend.keep]
     hidden_states, residual = original(layer, blend.positions, hidden_states, forward_batch, residual, *args, **kwargs)
-    if layer_id == forward_batch.token_to_kv_pool.end_layer:
+    if layer_id == pool.end_layer:
         rows = blend.out_cache_loc.numel()
         forward_batch.out_cache_loc = blend.out_cache_loc
         hidden_states = hidden_states.new_zeros(rows, hidden_states.shape[-1]).index_copy_(0, blend.keep, hidden_states)
