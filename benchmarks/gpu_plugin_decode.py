@@ -15,7 +15,9 @@ SGLang's decode runs it:
 - linked: the plugin's `epic` decode graph (`decode_graphs.DecodeGraph`): SGLang's wrapper
   over the private row, the queries rotated per cached run, the shared entries, the merge;
 - its parts, eagerly: the private row alone, the rotation alone, the shared entries alone,
-  the merge alone.
+  the merge alone;
+- with the shared entries in run order (the plugin's: every request reading one document run
+  back to back, so the run's keys come from L2 after the first) and in request order.
 Writes its table to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -81,7 +83,7 @@ def plan_rows_of(wrapper, rows: list[torch.Tensor]) -> None:
                  q_data_type=BF16, kv_data_type=BF16)
 
 
-def measure(context: int, bs: int, repeats: int) -> str:
+def measure(context: int, bs: int, repeats: int, order: str) -> str:
     docs = (context - HEAD - QUESTION) // DOC
     n = HEAD + docs * DOC + QUESTION
     layout = plan_rows(plan_spans(n, [(HEAD + i * DOC, DOC, i) for i in range(docs)], K), exact_prefix_len=HEAD)
@@ -96,9 +98,12 @@ def measure(context: int, bs: int, repeats: int) -> str:
     angles = torch.arange(2 * n, dtype=torch.float32)[:, None] * inv_freq
     rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(DEV), DIM, True)
     runs = layout.cached_runs
+    # run order: the requests reading one document run are entries back to back (as the plugin
+    # plans them); request order (each request's runs apart): the order before
+    run_ids = {"run": lambda r: [(c.doc, c.offset) for c in runs], "request": lambda r: [(r, c.doc) for c in runs]}[order]
     links = {r: types.SimpleNamespace(layout=layout, extending=False, position_shift=layout.reused_tokens,
                                       shared=SharedRuns(doc_slots, [c.length for c in runs],
-                                                        torch.tensor([c.start - c.offset for c in runs])))
+                                                        torch.tensor([c.start - c.offset for c in runs]), run_ids(r)))
              for r in range(bs)}
     batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=r) for r in range(bs)], extend_lens=[1] * bs,
                                   seq_lens_cpu=torch.tensor([private] * bs), device=DEV,
@@ -132,7 +137,7 @@ def measure(context: int, bs: int, repeats: int) -> str:
     out, lse = own.forward_return_lse(q, kv, sm_scale=scale)
     parts = graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale)
     merge_ms = median_ms(lambda: [merge_into(out, lse, *parts, graph.merge) for _ in range(LAYERS)], repeats)
-    return (f"| {n:,} | {bs} | {len(plan.shared.spans)} / {graph.entries} | {exact_ms:.2f} | {linked_ms:.2f} "
+    return (f"| {n:,} | {bs} | {order} | {len(plan.shared.spans)} / {graph.entries} | {exact_ms:.2f} | {linked_ms:.2f} "
             f"| {linked_ms / exact_ms:.2f}x | {own_ms:.2f} | {rotate_ms:.2f} | {shared_ms:.2f} | {merge_ms:.2f} |")
 
 
@@ -144,18 +149,20 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for bs in args.batches:
-        rows.append(measure(args.context, bs, args.repeats))
-        print(rows[-1], flush=True)
+        for order in ("run", "request"):
+            rows.append(measure(args.context, bs, args.repeats, order))
+            print(rows[-1], flush=True)
     write_section("gpu_plugin_decode", f"""## GPU: the plugin's decode-step attention over shared documents, alone (Llama-3-8B attention shape)
 
 Card: {machine()}. {LAYERS} layers' attention of one decode step (ms, median of {args.repeats}; the first two
 columns of times inside a CUDA graph, the parts eagerly): `batch` legolink-16 requests over the same
 512-token documents (shared slots, read in place), each its own private row; SGLang exact = SGLang's
 decode wrapper over each request's whole prompt KV. Entries: the step's shared entries / the `epic`
-graph's (the rest padding).
+graph's (the rest padding). Order: the shared entries planned run by run (the requests reading
+one document run back to back: the plugin's order) or request by request.
 
-| context | batch | shared entries | SGLang exact ms | linked ms | linked / exact | private row ms | rotation ms | shared entries ms | merge ms |
-|---|---|---|---|---|---|---|---|---|---|
+| context | batch | order | shared entries | SGLang exact ms | linked ms | linked / exact | private row ms | rotation ms | shared entries ms | merge ms |
+|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """)
 

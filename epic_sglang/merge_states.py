@@ -66,7 +66,9 @@ def merge_arrays(spans: list[tuple[int, int]], num_rows: int | None = None
     """MergeIndex's host arrays (query_rows int64, rows / part_ptr / part_idx int32) and its
     most parts per row, for the parts' query-row `spans`. `num_rows`: every row 0..num_rows-1
     is listed, those without parts with none (a fixed shape, as a CUDA graph needs)."""
-    targets = np.concatenate([np.arange(a, b) for a, b in spans] + [np.zeros(0, dtype=np.int64)]).astype(np.int64)
+    starts, ends = (np.asarray([span[i] for span in spans], dtype=np.int64) for i in (0, 1))
+    lens = ends - starts  # every span's rows, back to back, without a Python loop over them
+    targets = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
     order = np.argsort(targets, kind="stable")  # each row's parts in output order
     if num_rows is None:
         rows, counts = np.unique(targets, return_counts=True)

@@ -89,6 +89,7 @@ class _EntryList:
 class _PartList:
     spans: list[tuple[int, int]] = field(default_factory=list)  # batch query rows of each run's entry
     kv_lens: list[int] = field(default_factory=list)
+    runs: list[tuple] = field(default_factory=list)  # which shared run each entry reads
     slots: list[torch.Tensor] = field(default_factory=list)
     angles: list[torch.Tensor] = field(default_factory=list)
 
@@ -98,17 +99,29 @@ class _PartList:
             shared.cos_sin = torch.cat(rope.angles(-shared.shifts.to(rope.cos_sin_cache.device, non_blocking=True)), -1)
         self.spans += spans
         self.kv_lens += shared.lengths
+        self.runs += shared.runs
         self.slots.append(shared.slots)
         self.angles.append(shared.cos_sin)
 
     def build(self, device) -> SharedParts | None:
+        """The entries in run order: the requests that read one document run attend it back to
+        back, so their CTAs find its keys in L2 (in request order each re-reads them from HBM)."""
         if not self.spans:
             return None
-        queries = [b - a for a, b in self.spans]
-        entries = Entries(indptr(queries), indptr(self.kv_lens), torch.cat(self.slots).to(device))
-        cos_sin = torch.repeat_interleave(torch.cat(self.angles).to(device), to_device(np.asarray(queries), device), dim=0,
-                                          output_size=sum(queries))
-        return SharedParts(entries, cos_sin, MergeIndex.build(self.spans, device), self.spans)
+        order = np.asarray(sorted(range(len(self.runs)), key=self.runs.__getitem__), dtype=np.int64)
+        spans, kv_lens = [self.spans[e] for e in order], np.asarray(self.kv_lens, dtype=np.int64)[order]
+        queries = [b - a for a, b in spans]
+        slots = torch.cat(self.slots).to(device)
+        if (order != np.arange(len(order))).any():  # gather each entry's slots in the new order
+            starts = np.concatenate([[0], np.cumsum(self.kv_lens)[:-1]])[order]
+            moved = starts - np.concatenate([[0], np.cumsum(kv_lens)[:-1]])
+            total = int(kv_lens.sum())
+            slots = slots[torch.arange(total, device=device) + torch.repeat_interleave(
+                to_device(moved, device), to_device(kv_lens, device), output_size=total)]
+        entries = Entries(indptr(queries), indptr(kv_lens.tolist()), slots)
+        angles = torch.cat(self.angles).to(device)[to_device(order, device)]
+        cos_sin = torch.repeat_interleave(angles, to_device(np.asarray(queries), device), dim=0, output_size=sum(queries))
+        return SharedParts(entries, cos_sin, MergeIndex.build(spans, device), spans)
 
 
 def indptr(lens: list[int]) -> torch.Tensor:
