@@ -656,6 +656,28 @@ def test_cacheblend_picks_the_deviating_tokens_copies_the_rest_and_attends_each_
     assert s.cache.evictable_size() == s.cache.total_size()
 
 
+def test_cacheblend_on_a_model_whose_layers_are_not_hooked_computes_every_token_and_says_so(sglang_runtime):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.models.llama import LlamaDecoderLayer
+
+    from epic_sglang.sglang_plugin import blend
+
+    llama = LlamaDecoderLayer.__new__(LlamaDecoderLayer)
+    torch.nn.Module.__init__(llama)
+    assert blend.supports(torch.nn.Sequential(llama)) and not blend.supports(torch.nn.Sequential(torch.nn.Linear(1, 1)))
+    s = Scheduler()
+    ids, spans, _ = s.compiled_prompt(12)
+    req = s.request(ids, LinkHint("ns", tuple(spans), blend=8.0))
+    s.prefill([req])
+    assert req.cached_tokens == 34
+    req.epic_link.extending = True  # its link pass, as the forward's set-up sees it
+    fb = types.SimpleNamespace(forward_mode=ForwardMode.EXTEND, positions=torch.arange(len(ids)))
+    runner = types.SimpleNamespace(epic_rope=s.rope, model=torch.nn.Sequential(torch.nn.Linear(1, 1)))
+    assert hooks.link_forward_batch(fb, None, s.batch, runner).epic_plan.blend is None  # no cut: all layers, all tokens
+    assert req.cached_tokens == 0 and req.epic_link.reused_tokens == 0
+    s.finish(req)
+
+
 def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runtime):
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey

@@ -39,6 +39,16 @@ from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_copy
 HOOKED_LAYERS = ("sglang.srt.models.llama.LlamaDecoderLayer", "sglang.srt.models.qwen2.Qwen2DecoderLayer")
 
 
+def supports(model: torch.nn.Module) -> bool:
+    """Whether `model`'s decoder layers run through `blend_layer`: their class's forward is a
+    hooked one (a subclass that overrides it is not)."""
+    import importlib
+
+    hooked = {getattr(importlib.import_module(path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1]).forward
+              for path in HOOKED_LAYERS}
+    return any(type(m).forward in hooked for m in model.modules())
+
+
 def picked_positions(blend: BlendPass, pool, rope: RopeTable) -> np.ndarray:
     """Sorted prompt positions computed past the check layer (its KV is in the pool)."""
     src, layer = blend.sources, CACHEBLEND_CHECK_LAYER

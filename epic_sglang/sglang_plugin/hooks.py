@@ -114,9 +114,30 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
     if not links:
         return forward_batch
     plan = prepare_links(links, batch, model_rope(model_runner), decode=mode.is_decode())
+    if plan.blend is not None and not model_blends(model_runner):
+        compute_blend_fully(batch.reqs[0])
+        plan.blend = None
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
     return forward_batch
+
+
+def model_blends(model_runner) -> bool:
+    """Whether the model's decoder layers run through CacheBlend's hook (`blend.HOOKED_LAYERS`)."""
+    blends_ = getattr(model_runner, "epic_blends", None)
+    if blends_ is None:
+        blends_ = model_runner.epic_blends = blend.supports(model_runner.model)
+    return blends_
+
+
+def compute_blend_fully(req) -> None:
+    """A CacheBlend link pass on a model whose layers the plugin does not hook: every token is
+    computed through every layer (its row holds the whole prompt), and reported so."""
+    logger.warning("epic: CacheBlend needs Llama- or Qwen2-style decoder layers (%s); request %s is computed "
+                   "in full", ", ".join(blend.HOOKED_LAYERS), req.rid)
+    if not req.retracted_stain:
+        req.cached_tokens -= req.epic_link.reused_tokens
+    req.epic_link.reused_tokens = 0
 
 
 def model_rope(model_runner) -> RopeTable:
