@@ -590,69 +590,70 @@ def test_cacheblend_picks_the_deviating_tokens_copies_the_rest_and_attends_each_
     s = Scheduler()
     ids, spans, docs = s.compiled_prompt(11)
     shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in s.cache.document_nodes().items()}
-    req = s.request(ids, LinkHint("ns", tuple(spans), blend=8.0))  # ceil(8% of 37 document tokens) = 3
-    admitted, plan = s.prefill([req])
-    link, row = req.epic_link, s.row(req).to(torch.int64)
-    assert admitted == [req] and link.layout.order.tolist() == list(range(len(ids))) and link.shared is None
-    assert req.cached_tokens == 37 - 3 and plan.blend is not None and plan.blend.extend_start == 0
-    s.assert_row_at_prompt_positions(req, ids, layer=0)  # up to the check layer: every token computed
-    planted = [spans[0][0] + 4, spans[1][0] + 1, spans[1][0] + 16]
-    s.kv.k_buffer[CACHEBLEND_CHECK_LAYER][row[planted]] += 0.05  # fresh KV a little off the documents' (rotated right, the rest match)
-    picked = blend.picked_positions(plan.blend, s.kv, s.rope)
-    in_docs = {p for a, b in spans for p in range(a, b)}
-    assert picked.tolist() == sorted({p for p in range(len(ids)) if p not in in_docs} | {len(ids) - 1} | set(planted))
-
-    later = range(CACHEBLEND_CHECK_LAYER + 1, LAYERS)
-    unpicked = sorted(in_docs - set(picked.tolist()))
-    for layer in later:  # what the copy must fill
-        s.kv.k_buffer[layer][row[unpicked]] = 0
-        s.kv.v_buffer[layer][row[unpicked]] = 0
     recorded = {}
     monkeypatch.setattr(blend, "plan_cut", lambda backend, local, bulk, spans_, rope: recorded.update(
         local=local, bulk=bulk, spans=spans_))
     monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_attn_backend", lambda: None)
     monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_token_to_kv_pool", lambda: s.kv)
-    hidden, residual = torch.randn(len(ids), 4), torch.randn(len(ids), 4)
-    fb = types.SimpleNamespace(epic_plan=plan, out_cache_loc=row.clone())
-    calls = []
+    in_docs = {p for a, b in spans for p in range(a, b)}
+    later = range(CACHEBLEND_CHECK_LAYER + 1, LAYERS)
 
     def layer_forward(layer, positions, h, forward_batch, r):
         calls.append((layer.self_attn.attn.layer_id, positions.tolist(), h.shape[0], forward_batch.out_cache_loc.tolist()))
         return h + 1, r + 1
 
-    out = (hidden, residual)
-    for layer_id in range(LAYERS):
-        layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(attn=types.SimpleNamespace(layer_id=layer_id)))
-        out = blend.blend_layer(layer_forward, layer, torch.arange(len(ids)), *out[:1], fb, out[1])
-    for layer_id, positions, rows, locs in calls:
-        cut = layer_id > CACHEBLEND_CHECK_LAYER
-        assert positions == (picked.tolist() if cut else list(range(len(ids))))
-        assert rows == len(positions) and locs == row[positions].tolist()
-    assert fb.out_cache_loc.tolist() == row.tolist()  # given back after the last layer
-    kept = torch.zeros(len(ids), dtype=torch.bool)
-    kept[picked] = True
-    torch.testing.assert_close(out[0][kept], hidden[kept] + LAYERS)
-    assert (out[0][~kept] == 0).all() and (out[1][~kept] == 0).all()  # cut away: zero (SGLang reads the last)
-    for layer in later:
-        for p in unpicked:
-            torch.testing.assert_close(s.kv.k_buffer[layer][row[p]], s.key(ids[p], p), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(s.kv.v_buffer[layer][row[p]], s.base(ids[p]))
-    # each pick (a row of the cut batch) attends exactly the row's slots at or before its position:
-    # its local entry, and the bulk entries of its group (their queries gathered by the spans)
     def attended(local, bulk_entries, bulk_spans) -> dict[int, list[int]]:
+        """Each cut row's slots: its local entry's, and its group's bulk entries' (their queries
+        gathered by the spans)."""
         seen = entry_keys(local, causal=True)
         gathered = [q for a, b in bulk_spans for q in range(a, b)]
         for g, keys in (entry_keys(bulk_entries, causal=False) if bulk_entries is not None else {}).items():
             seen[gathered[g]] += keys
-        return seen
+        return {i: sorted(k) for i, k in seen.items()}
 
-    expected = {i: sorted(row[:p + 1].tolist()) for i, p in enumerate(picked.tolist())}
-    assert {i: sorted(k) for i, k in attended(recorded["local"], recorded["bulk"], recorded["spans"]).items()} == expected
-    cascaded = blend.cut_plan(plan.blend, picked, CascadeTuning(group=4, chunk=8))  # groups of 4: bulk entries
-    assert cascaded[2] and {i: sorted(k) for i, k in attended(*cascaded).items()} == expected
-    s.finish(req)
-    for k, n in s.cache.document_nodes().items():  # read, never written
-        assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
+    for start in (0, spans[0][0]):  # the second time the prefix before the documents is the tree's
+        req = s.request(ids, LinkHint("ns", tuple(spans), blend=8.0))  # ceil(8% of 37 document tokens) = 3
+        admitted, plan = s.prefill([req])
+        link, row = req.epic_link, s.row(req).to(torch.int64)
+        assert admitted == [req] and link.layout.order.tolist() == list(range(len(ids))) and link.shared is None
+        assert req.cached_tokens == start + 37 - 3 and plan.blend.extend_start == start
+        s.assert_row_at_prompt_positions(req, ids, layer=0)  # up to the check layer: every token computed
+        planted = [spans[0][0] + 4, spans[1][0] + 1, spans[1][0] + 16]
+        s.kv.k_buffer[CACHEBLEND_CHECK_LAYER][row[planted]] += 0.05  # a little off the documents' (rotated right, the rest match)
+        picked = blend.picked_positions(plan.blend, s.kv, s.rope)
+        assert picked.tolist() == sorted(
+            {p for p in range(start, len(ids)) if p not in in_docs} | {len(ids) - 1} | set(planted))
+        unpicked = sorted(in_docs - set(picked.tolist()))
+        for layer in later:  # what the copy must fill
+            s.kv.k_buffer[layer][row[unpicked]] = 0
+            s.kv.v_buffer[layer][row[unpicked]] = 0
+        extend = len(ids) - start
+        hidden, residual = torch.randn(extend, 4), torch.randn(extend, 4)
+        fb = types.SimpleNamespace(epic_plan=plan, out_cache_loc=row[start:].clone())
+        calls, out = [], (hidden, residual)
+        for layer_id in range(LAYERS):
+            layer = types.SimpleNamespace(self_attn=types.SimpleNamespace(attn=types.SimpleNamespace(layer_id=layer_id)))
+            out = blend.blend_layer(layer_forward, layer, torch.arange(start, len(ids)), out[0], fb, out[1])
+        for layer_id, positions, rows, locs in calls:
+            assert positions == (picked.tolist() if layer_id > CACHEBLEND_CHECK_LAYER else list(range(start, len(ids))))
+            assert rows == len(positions) and locs == row[positions].tolist()
+        assert fb.out_cache_loc.tolist() == row[start:].tolist()  # given back after the last layer
+        kept = torch.zeros(extend, dtype=torch.bool)
+        kept[picked - start] = True
+        torch.testing.assert_close(out[0][kept], hidden[kept] + LAYERS)
+        assert (out[0][~kept] == 0).all() and (out[1][~kept] == 0).all()  # cut away: zero (SGLang reads the last)
+        for layer in later:
+            for p in unpicked:
+                torch.testing.assert_close(s.kv.k_buffer[layer][row[p]], s.key(ids[p], p), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(s.kv.v_buffer[layer][row[p]], s.base(ids[p]))
+        # each pick (a row of the cut batch) attends exactly the row's slots at or before its position
+        expected = {i: sorted(row[:p + 1].tolist()) for i, p in enumerate(picked.tolist())}
+        assert attended(recorded["local"], recorded["bulk"], recorded["spans"]) == expected
+        cascaded = blend.cut_plan(plan.blend, picked, CascadeTuning(group=4, chunk=8))  # groups of 4: bulk entries
+        assert cascaded[2] and attended(*cascaded) == expected
+        s.finish(req)
+        for k, n in s.cache.document_nodes().items():  # read, never written
+            assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
     assert s.cache.evictable_size() == s.cache.total_size()
 
 
@@ -891,7 +892,7 @@ def test_cacheblend_cut_through_flashinfer_attends_each_pick_to_its_past():
     k_pool, v_pool = (torch.randn(2 * n, kv_heads, dim, device=dev, generator=g).to(bf16) for _ in range(2))
     row = torch.randperm(2 * n, device=dev, generator=g)[:n]  # the row's slot of each position
     picked = np.sort(np.random.default_rng(0).choice(n - 1, 90, replace=False))
-    picked = np.concatenate([picked[picked >= 40], [n - 1]])  # the first 40: the exact prefix
+    picked = np.concatenate([picked[picked >= 40], [n - 1]])  # computed past the check layer (40 and on)
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
     backend = types.SimpleNamespace(workspace_buffer=workspace, indices_updater_prefill=types.SimpleNamespace(
         num_qo_heads=q_heads, num_kv_heads=kv_heads, head_dim=dim, q_data_type=bf16, data_type=bf16))

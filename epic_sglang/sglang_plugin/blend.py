@@ -50,7 +50,9 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 def picked_positions(blend: BlendPass, pool, rope: RopeTable) -> np.ndarray:
-    """Sorted prompt positions computed past the check layer (its KV is in the pool)."""
+    """Sorted prompt positions computed past the check layer (its KV is in the pool): the
+    picks and every token outside the documents, from the first computed one (the exact
+    prefix is the tree's)."""
     src, layer = blend.sources, CACHEBLEND_CHECK_LAYER
     k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
     fresh, cached = blend.row[to_device(src.positions, blend.row.device)], src.slots
@@ -64,7 +66,7 @@ def picked_positions(blend: BlendPass, pool, rope: RopeTable) -> np.ndarray:
         deviation = tensor_model_parallel_all_reduce(deviation)
     recompute = src.always.copy()
     recompute[src.positions[cacheblend_pick(deviation.cpu(), src.ratio).numpy()]] = True  # the wait
-    return np.flatnonzero(recompute)
+    return np.flatnonzero(recompute[blend.extend_start:]) + blend.extend_start
 
 
 def copy_unpicked(blend: BlendPass, pool, rope: RopeTable, picked: np.ndarray) -> None:
@@ -84,8 +86,7 @@ def cut_plan(blend: BlendPass, picked: np.ndarray, tuning: CascadeTuning = Casca
     """(local entries, bulk entries or None, the bulk entries' query rows) of the picks (the
     cut batch's rows, in order) over the request's row: each query sees the keys at or before
     its position."""
-    computed = picked[picked >= blend.extend_start]
-    bulk, local = attention_entries(query_runs(computed.tolist()), 1, tuning)
+    bulk, local = attention_entries(query_runs(picked.tolist()), 1, tuning)
     row = blend.row
 
     def entries(parts) -> Entries:
@@ -98,18 +99,16 @@ def cut_plan(blend: BlendPass, picked: np.ndarray, tuning: CascadeTuning = Casca
 
 def cut(blend: BlendPass, forward_batch, pool, rope: RopeTable) -> None:
     """Entering the first layer past the check one: pick, copy, and cut the batch."""
-    picked = picked_positions(blend, pool, rope)
-    copy_unpicked(blend, pool, rope, picked)
-    computed = picked[picked >= blend.extend_start]
-    device = blend.row.device
-    blend.keep = to_device(computed - blend.extend_start, device)  # alone in its batch: row - extend start
-    blend.positions = to_device(computed, device)
-    blend.out_cache_loc = forward_batch.out_cache_loc
-    forward_batch.out_cache_loc = blend.out_cache_loc[blend.keep]
     from sglang.srt.model_executor.forward_context import get_attn_backend
 
-    local, bulk, spans = cut_plan(blend, picked)
-    plan_cut(get_attn_backend(), local, bulk, spans, rope)
+    picked = picked_positions(blend, pool, rope)
+    copy_unpicked(blend, pool, rope, picked)
+    device = blend.row.device
+    blend.keep = to_device(picked - blend.extend_start, device)  # alone in its batch: row = position - extend start
+    blend.positions = to_device(picked, device)
+    blend.out_cache_loc = forward_batch.out_cache_loc
+    forward_batch.out_cache_loc = blend.out_cache_loc[blend.keep]
+    plan_cut(get_attn_backend(), *cut_plan(blend, picked), rope)
 
 
 def plan_cut(backend, local: Entries, bulk: Entries | None, spans: list[tuple[int, int]], rope: RopeTable) -> None:
