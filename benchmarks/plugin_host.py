@@ -86,14 +86,15 @@ def measure(context: int, repeats: int) -> str:
     hint = LinkHint("ns", spans, K)
     req = Req("r0", "", array("q", ids), SamplingParams(max_new_tokens=16))
 
-    def match() -> LinkRequest:
-        link = req.epic_link = LinkRequest(hint, array("q", ids))
-        link.match(cache, MatchPrefixParams(key=RadixKey(array("q", ids), "ns"), req=req))
+    prompt, params = array("q", ids), MatchPrefixParams(key=RadixKey(array("q", ids), "ns"), req=req)
+
+    def match() -> LinkRequest:  # a request's first match (SGLang's Req holds its ids as an array)
+        link = req.epic_link = LinkRequest(hint, prompt)
+        link.match(cache, params)
         return link
 
     match_ms = timed(match, repeats)
     link = match()
-    params = MatchPrefixParams(key=RadixKey(array("q", ids), "ns"), req=req)
     rematch_ms = timed(lambda: link.match(cache, params), repeats)  # the same request, its next round
     layout = link.layout
     dim = 128

@@ -803,7 +803,7 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
     runs = layout.cached_runs
     shared = SharedRuns(torch.cat([slot_of[r.start:r.start + r.length] for r in runs]).int(), [r.length for r in runs],
                         torch.tensor([r.start - r.offset - sink for r in runs]),
-                        [(-r.doc, r.offset) for r in runs])  # entries planned in reverse: the slots regathered
+                        [(r.doc % 2, 0) for r in runs])  # identities repeat: entries regrouped, slots regathered
     row = slot_of[torch.from_numpy(np.concatenate([layout.order, [n]])).to(dev)]
     link = types.SimpleNamespace(layout=layout, shared=shared, extending=True, position_shift=layout.reused_tokens)
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)

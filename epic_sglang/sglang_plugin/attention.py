@@ -108,7 +108,8 @@ class _PartList:
         back, so their CTAs find its keys in L2 (in request order each re-reads them from HBM)."""
         if not self.spans:
             return None
-        order = np.asarray(sorted(range(len(self.runs)), key=self.runs.__getitem__), dtype=np.int64)
+        first_seen: dict = {}  # a run's rank: where it first appears (no sharing: the order stays)
+        order = np.argsort([first_seen.setdefault(run, len(first_seen)) for run in self.runs], kind="stable")
         spans, kv_lens = [self.spans[e] for e in order], np.asarray(self.kv_lens, dtype=np.int64)[order]
         queries = [b - a for a, b in spans]
         slots = torch.cat(self.slots).to(device)
