@@ -17,7 +17,8 @@ SGLang's decode runs it:
 - its parts, eagerly: the private row alone, the rotation alone, the shared entries alone,
   the merge alone;
 - with the shared entries in run order (the plugin's: every request reading one document run
-  back to back, so the run's keys come from L2 after the first) and in request order.
+  back to back, so the run's keys come from L2 after the first) and in request order, and with
+  FlashInfer's CUDA-core decode kernel for them instead of its tensor-core one.
 Writes its table to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -83,7 +84,7 @@ def plan_rows_of(wrapper, rows: list[torch.Tensor]) -> None:
                  q_data_type=BF16, kv_data_type=BF16)
 
 
-def measure(context: int, bs: int, repeats: int, order: str) -> str:
+def measure(context: int, bs: int, repeats: int, order: str, tensor_cores: bool) -> str:
     docs = (context - HEAD - QUESTION) // DOC
     n = HEAD + docs * DOC + QUESTION
     layout = plan_rows(plan_spans(n, [(HEAD + i * DOC, DOC, i) for i in range(docs)], K), exact_prefix_len=HEAD)
@@ -119,7 +120,7 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
 
     own = decode_wrapper(workspace, bs, bs * private)
     plan_rows_of(own, rows)
-    backend = types.SimpleNamespace(workspace_buffer=workspace, decode_use_tensor_cores=True, max_context_len=n + 1,
+    backend = types.SimpleNamespace(workspace_buffer=workspace, decode_use_tensor_cores=tensor_cores, max_context_len=n + 1,
                                     indices_updater_prefill=types.SimpleNamespace(
                                         num_qo_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=DIM,
                                         q_data_type=BF16, data_type=BF16))
@@ -137,7 +138,8 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
     out, lse = own.forward_return_lse(q, kv, sm_scale=scale)
     parts = graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale)
     merge_ms = median_ms(lambda: [merge_into(out, lse, *parts, graph.merge) for _ in range(LAYERS)], repeats)
-    return (f"| {n:,} | {bs} | {order} | {len(plan.shared.spans)} / {graph.entries} | {exact_ms:.2f} | {linked_ms:.2f} "
+    return (f"| {n:,} | {bs} | {order}, {'tensor' if tensor_cores else 'CUDA'} cores | {len(plan.shared.spans)} / "
+            f"{graph.entries} | {exact_ms:.2f} | {linked_ms:.2f} "
             f"| {linked_ms / exact_ms:.2f}x | {own_ms:.2f} | {rotate_ms:.2f} | {shared_ms:.2f} | {merge_ms:.2f} |")
 
 
@@ -149,8 +151,12 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for bs in args.batches:
-        for order in ("run", "request"):
-            rows.append(measure(args.context, bs, args.repeats, order))
+        for order, tensor_cores in (("run", True), ("request", True), ("run", False)):
+            try:
+                rows.append(measure(args.context, bs, args.repeats, order, tensor_cores))
+            except RuntimeError as e:  # e.g. a kernel's scratch beyond the workspace: the other variants still run
+                rows.append(f"| | {bs} | {order}, {'tensor' if tensor_cores else 'CUDA'} cores | failed: "
+                            f"{str(e).splitlines()[0][:120]} | | | | | | | |")
             print(rows[-1], flush=True)
     write_section("gpu_plugin_decode", f"""## GPU: the plugin's decode-step attention over shared documents, alone (Llama-3-8B attention shape)
 
@@ -158,10 +164,11 @@ Card: {machine()}. {LAYERS} layers' attention of one decode step (ms, median of 
 columns of times inside a CUDA graph, the parts eagerly): `batch` legolink-16 requests over the same
 512-token documents (shared slots, read in place), each its own private row; SGLang exact = SGLang's
 decode wrapper over each request's whole prompt KV. Entries: the step's shared entries / the `epic`
-graph's (the rest padding). Order: the shared entries planned run by run (the requests reading
-one document run back to back: the plugin's order) or request by request.
+graph's (the rest padding). Variant: the shared entries planned run by run (the requests reading
+one document run back to back: the plugin's order) or request by request; the shared entries'
+decode kernel with tensor cores (the plugin's, as SGLang's for this GQA group) or CUDA cores.
 
-| context | batch | order | shared entries | SGLang exact ms | linked ms | linked / exact | private row ms | rotation ms | shared entries ms | merge ms |
+| context | batch | variant | shared entries | SGLang exact ms | linked ms | linked / exact | private row ms | rotation ms | shared entries ms | merge ms |
 |---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """)
