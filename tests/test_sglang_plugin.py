@@ -657,7 +657,9 @@ def test_cacheblend_picks_the_deviating_tokens_copies_the_rest_and_attends_each_
     assert s.cache.evictable_size() == s.cache.total_size()
 
 
-def test_cacheblend_on_a_model_whose_layers_are_not_hooked_computes_every_token_and_says_so(sglang_runtime):
+def test_cacheblend_it_cannot_cut_computes_every_token_and_says_so(sglang_runtime):
+    """A model whose decoder layers the plugin does not hook, or a batch SGLang mixed other
+    requests into: no cut, every token through every layer, `cached_tokens` without the reuse."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
     from sglang.srt.models.llama import LlamaDecoderLayer
 
@@ -677,6 +679,17 @@ def test_cacheblend_on_a_model_whose_layers_are_not_hooked_computes_every_token_
     assert hooks.link_forward_batch(fb, None, s.batch, runner).epic_plan.blend is None  # no cut: all layers, all tokens
     assert req.cached_tokens == 0 and req.epic_link.reused_tokens == 0
     s.finish(req)
+    req, plain = s.request(ids, LinkHint("ns", tuple(spans), blend=8.0)), s.request(list(range(3000, 3010)))
+    s.prefill([req]), s.prefill([plain])
+    assert req.cached_tokens == 6 + 34  # the exact prefix is the tree's now
+    req.epic_link.extending = True
+    mixed = types.SimpleNamespace(reqs=[req, plain], seq_lens_cpu=torch.tensor([len(ids), 10]),
+                                  extend_lens=[len(ids) - 6, 10], device=torch.device("cpu"), req_to_token_pool=s.req_pool)
+    fb.positions = torch.arange(len(ids) - 6 + 10)
+    runner = types.SimpleNamespace(epic_rope=s.rope, model=torch.nn.Sequential(llama))
+    assert hooks.link_forward_batch(fb, None, mixed, runner).epic_plan.blend is None
+    assert req.cached_tokens == 6
+    s.finish(req), s.finish(plain)
 
 
 def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runtime):
@@ -899,7 +912,7 @@ def test_cacheblend_cut_through_flashinfer_attends_each_pick_to_its_past():
     inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     angles = torch.arange(n, dtype=torch.float32)[:, None] * inv_freq
     rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(dev), dim, True)
-    cut = BlendPass(None, row, 40)
+    cut = BlendPass(None, row, 40, None)
     q = torch.randn(len(picked), q_heads, dim, device=dev, generator=g).to(bf16)
     keys = k_pool[row].float().repeat_interleave(q_heads // kv_heads, dim=1)
     values = v_pool[row].float().repeat_interleave(q_heads // kv_heads, dim=1)

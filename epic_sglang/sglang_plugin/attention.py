@@ -50,6 +50,7 @@ class BlendPass:
     sources: BlendSources
     row: torch.Tensor  # int64: the request's row slots (prompt position p at row p)
     extend_start: int  # the first computed position (the exact prefix is the tree's)
+    req: object  # SGLang's Req
     # set at the cut, read by the layers after it
     keep: torch.Tensor | None = None  # the batch rows still computed
     positions: torch.Tensor | None = None  # their positions
@@ -148,11 +149,9 @@ def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bo
             local.add(req.req_pool_idx, np.arange(seq_len), n)
         link = links.get(i)
         if link is not None:
-            if link.extending and link.blend is not None:
-                if len(batch.reqs) != 1:
-                    raise RuntimeError("epic: a CacheBlend link pass runs alone in its batch")
+            if link.extending and link.blend is not None:  # alone in its batch, unless SGLang mixed one in
                 row = batch.req_to_token_pool.req_to_token[req.req_pool_idx, :seq_len].to(torch.int64)
-                blend = BlendPass(link.blend, row, link.layout.exact_prefix_len)
+                blend = BlendPass(link.blend, row, link.layout.exact_prefix_len, req)
             if link.extending:
                 positions[offset] = torch.from_numpy(link.layout.extend_positions)
                 starts = link.layout.run_query_starts()

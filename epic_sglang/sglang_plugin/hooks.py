@@ -114,8 +114,9 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
     if not links:
         return forward_batch
     plan = prepare_links(links, batch, model_rope(model_runner), decode=mode.is_decode())
-    if plan.blend is not None and not model_blends(model_runner):
-        compute_blend_fully(batch.reqs[0])
+    if plan.blend is not None and (len(batch.reqs) > 1 or not model_blends(model_runner)):
+        compute_blend_fully(plan.blend.req, "its batch holds other requests (SGLang's mixed chunks)"
+                            if len(batch.reqs) > 1 else "the model's decoder layers are not Llama's or Qwen2's")
         plan.blend = None
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
@@ -130,11 +131,11 @@ def model_blends(model_runner) -> bool:
     return blends_
 
 
-def compute_blend_fully(req) -> None:
-    """A CacheBlend link pass on a model whose layers the plugin does not hook: every token is
-    computed through every layer (its row holds the whole prompt), and reported so."""
-    logger.warning("epic: CacheBlend needs Llama- or Qwen2-style decoder layers (%s); request %s is computed "
-                   "in full", ", ".join(blend.HOOKED_LAYERS), req.rid)
+def compute_blend_fully(req, why: str) -> None:
+    """A CacheBlend link pass the check layer cannot cut (a model whose layers the plugin
+    does not hook, or a batch it does not hold alone): every token is computed through every
+    layer (its row holds the whole prompt), and reported so."""
+    logger.warning("epic: CacheBlend request %s is computed in full: %s", req.rid, why)
     if not req.retracted_stain:
         req.cached_tokens -= req.epic_link.reused_tokens
     req.epic_link.reused_tokens = 0
