@@ -102,6 +102,13 @@ def consecutive_runs(values: Sequence[int] | np.ndarray) -> list[tuple[int, int]
     return list(zip(firsts.tolist(), (lasts + 1).tolist()))
 
 
+def concat_ranges(starts: Sequence[int] | np.ndarray, ends: Sequence[int] | np.ndarray) -> np.ndarray:
+    """int64: the ranges [starts[i], ends[i]) back to back, without a Python loop over them."""
+    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    lens = ends - starts
+    return np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
+
+
 def segment_spans(segments: Sequence[Segment]) -> list[Span]:
     """(start, length, segment index) of every document segment."""
     spans, pos = [], 0

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from epic_sglang.link_plan import concat_ranges
+
 
 @triton.jit
 def _merge_kernel(out, out_lse, parts, parts_lse, rows, part_ptr, part_idx,
@@ -66,9 +68,7 @@ def merge_arrays(spans: list[tuple[int, int]], num_rows: int | None = None
     """MergeIndex's host arrays (query_rows int64, rows / part_ptr / part_idx int32) and its
     most parts per row, for the parts' query-row `spans`. `num_rows`: every row 0..num_rows-1
     is listed, those without parts with none (a fixed shape, as a CUDA graph needs)."""
-    starts, ends = (np.asarray([span[i] for span in spans], dtype=np.int64) for i in (0, 1))
-    lens = ends - starts  # every span's rows, back to back, without a Python loop over them
-    targets = np.arange(int(lens.sum()), dtype=np.int64) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
+    targets = concat_ranges([a for a, _ in spans], [b for _, b in spans])  # every span's rows, back to back
     order = np.argsort(targets, kind="stable")  # each row's parts in output order
     if num_rows is None:
         rows, counts = np.unique(targets, return_counts=True)

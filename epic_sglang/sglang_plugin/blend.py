@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from sglang.srt.runtime_context import get_parallel
 
-from epic_sglang.link_plan import CascadeTuning, attention_entries, cacheblend_pick, query_runs
+from epic_sglang.link_plan import CascadeTuning, attention_entries, cacheblend_pick, concat_ranges, query_runs
 from epic_sglang.merge_states import MergeIndex
 from epic_sglang.policies import CACHEBLEND_CHECK_LAYER
 from epic_sglang.sglang_plugin.attention import BlendPass, Entries, LinkWrapper, indptr, plan_entries
@@ -90,7 +90,7 @@ def cut_plan(blend: BlendPass, picked: np.ndarray, tuning: CascadeTuning = Casca
     row = blend.row
 
     def entries(parts) -> Entries:
-        keys = np.concatenate([np.arange(k0, k1) for _, _, k0, k1 in parts])  # positions = row slots' indices
+        keys = concat_ranges([k0 for _, _, k0, _ in parts], [k1 for _, _, _, k1 in parts])  # positions = row indices
         return Entries(indptr([q1 - q0 for q0, q1, _, _ in parts]), indptr([k1 - k0 for _, _, k0, k1 in parts]),
                        row[to_device(keys, row.device)].to(torch.int32))
 
@@ -136,8 +136,8 @@ def blend_layer(original, layer, positions, hidden_states, forward_batch, residu
 
     plan = getattr(forward_batch, "epic_plan", None)
     blend = plan.blend if plan is not None else None
-    layer_id = layer.self_attn.attn.layer_id
-    if blend is None or layer_id <= CACHEBLEND_CHECK_LAYER:
+    layer_id = layer.self_attn.attn.layer_id if blend is not None else -1  # every forward passes here
+    if layer_id <= CACHEBLEND_CHECK_LAYER:
         return original(layer, positions, hidden_states, forward_batch, residual, *args, **kwargs)
     pool = get_token_to_kv_pool()
     if layer_id == CACHEBLEND_CHECK_LAYER + 1:

@@ -27,7 +27,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from epic_sglang.link_plan import plan_spans
+from epic_sglang.link_plan import concat_ranges, plan_spans
 from epic_sglang.policies import CompileRecipe
 from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows
 from epic_sglang.sglang_plugin.wire import LinkHint
@@ -129,8 +129,8 @@ class LinkRequest:
         ids = np.frombuffer(tokens, dtype=np.int64)
         nodes = []
         for start, end in docs:
-            node = cache.match_document(document_key(cache.fingerprint, recipe(self.hint.sink), ns, tokens[start:end]),
-                                        tokens[start:end])
+            doc = tokens[start:end]
+            node = cache.match_document(document_key(cache.fingerprint, recipe(self.hint.sink), ns, doc), doc)
             if node is not None:
                 cache.inc_lock_ref(node)  # a later document's reload may evict: hold this one meanwhile
             nodes.append(node)
@@ -165,7 +165,7 @@ class LinkRequest:
 
     def _blend_sources(self, cache, plan) -> BlendSources:
         spans = plan.doc_spans
-        positions = np.concatenate([np.arange(start, start + length) for start, length, _ in spans])
+        positions = concat_ranges([start for start, _, _ in spans], [start + length for start, length, _ in spans])
         shifts = np.concatenate([np.full(length, start - self.hint.sink) for start, length, _ in spans])
         slots = torch.cat([cache.document_slots(self.doc_nodes[j]) for _, _, j in spans]).to(torch.int64)
         return BlendSources(positions, slots, shifts, plan.recompute.numpy().copy(), self.hint.blend)
