@@ -16,9 +16,9 @@ SGLang's decode runs it:
   over the private row, the queries rotated per cached run, the shared entries, the merge;
 - its parts, eagerly: the private row alone, the rotation alone, the shared entries alone,
   the merge alone;
-- with the shared entries in run order (the plugin's: every request reading one document run
-  back to back, so the run's keys come from L2 after the first) and in request order, and with
-  FlashInfer's CUDA-core decode kernel for them instead of its tensor-core one.
+- with one shared entry per document run holding every request's query (the plugin's: the run's
+  keys read once for the batch) and with one entry per request and run (each request reads
+  every run again: what the plugin planned before).
 Writes its table to BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ def plan_rows_of(wrapper, rows: list[torch.Tensor]) -> None:
                  q_data_type=BF16, kv_data_type=BF16)
 
 
-def measure(context: int, bs: int, repeats: int, order: str, tensor_cores: bool) -> str:
+def measure(context: int, bs: int, repeats: int, order: str) -> str:
     docs = (context - HEAD - QUESTION) // DOC
     n = HEAD + docs * DOC + QUESTION
     layout = plan_rows(plan_spans(n, [(HEAD + i * DOC, DOC, i) for i in range(docs)], K), exact_prefix_len=HEAD)
@@ -99,9 +99,10 @@ def measure(context: int, bs: int, repeats: int, order: str, tensor_cores: bool)
     angles = torch.arange(2 * n, dtype=torch.float32)[:, None] * inv_freq
     rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(DEV), DIM, True)
     runs = layout.cached_runs
-    # run order: the requests reading one document run are entries back to back (as the plugin
-    # plans them); request order (each request's runs apart): the order before
-    run_ids = {"run": lambda r: [(c.doc, c.offset) for c in runs], "request": lambda r: [(r, c.doc) for c in runs]}[order]
+    # "run": one run identity for every request (one entry per run, as the plugin plans them);
+    # "request": each request's runs their own (one entry per request and run)
+    run_ids = {"run": lambda r: [(c.doc, c.offset, c.length) for c in runs],
+               "request": lambda r: [(r, c.doc, c.length) for c in runs]}[order]
     links = {r: types.SimpleNamespace(layout=layout, extending=False, position_shift=layout.reused_tokens,
                                       shared=SharedRuns(doc_slots, [c.length for c in runs],
                                                         torch.tensor([c.start - c.offset for c in runs]), run_ids(r)))
@@ -120,7 +121,7 @@ def measure(context: int, bs: int, repeats: int, order: str, tensor_cores: bool)
 
     own = decode_wrapper(workspace, bs, bs * private)
     plan_rows_of(own, rows)
-    backend = types.SimpleNamespace(workspace_buffer=workspace, decode_use_tensor_cores=tensor_cores, max_context_len=n + 1,
+    backend = types.SimpleNamespace(workspace_buffer=workspace, max_context_len=n + 1,
                                     indices_updater_prefill=types.SimpleNamespace(
                                         num_qo_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=DIM,
                                         q_data_type=BF16, data_type=BF16))
@@ -138,8 +139,9 @@ def measure(context: int, bs: int, repeats: int, order: str, tensor_cores: bool)
     out, lse = own.forward_return_lse(q, kv, sm_scale=scale)
     parts = graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale)
     merge_ms = median_ms(lambda: [merge_into(out, lse, *parts, graph.merge) for _ in range(LAYERS)], repeats)
-    return (f"| {n:,} | {bs} | {order}, {'tensor' if tensor_cores else 'CUDA'} cores | {len(plan.shared.spans)} / "
-            f"{graph.entries} | {exact_ms:.2f} | {linked_ms:.2f} "
+    entries = len(plan.shared.entries.qo_indptr) - 1
+    return (f"| {n:,} | {bs} | {order} | {len(plan.shared.spans)} / {entries} / {graph.entries} "
+            f"| {exact_ms:.2f} | {linked_ms:.2f} "
             f"| {linked_ms / exact_ms:.2f}x | {own_ms:.2f} | {rotate_ms:.2f} | {shared_ms:.2f} | {merge_ms:.2f} |")
 
 
@@ -151,11 +153,11 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for bs in args.batches:
-        for order, tensor_cores in (("run", True), ("request", True), ("run", False)):
+        for order in ("run", "request"):
             try:
-                rows.append(measure(args.context, bs, args.repeats, order, tensor_cores))
+                rows.append(measure(args.context, bs, args.repeats, order))
             except RuntimeError as e:  # e.g. a kernel's scratch beyond the workspace: the other variants still run
-                rows.append(f"| | {bs} | {order}, {'tensor' if tensor_cores else 'CUDA'} cores | failed: "
+                rows.append(f"| | {bs} | {order} | failed: "
                             f"{str(e).splitlines()[0][:120]} | | | | | | | |")
             print(rows[-1], flush=True)
     write_section("gpu_plugin_decode", f"""## GPU: the plugin's decode-step attention over shared documents, alone (Llama-3-8B attention shape)
@@ -163,12 +165,11 @@ def main() -> None:
 Card: {machine()}. {LAYERS} layers' attention of one decode step (ms, median of {args.repeats}; the first two
 columns of times inside a CUDA graph, the parts eagerly): `batch` legolink-16 requests over the same
 512-token documents (shared slots, read in place), each its own private row; SGLang exact = SGLang's
-decode wrapper over each request's whole prompt KV. Entries: the step's shared entries / the `epic`
-graph's (the rest padding). Variant: the shared entries planned run by run (the requests reading
-one document run back to back: the plugin's order) or request by request; the shared entries'
-decode kernel with tensor cores (the plugin's, as SGLang's for this GQA group) or CUDA cores.
+decode wrapper over each request's whole prompt KV. Shared: the step's parts (request x run) /
+its entries / the `epic` graph's entries (the rest padding). Variant: one entry per document
+run with every request's query (the plugin's) or one per request and run.
 
-| context | batch | variant | shared entries | SGLang exact ms | linked ms | linked / exact | private row ms | rotation ms | shared entries ms | merge ms |
+| context | batch | variant | shared parts / entries / graph's | SGLang exact ms | linked ms | linked / exact | private row ms | rotation ms | shared entries ms | merge ms |
 |---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """)

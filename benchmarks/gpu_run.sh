@@ -27,6 +27,8 @@ if [ ! -f "$LOADED" ]; then
   bash gpu_bundle/load.sh gpu_bundle > "$OUT/load.log" 2>&1 || { tail -20 "$OUT/load.log"; exit 1; }
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# Triton keeps its kernels in ~/.triton unless told: under ~/.cache they travel in the JIT cache below.
+export TRITON_CACHE_DIR=$HOME/.cache/triton
 export PATH="$(dirname "$PY"):$PATH"
 for c in /usr/local/cuda $(ls -d /usr/local/cuda-* 2>/dev/null); do
   [ -x "$c/bin/nvcc" ] && { export CUDA_HOME=$c; export PATH="$c/bin:$PATH"; break; }

@@ -399,6 +399,7 @@ def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sgl
         ids += [rng.randint(300, 399) for _ in range(rng.randint(1, 6))]
         return ids, LinkHint("ns", tuple(spans), rng.randint(0, 6))
 
+    read_together = 0  # steps where requests that link one run attend it in one entry
     for _ in range(25):
         prompts = [linked() for _ in range(rng.randint(1, 3))]
         reqs = [s.request(ids, hint) for ids, hint in prompts]
@@ -414,8 +415,11 @@ def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sgl
             step = s.decode_step(token)
             for i, req in linked_rows:
                 assert_link_scores(s, step, req, list(req.epic_link.prompt), i)
+            if step is not None and step.shared is not None:
+                read_together += len(step.shared.entries.qo_indptr) - 1 < len(step.shared.spans)
         for req in reqs:
             s.finish(req)
+    assert read_together > 0
     for k, n in s.cache.document_nodes().items():
         assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
     assert s.cache.evictable_size() == s.cache.total_size()  # nothing left locked
@@ -434,19 +438,24 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     entries = decode_graphs.graph_entries(bs)
     padded = decode_graphs.PaddedEntries.of(parts, bs, entries)
     assert padded.real == len(parts.spans) == 4 and decode_graphs.fits(plan, bs)
-    kv = parts.entries.kv_indptr.tolist()
+    used = len(parts.entries.qo_indptr) - 1
+    assert padded.qo_indptr[:used + 1].tolist() == parts.entries.qo_indptr.tolist()
+    assert (padded.qo_indptr[used:] == padded.real).all()  # padding entries: no query
     lens = np.diff(padded.kv_indptr)
-    assert lens[:padded.real].tolist() == np.diff(kv).tolist() and (lens[padded.real:] == 1).all()
-    assert len(padded.kv_indptr) == entries + 1 and len(padded.query_rows) == len(padded.part_idx) == entries
-    # each batch row merges exactly its own runs' entries, in the order the eager merge takes them
+    assert lens[:used].tolist() == np.diff(parts.entries.kv_indptr.tolist()).tolist() and (lens[used:] == 1).all()
+    rows = decode_graphs.graph_rows(bs)
+    assert len(padded.kv_indptr) == len(padded.qo_indptr) == entries + 1
+    assert len(padded.query_rows) == len(padded.part_idx) == rows == entries + bs - 1
+    # each batch row merges exactly its own runs' parts, in the order the eager merge takes them
     merged = {r: padded.part_idx[padded.part_ptr[r]:padded.part_ptr[r + 1]].tolist() for r in range(bs)}
-    rows = parts.merge.rows.tolist()
+    merge_rows = parts.merge.rows.tolist()
     ptr, idx = parts.merge.part_ptr.tolist(), parts.merge.part_idx.tolist()
-    assert merged == {r: idx[ptr[rows.index(r)]:ptr[rows.index(r) + 1]] if r in rows else [] for r in range(bs)}
+    assert merged == {r: idx[ptr[merge_rows.index(r)]:ptr[merge_rows.index(r) + 1]] if r in merge_rows else []
+                      for r in range(bs)}
     assert all(padded.query_rows[e] == r for r, es in merged.items() for e in es)
     assert sorted(e for es in merged.values() for e in es) == list(range(padded.real))  # padding merges nowhere
-    empty = decode_graphs.PaddedEntries.of(None, bs, entries)  # a step without links: all padding
-    assert empty.real == 0 and empty.part_ptr.tolist() == [0] * (bs + 1) and empty.kv_indptr[-1] == entries
+    capture = decode_graphs.PaddedEntries.for_capture(bs, entries)  # the most rows, so FlashInfer's bound holds
+    assert capture.qo_indptr[-1] == rows and capture.qo_indptr[1] == bs and capture.part_ptr.tolist() == [0] * (bs + 1)
     assert not decode_graphs.fits(plan, 0) and not decode_graphs.runs_in_graph(plan, 0)  # no room: eager
     assert decode_graphs.runs_in_graph(plan, bs) and not decode_graphs.runs_in_graph(plan, bs, lora_variants=True)
     positions_only = dataclasses.replace(plan, shared=None)  # documents all computed: SGLang's own graph
@@ -808,17 +817,23 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
     slot_of = torch.randperm(4 * n, device=dev, generator=g)[:n + 1]  # pool slot of each position (+ a decode token)
     k_pool = torch.zeros(4 * n, kv_heads, dim, device=dev, dtype=bf16)
     v_pool = torch.zeros_like(k_pool)
-    v_pool[slot_of] = v.to(bf16)
     stored_at = torch.arange(n + 1)  # private tokens: rotated at their positions; documents: at compile positions
     for r in layout.cached_runs:
         stored_at[r.start:r.start + r.length] = torch.arange(r.offset, r.offset + r.length) + sink
-    k_pool[slot_of] = rotated(k_base, stored_at)
     runs = layout.cached_runs
+    for r in runs[2:]:  # documents 2, 3, ... are documents 0 and 1 again: the same keys in the same slots
+        src = runs[r.doc % 2]
+        k_base[r.start:r.start + r.length], v[r.start:r.start + r.length] = (x[src.start:src.start + src.length]
+                                                                          for x in (k_base, v))
+        slot_of[r.start:r.start + r.length] = slot_of[src.start:src.start + src.length]
+    v_pool[slot_of] = v.to(bf16)
+    k_pool[slot_of] = rotated(k_base, stored_at)
     shared = SharedRuns(torch.cat([slot_of[r.start:r.start + r.length] for r in runs]).int(), [r.length for r in runs],
                         torch.tensor([r.start - r.offset - sink for r in runs]),
-                        [(r.doc % 2, 0) for r in runs])  # identities repeat: entries regrouped, slots regathered
+                        [(r.doc % 2, r.offset, r.length) for r in runs])  # runs read again: one entry each
     row = slot_of[torch.from_numpy(np.concatenate([layout.order, [n]])).to(dev)]
-    link = types.SimpleNamespace(layout=layout, shared=shared, extending=True, position_shift=layout.reused_tokens)
+    link = types.SimpleNamespace(layout=layout, shared=shared, extending=True, position_shift=layout.reused_tokens,
+                                 blend=None)
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
     backend = types.SimpleNamespace(
         num_wrappers=1, workspace_buffer=workspace,
@@ -877,7 +892,6 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
                  q_data_type=bf16, kv_data_type=bf16)
 
     plan_own(1)
-    graph.fill(backend, None)
     q_static, wrapper = torch.zeros_like(q), graph.link_wrapper(own)
     wrapper.forward(q_static, (k_pool, v_pool), sm_scale=scale)  # compiles the kernels outside the capture
     cuda_graph = torch.cuda.CUDAGraph()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from epic_sglang.link_plan import concat_ranges
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.sglang_plugin.link_request import BlendSources, LinkRequest, SharedRuns, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
@@ -105,24 +106,26 @@ class _PartList:
         self.angles.append(shared.cos_sin)
 
     def build(self, device) -> SharedParts | None:
-        """The entries in run order: the requests that read one document run attend it back to
-        back, so their CTAs find its keys in L2 (in request order each re-reads them from HBM)."""
+        """One entry per distinct run: the query rows of every part that reads it back to back
+        (parts in order of their run's first appearance), its keys once. So a document run that
+        many requests of the batch link is read once for all of them, not once per request."""
         if not self.spans:
             return None
-        first_seen: dict = {}  # a run's rank: where it first appears (no sharing: the order stays)
-        order = np.argsort([first_seen.setdefault(run, len(first_seen)) for run in self.runs], kind="stable")
-        spans, kv_lens = [self.spans[e] for e in order], np.asarray(self.kv_lens, dtype=np.int64)[order]
-        queries = [b - a for a, b in spans]
+        first_seen: dict = {}  # a run's rank: where it first appears
+        ranks = np.asarray([first_seen.setdefault(run, len(first_seen)) for run in self.runs])
+        order = np.argsort(ranks, kind="stable")
+        spans = [self.spans[e] for e in order]
+        queries = np.asarray([b - a for a, b in spans])
+        firsts = np.flatnonzero(np.diff(ranks[order], prepend=-1))  # each entry's first part
+        kv_lens = np.asarray(self.kv_lens, dtype=np.int64)
         slots = torch.cat(self.slots).to(device)
-        if (order != np.arange(len(order))).any():  # gather each entry's slots in the new order
-            starts = np.concatenate([[0], np.cumsum(self.kv_lens)[:-1]])[order]
-            moved = starts - np.concatenate([[0], np.cumsum(kv_lens)[:-1]])
-            total = int(kv_lens.sum())
-            slots = slots[torch.arange(total, device=device) + torch.repeat_interleave(
-                to_device(moved, device), to_device(kv_lens, device), output_size=total)]
-        entries = Entries(indptr(queries), indptr(kv_lens.tolist()), slots)
+        if len(firsts) < len(spans):  # runs read more than once: their slots once, from their first reader
+            starts = np.concatenate([[0], np.cumsum(kv_lens)[:-1]])[order[firsts]]
+            slots = slots[to_device(concat_ranges(starts, starts + kv_lens[order[firsts]]), device)]
+        entry_queries, entry_keys = np.add.reduceat(queries, firsts), kv_lens[order[firsts]]
+        entries = Entries(indptr(entry_queries.tolist()), indptr(entry_keys.tolist()), slots)
         angles = torch.cat(self.angles).to(device)[to_device(order, device)]
-        cos_sin = torch.repeat_interleave(angles, to_device(np.asarray(queries), device), dim=0, output_size=sum(queries))
+        cos_sin = torch.repeat_interleave(angles, to_device(queries, device), dim=0, output_size=int(queries.sum()))
         return SharedParts(entries, cos_sin, MergeIndex.build(spans, device), spans)
 
 
@@ -195,8 +198,8 @@ class LinkWrapper:
 def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
     """Extend: plan the backend's paged prefill wrapper with the local entries (no ragged
     pass: SGLang then writes the new KV before attending). Decode: SGLang has planned its own
-    wrapper. Then, when runs are reused, a wrapper of ours for them (extend: a paged prefill,
-    FlashInfer picks FA3 on Hopper; decode: one query per entry, a decode wrapper) and the
+    wrapper. Then, when runs are reused, a paged prefill wrapper of ours for them, non-causal
+    (an entry holds every query that reads its run; FlashInfer picks FA3 on Hopper), and the
     merge around both."""
     import flashinfer
     from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata, PrefillMetadata
@@ -210,21 +213,11 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
         own = backend.prefill_wrappers_paged[0]
         plan_entries(own, backend, plan.local)
     if plan.shared is not None:
-        entries, updater = plan.shared.entries, backend.indices_updater_prefill
-        if decode:
-            shared = getattr(backend, "epic_shared_decode", None)
-            if shared is None:
-                shared = backend.epic_shared_decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                    backend.workspace_buffer, "NHD", use_tensor_cores=getattr(backend, "decode_use_tensor_cores", True))
-            shared.begin_forward(entries.kv_indptr, entries.kv_indices, _ones(entries), updater.num_qo_heads,
-                                 updater.num_kv_heads, updater.head_dim, 1, q_data_type=updater.q_data_type,
-                                 data_type=updater.data_type, non_blocking=True)
-        else:
-            shared = getattr(backend, "epic_shared_prefill", None)
-            if shared is None:
-                shared = backend.epic_shared_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                    backend.workspace_buffer, "NHD")
-            plan_entries(shared, backend, entries, causal=False)
+        shared = getattr(backend, "epic_shared_prefill", None)
+        if shared is None:
+            shared = backend.epic_shared_prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                backend.workspace_buffer, "NHD")
+        plan_entries(shared, backend, plan.shared.entries, causal=False)
         own = LinkWrapper(own, shared, plan.shared.cos_sin, plan.shared.merge, plan.rope)
     backend.forward_metadata = DecodeMetadata([own]) if decode else PrefillMetadata([own], False, False)
 

@@ -6,15 +6,17 @@ eagerly). SGLang captures one decode graph per batch size; for each, a second gr
 as for LoRA), and only a batch whose linked requests read shared documents replays it:
 plain batches keep SGLang's own graphs, untouched.
 
-A graph's kernels have fixed shapes, while the shared runs' entries (`attention.py`) change
-from step to step. So each `epic` graph holds a fixed number of shared entries,
-`graph_entries(bs)`: a step's real entries first, then padding entries of one key (slot 0,
-SGLang's padding slot) gathered from query row 0 and merged into no row. The merge index
-covers every batch row (a row without parts is rewritten with its own value). A step with
-more entries, or a request with more than `MAX_RUNS` runs, runs eagerly. At capture the
-graph's `LinkWrapper` wraps SGLang's graph wrapper of that batch size around static buffers;
-before each replay they are refilled from the step's plan and the shared wrapper re-planned
-(host-side offsets: nothing waits for the stream).
+A graph's kernels have fixed shapes, while the shared runs' entries (`attention.py`: one per
+distinct run, holding the query of every request that reads it) change from step to step.
+So each `epic` graph holds `graph_entries(bs)` entries and as many query rows (+ bs - 1: the
+capture plans one entry with every request's query, so FlashInfer sizes its query tiles for
+a run read by the whole batch): a step's real entries first, then padding entries of no query
+over one key (slot 0, SGLang's padding slot). The merge index covers every batch row (a row
+without parts is rewritten with its own value). A step with more parts, or a request with
+more than `MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps SGLang's
+graph wrapper of that batch size around static buffers; before each replay they are refilled
+from the step's plan and the shared wrapper re-planned (host-side offsets: nothing waits for
+the stream).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 MAX_RUNS = 64  # cached runs per request a graph holds (legolink: one per document)
-MAX_ENTRIES = 4096  # shared entries per graph: the padding's cost is one rotated query row each
+MAX_ENTRIES = 4096  # shared parts per graph: the padding's cost is one rotated query row each
 VARIANT = "epic"  # the label of the linked graphs in SGLang's graph keys
 
 
@@ -55,63 +57,86 @@ def runs_in_graph(plan: LinkAttentionPlan | None, bs: int, lora_variants: bool =
 
 
 def fits(plan: LinkAttentionPlan, bs: int) -> bool:
-    """Whether a decode step of `bs` requests fits the `epic` graph of that batch size."""
+    """Whether a decode step of `bs` requests fits the `epic` graph of that batch size (its
+    entries are at most its parts)."""
     return len(plan.shared.spans) <= graph_entries(bs) and plan.shared.merge.most_parts <= MAX_RUNS
 
 
 @dataclass(frozen=True)
 class PaddedEntries:
     """Host arrays of a graph's shared entries for one step (see the module docstring)."""
+    qo_indptr: np.ndarray  # int32 (entries + 1,)
     kv_indptr: np.ndarray  # int32 (entries + 1,)
-    query_rows: np.ndarray  # int64 (entries,)
+    query_rows: np.ndarray  # int64 (rows,): the batch row each gathered query comes from
     part_ptr: np.ndarray  # int32 (bs + 1,): batch row r's parts are part_idx[part_ptr[r]:part_ptr[r + 1]]
-    part_idx: np.ndarray  # int32 (entries,)
-    real: int  # entries [0, real) are the step's
+    part_idx: np.ndarray  # int32 (rows,)
+    real: int  # gathered rows [0, real) are the step's parts
 
     @classmethod
-    def of(cls, parts: SharedParts | None, bs: int, entries: int) -> PaddedEntries:
-        spans = parts.spans if parts is not None else []
-        if any(b - a != 1 for a, b in spans):
-            raise ValueError("a decode step's shared entries have one query each")
-        real = len(spans)
-        query_rows, _, part_ptr, part_idx, _ = merge_arrays(spans, bs)  # the eager merge's order
-        kv_lens = np.diff(parts.entries.kv_indptr.numpy()) if parts is not None else np.zeros(0, np.int64)
-        lens = np.concatenate([kv_lens, np.ones(entries - real, dtype=np.int64)])
-        pad = np.zeros(entries - real, dtype=np.int64)
-        return cls(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), np.concatenate([query_rows, pad]),
-                   part_ptr, np.concatenate([part_idx, pad]).astype(np.int32), real)
+    def of(cls, parts: SharedParts, bs: int, entries: int) -> PaddedEntries:
+        """A step's parts (one query each), then padding."""
+        if any(b - a != 1 for a, b in parts.spans):
+            raise ValueError("a decode step's shared parts have one query each")
+        real, used = len(parts.spans), len(parts.entries.qo_indptr) - 1
+        query_rows, _, part_ptr, part_idx, _ = merge_arrays(parts.spans, bs)  # the eager merge's order
+        kv_lens = np.diff(parts.entries.kv_indptr.numpy())
+        pad_rows = np.zeros(graph_rows(bs) - real, dtype=np.int64)
+        return cls(np.concatenate([parts.entries.qo_indptr.numpy(), np.full(entries - used, real)]).astype(np.int32),
+                   indptr_of(np.concatenate([kv_lens, np.ones(entries - used, dtype=np.int64)])),
+                   np.concatenate([query_rows, pad_rows]), part_ptr,
+                   np.concatenate([part_idx, pad_rows]).astype(np.int32), real)
+
+    @classmethod
+    def for_capture(cls, bs: int, entries: int) -> PaddedEntries:
+        """The capture's plan: the most query rows (FlashInfer's graph plan keeps that bound),
+        all of batch row 0's, merged nowhere."""
+        rows = graph_rows(bs)
+        qo_lens = np.concatenate([[bs], np.ones(entries - 1, dtype=np.int64)])
+        return cls(indptr_of(qo_lens), indptr_of(np.ones(entries, dtype=np.int64)), np.zeros(rows, dtype=np.int64),
+                   np.zeros(bs + 1, dtype=np.int32), np.zeros(rows, dtype=np.int32), 0)
+
+
+def indptr_of(lens: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+
+
+def graph_rows(bs: int) -> int:
+    return graph_entries(bs) + bs - 1
 
 
 class DecodeGraph:
-    """One captured batch size's shared entries: static buffers and a cuda-graph decode wrapper."""
+    """One captured batch size's shared entries: static buffers and a cuda-graph paged prefill
+    wrapper (FA2: FlashInfer's graph-safe prefill kernels), planned for the capture."""
 
     def __init__(self, backend, bs: int, rope: RopeTable, kv_indices: torch.Tensor):
         import flashinfer
 
         self.bs, self.entries, self.rope = bs, graph_entries(bs), rope
-        device = kv_indices.device
-        self.cos_sin = torch.zeros(self.entries, rope.rotary_dim, dtype=torch.float32, device=device)
-        self.merge = MergeIndex(query_rows=torch.zeros(self.entries, dtype=torch.int64, device=device),
+        rows, device = graph_rows(bs), kv_indices.device
+        self.cos_sin = torch.zeros(rows, rope.rotary_dim, dtype=torch.float32, device=device)
+        self.merge = MergeIndex(query_rows=torch.zeros(rows, dtype=torch.int64, device=device),
                                 rows=torch.arange(bs, dtype=torch.int32, device=device),
                                 part_ptr=torch.zeros(bs + 1, dtype=torch.int32, device=device),
-                                part_idx=torch.zeros(self.entries, dtype=torch.int32, device=device),
+                                part_idx=torch.zeros(rows, dtype=torch.int32, device=device),
                                 most_parts=MAX_RUNS)
         self.kv_indices = kv_indices  # shared by every batch size's graph (one replays at a time)
-        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            backend.workspace_buffer, "NHD", use_cuda_graph=True,
-            use_tensor_cores=getattr(backend, "decode_use_tensor_cores", True),
-            paged_kv_indptr_buffer=torch.zeros(self.entries + 1, dtype=torch.int32, device=device),
-            paged_kv_indices_buffer=kv_indices,
-            paged_kv_last_page_len_buffer=torch.ones(self.entries, dtype=torch.int32, device=device))
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            backend.workspace_buffer, "NHD", use_cuda_graph=True, backend="fa2",
+            qo_indptr_buf=torch.zeros(self.entries + 1, dtype=torch.int32, device=device),
+            paged_kv_indptr_buf=torch.zeros(self.entries + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buf=kv_indices,
+            paged_kv_last_page_len_buf=torch.ones(self.entries, dtype=torch.int32, device=device))
+        self._plan(backend, PaddedEntries.for_capture(bs, self.entries), None)
 
     def link_wrapper(self, own) -> LinkWrapper:
         """What the captured forward calls: SGLang's graph wrapper and these entries."""
         return LinkWrapper(own, self.wrapper, self.cos_sin, self.merge, self.rope)
 
-    def fill(self, backend, plan: LinkAttentionPlan | None) -> None:
+    def fill(self, backend, plan: LinkAttentionPlan) -> None:
         """The step's shared entries into the static buffers (stream-ordered copies), then plan."""
-        parts = plan.shared if plan is not None else None
-        padded = PaddedEntries.of(parts, self.bs, self.entries)
+        self._plan(backend, PaddedEntries.of(plan.shared, self.bs, self.entries), plan.shared)
+
+    def _plan(self, backend, padded: PaddedEntries, parts: SharedParts | None) -> None:
         device = self.cos_sin.device
 
         def put(dst: torch.Tensor, src: np.ndarray) -> None:
@@ -120,18 +145,17 @@ class DecodeGraph:
         put(self.merge.query_rows, padded.query_rows)
         put(self.merge.part_ptr, padded.part_ptr)
         put(self.merge.part_idx, padded.part_idx)
-        keys = int(padded.kv_indptr[-1])
-        indices = torch.zeros(keys, dtype=torch.int32, device=device)  # padding entries read slot 0
+        indices = torch.zeros(int(padded.kv_indptr[-1]), dtype=torch.int32, device=device)  # padding reads slot 0
         if parts is not None:
             self.cos_sin[:padded.real].copy_(parts.cos_sin, non_blocking=True)
             indices[:parts.entries.kv_indices.numel()] = parts.entries.kv_indices
         updater = backend.indices_updater_prefill
-        # no split-kv: thousands of one-query entries fill the GPU whole, and a split's scratch
-        # for them would overflow the workspace the backend shares
-        self.wrapper.begin_forward(torch.from_numpy(padded.kv_indptr), indices,
-                                   last_page_lens(self.entries),
-                                   updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
-                                   q_data_type=updater.q_data_type, data_type=updater.data_type, non_blocking=True,
+        # no split-kv: the entries fill the GPU, and a split's scratch for thousands of them
+        # would overflow the workspace the backend shares
+        self.wrapper.begin_forward(torch.from_numpy(padded.qo_indptr), torch.from_numpy(padded.kv_indptr), indices,
+                                   last_page_lens(self.entries), updater.num_qo_heads, updater.num_kv_heads,
+                                   updater.head_dim, 1, q_data_type=updater.q_data_type,
+                                   kv_data_type=updater.data_type, non_blocking=True, causal=False,
                                    disable_split_kv=True)
 
 

@@ -209,7 +209,6 @@ def graph_link_metadata(original, backend, forward_batch, *args, in_capture: boo
     plan = getattr(backend, "epic_replay_plan", None)
     if linking:
         graph = decode_graphs.captured(backend, bs, backend.epic_rope)
-        graph.fill(backend, None)
         backend.forward_metadata = DecodeMetadata([graph.link_wrapper(backend.decode_cuda_graph_metadata[bs][0])])
     elif not in_capture and decode_graphs.needs_variant(plan):
         backend.epic_decode_graphs[bs].fill(backend, plan)

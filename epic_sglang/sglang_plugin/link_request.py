@@ -80,7 +80,7 @@ class SharedRuns:
     slots: torch.Tensor  # int32, on the pool's device
     lengths: list[int]
     shifts: torch.Tensor  # int64 (runs,)
-    runs: list[tuple[int, int]]  # each run's identity (its document node's id, its offset): equal = same keys
+    runs: list[tuple[int, int, int]]  # each run's identity (its document node's id, offset, length): equal = same keys
     cos_sin: torch.Tensor | None = None  # the queries' rotation by -shift, set where the model's RoPE is known
 
 
@@ -161,7 +161,8 @@ class LinkRequest:
         slots = torch.cat([docs[r.doc][r.offset:r.offset + r.length] for r in runs]).to(torch.int32)  # on the pool's device
         # a document token at offset t was compiled at position t (+ the sinks before it)
         shifts = torch.tensor([r.start - r.offset - self.hint.sink for r in runs], dtype=torch.int64)
-        return SharedRuns(slots, [r.length for r in runs], shifts, [(id(self.doc_nodes[r.doc]), r.offset) for r in runs])
+        identities = [(id(self.doc_nodes[r.doc]), r.offset, r.length) for r in runs]
+        return SharedRuns(slots, [r.length for r in runs], shifts, identities)
 
     def _blend_sources(self, cache, plan) -> BlendSources:
         spans = plan.doc_spans
