@@ -2,6 +2,7 @@
 first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
 
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study budget
 
 Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
 each document) and differs only in which: the first `head` of each document, then the
@@ -11,6 +12,12 @@ its score of a token is the attention the question puts on it, summed over a ran
 layers, optionally times the norm of the token's value. A random pick is the control. Each
 rule's link is a plain link of its token set (naive's plan plus the set), so only the
 choice differs. Seed 1 keeps these questions apart from the seed-0 accuracy runs.
+
+`--study budget`: is the gap to fr a matter of how many tokens or of which? legolink-k's
+first tokens against the shipped pick (8 first tokens, then attention x value norm over all
+layers) at the document-token budgets of legolink-16 / -20 / -32 / -48, and at legolink-16's
+budget the pick with each document's last 4 tokens recomputed too (the paper's init-final
+variant) and with the scout that also recomputes the first 8 (a second pass over them).
 """
 from __future__ import annotations
 
@@ -88,37 +95,71 @@ def rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Ten
     return out
 
 
+def budget_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
+    """`--study budget`'s rules: each one's recomputed positions."""
+    del seed  # no random control here
+    docs = plan_link(parse_policy("legolink-16"), segs).document_mask()
+    base = plan_link(parse_policy("legolink-8"), segs).recompute
+    cand = docs & ~base
+    weighted = {h: per_layer_scores(engine, segs, h)[1].sum(0) for h in (0, 8)}
+    out = {}
+    for k in (16, 20, 32, 48):
+        lego = plan_link(parse_policy(f"legolink-{k}"), segs).recompute
+        budget = int((lego & docs).sum()) - int((base & docs).sum())
+        out[f"legolink-{k}"] = lego.nonzero().flatten()
+        out[f"pick at legolink-{k}'s budget"] = torch.cat(
+            [base.nonzero().flatten(), top(weighted[0], cand, budget)])
+        if k == 16:
+            out["pick at legolink-16's budget, scout recomputes the first 8"] = torch.cat(
+                [base.nonzero().flatten(), top(weighted[8], cand, budget)])
+            last = torch.zeros_like(docs)
+            for start, length, _ in plan_link(parse_policy("legolink-16"), segs).doc_spans:
+                last[start + max(length - 4, 8):start + length] = True
+            final = base | last
+            out["pick at legolink-16's budget with each document's last 4"] = torch.cat(
+                [final.nonzero().flatten(), top(weighted[0], docs & ~final, budget - int((last & ~base).sum()))])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--study", choices=("pick", "budget"), default="pick")
     args = ap.parse_args()
+    study = {"pick": rules, "budget": budget_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
+    share: dict[str, list[float]] = {}
     for i, ex in enumerate(sample_questions(args.n, args.seed)):
         segs = engine.prompts.build(ex.question, list(ex.documents), SYSTEM)
         fr = engine.generate_batch([Request(segments=segs, policy="fr", sampling=SamplingParams(max_new_tokens=1),
                                             return_first_logits=True)])[0]
         ref = torch.log_softmax(fr.first_logits, -1)
-        for name, positions in rules(engine, segs, i).items():
+        for name, positions in study(engine, segs, i).items():
             logp = torch.log_softmax(link_of(engine, segs, positions), -1)
             kl.setdefault(name, []).append(float((ref.exp() * (ref - logp)).sum()))
             agree.setdefault(name, []).append(float(logp.argmax() == ref.argmax()))
+            share.setdefault(name, []).append(len(positions) / sum(len(seg) for seg in segs))
         print(f"{i + 1}/{args.n}", flush=True)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    lines = ["| rule (legolink-16's budget) | KL(fr \\|\\| rule), first token | first token = fr's % |", "|---|---|---|"]
+    first = "rule (legolink-16's budget)" if args.study == "pick" else "rule (document-token budget)"
+    lines = [f"| {first} | recomputed % of the prompt | KL(fr \\|\\| rule), first token | first token = fr's % |",
+             "|---|---|---|---|"]
     for name in sorted(kl, key=lambda k: mean(kl[k])):
-        lines.append(f"| {name} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
-    body = f"""## querylink design: which document tokens to recompute ({args.model}, HotpotQA, n = {args.n})
+        lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
+    what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute"}[args.study]
+    paragraph = __doc__.split(chr(10) + chr(10))[2 if args.study == "pick" else 3]
+    body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
-Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {__doc__.split(chr(10) + chr(10))[1]}
+Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}
 
 {chr(10).join(lines)}
 """
-    write_section(f"querylink-design-{args.model}", body)
+    write_section(f"querylink-design-{args.model}" + ("" if args.study == "pick" else "-budget"), body)
     print(body)
 
 

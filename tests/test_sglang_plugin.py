@@ -435,17 +435,17 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     s.prefill(reqs)
     plan = s.decode_step()
     parts, bs = plan.shared, 4  # SGLang pads 3 requests to its captured batch size 4
-    entries = decode_graphs.graph_entries(bs)
-    padded = decode_graphs.PaddedEntries.of(parts, bs, entries)
+    entries = decode_graphs.graph_entries(bs) + 1
+    padded = decode_graphs.PaddedEntries.of(parts, bs)
     assert padded.real == len(parts.spans) == 4 and decode_graphs.fits(plan, bs)
     used = len(parts.entries.qo_indptr) - 1
     assert padded.qo_indptr[:used + 1].tolist() == parts.entries.qo_indptr.tolist()
-    assert (padded.qo_indptr[used:] == padded.real).all()  # padding entries: no query
+    rows = decode_graphs.graph_rows(bs)
+    assert (padded.qo_indptr[used:-1] == padded.real).all() and padded.qo_indptr[-1] == rows  # the last: the rest
     lens = np.diff(padded.kv_indptr)
     assert lens[:used].tolist() == np.diff(parts.entries.kv_indptr.tolist()).tolist() and (lens[used:] == 1).all()
-    rows = decode_graphs.graph_rows(bs)
     assert len(padded.kv_indptr) == len(padded.qo_indptr) == entries + 1
-    assert len(padded.query_rows) == len(padded.part_idx) == rows == entries + bs - 1
+    assert len(padded.query_rows) == len(padded.part_idx) == rows == entries - 1 + bs
     # each batch row merges exactly its own runs' parts, in the order the eager merge takes them
     merged = {r: padded.part_idx[padded.part_ptr[r]:padded.part_ptr[r + 1]].tolist() for r in range(bs)}
     merge_rows = parts.merge.rows.tolist()
@@ -454,7 +454,7 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
                       for r in range(bs)}
     assert all(padded.query_rows[e] == r for r, es in merged.items() for e in es)
     assert sorted(e for es in merged.values() for e in es) == list(range(padded.real))  # padding merges nowhere
-    capture = decode_graphs.PaddedEntries.for_capture(bs, entries)  # the most rows, so FlashInfer's bound holds
+    capture = decode_graphs.PaddedEntries.for_capture(bs)  # the most rows, so FlashInfer's bound holds
     assert capture.qo_indptr[-1] == rows and capture.qo_indptr[1] == bs and capture.part_ptr.tolist() == [0] * (bs + 1)
     assert not decode_graphs.fits(plan, 0) and not decode_graphs.runs_in_graph(plan, 0)  # no room: eager
     assert decode_graphs.runs_in_graph(plan, bs) and not decode_graphs.runs_in_graph(plan, bs, lora_variants=True)

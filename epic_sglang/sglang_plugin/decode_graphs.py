@@ -8,11 +8,12 @@ plain batches keep SGLang's own graphs, untouched.
 
 A graph's kernels have fixed shapes, while the shared runs' entries (`attention.py`: one per
 distinct run, holding the query of every request that reads it) change from step to step.
-So each `epic` graph holds `graph_entries(bs)` entries and as many query rows (+ bs - 1: the
-capture plans one entry with every request's query, so FlashInfer sizes its query tiles for
-a run read by the whole batch): a step's real entries first, then padding entries of no query
-over one key (slot 0, SGLang's padding slot). The merge index covers every batch row (a row
-without parts is rewritten with its own value). A step with more parts, or a request with
+So each `epic` graph holds `graph_entries(bs)` + 1 entries over `graph_rows(bs)` query rows,
+always all of them (FlashInfer checks a forward's rows against its plan's; the capture plans
+one entry with every request's query, so its query tiles fit a run the whole batch reads): a
+step's entries first, then padding entries of no query over one key (slot 0, SGLang's
+padding slot), the last of them holding the rows the step leaves over. The merge index
+covers every batch row (a row without parts is rewritten with its own value). A step with more parts, or a request with
 more than `MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps SGLang's
 graph wrapper of that batch size around static buffers; before each replay they are refilled
 from the step's plan and the shared wrapper re-planned (host-side offsets: nothing waits for
@@ -73,25 +74,27 @@ class PaddedEntries:
     real: int  # gathered rows [0, real) are the step's parts
 
     @classmethod
-    def of(cls, parts: SharedParts, bs: int, entries: int) -> PaddedEntries:
+    def of(cls, parts: SharedParts, bs: int) -> PaddedEntries:
         """A step's parts (one query each), then padding."""
         if any(b - a != 1 for a, b in parts.spans):
             raise ValueError("a decode step's shared parts have one query each")
-        real, used = len(parts.spans), len(parts.entries.qo_indptr) - 1
+        real, used, entries = len(parts.spans), len(parts.entries.qo_indptr) - 1, graph_entries(bs) + 1
         query_rows, _, part_ptr, part_idx, _ = merge_arrays(parts.spans, bs)  # the eager merge's order
         kv_lens = np.diff(parts.entries.kv_indptr.numpy())
         pad_rows = np.zeros(graph_rows(bs) - real, dtype=np.int64)
-        return cls(np.concatenate([parts.entries.qo_indptr.numpy(), np.full(entries - used, real)]).astype(np.int32),
+        qo_indptr = np.concatenate([parts.entries.qo_indptr.numpy(), np.full(entries - used, real)])
+        qo_indptr[-1] = graph_rows(bs)
+        return cls(qo_indptr.astype(np.int32),
                    indptr_of(np.concatenate([kv_lens, np.ones(entries - used, dtype=np.int64)])),
                    np.concatenate([query_rows, pad_rows]), part_ptr,
                    np.concatenate([part_idx, pad_rows]).astype(np.int32), real)
 
     @classmethod
-    def for_capture(cls, bs: int, entries: int) -> PaddedEntries:
+    def for_capture(cls, bs: int) -> PaddedEntries:
         """The capture's plan: the most query rows (FlashInfer's graph plan keeps that bound),
         all of batch row 0's, merged nowhere."""
-        rows = graph_rows(bs)
-        qo_lens = np.concatenate([[bs], np.ones(entries - 1, dtype=np.int64)])
+        rows, entries = graph_rows(bs), graph_entries(bs) + 1
+        qo_lens = np.concatenate([[rows - entries + 1], np.ones(entries - 1, dtype=np.int64)])
         return cls(indptr_of(qo_lens), indptr_of(np.ones(entries, dtype=np.int64)), np.zeros(rows, dtype=np.int64),
                    np.zeros(bs + 1, dtype=np.int32), np.zeros(rows, dtype=np.int32), 0)
 
@@ -101,7 +104,7 @@ def indptr_of(lens: np.ndarray) -> np.ndarray:
 
 
 def graph_rows(bs: int) -> int:
-    return graph_entries(bs) + bs - 1
+    return graph_entries(bs) + bs
 
 
 class DecodeGraph:
@@ -111,7 +114,7 @@ class DecodeGraph:
     def __init__(self, backend, bs: int, rope: RopeTable, kv_indices: torch.Tensor):
         import flashinfer
 
-        self.bs, self.entries, self.rope = bs, graph_entries(bs), rope
+        self.bs, self.entries, self.rope = bs, graph_entries(bs) + 1, rope
         rows, device = graph_rows(bs), kv_indices.device
         self.cos_sin = torch.zeros(rows, rope.rotary_dim, dtype=torch.float32, device=device)
         self.merge = MergeIndex(query_rows=torch.zeros(rows, dtype=torch.int64, device=device),
@@ -126,7 +129,7 @@ class DecodeGraph:
             paged_kv_indptr_buf=torch.zeros(self.entries + 1, dtype=torch.int32, device=device),
             paged_kv_indices_buf=kv_indices,
             paged_kv_last_page_len_buf=torch.ones(self.entries, dtype=torch.int32, device=device))
-        self._plan(backend, PaddedEntries.for_capture(bs, self.entries), None)
+        self._plan(backend, PaddedEntries.for_capture(bs), None)
 
     def link_wrapper(self, own) -> LinkWrapper:
         """What the captured forward calls: SGLang's graph wrapper and these entries."""
@@ -134,7 +137,7 @@ class DecodeGraph:
 
     def fill(self, backend, plan: LinkAttentionPlan) -> None:
         """The step's shared entries into the static buffers (stream-ordered copies), then plan."""
-        self._plan(backend, PaddedEntries.of(plan.shared, self.bs, self.entries), plan.shared)
+        self._plan(backend, PaddedEntries.of(plan.shared, self.bs), plan.shared)
 
     def _plan(self, backend, padded: PaddedEntries, parts: SharedParts | None) -> None:
         device = self.cos_sin.device
