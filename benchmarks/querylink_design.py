@@ -3,6 +3,7 @@ first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
 
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study budget
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study documents
 
 Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
 each document) and differs only in which: the first `head` of each document, then the
@@ -18,6 +19,11 @@ first tokens against the shipped pick (8 first tokens, then attention x value no
 layers) at the document-token budgets of legolink-16 / -20 / -32 / -48, and at legolink-16's
 budget the pick with each document's last 4 tokens recomputed too (the paper's init-final
 variant) and with the scout that also recomputes the first 8 (a second pass over them).
+
+`--study documents`: whole documents instead of scattered tokens: the documents the question's
+attention (x value norm, all layers) weighs most, recomputed whole (each then attends to every
+document before it, as in fr) while they fit the budget, the rest of the budget picked token by
+token as the shipped rule does; every document keeps its first 8 tokens.
 """
 from __future__ import annotations
 
@@ -121,15 +127,48 @@ def budget_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, to
     return out
 
 
+def top_documents(score: torch.Tensor, plan, base: torch.Tensor, budget: int, most: int) -> torch.Tensor:
+    """(n,) bool: base, plus up to `most` whole documents in order of the mass `score` puts on
+    them while they fit `budget` new tokens, plus the rest of the budget in single-token picks."""
+    chosen, left = base.clone(), budget
+    spans = sorted(plan.doc_spans, key=lambda sp: -float(score[sp[0]:sp[0] + sp[1]].sum()))
+    for start, length, _ in spans[:most]:
+        new = int((~chosen[start:start + length]).sum())
+        if new <= left:
+            chosen[start:start + length], left = True, left - new
+    docs = plan.document_mask()
+    if left > 0:
+        chosen[top(score, docs & ~chosen, left)] = True
+    return chosen
+
+
+def document_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
+    """`--study documents`'s rules: each one's recomputed positions."""
+    del seed
+    lego16 = plan_link(parse_policy("legolink-16"), segs)
+    docs = lego16.document_mask()
+    base = plan_link(parse_policy("legolink-8"), segs).recompute
+    score = per_layer_scores(engine, segs, 0)[1].sum(0)
+    out = {"legolink-16": lego16.recompute.nonzero().flatten()}
+    for k in (16, 20):
+        budget = int((plan_link(parse_policy(f"legolink-{k}"), segs).recompute & docs).sum()) - int((base & docs).sum())
+        out[f"pick at legolink-{k}'s budget"] = torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)])
+        for most in (1, 10):
+            name = "the top document" if most == 1 else "top documents"
+            out[f"{name} whole, then picks, at legolink-{k}'s budget"] = \
+                top_documents(score, lego16, base, budget, most).nonzero().flatten()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", choices=("pick", "budget"), default="pick")
+    ap.add_argument("--study", choices=("pick", "budget", "documents"), default="pick")
     args = ap.parse_args()
-    study = {"pick": rules, "budget": budget_rules}[args.study]
+    study = {"pick": rules, "budget": budget_rules, "documents": document_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
@@ -151,15 +190,16 @@ def main() -> None:
              "|---|---|---|---|"]
     for name in sorted(kl, key=lambda k: mean(kl[k])):
         lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
-    what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute"}[args.study]
-    paragraph = __doc__.split(chr(10) + chr(10))[2 if args.study == "pick" else 3]
+    what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute",
+            "documents": "whole documents or single tokens"}[args.study]
+    paragraph = __doc__.split(chr(10) + chr(10))[{"pick": 2, "budget": 3, "documents": 4}[args.study]]
     body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
 Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}
 
 {chr(10).join(lines)}
 """
-    write_section(f"querylink-design-{args.model}" + ("" if args.study == "pick" else "-budget"), body)
+    write_section(f"querylink-design-{args.model}" + ("" if args.study == "pick" else f"-{args.study}"), body)
     print(body)
 
 
