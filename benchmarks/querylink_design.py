@@ -4,6 +4,7 @@ first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study budget
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study documents
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study sinks
 
 Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
 each document) and differs only in which: the first `head` of each document, then the
@@ -24,6 +25,15 @@ variant) and with the scout that also recomputes the first 8 (a second pass over
 attention (x value norm, all layers) weighs most, recomputed whole (each then attends to every
 document before it, as in fr) while they fit the budget, the rest of the budget picked token by
 token as the shipped rule does; every document keeps its first 8 tokens.
+
+`--study sinks`: what the documents are compiled behind. Plain (alone, as legolink and
+querylink compile them), behind 4 sink tokens (legolink0's recipe: the template's first token,
+its KV dropped), and behind the prompt's own head (its system prompt and template tokens
+before the first document, KV dropped: each document then sees what the first document sees
+in fr; the benchmark gives the engine's sink recipe those tokens in a namespace of its own,
+no such recipe is served). Each with no document token recomputed, with the first 16 of
+each document, and with the shipped pick at legolink-16's budget (its scout over the same
+documents).
 """
 from __future__ import annotations
 
@@ -45,10 +55,13 @@ from epic_sglang.link_plan import plan_link, querylink_pick  # noqa: E402
 from epic_sglang.policies import Segment, parse_policy  # noqa: E402
 
 
-def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int, policy: str | None = None,
+                     namespace: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(layers, n) attention mass and (layers, n) attention x value norm of the question,
-    the scout recomputing the question and each document's first `scout_head` tokens."""
-    s = engine.admit(Request(segments=segs, policy=f"legolink-{scout_head}" if scout_head else "naive",
+    the scout recomputing the question and each document's first `scout_head` tokens (or
+    what `policy` recomputes, over documents of its recipe in `namespace`)."""
+    policy = policy or (f"legolink-{scout_head}" if scout_head else "naive")
+    s = engine.admit(Request(segments=segs, policy=policy, namespace=namespace,
                              sampling=SamplingParams(max_new_tokens=1)))
     engine.prefill([s])
     try:
@@ -160,15 +173,66 @@ def document_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, 
     return out
 
 
+class HeadSinks:
+    """The engine's sink recipe with the prompt's head as its tokens (see `--study sinks`)."""
+
+    def __init__(self, engine: Engine):
+        self.prompts, self.head = engine.prompts, []
+        engine.prompts = self
+
+    def __getattr__(self, name: str):
+        return getattr(self.prompts, name)
+
+    def sink_tokens(self, count: int) -> list[int]:
+        return list(self.head) if count and self.head else self.prompts.sink_tokens(count)
+
+
+def link_with(engine: Engine, segs: list[Segment], positions: torch.Tensor, policy: str,
+              namespace: str | None) -> tuple[torch.Tensor, int]:
+    """First-token logits of `policy`'s link (its recipe's documents) recomputing `positions`
+    too, and how many tokens it recomputes."""
+    s = engine.admit(Request(segments=segs, policy=policy, namespace=namespace, return_first_logits=True,
+                             sampling=SamplingParams(max_new_tokens=1, ignore_eos=True)))
+    s.plan.recompute[positions] = True
+    recomputed = int(s.plan.recompute.sum())
+    engine.prefill([s])
+    engine.step([s], [])
+    return engine.finish(s).first_logits, recomputed
+
+
+def sink_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
+    """`--study sinks`'s rules: each one's first-token logits and tokens recomputed (their
+    links differ in recipe, not only in positions)."""
+    del seed
+    sinks = engine.prompts if isinstance(engine.prompts, HeadSinks) else HeadSinks(engine)
+    head = list(segs[0].token_ids) if segs[0].document is None else []
+    lego16 = plan_link(parse_policy("legolink-16"), segs)
+    docs = lego16.document_mask()
+    base = plan_link(parse_policy("legolink-8"), segs).recompute
+    budget = int((lego16.recompute & docs).sum()) - int((base & docs).sum())
+    first16 = (lego16.recompute & docs).nonzero().flatten()
+    out = {}
+    for recipe, policy, namespace in (("plain", "naive", None), ("4 sinks", "legolink0", None),
+                                      ("the prompt's head", "legolink0", "head-sinks")):
+        sinks.head = head if namespace else []  # the head only for its own namespace's documents
+        score = per_layer_scores(engine, segs, 0, policy, namespace)[1].sum(0)
+        picks = torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)])
+        for what, positions in (("no document token", torch.zeros(0, dtype=torch.int64)),
+                                ("first 16 of each document", first16), ("pick at legolink-16's budget", picks)):
+            out[f"behind {recipe}: {what}"] = link_with(engine, segs, positions, policy, namespace)
+    sinks.head = []
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", choices=("pick", "budget", "documents"), default="pick")
+    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks"), default="pick")
     args = ap.parse_args()
-    study = {"pick": rules, "budget": budget_rules, "documents": document_rules}[args.study]
+    study = {"pick": rules, "budget": budget_rules, "documents": document_rules, "sinks": sink_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
@@ -178,11 +242,16 @@ def main() -> None:
         fr = engine.generate_batch([Request(segments=segs, policy="fr", sampling=SamplingParams(max_new_tokens=1),
                                             return_first_logits=True)])[0]
         ref = torch.log_softmax(fr.first_logits, -1)
+        n = sum(len(seg) for seg in segs)
         for name, positions in study(engine, segs, i).items():
-            logp = torch.log_softmax(link_of(engine, segs, positions), -1)
+            if isinstance(positions, tuple):  # the rule's own link: its logits and tokens recomputed
+                logits, recomputed = positions
+            else:
+                logits, recomputed = link_of(engine, segs, positions), len(positions)
+            logp = torch.log_softmax(logits, -1)
             kl.setdefault(name, []).append(float((ref.exp() * (ref - logp)).sum()))
             agree.setdefault(name, []).append(float(logp.argmax() == ref.argmax()))
-            share.setdefault(name, []).append(len(positions) / sum(len(seg) for seg in segs))
+            share.setdefault(name, []).append(recomputed / n)
         print(f"{i + 1}/{args.n}", flush=True)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     first = "rule (legolink-16's budget)" if args.study == "pick" else "rule (document-token budget)"
@@ -191,8 +260,8 @@ def main() -> None:
     for name in sorted(kl, key=lambda k: mean(kl[k])):
         lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
     what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute",
-            "documents": "whole documents or single tokens"}[args.study]
-    paragraph = __doc__.split(chr(10) + chr(10))[{"pick": 2, "budget": 3, "documents": 4}[args.study]]
+            "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind"}[args.study]
+    paragraph = __doc__.split(chr(10) + chr(10))[{"pick": 2, "budget": 3, "documents": 4, "sinks": 5}[args.study]]
     body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
 Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}
