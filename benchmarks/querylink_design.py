@@ -5,6 +5,7 @@ first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study budget
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study documents
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study sinks
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study rounds
 
 Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
 each document) and differs only in which: the first `head` of each document, then the
@@ -34,6 +35,10 @@ in fr; the benchmark gives the engine's sink recipe those tokens in a namespace 
 no such recipe is served). Each with no document token recomputed, with the first 16 of
 each document, and with the shipped pick at legolink-16's budget (its scout over the same
 documents).
+
+`--study rounds`: the pick in two rounds: half the budget as the shipped rule picks it, then
+the question scored again by a second scout that recomputes those picks too (their keys and
+values now see the other documents), and the other half picked from that score.
 """
 from __future__ import annotations
 
@@ -51,18 +56,21 @@ from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.evaluation import SYSTEM, sample_questions  # noqa: E402
 from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
 from epic_sglang.linker import ScoutQueries, attention_mass  # noqa: E402
-from epic_sglang.link_plan import plan_link, querylink_pick  # noqa: E402
+from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick  # noqa: E402
 from epic_sglang.policies import Segment, parse_policy  # noqa: E402
 
 
 def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int, policy: str | None = None,
-                     namespace: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     namespace: str | None = None, extra: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(layers, n) attention mass and (layers, n) attention x value norm of the question,
     the scout recomputing the question and each document's first `scout_head` tokens (or
-    what `policy` recomputes, over documents of its recipe in `namespace`)."""
+    what `policy` recomputes, over documents of its recipe in `namespace`), and `extra`."""
     policy = policy or (f"legolink-{scout_head}" if scout_head else "naive")
     s = engine.admit(Request(segments=segs, policy=policy, namespace=namespace,
                              sampling=SamplingParams(max_new_tokens=1)))
+    if extra is not None:
+        s.plan.recompute[extra] = True
     engine.prefill([s])
     try:
         batch = ForwardBatch.build([engine._link_part(s)])
@@ -155,9 +163,10 @@ def top_documents(score: torch.Tensor, plan, base: torch.Tensor, budget: int, mo
     return chosen
 
 
-def document_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
-    """`--study documents`'s rules: each one's recomputed positions."""
-    del seed
+def against_the_pick(engine: Engine, segs: list[Segment], variants) -> dict[str, torch.Tensor]:
+    """legolink-16 and the shipped pick at legolink-16's and -20's budgets (8 first tokens kept,
+    the question-only scout's attention x value norm over all layers), then `variants(k,
+    budget, plan, docs, base, score)`'s rules at each budget: each rule's recomputed positions."""
     lego16 = plan_link(parse_policy("legolink-16"), segs)
     docs = lego16.document_mask()
     base = plan_link(parse_policy("legolink-8"), segs).recompute
@@ -166,11 +175,23 @@ def document_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, 
     for k in (16, 20):
         budget = int((plan_link(parse_policy(f"legolink-{k}"), segs).recompute & docs).sum()) - int((base & docs).sum())
         out[f"pick at legolink-{k}'s budget"] = torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)])
+        out.update(variants(k, budget, lego16, docs, base, score))
+    return out
+
+
+def document_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
+    """`--study documents`'s rules."""
+    del seed
+
+    def whole(k: int, budget: int, plan: LinkPlan, docs: torch.Tensor, base: torch.Tensor, score: torch.Tensor):
+        out = {}
         for most in (1, 10):
             name = "the top document" if most == 1 else "top documents"
             out[f"{name} whole, then picks, at legolink-{k}'s budget"] = \
-                top_documents(score, lego16, base, budget, most).nonzero().flatten()
-    return out
+                top_documents(score, plan, base, budget, most).nonzero().flatten()
+        return out
+
+    return against_the_pick(engine, segs, whole)
 
 
 class HeadSinks:
@@ -224,15 +245,31 @@ def sink_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torc
     return out
 
 
+def round_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
+    """`--study rounds`'s rules."""
+    del seed
+
+    def two_rounds(k: int, budget: int, plan: LinkPlan, docs: torch.Tensor, base: torch.Tensor, score: torch.Tensor):
+        kept, half = base.nonzero().flatten(), top(score, docs & ~base, budget // 2)
+        again = per_layer_scores(engine, segs, 0, extra=torch.cat([kept, half]))[1].sum(0)
+        taken = base.clone()
+        taken[half] = True
+        return {f"pick at legolink-{k}'s budget, two rounds": torch.cat(
+            [kept, half, top(again, docs & ~taken, budget - budget // 2)])}
+
+    return against_the_pick(engine, segs, two_rounds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks"), default="pick")
+    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds"), default="pick")
     args = ap.parse_args()
-    study = {"pick": rules, "budget": budget_rules, "documents": document_rules, "sinks": sink_rules}[args.study]
+    study = {"pick": rules, "budget": budget_rules, "documents": document_rules, "sinks": sink_rules,
+             "rounds": round_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
@@ -260,8 +297,10 @@ def main() -> None:
     for name in sorted(kl, key=lambda k: mean(kl[k])):
         lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
     what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute",
-            "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind"}[args.study]
-    paragraph = __doc__.split(chr(10) + chr(10))[{"pick": 2, "budget": 3, "documents": 4, "sinks": 5}[args.study]]
+            "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind",
+            "rounds": "one round of picks or two"}[args.study]
+    paragraph = __doc__.split(chr(10) + chr(10))[
+        {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6}[args.study]]
     body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
 Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}
