@@ -435,7 +435,7 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     s.prefill(reqs)
     plan = s.decode_step()
     parts, bs = plan.shared, 4  # SGLang pads 3 requests to its captured batch size 4
-    entries = decode_graphs.graph_entries(bs) + 1
+    entries = decode_graphs.graph_slots(bs)
     padded = decode_graphs.PaddedEntries.of(parts, bs)
     assert padded.real == len(parts.spans) == 4 and decode_graphs.fits(plan, bs)
     used = len(parts.entries.qo_indptr) - 1

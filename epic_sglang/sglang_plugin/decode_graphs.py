@@ -8,13 +8,13 @@ plain batches keep SGLang's own graphs, untouched.
 
 A graph's kernels have fixed shapes, while the shared runs' entries (`attention.py`: one per
 distinct run, holding the query of every request that reads it) change from step to step.
-So each `epic` graph holds `graph_entries(bs)` + 1 entries over `graph_rows(bs)` query rows,
+So each `epic` graph holds `graph_slots(bs)` entries over `graph_rows(bs)` query rows,
 always all of them (FlashInfer checks a forward's rows against its plan's; the capture plans
 one entry with every request's query, so its query tiles fit a run the whole batch reads): a
 step's entries first, then padding entries of no query over one key (slot 0, SGLang's
 padding slot), the last of them holding the rows the step leaves over. The merge index
-covers every batch row (a row without parts is rewritten with its own value). A step with more parts, or a request with
-more than `MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps SGLang's
+covers every batch row (a row without parts is rewritten with its own value). A step with
+more parts, or a request with more than `MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps SGLang's
 graph wrapper of that batch size around static buffers; before each replay they are refilled
 from the step's plan and the shared wrapper re-planned (host-side offsets: nothing waits for
 the stream).
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from epic_sglang.merge_states import MergeIndex, merge_arrays
-from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts, last_page_lens
+from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts, indptr, last_page_lens
 from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
@@ -78,7 +78,7 @@ class PaddedEntries:
         """A step's parts (one query each), then padding."""
         if any(b - a != 1 for a, b in parts.spans):
             raise ValueError("a decode step's shared parts have one query each")
-        real, used, entries = len(parts.spans), len(parts.entries.qo_indptr) - 1, graph_entries(bs) + 1
+        real, used, entries = len(parts.spans), len(parts.entries.qo_indptr) - 1, graph_slots(bs)
         query_rows, _, part_ptr, part_idx, _ = merge_arrays(parts.spans, bs)  # the eager merge's order
         kv_lens = np.diff(parts.entries.kv_indptr.numpy())
         pad_rows = np.zeros(graph_rows(bs) - real, dtype=np.int64)
@@ -93,14 +93,19 @@ class PaddedEntries:
     def for_capture(cls, bs: int) -> PaddedEntries:
         """The capture's plan: the most query rows (FlashInfer's graph plan keeps that bound),
         all of batch row 0's, merged nowhere."""
-        rows, entries = graph_rows(bs), graph_entries(bs) + 1
+        rows, entries = graph_rows(bs), graph_slots(bs)
         qo_lens = np.concatenate([[rows - entries + 1], np.ones(entries - 1, dtype=np.int64)])
         return cls(indptr_of(qo_lens), indptr_of(np.ones(entries, dtype=np.int64)), np.zeros(rows, dtype=np.int64),
                    np.zeros(bs + 1, dtype=np.int32), np.zeros(rows, dtype=np.int32), 0)
 
 
 def indptr_of(lens: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return indptr(lens).numpy()
+
+
+def graph_slots(bs: int) -> int:
+    """Entries a graph plans: room for every part's own entry, and the padding entry."""
+    return graph_entries(bs) + 1
 
 
 def graph_rows(bs: int) -> int:
@@ -114,7 +119,7 @@ class DecodeGraph:
     def __init__(self, backend, bs: int, rope: RopeTable, kv_indices: torch.Tensor):
         import flashinfer
 
-        self.bs, self.entries, self.rope = bs, graph_entries(bs) + 1, rope
+        self.bs, self.entries, self.rope = bs, graph_slots(bs), rope
         rows, device = graph_rows(bs), kv_indices.device
         self.cos_sin = torch.zeros(rows, rope.rotary_dim, dtype=torch.float32, device=device)
         self.merge = MergeIndex(query_rows=torch.zeros(rows, dtype=torch.int64, device=device),
