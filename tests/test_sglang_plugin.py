@@ -439,13 +439,16 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     padded = decode_graphs.PaddedEntries.of(parts, bs)
     assert padded.real == len(parts.spans) == 4 and decode_graphs.fits(plan, bs)
     used = len(parts.entries.qo_indptr) - 1
-    assert padded.qo_indptr[:used + 1].tolist() == parts.entries.qo_indptr.tolist()
+    # entry 0 the spare one (no query, one key: FlashInfer's spare blocks run it), then the step's
+    assert padded.qo_indptr[:2].tolist() == [0, 0] and padded.kv_indptr[:2].tolist() == [0, 1]
+    assert padded.qo_indptr[1:used + 2].tolist() == parts.entries.qo_indptr.tolist()
     rows = decode_graphs.graph_rows(bs)
-    assert (padded.qo_indptr[used:-1] == padded.real).all() and padded.qo_indptr[-1] == rows  # the last: the rest
+    assert (padded.qo_indptr[used + 1:-1] == padded.real).all() and padded.qo_indptr[-1] == rows  # the last: the rest
     lens = np.diff(padded.kv_indptr)
-    assert lens[:used].tolist() == np.diff(parts.entries.kv_indptr.tolist()).tolist() and (lens[used:] == 1).all()
+    assert lens[1:used + 1].tolist() == np.diff(parts.entries.kv_indptr.tolist()).tolist()
+    assert (lens[used + 1:] == 1).all()
     assert len(padded.kv_indptr) == len(padded.qo_indptr) == entries + 1
-    assert len(padded.query_rows) == len(padded.part_idx) == rows == entries - 1 + bs
+    assert len(padded.query_rows) == len(padded.part_idx) == rows == entries - 2 + bs
     # each batch row merges exactly its own runs' parts, in the order the eager merge takes them
     merged = {r: padded.part_idx[padded.part_ptr[r]:padded.part_ptr[r + 1]].tolist() for r in range(bs)}
     merge_rows = parts.merge.rows.tolist()
@@ -455,7 +458,8 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     assert all(padded.query_rows[e] == r for r, es in merged.items() for e in es)
     assert sorted(e for es in merged.values() for e in es) == list(range(padded.real))  # padding merges nowhere
     capture = decode_graphs.PaddedEntries.for_capture(bs)  # the most rows, so FlashInfer's bound holds
-    assert capture.qo_indptr[-1] == rows and capture.qo_indptr[1] == bs and capture.part_ptr.tolist() == [0] * (bs + 1)
+    assert capture.qo_indptr[-1] == rows and capture.qo_indptr[1:3].tolist() == [0, bs]
+    assert capture.part_ptr.tolist() == [0] * (bs + 1)
     assert not decode_graphs.fits(plan, 0) and not decode_graphs.runs_in_graph(plan, 0)  # no room: eager
     assert decode_graphs.runs_in_graph(plan, bs) and not decode_graphs.runs_in_graph(plan, bs, lora_variants=True)
     positions_only = dataclasses.replace(plan, shared=None)  # documents all computed: SGLang's own graph

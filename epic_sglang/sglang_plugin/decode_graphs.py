@@ -10,9 +10,14 @@ A graph's kernels have fixed shapes, while the shared runs' entries (`attention.
 distinct run, holding the query of every request that reads it) change from step to step.
 So each `epic` graph holds `graph_slots(bs)` entries over `graph_rows(bs)` query rows,
 always all of them (FlashInfer checks a forward's rows against its plan's; the capture plans
-one entry with every request's query, so its query tiles fit a run the whole batch reads): a
-step's entries first, then padding entries of no query over one key (slot 0, SGLang's
-padding slot), the last of them holding the rows the step leaves over. The merge index
+one entry with every request's query, so its query tiles fit a run the whole batch reads):
+first the spare entry (no query, one key), then the step's entries, then padding entries of
+no query over one key (slot 0, SGLang's padding slot), the last of them holding the rows the
+step leaves over. FlashInfer's graph plan sizes the grid for the most tiles the rows could
+make; without split-kv its spare blocks have no valid mask and run whatever entry the plan's
+host tile arrays name past the step's tiles (stale, or zero): those arrays are zeroed before
+each plan, so every spare block runs the spare entry (measured: at batch 32 they had run the
+first real entry ~2,000 times a layer, 15 ms a step). The merge index
 covers every batch row (a row without parts is rewritten with its own value). A step with
 more parts, or a request with more than `MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps SGLang's
 graph wrapper of that batch size around static buffers; before each replay they are refilled
@@ -82,10 +87,11 @@ class PaddedEntries:
         query_rows, _, part_ptr, part_idx, _ = merge_arrays(parts.spans, bs)  # the eager merge's order
         kv_lens = np.diff(parts.entries.kv_indptr.numpy())
         pad_rows = np.zeros(graph_rows(bs) - real, dtype=np.int64)
-        qo_indptr = np.concatenate([parts.entries.qo_indptr.numpy(), np.full(entries - used, real)])
+        pad = entries - 1 - used
+        qo_indptr = np.concatenate([[0], parts.entries.qo_indptr.numpy(), np.full(pad, real)])
         qo_indptr[-1] = graph_rows(bs)
         return cls(qo_indptr.astype(np.int32),
-                   indptr_of(np.concatenate([kv_lens, np.ones(entries - used, dtype=np.int64)])),
+                   indptr_of(np.concatenate([[1], kv_lens, np.ones(pad, dtype=np.int64)])),
                    np.concatenate([query_rows, pad_rows]), part_ptr,
                    np.concatenate([part_idx, pad_rows]).astype(np.int32), real)
 
@@ -94,7 +100,7 @@ class PaddedEntries:
         """The capture's plan: the most query rows (FlashInfer's graph plan keeps that bound),
         all of batch row 0's, merged nowhere."""
         rows, entries = graph_rows(bs), graph_slots(bs)
-        qo_lens = np.concatenate([[rows - entries + 1], np.ones(entries - 1, dtype=np.int64)])
+        qo_lens = np.concatenate([[0, rows - entries + 2], np.ones(entries - 2, dtype=np.int64)])
         return cls(indptr_of(qo_lens), indptr_of(np.ones(entries, dtype=np.int64)), np.zeros(rows, dtype=np.int64),
                    np.zeros(bs + 1, dtype=np.int32), np.zeros(rows, dtype=np.int32), 0)
 
@@ -104,8 +110,8 @@ def indptr_of(lens: np.ndarray) -> np.ndarray:
 
 
 def graph_slots(bs: int) -> int:
-    """Entries a graph plans: room for every part's own entry, and the padding entry."""
-    return graph_entries(bs) + 1
+    """Entries a graph plans: the spare entry, room for every part's own entry, the padding entry."""
+    return graph_entries(bs) + 2
 
 
 def graph_rows(bs: int) -> int:
@@ -134,7 +140,11 @@ class DecodeGraph:
             paged_kv_indptr_buf=torch.zeros(self.entries + 1, dtype=torch.int32, device=device),
             paged_kv_indices_buf=kv_indices,
             paged_kv_last_page_len_buf=torch.ones(self.entries, dtype=torch.int32, device=device))
+        self.tile_bytes = self.wrapper._pin_memory_int_workspace_buffer.numel()  # all of it, once
         self._plan(backend, PaddedEntries.for_capture(bs), None)
+        info = [int(x) for x in self.wrapper._plan_info]  # FlashInfer's PrefillPlanInfo::ToVector
+        padded_tiles, tile_offsets = info[0], info[4:7]  # request, q tile and kv tile indices
+        self.tile_bytes = max(tile_offsets) + 4 * padded_tiles
 
     def link_wrapper(self, own) -> LinkWrapper:
         """What the captured forward calls: SGLang's graph wrapper and these entries."""
@@ -156,7 +166,8 @@ class DecodeGraph:
         indices = torch.zeros(int(padded.kv_indptr[-1]), dtype=torch.int32, device=device)  # padding reads slot 0
         if parts is not None:
             self.cos_sin[:padded.real].copy_(parts.cos_sin, non_blocking=True)
-            indices[:parts.entries.kv_indices.numel()] = parts.entries.kv_indices
+            indices[1:1 + parts.entries.kv_indices.numel()] = parts.entries.kv_indices  # after the spare entry's
+        self.wrapper._pin_memory_int_workspace_buffer[:self.tile_bytes].zero_()  # spare blocks: the spare entry
         updater = backend.indices_updater_prefill
         # no split-kv: the entries fill the GPU, and a split's scratch for thousands of them
         # would overflow the workspace the backend shares
@@ -171,7 +182,7 @@ def captured(backend, bs: int, rope: RopeTable) -> DecodeGraph:
     """The graph of batch size `bs`, made at its capture; one key buffer for all (SGLang
     captures the largest batch size first)."""
     graphs = backend.__dict__.setdefault("epic_decode_graphs", {})
-    need = bs * backend.max_context_len + graph_entries(bs)  # every request's keys + the padding's
+    need = bs * backend.max_context_len + graph_slots(bs)  # every request's keys + the spare and padding entries
     keys = next((g.kv_indices for g in graphs.values() if g.kv_indices.numel() >= need), None)
     if keys is None:
         keys = torch.zeros(need, dtype=torch.int32, device=backend.workspace_buffer.device)
