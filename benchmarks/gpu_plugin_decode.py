@@ -14,7 +14,7 @@ SGLang's decode runs it:
   prompt KV (what SGLang's own decode reads for a request whose prompt is all its own);
 - linked: the plugin's `epic` decode graph (`decode_graphs.DecodeGraph`): SGLang's wrapper
   over the private row, the queries rotated per cached run, the shared entries, the merge;
-- its parts, eagerly: the private row alone, the rotation alone, the shared entries alone,
+- its parts, each alone in its own graph: the private row alone, the rotation alone, the shared entries alone,
   the merge alone;
 - with one shared entry per document run holding every request's query (the plugin's: the run's
   keys read once for the batch) and with one entry per request and run (each request reads
@@ -130,15 +130,16 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
     link = graph.link_wrapper(own)
     linked_ms = median_ms(graphed(lambda: [link.forward(q, kv, sm_scale=scale) for _ in range(LAYERS)]), repeats)
 
-    own_ms = median_ms(lambda: [own.forward(q, kv, sm_scale=scale) for _ in range(LAYERS)], repeats)
+    def alone(fn) -> float:  # one part, 32 times, in its own CUDA graph
+        return median_ms(graphed(lambda: [fn() for _ in range(LAYERS)]), repeats)
+
+    own_ms = alone(lambda: own.forward(q, kv, sm_scale=scale))
     rotated = rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin)
-    rotate_ms = median_ms(lambda: [rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin) for _ in range(LAYERS)],
-                          repeats)
-    shared_ms = median_ms(lambda: [graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale) for _ in range(LAYERS)],
-                          repeats)
+    rotate_ms = alone(lambda: rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin))
+    shared_ms = alone(lambda: graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale))
     out, lse = own.forward_return_lse(q, kv, sm_scale=scale)
     parts = graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale)
-    merge_ms = median_ms(lambda: [merge_into(out, lse, *parts, graph.merge) for _ in range(LAYERS)], repeats)
+    merge_ms = alone(lambda: merge_into(out, lse, *parts, graph.merge))
     entries = len(plan.shared.entries.qo_indptr) - 1
     return (f"| {n:,} | {bs} | {order} | {len(plan.shared.spans)} / {entries} / {graph.entries} "
             f"| {exact_ms:.2f} | {linked_ms:.2f} "
@@ -162,10 +163,11 @@ def main() -> None:
             print(rows[-1], flush=True)
     write_section("gpu_plugin_decode", f"""## GPU: the plugin's decode-step attention over shared documents, alone (Llama-3-8B attention shape)
 
-Card: {machine()}. {LAYERS} layers' attention of one decode step (ms, median of {args.repeats}; the first two
-columns of times inside a CUDA graph, the parts eagerly): `batch` legolink-16 requests over the same
-512-token documents (shared slots, read in place), each its own private row; SGLang exact = SGLang's
-decode wrapper over each request's whole prompt KV. Shared: the step's parts (request x run) /
+Card: {machine()}. {LAYERS} layers' attention of one decode step (ms, median of {args.repeats}; each inside a CUDA graph,
+the parts each alone in its own): `batch` legolink-16 requests over the same 512-token documents
+(shared slots, read in place), each its own private row; SGLang exact = SGLang's decode wrapper over
+each request's whole prompt KV (the documents' slots too, so the batch's requests read the same
+bytes, as SGLang's radix cache shares one prompt: L2 serves part of them). Shared: the step's parts (request x run) /
 its entries / the `epic` graph's entries (the rest padding). Variant: one entry per document
 run with every request's query (the plugin's) or one per request and run.
 

@@ -439,8 +439,8 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     padded = decode_graphs.PaddedEntries.of(parts, bs)
     assert padded.real == len(parts.spans) == 4 and decode_graphs.fits(plan, bs)
     used = len(parts.entries.qo_indptr) - 1
-    # entry 0 the spare one (no query, one key: FlashInfer's spare blocks run it), then the step's
-    assert padded.qo_indptr[:2].tolist() == [0, 0] and padded.kv_indptr[:2].tolist() == [0, 1]
+    # entry 0 the spare one (no query, no key: FlashInfer's spare blocks run it), then the step's
+    assert padded.qo_indptr[:2].tolist() == [0, 0] and padded.kv_indptr[:2].tolist() == [0, 0]
     assert padded.qo_indptr[1:used + 2].tolist() == parts.entries.qo_indptr.tolist()
     rows = decode_graphs.graph_rows(bs)
     assert (padded.qo_indptr[used + 1:-1] == padded.real).all() and padded.qo_indptr[-1] == rows  # the last: the rest

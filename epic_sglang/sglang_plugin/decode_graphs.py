@@ -11,7 +11,7 @@ distinct run, holding the query of every request that reads it) change from step
 So each `epic` graph holds `graph_slots(bs)` entries over `graph_rows(bs)` query rows,
 always all of them (FlashInfer checks a forward's rows against its plan's; the capture plans
 one entry with every request's query, so its query tiles fit a run the whole batch reads):
-first the spare entry (no query, one key), then the step's entries, then padding entries of
+first the spare entry (no query, no key), then the step's entries, then padding entries of
 no query over one key (slot 0, SGLang's padding slot), the last of them holding the rows the
 step leaves over. FlashInfer's graph plan sizes the grid for the most tiles the rows could
 make; without split-kv its spare blocks have no valid mask and run whatever entry the plan's
@@ -91,7 +91,7 @@ class PaddedEntries:
         qo_indptr = np.concatenate([[0], parts.entries.qo_indptr.numpy(), np.full(pad, real)])
         qo_indptr[-1] = graph_rows(bs)
         return cls(qo_indptr.astype(np.int32),
-                   indptr_of(np.concatenate([[1], kv_lens, np.ones(pad, dtype=np.int64)])),
+                   indptr_of(np.concatenate([[0], kv_lens, np.ones(pad, dtype=np.int64)])),
                    np.concatenate([query_rows, pad_rows]), part_ptr,
                    np.concatenate([part_idx, pad_rows]).astype(np.int32), real)
 
@@ -101,7 +101,7 @@ class PaddedEntries:
         all of batch row 0's, merged nowhere."""
         rows, entries = graph_rows(bs), graph_slots(bs)
         qo_lens = np.concatenate([[0, rows - entries + 2], np.ones(entries - 2, dtype=np.int64)])
-        return cls(indptr_of(qo_lens), indptr_of(np.ones(entries, dtype=np.int64)), np.zeros(rows, dtype=np.int64),
+        return cls(indptr_of(qo_lens), indptr_of(np.concatenate([[0], np.ones(entries - 1, dtype=np.int64)])), np.zeros(rows, dtype=np.int64),
                    np.zeros(bs + 1, dtype=np.int32), np.zeros(rows, dtype=np.int32), 0)
 
 
@@ -166,7 +166,7 @@ class DecodeGraph:
         indices = torch.zeros(int(padded.kv_indptr[-1]), dtype=torch.int32, device=device)  # padding reads slot 0
         if parts is not None:
             self.cos_sin[:padded.real].copy_(parts.cos_sin, non_blocking=True)
-            indices[1:1 + parts.entries.kv_indices.numel()] = parts.entries.kv_indices  # after the spare entry's
+            indices[:parts.entries.kv_indices.numel()] = parts.entries.kv_indices
         self.wrapper._pin_memory_int_workspace_buffer[:self.tile_bytes].zero_()  # spare blocks: the spare entry
         updater = backend.indices_updater_prefill
         # no split-kv: the entries fill the GPU, and a split's scratch for thousands of them
