@@ -24,16 +24,19 @@ def check_kernel(device: str) -> None:
     q = torch.randn(rows, heads, dim, generator=g)
     keys = [torch.randint(3, 40, (), generator=g).item() for _ in range(rows)]
     kv = [(torch.randn(n, heads, dim, generator=g) * 2, torch.randn(n, heads, dim, generator=g)) for n in keys]
-    # rows 1, 3, 4, 6 get parts (1 to 3 chunks of their keys), listed as a cascade lists them:
-    # chunk-major within a group of rows; the local part is what remains of each row's keys
-    cuts = {1: [2], 3: [1, 2], 4: [1, 2], 6: [1, 2, 3]}
+    # rows 1, 3, 4, 6 get parts (1 to 3 chunks of their keys; row 6 37, more than the kernel loads
+    # at once), listed as a cascade lists them: chunk-major within a group of rows; the local part
+    # is what remains of each row's keys
+    keys[6] = 80
+    kv[6] = (torch.randn(80, heads, dim, generator=g) * 2, torch.randn(80, heads, dim, generator=g))
+    cuts = {1: [20], 3: [10, 20], 4: [10, 20], 6: list(range(1, 38))}  # in 40ths of a row's keys
     spans, part_out, part_lse, local_from = [], [], [], {}
     for group in ([1], [3, 4], [6]):
         for c in range(len(cuts[group[0]])):
             spans.append((group[0], group[-1] + 1))
             for r in range(group[0], group[-1] + 1):
                 n = keys[r]
-                bounds = [0] + [n * x // 4 for x in cuts[r]]
+                bounds = [0] + [n * x // 40 for x in cuts[r]]
                 o, s = partial_attention(q[r], kv[r][0][bounds[c]:bounds[c + 1]], kv[r][1][bounds[c]:bounds[c + 1]])
                 part_out.append(o)
                 part_lse.append(s)
@@ -44,7 +47,7 @@ def check_kernel(device: str) -> None:
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         got, got_lse = out.to(device, dtype, copy=True), lse.to(device, copy=True)
         index = MergeIndex.build(spans, torch.device(device))
-        assert index.query_rows.tolist() == [1, 3, 4, 3, 4, 6, 6, 6]
+        assert index.query_rows.tolist() == [1, 3, 4, 3, 4] + [6] * 37 and index.most_parts == 37
         merge_into(got, got_lse, torch.stack(part_out).to(device, dtype), torch.stack(part_lse).to(device), index)
         torch.testing.assert_close(got.float().cpu(), expected, atol=tol, rtol=tol)
         assert torch.equal(got[[0, 2, 5]].cpu(), out[[0, 2, 5]].to(dtype))  # rows without parts: untouched
