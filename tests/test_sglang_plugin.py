@@ -68,7 +68,8 @@ class Scheduler:
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
         self.kv = MHATokenToKVPool(size=size, page_size=1, dtype=torch.float32, head_num=HEADS, head_dim=DIM,
-                                   layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+                                   layer_num=LAYERS, device="cpu", enable_memory_saver=False,
+                                   start_layer=0, end_layer=LAYERS)  # as SGLang's server: end one past the last
         self.req_pool = ReqToTokenPool(16, 512, "cpu", False)
         self.allocator = TokenToKVPoolAllocator(size, torch.float32, "cpu", self.kv, False)
         params = CacheInitParams(disable=False, req_to_token_pool=self.req_pool,

@@ -69,13 +69,19 @@ def picked_positions(blend: BlendPass, pool, rope: RopeTable) -> np.ndarray:
     return np.flatnonzero(recompute[blend.extend_start:]) + blend.extend_start
 
 
+def last_layer(pool) -> int:
+    """The pool's last layer: SGLang's server sets `end_layer` one past it, its default one
+    layer_num - 1 (the count of its per-layer buffers is the same in both)."""
+    return pool.start_layer + len(pool.k_buffer) - 1
+
+
 def copy_unpicked(blend: BlendPass, pool, rope: RopeTable, picked: np.ndarray) -> None:
     """The unpicked document tokens' KV of every layer past the check one, into the row."""
     src = blend.sources
     unpicked = ~np.isin(src.positions, picked)
     device = blend.row.device
     shifts = to_device(src.shifts[unpicked], device)
-    layers = range(CACHEBLEND_CHECK_LAYER + 1, pool.end_layer + 1)
+    layers = range(CACHEBLEND_CHECK_LAYER + 1, last_layer(pool) + 1)
     rotated_copy(rope, [pool.get_key_buffer(i) for i in layers], [pool.get_value_buffer(i) for i in layers],
                  src.slots[to_device(np.flatnonzero(unpicked), device)],
                  blend.row[to_device(src.positions[unpicked], device)], torch.cat(rope.angles(shifts), -1))
@@ -144,7 +150,7 @@ def blend_layer(original, layer, positions, hidden_states, forward_batch, residu
         cut(blend, forward_batch, pool, plan.rope)
         hidden_states, residual = hidden_states[blend.keep], residual[blend.keep]
     hidden_states, residual = original(layer, blend.positions, hidden_states, forward_batch, residual, *args, **kwargs)
-    if layer_id == pool.end_layer:
+    if layer_id == last_layer(pool):
         rows = blend.out_cache_loc.numel()
         forward_batch.out_cache_loc = blend.out_cache_loc
         hidden_states = hidden_states.new_zeros(rows, hidden_states.shape[-1]).index_copy_(0, blend.keep, hidden_states)
