@@ -22,6 +22,7 @@ PAD_SLOT = 0
 
 class DecodeGraphs:
     def __init__(self, model: CausalLM, pool: KVPool, attn, max_batch: int, max_kv_tokens: int):
+        """`max_kv_tokens`: the most key entries one step reads (every row's, summed)."""
         import flashinfer
 
         self.model, self.pool, self.attn = model, pool, attn

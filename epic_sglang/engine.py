@@ -183,7 +183,11 @@ class Engine:
         if cuda_graphs and self.device.type == "cuda" and getattr(self.attention, "can_fuse", False):
             from epic_sglang.cuda_graph import DecodeGraphs
 
-            self.decode_graphs = DecodeGraphs(self.model, self.pool, self.attention, min(max_requests, 64), size)
+            graph_batch = min(max_requests, 64)
+            # a step reads each request's whole row: shared documents once per request that links
+            # them, so a step's keys are bounded by the rows, not by the pool (which they exceed)
+            self.decode_graphs = DecodeGraphs(self.model, self.pool, self.attention, graph_batch,
+                                              graph_batch * (self.max_context_len + 1))
 
     # ----------------------------------------------------------------- public API
     def generate(self, question: str, documents: list[str] | None = None, system: str | None = None,

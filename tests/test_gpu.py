@@ -71,6 +71,31 @@ def test_decode_cuda_graphs_match_eager_decode(tokenizer_dir):
     assert [g.output_ids for g in graphed] == [e.output_ids for e in eager]
 
 
+
+def test_decode_cuda_graphs_read_shared_documents_beyond_the_pool(tokenizer_dir):
+    """24 requests linking the same documents: a step reads ~23K keys from a 4,096-slot pool
+    (each row holds the shared documents' slots), more than the pool, as the graph must allow."""
+    from benchmarks.gpu_ttft import model_dir, segments
+    from epic_sglang import Engine, Request, SamplingParams
+
+    engine = Engine(str(model_dir(TINY, tokenizer_dir)), device="cuda", load_format="dummy", kv_cache_gb=0.001)
+    with torch.no_grad():
+        for _, p in engine.model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+
+    def run():
+        return engine.generate_batch([Request(segments=segments(3, 300, 10, 5, TINY["vocab_size"], seed=0),
+                                              policy="legolink-16", sampling=SamplingParams(max_new_tokens=4, ignore_eos=True))
+                                      for _ in range(24)])
+    graphed = run()
+    assert engine.allocator.size < 24 * 900
+    graphs, engine.decode_graphs = engine.decode_graphs, None
+    eager = run()
+    engine.decode_graphs = graphs
+    assert [g.output_ids for g in graphed] == [e.output_ids for e in eager]
+
+
 def tiny_qwen2(tokenizer_dir: Path, out: Path, widen: bool):
     from benchmarks.gpu_ttft import random_checkpoint
 
