@@ -39,6 +39,12 @@ documents).
 `--study rounds`: the pick in two rounds: half the budget as the shipped rule picks it, then
 the question scored again by a second scout that recomputes those picks too (their keys and
 values now see the other documents), and the other half picked from that score.
+
+`--answer-tokens N` (every study but sinks): each rule judged on fr's whole greedy answer (up to N
+tokens), not its first token: the answer appended to the prompt and scored teacher-forced, each
+answer token's log-probability under the rule's link against under fr, and how often the rule's
+top token is fr's; the first answer token is the first-token proxy's. A rule can keep fr's first
+token and drift later (querylink-16 on the H200: 65% of first tokens fr's, 54% of all greedy ones).
 """
 from __future__ import annotations
 
@@ -260,6 +266,27 @@ def round_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tor
     return against_the_pick(engine, segs, two_rounds)
 
 
+def forced_of(engine: Engine, segs: list[Segment], positions: torch.Tensor | None, answer: list[int],
+              policy: str = "naive") -> tuple[list[float], list[bool]]:
+    """`answer` after the prompt, teacher-forced, through a link recomputing `positions` (naive's
+    plan plus them; `policy` fr: everything): each answer token's log-probability, and whether
+    it is the link's top token."""
+    tail = segs[-1]
+    if tail.document is not None:
+        raise ValueError("the prompt must end with text (the question) for the answer to follow it")
+    n = sum(len(seg) for seg in segs)
+    s = engine.admit(Request(segments=segs[:-1] + [Segment(tail.token_ids + tuple(answer))], policy=policy,
+                             return_logprob=True, logprob_start_len=n, top_logprobs_num=1,
+                             sampling=SamplingParams(max_new_tokens=1, ignore_eos=True)))
+    if positions is not None:
+        s.plan.recompute[positions] = True
+    engine.prefill([s])
+    engine.step([s], [])
+    r = engine.finish(s)
+    chosen = r.input_token_logprobs
+    return [lp for lp, _, _ in chosen], [top[0][1] == t for top, (_, t, _) in zip(r.input_top_logprobs, chosen)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
@@ -267,22 +294,38 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds"), default="pick")
+    ap.add_argument("--answer-tokens", type=int, default=0,
+                    help="judge each rule on fr's greedy answer (up to N tokens), teacher-forced; 0: the first token")
     args = ap.parse_args()
+    if args.answer_tokens and args.study == "sinks":
+        sys.exit("--answer-tokens: not with --study sinks (its rules link their own way); pick another study")
     study = {"pick": rules, "budget": budget_rules, "documents": document_rules, "sinks": sink_rules,
              "rounds": round_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
     share: dict[str, list[float]] = {}
+    first_agree: dict[str, list[float]] = {}  # --answer-tokens: the first answer token = fr's
     for i, ex in enumerate(sample_questions(args.n, args.seed)):
         segs = engine.prompts.build(ex.question, list(ex.documents), SYSTEM)
         fr = engine.generate_batch([Request(segments=segs, policy="fr", sampling=SamplingParams(max_new_tokens=1),
                                             return_first_logits=True)])[0]
         ref = torch.log_softmax(fr.first_logits, -1)
         n = sum(len(seg) for seg in segs)
+        if args.answer_tokens:
+            answer = engine.generate_batch([Request(segments=segs, policy="fr", sampling=SamplingParams(
+                max_new_tokens=args.answer_tokens))])[0].output_ids
+            fr_logprobs, _ = forced_of(engine, segs, None, answer, "fr")
         for name, positions in study(engine, segs, i).items():
             if isinstance(positions, tuple):  # the rule's own link: its logits and tokens recomputed
                 logits, recomputed = positions
+            elif args.answer_tokens:
+                logprobs, tops = forced_of(engine, segs, positions, answer)
+                kl.setdefault(name, []).append(sum(a - b for a, b in zip(fr_logprobs, logprobs)) / len(answer))
+                agree.setdefault(name, []).append(sum(tops) / len(tops))
+                first_agree.setdefault(name, []).append(float(tops[0]))
+                share.setdefault(name, []).append(len(positions) / n)
+                continue
             else:
                 logits, recomputed = link_of(engine, segs, positions), len(positions)
             logp = torch.log_softmax(logits, -1)
@@ -292,22 +335,34 @@ def main() -> None:
         print(f"{i + 1}/{args.n}", flush=True)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     first = "rule (legolink-16's budget)" if args.study == "pick" else "rule (document-token budget)"
-    lines = [f"| {first} | recomputed % of the prompt | KL(fr \\|\\| rule), first token | first token = fr's % |",
-             "|---|---|---|---|"]
-    for name in sorted(kl, key=lambda k: mean(kl[k])):
-        lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
+    if args.answer_tokens:
+        lines = [f"| {first} | recomputed % of the prompt | fr's answer: log-prob lost per token (nats) "
+                 "| answer tokens = fr's top % | first token = fr's % |", "|---|---|---|---|---|"]
+        for name in sorted(kl, key=lambda k: mean(kl[k])):
+            lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} "
+                         f"| {100 * mean(agree[name]):.1f} | {100 * mean(first_agree[name]):.1f} |")
+    else:
+        lines = [f"| {first} | recomputed % of the prompt | KL(fr \\|\\| rule), first token | first token = fr's % |",
+                 "|---|---|---|---|"]
+        for name in sorted(kl, key=lambda k: mean(kl[k])):
+            lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
     what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute",
             "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind",
             "rounds": "one round of picks or two"}[args.study]
     paragraph = __doc__.split(chr(10) + chr(10))[
         {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6}[args.study]]
+    judged = ""
+    if args.answer_tokens:
+        what += f", judged on fr's answer (up to {args.answer_tokens} tokens)"
+        judged = " " + __doc__.split(chr(10) + chr(10))[7]
     body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
-Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}
+Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}{judged}
 
 {chr(10).join(lines)}
 """
-    write_section(f"querylink-design-{args.model}" + ("" if args.study == "pick" else f"-{args.study}"), body)
+    write_section(f"querylink-design-{args.model}" + ("" if args.study == "pick" else f"-{args.study}")
+                  + (f"-answer{args.answer_tokens}" if args.answer_tokens else ""), body)
     print(body)
 
 
