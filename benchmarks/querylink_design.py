@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gpu_ttft import link_of  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
-from epic_sglang.evaluation import SYSTEM, sample_questions  # noqa: E402
+from epic_sglang.evaluation import SYSTEM, paired_interval, sample_questions  # noqa: E402
 from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
 from epic_sglang.linker import ScoutQueries, attention_mass  # noqa: E402
 from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick  # noqa: E402
@@ -335,17 +335,26 @@ def main() -> None:
         print(f"{i + 1}/{args.n}", flush=True)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     first = "rule (legolink-16's budget)" if args.study == "pick" else "rule (document-token budget)"
+    base = next((k for k in kl if k.startswith("legolink-16")), None)
+
+    def versus(name: str) -> str:  # the per-question difference to legolink-16, paired bootstrap
+        if base is None or name == base:
+            return "-"
+        return "{:+.3f} [{:+.3f}, {:+.3f}]".format(*paired_interval([x - y for x, y in zip(kl[name], kl[base])]))
+
     if args.answer_tokens:
         lines = [f"| {first} | recomputed % of the prompt | fr's answer: log-prob lost per token (nats) "
-                 "| answer tokens = fr's top % | first token = fr's % |", "|---|---|---|---|---|"]
+                 "| minus legolink-16's [95% paired] | answer tokens = fr's top % | first token = fr's % |",
+                 "|---|---|---|---|---|---|"]
         for name in sorted(kl, key=lambda k: mean(kl[k])):
-            lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} "
+            lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {versus(name)} "
                          f"| {100 * mean(agree[name]):.1f} | {100 * mean(first_agree[name]):.1f} |")
     else:
-        lines = [f"| {first} | recomputed % of the prompt | KL(fr \\|\\| rule), first token | first token = fr's % |",
-                 "|---|---|---|---|"]
+        lines = [f"| {first} | recomputed % of the prompt | KL(fr \\|\\| rule), first token "
+                 "| minus legolink-16's [95% paired] | first token = fr's % |", "|---|---|---|---|---|"]
         for name in sorted(kl, key=lambda k: mean(kl[k])):
-            lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {100 * mean(agree[name]):.1f} |")
+            lines.append(f"| {name} | {100 * mean(share[name]):.1f} | {mean(kl[name]):.4f} | {versus(name)} "
+                         f"| {100 * mean(agree[name]):.1f} |")
     what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute",
             "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind",
             "rounds": "one round of picks or two"}[args.study]

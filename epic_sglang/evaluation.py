@@ -210,10 +210,14 @@ def f1_difference(rows: list[EvalRow], a: str, b: str, resamples: int = 5000,
     shared = sorted(set(f1[a]) & set(f1[b]))
     if not shared:
         return None
-    diffs = [100 * (f1[a][q] - f1[b][q]) for q in shared]
+    return (len(shared), *paired_interval([100 * (f1[a][q] - f1[b][q]) for q in shared], resamples, seed))
+
+
+def paired_interval(diffs: list[float], resamples: int = 5000, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of per-question differences and its 95% bootstrap interval: (mean, low, high)."""
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
-    return len(shared), sum(diffs) / len(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    return sum(diffs) / len(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 GATE_MARGIN = 2.0  # F1 points a linked policy may lose against fr and still pass the gate
