@@ -31,6 +31,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.attention import make_attention  # noqa: E402
 from epic_sglang.attention.flashinfer_backend import LINK_MODES  # noqa: E402
+from epic_sglang.engine import GenerateResult  # noqa: E402
 from epic_sglang.linker import Linker  # noqa: E402
 from epic_sglang.link_plan import CascadeTuning, LinkPlan  # noqa: E402
 from epic_sglang.policies import Segment  # noqa: E402
@@ -108,15 +109,23 @@ def first_result(engine: Engine, segs: list[Segment], policy: str):
     return r
 
 
+def linked(engine: Engine, request: Request, positions) -> tuple[GenerateResult, int]:
+    """`request` linked with `positions` recomputed beyond its policy's plan (None: none): its
+    result and how many prompt tokens the link recomputed."""
+    s = engine.admit(request)
+    if positions is not None:
+        s.plan.recompute[positions] = True
+    recomputed = int(s.plan.recompute.sum())
+    engine.prefill([s])
+    engine.step([s], [])
+    return engine.finish(s), recomputed
+
+
 def link_of(engine: Engine, segs: list[Segment], positions: list[int]) -> torch.Tensor:
     """First-token logits of a plain link recomputing exactly `positions` (naive's plan plus
     them): what querylink runs once its scout has picked."""
-    s = engine.admit(Request(segments=segs, policy="naive", return_first_logits=True,
-                             sampling=SamplingParams(max_new_tokens=1, ignore_eos=True)))
-    s.plan.recompute[positions] = True
-    engine.prefill([s])
-    engine.step([s], [])
-    return engine.finish(s).first_logits
+    return linked(engine, Request(segments=segs, policy="naive", return_first_logits=True,
+                                  sampling=SamplingParams(max_new_tokens=1, ignore_eos=True)), positions)[0].first_logits
 
 
 def scout_of(engine: Engine, segs: list[Segment], policy: str) -> tuple[torch.Tensor, LinkPlan]:

@@ -56,7 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_ttft import link_of  # noqa: E402
+from benchmarks.gpu_ttft import link_of, linked  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.evaluation import SYSTEM, paired_interval, sample_questions  # noqa: E402
@@ -218,13 +218,9 @@ def link_with(engine: Engine, segs: list[Segment], positions: torch.Tensor, poli
               namespace: str | None) -> tuple[torch.Tensor, int]:
     """First-token logits of `policy`'s link (its recipe's documents) recomputing `positions`
     too, and how many tokens it recomputes."""
-    s = engine.admit(Request(segments=segs, policy=policy, namespace=namespace, return_first_logits=True,
-                             sampling=SamplingParams(max_new_tokens=1, ignore_eos=True)))
-    s.plan.recompute[positions] = True
-    recomputed = int(s.plan.recompute.sum())
-    engine.prefill([s])
-    engine.step([s], [])
-    return engine.finish(s).first_logits, recomputed
+    r, recomputed = linked(engine, Request(segments=segs, policy=policy, namespace=namespace, return_first_logits=True,
+                                           sampling=SamplingParams(max_new_tokens=1, ignore_eos=True)), positions)
+    return r.first_logits, recomputed
 
 
 def sink_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
@@ -275,14 +271,9 @@ def forced_of(engine: Engine, segs: list[Segment], positions: torch.Tensor | Non
     if tail.document is not None:
         raise ValueError("the prompt must end with text (the question) for the answer to follow it")
     n = sum(len(seg) for seg in segs)
-    s = engine.admit(Request(segments=segs[:-1] + [Segment(tail.token_ids + tuple(answer))], policy=policy,
-                             return_logprob=True, logprob_start_len=n, top_logprobs_num=1,
-                             sampling=SamplingParams(max_new_tokens=1, ignore_eos=True)))
-    if positions is not None:
-        s.plan.recompute[positions] = True
-    engine.prefill([s])
-    engine.step([s], [])
-    r = engine.finish(s)
+    r, _ = linked(engine, Request(segments=segs[:-1] + [Segment(tail.token_ids + tuple(answer))], policy=policy,
+                                  return_logprob=True, logprob_start_len=n, top_logprobs_num=1,
+                                  sampling=SamplingParams(max_new_tokens=1, ignore_eos=True)), positions)
     chosen = r.input_token_logprobs
     return [lp for lp, _, _ in chosen], [top[0][1] == t for top, (_, t, _) in zip(r.input_top_logprobs, chosen)]
 

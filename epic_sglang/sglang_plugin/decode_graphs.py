@@ -17,10 +17,10 @@ step leaves over. FlashInfer's graph plan sizes the grid for the most tiles the 
 make; without split-kv its spare blocks have no valid mask and run whatever entry the plan's
 host tile arrays name past the step's tiles (stale, or zero): those arrays are zeroed before
 each plan, so every spare block runs the spare entry (measured: at batch 32 they had run the
-first real entry ~2,000 times a layer, 15 ms a step). The merge index
-covers every batch row (a row without parts is rewritten with its own value). A step with
-more parts, or a request with more than `MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps SGLang's
-graph wrapper of that batch size around static buffers; before each replay they are refilled
+first real entry ~2,000 times a layer, 15 ms a step). The merge index covers every batch row
+(a row without parts is rewritten with its own value). A step with more parts, or a request
+with more than `MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps
+SGLang's graph wrapper of that batch size around static buffers; before each replay they are refilled
 from the step's plan and the shared wrapper re-planned (host-side offsets: nothing waits for
 the stream).
 """
@@ -101,7 +101,8 @@ class PaddedEntries:
         all of batch row 0's, merged nowhere."""
         rows, entries = graph_rows(bs), graph_slots(bs)
         qo_lens = np.concatenate([[0, rows - entries + 2], np.ones(entries - 2, dtype=np.int64)])
-        return cls(indptr_of(qo_lens), indptr_of(np.concatenate([[0], np.ones(entries - 1, dtype=np.int64)])), np.zeros(rows, dtype=np.int64),
+        kv_lens = np.concatenate([[0], np.ones(entries - 1, dtype=np.int64)])  # the spare entry has no key
+        return cls(indptr_of(qo_lens), indptr_of(kv_lens), np.zeros(rows, dtype=np.int64),
                    np.zeros(bs + 1, dtype=np.int32), np.zeros(rows, dtype=np.int32), 0)
 
 
