@@ -1,17 +1,21 @@
-"""GPU: where a legolink-16 link's time goes (what separates it from pure kernel time).
+"""GPU: where a link's time goes (what separates it from pure kernel time).
 
     python benchmarks/gpu_profile.py --tokenizer DIR [--context 16384] [--policy legolink-16 | floor]
 
 Same model and prompt as gpu_ttft.py (Llama-3-8B shape, random bf16 weights, 512-token
 documents precompiled + 64-token question). Profiles `--repeats` first-token requests with
 torch.profiler and reports wall time, summed GPU kernel time and the top CPU and GPU
-operators; writes them to BENCHMARKS.md.
+operators; then, without the profiler, the request stage by stage (admission, querylink's
+scout and pick, the link's forward, the rest), each stage ended by a device sync, with the
+host's share (until the stage's call returns) beside its wall time; writes them to BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -21,7 +25,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_ttft import LLAMA_8B, first_token, floor_segments, model_dir, segments  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
-from epic_sglang import Engine  # noqa: E402
+from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
+from epic_sglang.link_plan import query_runs  # noqa: E402
+
+
+def staged(engine: Engine, segs, policy: str, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (host ms, wall ms) per stage of a first-token request. Host: until the stage's
+    call returns (work enqueued); wall: until the device is done with it too. Stages: scout
+    (querylink's question over the cached KV), pick (its choice on the host, after the scout),
+    link (plan + forward), rest (admission, sampling, release: TTFT less the others)."""
+    times: dict[str, list[tuple[float, float]]] = defaultdict(list)
+
+    def timed(name: str, fn):
+        def call(*args, **kwargs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            times[name].append(((t1 - t0) * 1000, (time.perf_counter() - t0) * 1000))
+            return out
+        return call
+
+    scout, link, mass = engine._scout, engine.linker.run, engine.scout_mass
+    engine._scout, engine.linker.run, engine.scout_mass = timed("scout+pick", scout), timed("link", link), timed("scout", mass)
+    try:
+        ttfts = [first_token(engine, segs, policy)[1] * 1000 for _ in range(repeats)]
+    finally:
+        engine._scout, engine.linker.run, engine.scout_mass = scout, link, mass
+    med = {k: tuple(statistics.median(x[i] for x in v) for i in range(2)) for k, v in times.items()}
+    out = {"scout": med.get("scout", (0.0, 0.0))}
+    both = med.get("scout+pick", (0.0, 0.0))
+    out["pick"] = (both[0] - out["scout"][1], both[1] - out["scout"][1])  # the scout's wall is inside it
+    out["link"] = med["link"]
+    ttft = statistics.median(ttfts)
+    out["rest"] = (float("nan"), ttft - both[1] - med["link"][1])
+    out["TTFT"] = (float("nan"), ttft)
+    return out
 
 
 def main() -> None:
@@ -77,6 +117,22 @@ Top CPU operators by self time (ms per request):
 | operator | calls | CPU ms |
 |---|---|---|
 {rows_cpu}
+"""
+    stage_rows = []
+    for policy_name in dict.fromkeys(["legolink-16", policy]):
+        stages = staged(engine, segs, policy_name, max(args.repeats, 5))
+        r = engine.generate_batch([Request(segments=segs, policy=policy_name, sampling=SamplingParams(max_new_tokens=1))])[0]
+        runs = len(query_runs(r.recomputed_positions))
+        stage_rows.append(f"| {policy_name} | {runs} | " + " | ".join(
+            f"{h:.1f} / {w:.1f}" if h == h else f"{w:.1f}" for h, w in stages.values()) + " |")
+        print(stage_rows[-1], flush=True)
+    body += f"""
+Stage by stage (no profiler; median of {max(args.repeats, 5)}; host ms / wall ms, each stage ended by a
+device sync, so host ~ wall means the host paces it; runs = the link's query runs):
+
+| policy | runs | scout | pick | link | rest | TTFT |
+|---|---|---|---|---|---|---|
+{chr(10).join(stage_rows)}
 """
     write_section(f"gpu_profile-{args.policy}-{args.context}", body)
     print(body)
