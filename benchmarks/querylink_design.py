@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,9 +62,34 @@ from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
 from epic_sglang.evaluation import SYSTEM, paired_interval, sample_questions  # noqa: E402
 from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
-from epic_sglang.linker import ScoutQueries, attention_mass  # noqa: E402
 from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick  # noqa: E402
+from epic_sglang.models.rope import apply_rotation  # noqa: E402
 from epic_sglang.policies import Segment, parse_policy  # noqa: E402
+from epic_sglang.scout_attention import ScoutAttention, ScoutSeq, scout_layer_torch  # noqa: E402
+
+
+class PerLayerScout(ScoutAttention):
+    """The scout's attention over every layer, keeping each layer's mass apart, and beside it
+    the attention alone (the same, over values of norm 1)."""
+
+    def __init__(self, seq: ScoutSeq, num_layers: int):
+        super().__init__([seq], set(range(num_layers)))
+        self.weighted: list[torch.Tensor] = []
+        self.plain: list[torch.Tensor] = []
+        self.unit: torch.Tensor | None = None  # values of norm 1, the pool's shape
+
+    def forward(self, q: torch.Tensor, layer: int, pool, batch: ForwardBatch) -> torch.Tensor:
+        s = self.seqs[0]
+        before = s.mass.clone()
+        out = super().forward(q, layer, pool, batch)
+        self.weighted.append((s.mass - before).sum(0))
+        unit = replace(s, mass=torch.zeros_like(s.mass))
+        if self.unit is None:
+            values = pool.get_value_buffer(layer)
+            self.unit = torch.full_like(values, values.shape[-1] ** -0.5)
+        scout_layer_torch(apply_rotation(q[s.q_start:s.q_end], *s.q_rope), pool.get_key_buffer(layer), self.unit, unit, True)
+        self.plain.append(unit.mass.sum(0))
+        return out
 
 
 def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int, policy: str | None = None,
@@ -79,17 +105,14 @@ def per_layer_scores(engine: Engine, segs: list[Segment], scout_head: int, polic
         s.plan.recompute[extra] = True
     engine.prefill([s])
     try:
-        batch = ForwardBatch.build([engine._link_part(s)])
+        part = engine._link_part(s)
         start, length, _ = s.plan.doc_spans[-1]
-        rows = (batch.seqs[0].q_positions >= start + length).nonzero().flatten()
-        lk, slots = engine.linker, batch.seqs[0].kv_slots
-        sq = ScoutQueries.build(rows, batch.positions[rows].tolist(), slots.numel(), lk.rotary)
-        plain, weighted = [], []
-        with torch.inference_mode():
-            for keys, values, q in lk.scout_layers(batch):
-                weighted.append(attention_mass(q[rows], keys, values, slots, sq))
-                plain.append(attention_mass(q[rows], keys, torch.ones_like(values[..., :1]), slots, sq))  # torch path
-        return torch.stack(plain).cpu(), torch.stack(weighted).cpu()
+        positions = part[1].tolist()
+        seq = ScoutSeq.build(0, positions, [p >= start + length for p in positions], part[3],
+                             engine.config.num_kv_heads, engine.linker.rotary)
+        scout = PerLayerScout(seq, engine.config.num_layers)
+        engine.linker.run_scout(ForwardBatch.build([part]), scout)
+        return torch.stack(scout.plain).cpu(), torch.stack(scout.weighted).cpu()
     finally:
         engine.finish(s)
 

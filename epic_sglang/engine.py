@@ -16,18 +16,20 @@ from pathlib import Path
 
 import torch
 
-from epic_sglang.attention import make_attention
+from epic_sglang.attention import TorchReferenceAttention, make_attention
 from epic_sglang.constrained import Grammar, GrammarBackend
+from epic_sglang.cuda_graph import ScoutGraphs
 from epic_sglang.errors import InvalidRequest
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
 from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick
-from epic_sglang.linker import BlendSeq, Linker, ScoutQueries
+from epic_sglang.linker import BlendSeq, Linker
 from epic_sglang.models.loader import resolve_model_dir
 from epic_sglang.models.weights import load_causal_lm
 from epic_sglang.policies import CompileRecipe, Policy, Segment, parse_policy
 from epic_sglang.prompt import PromptBuilder
 from epic_sglang.sampling import SamplingParams, adjust_logits, sample_next
+from epic_sglang.scout_attention import ScoutAttention, ScoutSeq, scored_layers
 from radix_ext import KVLayout, PICRadixCache, document_key
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import TreeNode
@@ -142,8 +144,8 @@ class Engine:
         `load_format`: auto | dummy (random weights at the model's shape, for speed runs);
         `kv_dir`: disk tier for compiled documents (survives restarts); `host_cache_gb`:
         host-memory tier for documents evicted from the pool; `eviction_policy`: SGLang's
-        (lru, lfu, fifo, ...); `cuda_graphs`: replay decode steps from CUDA graphs (GPU,
-        FlashInfer with fused RoPE)."""
+        (lru, lfu, fifo, ...); `cuda_graphs`: replay decode steps (GPU, FlashInfer with
+        fused RoPE) and querylink's scout from CUDA graphs."""
         from transformers import AutoTokenizer
 
         self.device = torch.device(device) if device is not None else _default_device()
@@ -180,6 +182,8 @@ class Engine:
         self.attention = make_attention(attention, cfg, self.device, self.dtype, link_mode)
         self.linker = Linker(self.model, self.pool, self.attention)
         self.decode_graphs = None
+        self.cuda_graphs = cuda_graphs
+        self._scout_graph_set: ScoutGraphs | None = None
         if cuda_graphs and self.device.type == "cuda" and getattr(self.attention, "can_fuse", False):
             from epic_sglang.cuda_graph import DecodeGraphs
 
@@ -488,34 +492,46 @@ class Engine:
     def scout_mass(self, states: list[RunningRequest]) -> list[torch.Tensor]:
         """querylink's scout for prefilled requests: the prompt's non-document tokens (the
         question) through the layers over the documents' cached KV (naive's link, in the
-        private slots the link overwrites). Returns per request the (n,) `attention_mass` its
-        question (the tokens after its last document; the last token if none) takes from each
-        prompt position, summed over the policy's scored layers. Requests scout together per
-        stride."""
-        strides: dict[int, list[int]] = {}
+        private slots the link overwrites). Returns per request the (n,) attention mass its
+        question (the tokens after its last document; the last token if none) puts on each
+        prompt position, summed over the policy's scored layers (`scout_attention`). On CUDA a
+        request replays its scout from a CUDA graph when one fits it (`cuda_graph.ScoutGraphs`:
+        eagerly, 64 question tokens over 32 layers are ~40 ms of host work); the others scout
+        together per stride."""
+        out: list[torch.Tensor | None] = [None] * len(states)
+        eager: dict[int, list[tuple[int, tuple, list[int], list[bool]]]] = {}
+        # beside the torch reference backend, the torch definition (no kernels, no graphs)
+        reference = self.device.type != "cuda" or isinstance(self.linker.attn, TorchReferenceAttention)
+        graphs = None if reference else self._scout_graphs()
         for i, s in enumerate(states):
-            strides.setdefault(s.policy.stride, []).append(i)
-        out: list[torch.Tensor] = [torch.empty(0)] * len(states)
-        for stride, members in strides.items():
-            group = [states[i] for i in members]
-            parts, queries, start = [], [], 0
-            for s in group:
-                part, computed = self._scout_part(s)
-                tail = s.plan.doc_spans[-1][0] + s.plan.doc_spans[-1][1]
-                rows = [i for i, p in enumerate(computed) if p >= tail] or [len(computed) - 1]
-                queries.append(ScoutQueries.build(torch.tensor(rows, device=self.device) + start,
-                                                  [computed[i] for i in rows], s.seq_len, self.linker.rotary))
-                parts.append(part)
-                start += len(computed)
-            batch = ForwardBatch.build(parts)
-            for i, mass in zip(members, self.linker.run_scout(batch, stride, queries)):
+            part, positions, scored = self._scout_part(s)
+            if graphs is not None and graphs.fits(len(positions), s.seq_len):
+                out[i] = graphs.run(part, positions, scored, s.policy.stride)
+            else:
+                eager.setdefault(s.policy.stride, []).append((i, part, positions, scored))
+        for stride, members in eager.items():
+            seqs, start = [], 0
+            for _, part, positions, scored in members:
+                seqs.append(ScoutSeq.build(start, positions, scored, part[3], self.config.num_kv_heads, self.linker.rotary))
+                start += len(positions)
+            scout = ScoutAttention(seqs, scored_layers(self.config.num_layers, stride), reference)
+            self.linker.run_scout(ForwardBatch.build([part for _, part, _, _ in members]), scout)
+            for (i, *_), mass in zip(members, scout.masses()):
                 out[i] = mass
         return out
 
-    def _scout_part(self, s: RunningRequest) -> tuple[tuple, list[int]]:
-        """The scout's sequence (and its positions, on the host): the link's non-document
-        tokens, over a row whose document positions all hold the cached KV (the link's
-        private slots for its recomputed document tokens hold nothing yet)."""
+    def _scout_graphs(self) -> ScoutGraphs | None:
+        """The scout's CUDA graphs, made at the first querylink request (none on CPU, or
+        without `cuda_graphs`)."""
+        if self._scout_graph_set is None and self.cuda_graphs and self.device.type == "cuda":
+            self._scout_graph_set = ScoutGraphs(self.linker, self.max_context_len + 1)
+        return self._scout_graph_set
+
+    def _scout_part(self, s: RunningRequest) -> tuple[tuple, list[int], list[bool]]:
+        """The scout's sequence, and on the host its positions and which of them are scored
+        (the question: after the last document; the last token if none): the link's
+        non-document tokens, over a row whose document positions all hold the cached KV (the
+        link's private slots for its recomputed document tokens hold nothing yet)."""
         docs = s.plan.document_mask()
         scouted = s.plan.recompute & ~docs
         scouted[-1] = True  # the last token, even inside a document (its slot is private)
@@ -525,7 +541,12 @@ class Engine:
         row[(docs & ~scouted).nonzero().flatten().to(self.device)] = cached[keep.to(self.device)]
         positions = scouted.nonzero().flatten()
         computed = positions.to(self.device)
-        return (s.prompt_ids[computed], computed, row[computed], row), positions.tolist()
+        tail = s.plan.doc_spans[-1][0] + s.plan.doc_spans[-1][1]
+        positions = positions.tolist()
+        scored = [p >= tail for p in positions]
+        if not any(scored):
+            scored[-1] = True
+        return (s.prompt_ids[computed], computed, row[computed], row), positions, scored
 
     def _scout(self, states: list[RunningRequest]) -> None:
         """querylink: add the document tokens each question attends to most to its plan, in

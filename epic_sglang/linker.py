@@ -5,13 +5,12 @@
 - `run_cacheblend`: CacheBlend's selective pass; layers up to the check layer for all
   tokens, then only the picked tokens, reusing cached KV for the rest.
 - `run_scout`: querylink's scout; the question (the prompt's non-document tokens) through
-  the layers over the documents' cached KV, measuring what its attention takes from each
-  document token (`attention_mass`).
+  the layers over the documents' cached KV, with `scout_attention.ScoutAttention` as its
+  attention, which measures what the question takes from each document token.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -19,8 +18,9 @@ from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
 from epic_sglang.link_plan import cacheblend_pick
 from epic_sglang.models.decoder import CausalLM
-from epic_sglang.models.rope import Rotary, apply_rotation
+from epic_sglang.models.rope import Rotary
 from epic_sglang.policies import CACHEBLEND_CHECK_LAYER
+from epic_sglang.scout_attention import ScoutAttention
 
 
 @dataclass
@@ -33,55 +33,6 @@ class BlendSeq:
     doc_positions: torch.Tensor  # (d,) positions inside reused documents
     doc_slots: torch.Tensor  # (d,) their cached slots
     ratio: float
-
-
-@dataclass
-class ScoutQueries:
-    """One sequence's scout queries and what scoring them needs at every layer, made once
-    per scout (no host round trip inside the layer loop). Keys' rotations in the layout of
-    the backend that scores them: the Triton kernels' angles on CUDA, cos/sin and the mask
-    for torch."""
-    rows: torch.Tensor  # (nq,) indices into the batch
-    positions: torch.Tensor  # (nq,) their positions
-    q_rope: tuple[torch.Tensor, torch.Tensor]  # the queries' cos, sin
-    key_angles: torch.Tensor | None  # CUDA: (n, head_dim) fp32 [cos | sin] of positions 0..n-1
-    k_rope: tuple[torch.Tensor, torch.Tensor] | None  # torch: cos, sin of positions 0..n-1
-    first: int  # the first query's position: only keys from here on can be hidden from a query
-    hidden: torch.Tensor | None  # torch: (nq, n - first) bool: key first + j is after query i
-
-    @classmethod
-    def build(cls, rows: torch.Tensor, positions: list[int], n: int, rotary: Rotary) -> "ScoutQueries":
-        device = rows.device
-        pos, keys, first = torch.tensor(positions, device=device), torch.arange(n, device=device), min(positions)
-        if device.type == "cuda":
-            return cls(rows, pos, rotary.cos_sin(pos, torch.float32), rotary.angles(keys), None, first, None)
-        return cls(rows, pos, rotary.cos_sin(pos, torch.float32), None, rotary.cos_sin(keys, torch.float32),
-                   first, torch.arange(first, n, device=device)[None, :] > pos[:, None])
-
-
-def attention_mass(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: torch.Tensor, slots: torch.Tensor,
-                   sq: ScoutQueries) -> torch.Tensor:
-    """(n,) fp32: how much of the output of the queries `q` (nq, heads, head_dim), un-rotated,
-    comes from each of the keys of positions 0..n-1 (at `slots` of the pool's buffers,
-    un-rotated): the softmax attention probability under the link mask (key j visible to
-    query i iff j <= pos_i) times the norm of key j's value, summed over queries and heads.
-    Weighting by the value skips attention sinks (much attention, near-zero values). On CUDA
-    two Triton kernels (`epic_sglang.scout_mass`); in torch logits in the pool's dtype,
-    softmax and sums in fp32."""
-    if q.is_cuda:
-        from epic_sglang.scout_mass import attention_mass_triton
-
-        q = apply_rotation(q, *sq.q_rope)
-        return attention_mass_triton(q, sq.positions, key_buffer, value_buffer, slots, sq.key_angles)
-    keys, values = key_buffer[slots], value_buffer[slots]
-    n, kv_heads, dim = keys.shape
-    q = apply_rotation(q * dim ** -0.5, *sq.q_rope)
-    k = apply_rotation(keys, *sq.k_rope)
-    q = q.view(q.shape[0], kv_heads, -1, dim).permute(1, 2, 0, 3)  # (kv, group, nq, d)
-    logits = torch.matmul(q, k.permute(1, 2, 0).unsqueeze(1))  # (kv, group, nq, n)
-    logits[..., sq.first:].masked_fill_(sq.hidden, float("-inf"))
-    probs = torch.softmax(logits, -1, dtype=torch.float32)
-    return (probs.sum((1, 2)) * values.float().norm(dim=-1).T).sum(0)
 
 
 class Linker:
@@ -98,28 +49,18 @@ class Linker:
         return hidden[batch.last_token_index() if rows is None else rows]
 
     @torch.inference_mode()
-    def run_scout(self, batch: ForwardBatch, stride: int, queries: list[ScoutQueries]) -> list[torch.Tensor]:
-        """Per sequence, `attention_mass` of its queries on each of its positions, summed over
-        every `stride`-th layer (0, s, 2s, ...) of `scout_layers`."""
-        mass = [torch.zeros(s.kv_slots.numel(), device=batch.input_ids.device) for s in batch.seqs]
-        for keys, values, q in self.scout_layers(batch, stride):
-            for m, s, sq in zip(mass, batch.seqs, queries):
-                m += attention_mass(q[sq.rows], keys, values, s.kv_slots, sq)
-        return mass
-
-    def scout_layers(self, batch: ForwardBatch, stride: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The batch through the layers, stopping after the last scored one (it only writes
-        its K/V): yields, at every `stride`-th layer, (the pool's keys, its values, the batch's
-        queries) of that layer."""
-        self.attn.plan(batch)
+    def run_scout(self, batch: ForwardBatch, scout: ScoutAttention) -> None:
+        """querylink's scout: the batch through the layers up to the last that `scout` scores,
+        `scout` as their attention (it accumulates the mass); the last one only attends.
+        Nothing waits on the host: `cuda_graph.ScoutGraphs` captures it."""
         x = self.model.embed(batch.input_ids)
-        layers = self.model.layers[:len(self.model.layers) - (len(self.model.layers) - 1) % stride]
-        for i, layer in enumerate(layers):
+        last = max(scout.scored_layers)
+        for layer in self.model.layers[:last + 1]:
             q = layer.write_kv(x, batch, self.pool)
-            if i % stride == 0:
-                yield self.pool.get_key_buffer(layer.layer_id), self.pool.get_value_buffer(layer.layer_id), q
-            if i + 1 < len(layers):
-                x = layer.finish(x, q, batch, self.pool, self.attn)
+            if layer.layer_id < last:
+                x = layer.finish(x, q, batch, self.pool, scout)
+            else:
+                scout.forward(q, layer.layer_id, self.pool, batch)
 
     @torch.inference_mode()
     def run_cacheblend(self, seqs: list[BlendSeq]) -> tuple[torch.Tensor, list[torch.Tensor]]:

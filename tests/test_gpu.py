@@ -96,6 +96,36 @@ def test_decode_cuda_graphs_read_shared_documents_beyond_the_pool(tokenizer_dir)
     assert [g.output_ids for g in graphed] == [e.output_ids for e in eager]
 
 
+def test_scout_cuda_graphs_match_the_eager_scout(tokenizer_dir):
+    """querylink's scout replayed from CUDA graphs (two question lengths, two contexts: the
+    same graph over another row, padding queries) gives the eager Triton scout's mass bit
+    for bit, hence the same picks and tokens."""
+    from benchmarks.gpu_ttft import first_result, model_dir, scout_of, segments
+    from epic_sglang import Engine
+
+    engine = Engine(str(model_dir(TINY, tokenizer_dir)), device="cuda", load_format="dummy", kv_cache_gb=1)
+    with torch.no_grad():
+        for _, p in engine.model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    prompts = [segments(4, 300, 40, 20, TINY["vocab_size"], seed=7), segments(7, 200, 13, 20, TINY["vocab_size"], seed=8)]
+    for segs in prompts:
+        engine.compile_segments(segs, "legolink-16")
+        first_result(engine, segs, "naive")  # the head's exact KV is published: the scout computes the question alone
+
+    def run():
+        return [(scout_of(engine, segs, "querylink-16")[0], first_result(engine, segs, "querylink-16"),
+                 scout_of(engine, segs, "querylink-16-s2")[0]) for segs in prompts]
+    graphed = run()
+    assert set(engine._scout_graph_set.graphs) == {(16, 1), (64, 1), (16, 2), (64, 2)}
+    engine.cuda_graphs, engine._scout_graph_set = False, None
+    eager = run()
+    for (mass, result, strided), (mass_e, result_e, strided_e) in zip(graphed, eager):
+        assert torch.equal(mass, mass_e) and torch.equal(strided, strided_e) and mass.abs().sum() > 0
+        assert result.recomputed_positions == result_e.recomputed_positions
+        assert torch.equal(result.first_logits, result_e.first_logits)
+
+
 def tiny_qwen2(tokenizer_dir: Path, out: Path, widen: bool):
     from benchmarks.gpu_ttft import random_checkpoint
 
