@@ -23,10 +23,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.gpu_ttft import LLAMA_8B, first_token, floor_segments, model_dir, segments  # noqa: E402
+from benchmarks.gpu_ttft import LLAMA_8B, first_token, floor_segments, model_dir, segments, with_attention  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
-from epic_sglang.link_plan import query_runs  # noqa: E402
+from epic_sglang.link_plan import CascadeTuning, query_runs  # noqa: E402
 
 
 def staged(engine: Engine, segs, policy: str, repeats: int) -> dict[str, tuple[float, float]]:
@@ -119,11 +119,17 @@ Top CPU operators by self time (ms per request):
 {rows_cpu}
 """
     stage_rows = []
-    for policy_name in dict.fromkeys(["legolink-16", policy]):
+    variants = [("legolink-16", "legolink-16", {}), (policy, policy, {})]
+    if policy.startswith("querylink"):  # what this session's two changes bring, A/B in one engine
+        variants += [(f"{policy}, a causal FA2 local entry per run", policy, {"masked_runs": 10 ** 9}),
+                     (f"{policy}, scout without CUDA graphs", policy, {"graphs": False})]
+    for label, policy_name, change in variants:
+        with_attention(engine, "flashinfer", tuning=CascadeTuning(masked_runs=change.get("masked_runs", CascadeTuning.masked_runs)))
+        engine.cuda_graphs = change.get("graphs", True)
         stages = staged(engine, segs, policy_name, max(args.repeats, 5))
         r = engine.generate_batch([Request(segments=segs, policy=policy_name, sampling=SamplingParams(max_new_tokens=1))])[0]
         runs = len(query_runs(r.recomputed_positions))
-        stage_rows.append(f"| {policy_name} | {runs} | " + " | ".join(
+        stage_rows.append(f"| {label} | {runs} | " + " | ".join(
             f"{h:.1f} / {w:.1f}" if h == h else f"{w:.1f}" for h, w in stages.values()) + " |")
         print(stage_rows[-1], flush=True)
     body += f"""

@@ -523,7 +523,9 @@ class Engine:
     def _scout_graphs(self) -> ScoutGraphs | None:
         """The scout's CUDA graphs, made at the first querylink request (none on CPU, or
         without `cuda_graphs`)."""
-        if self._scout_graph_set is None and self.cuda_graphs and self.device.type == "cuda":
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return None
+        if self._scout_graph_set is None:
             self._scout_graph_set = ScoutGraphs(self.linker, self.max_context_len + 1)
         return self._scout_graph_set
 

@@ -52,6 +52,11 @@ class CascadeTuning:
     # time than they save: per-run entries won at 8K-token links (62K run keys), cascade at
     # 16K (255K), in the engine and in the SGLang plugin alike
     auto_keys: int = 1 << 17
+    # a cascade whose groups hold more query runs than this on average (querylink's and
+    # CacheBlend's scattered picks: ~70 a group) attends each group's local keys in one
+    # position-masked Triton entry per tile of queries (`local_attention`), not one causal
+    # FA2 entry per run (legolink-16: 8 runs a group)
+    masked_runs: int = 16
 
 
 @dataclass

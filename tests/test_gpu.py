@@ -33,8 +33,8 @@ def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir):
     from epic_sglang.link_plan import CascadeTuning
 
     # At this size a link is one cascade group (no bulk entries) unless groups are small;
-    # small chunks give rows a dozen bulk results to merge.
-    tuning = CascadeTuning(group=32, chunk=64)
+    # small chunks give rows a dozen bulk results to merge. Groups' local keys both ways:
+    # a causal entry per run, and one position-masked Triton entry per tile of queries.
 
     engine = Engine(str(model_dir(TINY, tokenizer_dir)), device="cuda", load_format="dummy", kv_cache_gb=1)
     # Widen the random weights so logits are far from flat; both sides round in bf16 (the
@@ -43,10 +43,12 @@ def test_flashinfer_matches_torch_reference_for_every_policy(tokenizer_dir):
         for name, p in engine.model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
-    rows = check_against_reference(engine, segments(5, 300, 40, 20, TINY["vocab_size"], seed=3), min_cosine=0.998,
-                                   tuning=tuning)
-    assert len(rows) == len(CHECK_POLICIES) * len(flashinfer_backend.LINK_MODES)
-    assert all(r.endswith("| ok |") for r in rows)
+    for masked_runs in (0, 10 ** 9):
+        tuning = CascadeTuning(group=32, chunk=64, masked_runs=masked_runs)
+        rows = check_against_reference(engine, segments(5, 300, 40, 20, TINY["vocab_size"], seed=3), min_cosine=0.998,
+                                       tuning=tuning)
+        assert len(rows) == len(CHECK_POLICIES) * len(flashinfer_backend.LINK_MODES)
+        assert all(r.endswith("| ok |") for r in rows)
 
 
 def test_decode_cuda_graphs_match_eager_decode(tokenizer_dir):

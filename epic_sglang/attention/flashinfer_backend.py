@@ -37,11 +37,13 @@ Plan once per forward (every layer shares it), run per layer: FlashInfer's own p
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
 from epic_sglang.link_plan import CascadeTuning, attention_entries, query_runs, wants_cascade
+from epic_sglang.local_attention import LocalTiles, local_attention, local_groups
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.models.config import ModelConfig
 from epic_sglang.models.rope import Rotary, apply_rotation
@@ -101,6 +103,8 @@ class FlashInferAttention:
         self._gather: tuple[torch.Tensor, ...] | None = None
         self._q_rope: tuple[torch.Tensor, torch.Tensor] | None = None  # queries' cos, sin (gathered path)
         self._merge: MergeIndex | None = None  # cascade: where the bulk entries' results go
+        self._local: LocalTiles | None = None  # cascade of scattered picks: its local tiles
+        self._q_positions: torch.Tensor | None = None
 
     def plan(self, batch: ForwardBatch) -> None:
         c = self.cfg
@@ -108,7 +112,8 @@ class FlashInferAttention:
         if self.can_fuse and all(s.last_only for s in batch.seqs):  # decode: attend the pool in place
             self.plan_decode(self.wrappers["decode"], [s.kv_slots for s in batch.seqs])
             return
-        runs = [query_runs(s.q_positions.tolist()) for s in batch.seqs]
+        host_positions = [s.q_positions.tolist() for s in batch.seqs]
+        runs = [query_runs(pos) for pos in host_positions]
         mode = self.link_mode
         if mode == "auto":
             mode = "cascade" if wants_cascade([r for seq_runs in runs for r in seq_runs], self.tuning) else "fused"
@@ -123,8 +128,10 @@ class FlashInferAttention:
         # Gathered: each sequence's keys in prompt order from a page boundary of the scratch.
         page = GATHER_PAGE if gathered else 1
         local, bulk, masks, rows, bulk_rows, base = PagedEntries(page), PagedEntries(page), [], [], [], 0
+        locals_, groups = [], []  # per sequence: its local entries and its pages; the cascade's groups
         for s, seq_runs in zip(batch.seqs, runs):
             n = s.kv_slots.numel()
+            first_row = base * page
             if gathered:
                 rows.append(torch.arange(base * page, base * page + n, device=self.device))
                 pages = torch.arange(base, base + -(-n // page), dtype=torch.int32, device=self.device)
@@ -136,11 +143,20 @@ class FlashInferAttention:
                 masks.append((torch.arange(n, device=self.device)[None, :] <= s.q_positions[:, None]).flatten())
                 continue
             seq_bulk, seq_local = attention_entries(seq_runs, page, self.tuning if cascade else None)
-            for q0, q1, k0, k1 in seq_local:
-                local.add(q1 - q0, pages, k0, k1)
+            locals_.append((seq_local, pages))
+            if cascade:
+                groups += [(s.q_start + q0, s.q_start + q1, first_row + k0, k0) for q0, q1, k0 in local_groups(seq_local)]
             for q0, q1, k0, k1 in seq_bulk:
                 bulk.add(q1 - q0, pages, k0, k1)
                 bulk_rows.append((s.q_start + q0, s.q_start + q1))
+        # scattered picks: each group's local keys in one position-masked entry per tile of queries
+        masked_local = cascade and sum(len(e) for e, _ in locals_) > self.tuning.masked_runs * len(groups)
+        self._local = LocalTiles.build(groups, np.concatenate([np.asarray(p, dtype=np.int64) for p in host_positions]),
+                                       c.num_heads // c.num_kv_heads, self.device) if masked_local else None
+        self._q_positions = batch.positions
+        for seq_local, pages in [] if masked_local else locals_:
+            for q0, q1, k0, k1 in seq_local:
+                local.add(q1 - q0, pages, k0, k1)
         if gathered:
             positions = torch.cat([torch.arange(s.kv_slots.numel(), device=self.device) for s in batch.seqs])
             scratch = [torch.empty((base * page, c.num_kv_heads, c.head_dim), dtype=self.dtype, device=self.device)
@@ -153,7 +169,8 @@ class FlashInferAttention:
             self._gather, rope = None, self.fused_rope
         self._wrapper = self.wrappers["masked" if masked else "fa3" if dense else "fa2" if gathered else "fused"]
         mask = dict(custom_mask=torch.cat(masks)) if masked else dict(causal=True)
-        local.plan(self._wrapper, c, self.device, **rope, **dtypes, **mask)
+        if not masked_local:
+            local.plan(self._wrapper, c, self.device, **rope, **dtypes, **mask)
         self._merge = MergeIndex.build(bulk_rows, self.device) if bulk_rows else None
         if bulk_rows:
             bulk.plan(self.wrappers["bulk"], c, self.device, **rope, **dtypes, causal=False)
@@ -163,7 +180,7 @@ class FlashInferAttention:
         kernel; `wrapper` may be a CUDA-graph one (its buffers are what the graph reads)."""
         c = self.cfg
         lens = torch.tensor([0] + [k.numel() for k in kv_slots], dtype=torch.int32)
-        self._wrapper, self._gather, self._merge = wrapper, None, None
+        self._wrapper, self._gather, self._merge, self._local = wrapper, None, None, None
         wrapper.plan(lens.cumsum(0, dtype=torch.int32).to(self.device), torch.cat(kv_slots).to(torch.int32),
                      torch.ones(len(kv_slots), dtype=torch.int32, device=self.device),
                      c.num_heads, c.num_kv_heads, c.head_dim, 1, **self.fused_rope,
@@ -177,8 +194,13 @@ class FlashInferAttention:
         rotate_copy([k], [v], [k_scratch], [v_scratch], slots, rows, angles)
         paged = tuple(t.view(-1, GATHER_PAGE, *t.shape[1:]) for t in (k_scratch, v_scratch))
         q = apply_rotation(q, *self._q_rope).contiguous()
-        if self._merge is None:
+        if self._local is not None:
+            out, lse = local_attention(q, k_scratch, v_scratch, self._q_positions, self._local)
+        elif self._merge is None:
             return self._wrapper.run(q, paged).reshape(q.shape[0], -1)
-        out, lse = self._wrapper.run(q, paged, return_lse=True)
+        else:
+            out, lse = self._wrapper.run(q, paged, return_lse=True)
+        if self._merge is None:
+            return out.reshape(q.shape[0], -1)
         merge_into(out, lse, *self.wrappers["bulk"].run(q[self._merge.query_rows], paged, return_lse=True), self._merge)
         return out.reshape(q.shape[0], -1)
