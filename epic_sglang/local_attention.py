@@ -28,6 +28,18 @@ BLOCK_KEYS = 64
 
 
 @triton.jit
+def online_softmax_step(m, l, acc, s, v, PRECISION: tl.constexpr):
+    """One key block of flash attention (base 2): the running max `m`, sum `l` and output `acc`
+    of each row updated with the block's logits `s` (-inf: not visible) and values `v`. A row
+    that has seen no visible key yet keeps l = acc = 0."""
+    new_m = tl.maximum(m, tl.max(s, 1))
+    safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+    alpha = tl.exp2(m - safe)
+    p = tl.exp2(s - safe[:, None])
+    return new_m, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+
+@triton.jit
 def _local_kernel(q, k, v, q_pos, tiles, out, lse, scale, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, MAX_BLOCKS: tl.constexpr, PRECISION: tl.constexpr):
@@ -60,14 +72,8 @@ def _local_kernel(q, k, v, q_pos, tiles, out, lse, scale, HEADS: tl.constexpr, K
             kt = tl.load(k + kv_at, mask=live_cols[:, None], other=0.0)
             s = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale
             s = tl.where((key_pos0 + cols)[None, :] <= pos[:, None], s, float("-inf"))
-            new_m = tl.maximum(m, tl.max(s, 1))
-            safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-            alpha = tl.exp2(m - safe)
-            p = tl.exp2(s - safe[:, None])
             vt = tl.load(v + kv_at, mask=live_cols[:, None], other=0.0)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-            m = new_m
+            m, l, acc = online_softmax_step(m, l, acc, s, vt, PRECISION)
     tl.store(out + at, (acc / l[:, None]).to(out.dtype.element_ty), mask=live[:, None])
     tl.store(lse + row * HEADS + kv_head * GROUP + g, m + tl.log2(l), mask=live)
 

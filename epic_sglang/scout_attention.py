@@ -28,6 +28,7 @@ import triton.language as tl
 
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
+from epic_sglang.local_attention import online_softmax_step
 from epic_sglang.models.rope import Rotary, apply_rotation
 
 BLOCK_ROWS = 64  # (head, query) rows per tile
@@ -93,15 +94,9 @@ def _attend_kernel(q, key_buffer, value_buffer, slots, angles, row_pos, num_keys
             k1, k2, slot = _rotated_keys(key_buffer, slots, angles, cols, live_cols, kv_head, KV_HEADS, HEAD_DIM // 2)
             s = _logits(q1, q2, k1, k2, PRECISION)
             s = tl.where(live_cols[None, :] & (cols[None, :] <= pos[:, None]), s, float("-inf"))
-            new_m = tl.maximum(m, tl.max(s, 1))
-            safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # no visible key yet: keep l, acc at 0
-            alpha = tl.exp2(m - safe)
-            p = tl.exp2(s - safe[:, None])
             v = tl.load(value_buffer + (slot[:, None] * KV_HEADS + kv_head) * HEAD_DIM + dims[None, :],
                         mask=live_cols[:, None], other=0.0)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = new_m
+            m, l, acc = online_softmax_step(m, l, acc, s, v, PRECISION)
     at = (split * KV_HEADS + kv_head) * num_rows + rows
     tl.store(m_out + at, m, mask=live_rows)
     tl.store(l_out + at, l, mask=live_rows)
