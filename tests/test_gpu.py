@@ -100,8 +100,8 @@ def test_decode_cuda_graphs_read_shared_documents_beyond_the_pool(tokenizer_dir)
 
 def test_scout_cuda_graphs_match_the_eager_scout(tokenizer_dir):
     """querylink's scout replayed from CUDA graphs (two question lengths, two contexts: the
-    same graph over another row, padding queries) gives the eager Triton scout's mass bit
-    for bit, hence the same picks and tokens."""
+    same graph over another row, padding queries) gives the eager Triton scout's mass (its
+    merge sums more, empty, key splits: to rounding), hence the same picks and logits."""
     from benchmarks.gpu_ttft import first_result, model_dir, scout_of, segments
     from epic_sglang import Engine
 
@@ -123,7 +123,9 @@ def test_scout_cuda_graphs_match_the_eager_scout(tokenizer_dir):
     engine.cuda_graphs, engine._scout_graph_set = False, None
     eager = run()
     for (mass, result, strided), (mass_e, result_e, strided_e) in zip(graphed, eager):
-        assert torch.equal(mass, mass_e) and torch.equal(strided, strided_e) and mass.abs().sum() > 0
+        torch.testing.assert_close(mass, mass_e, rtol=1e-5, atol=0)
+        torch.testing.assert_close(strided, strided_e, rtol=1e-5, atol=0)
+        assert mass.abs().sum() > 0 and not torch.allclose(mass, strided)
         assert result.recomputed_positions == result_e.recomputed_positions
         assert torch.equal(result.first_logits, result_e.first_logits)
 
