@@ -24,7 +24,8 @@ question). Three ways to attend:
 - `cascade` (gathered keys): runs are grouped (`CascadeTuning.group` queries); the keys before a
   group's first run are seen by all its queries, so they are one non-causal bulk entry
   per group (FA3: full query tiles, each key tile read once per group, not once per run);
-  each run keeps a short causal local entry (FA2) from there to its end. FA3 gives a query
+  each run keeps a short causal local entry (FA2) from there to its end (groups of many runs:
+  one position-masked Triton entry per tile of queries, `local_attention`). FA3 gives a query
   tile's keys to one CTA whole (no split-KV), so bulk keys are cut into `chunk`-key
   entries that the CTAs share; the partial results merge by their log-sum-exp
   (`epic_sglang.merge_states`, one launch per layer).
