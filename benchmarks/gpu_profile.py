@@ -120,7 +120,7 @@ Top CPU operators by self time (ms per request):
 """
     stage_rows = []
     variants = [("legolink-16", "legolink-16", {}), (policy, policy, {})]
-    if policy.startswith("querylink"):  # what this session's two changes bring, A/B in one engine
+    if policy.startswith("querylink"):  # the masked local entries and the scout's graphs, A/B in one engine
         variants += [(f"{policy}, a causal FA2 local entry per run", policy, {"masked_runs": 10 ** 9}),
                      (f"{policy}, scout without CUDA graphs", policy, {"graphs": False})]
     for label, policy_name, change in variants:

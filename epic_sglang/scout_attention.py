@@ -168,18 +168,15 @@ class ScoutSeq:
 
 class ScoutAttention:
     """The scout's attention backend (`forward` as the others'): each sequence's output, and
-    its mass accumulated over `scored_layers`. No plan. `reference`: the torch definition
+    its mass accumulated over `scored_layers`. Nothing to plan. `reference`: the torch definition
     (CPU, and beside the engine's torch reference backend), else the Triton kernels."""
 
     def __init__(self, seqs: list[ScoutSeq], scored_layers: set[int], reference: bool = False):
         self.seqs, self.scored_layers, self.reference = seqs, scored_layers, reference
 
-    def plan(self, batch: ForwardBatch) -> None:
-        pass
-
     def masses(self) -> list[torch.Tensor]:
-        """Per sequence, (num keys,) fp32: its mass, summed over kv heads."""
-        return [s.mass.sum(0)[:s.max_keys] for s in self.seqs]
+        """Per sequence, (max_keys,) fp32: its mass, summed over kv heads."""
+        return [s.mass.sum(0) for s in self.seqs]
 
     def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
         k, v = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
