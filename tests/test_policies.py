@@ -1,9 +1,10 @@
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from epic_sglang.link_plan import cacheblend_pick, plan_link, querylink_pick
+from epic_sglang.link_plan import _largest_first, cacheblend_pick, plan_link, querylink_pick
 from epic_sglang.policies import Segment, parse_policy
 
 
@@ -97,3 +98,13 @@ def test_querylink_pick_with_a_budget_past_the_candidates_takes_them_all():
     plan = plan_link(parse_policy("querylink-30-h1"), SEGMENTS)
     picked = querylink_pick(torch.rand(40), plan, block=16)
     assert sorted(picked.tolist()) == [p for p in range(5, 36) if p not in (5, 25, 28)]
+
+
+def test_largest_first_is_a_stable_descending_sorts_head():
+    """The pick orders only the budget's worth of blocks: the `k` largest, ties in index order,
+    exactly as a stable descending sort's first `k` (many ties: values from {0, 1, 2, 3})."""
+    rng = np.random.default_rng(0)
+    for size in (1, 7, 300):
+        values = rng.integers(0, 4, size).astype(np.float64)
+        for k in {1, size // 2, size - 1, size, size + 3} - {0}:
+            assert _largest_first(values, k)[:k].tolist() == np.argsort(-values, kind="stable")[:k].tolist()
