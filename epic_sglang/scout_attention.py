@@ -6,12 +6,16 @@ documents' cached KV and scores each key j by sum over (head, scored query i) of
 softmax_i(q_i . k)[j] x ||v_j|| under the link mask (j visible to i iff j <= pos_i).
 Weighting by the value skips attention sinks (much attention, near-zero values).
 
-On CUDA two Triton kernels per layer, reading the pool in place through the row's slots
-and rotating keys by a table of their positions' angles (any RoPE: default, linear, llama3):
-1. `_attend_kernel`: per (row tile, kv head, key split) the flash-attention partials (output,
+On CUDA three Triton kernels per layer:
+1. `_gather_kernel`: the row's keys, read in place through its slots and rotated by a table of
+   their positions' angles (any RoPE: default, linear, llama3), and its values, copied
+   contiguous once (with the values' norms), so the two kernels after it stream plain tiles
+   as flash attention does (reading through slots and angles inside their loops, once per row
+   tile, they took 17.6 ms of a 32K scout on an H100: BENCHMARKS.md);
+2. `_attend_kernel`: per (row tile, kv head, key split) the flash-attention partials (output,
    running max and sum, base 2); the splits merge in torch into the output and each row's
    log-sum-exp;
-2. `_mass_kernel` (scored layers): per key tile, exp2(logit - lse) summed over the scored rows
+3. `_mass_kernel` (scored layers): per key tile, exp2(logit - lse) summed over the scored rows
    of its kv head, times the values' norms, added to the running mass.
 Nothing of size rows x keys is written, nothing waits on the host, and the key count is read
 on the device, so the whole scout can be one CUDA graph (`cuda_graph.ScoutGraphs`). In torch
@@ -38,51 +42,59 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def _rotated_keys(key_buffer, slots, angles, cols, live, kv_head, KV_HEADS: tl.constexpr, HALF: tl.constexpr):
-    """The keys of positions `cols` (rows of `kv_head` at their slots), rotated by their
-    positions' angles [cos | sin] (rotate-half layout): both halves, in the buffer's dtype;
-    and the slots."""
-    slot = tl.load(slots + cols, mask=live, other=0).to(tl.int64)
-    d = tl.arange(0, HALF)
-    at = (slot[:, None] * KV_HEADS + kv_head) * (2 * HALF) + d[None, :]
-    k1 = tl.load(key_buffer + at, mask=live[:, None], other=0.0).to(tl.float32)
-    k2 = tl.load(key_buffer + at + HALF, mask=live[:, None], other=0.0).to(tl.float32)
-    angle = cols[:, None].to(tl.int64) * (2 * HALF) + d[None, :]
-    cos = tl.load(angles + angle, mask=live[:, None], other=1.0)
-    sin = tl.load(angles + angle + HALF, mask=live[:, None], other=0.0)
-    dtype = key_buffer.dtype.element_ty
-    return (k1 * cos - k2 * sin).to(dtype), (k2 * cos + k1 * sin).to(dtype), slot
+def _gather_kernel(key_buffer, value_buffer, slots, angles, num_keys_at, keys_out, values_out, norms_out, max_keys,
+                   KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per (key tile, kv head): the row's keys at its slots rotated by their positions' angles
+    [cos | sin] (rotate-half layout) and its values, written contiguous (KV_HEADS, max_keys,
+    HEAD_DIM) in the buffer's dtype, and the values' norms (KV_HEADS, max_keys) fp32. Tiles
+    past the row's key count (a graph's grid covers its most keys) write nothing."""
+    block, kv_head = tl.program_id(0), tl.program_id(1)
+    num_keys = tl.load(num_keys_at)
+    if block * BLOCK_N < num_keys:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = cols < num_keys
+        slot = tl.load(slots + cols, mask=live, other=0).to(tl.int64)
+        d, dims = tl.arange(0, HALF), tl.arange(0, HEAD_DIM)
+        src = (slot[:, None] * KV_HEADS + kv_head) * HEAD_DIM
+        k1 = tl.load(key_buffer + src + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        k2 = tl.load(key_buffer + src + HALF + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
+        angle = cols[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
+        cos = tl.load(angles + angle, mask=live[:, None], other=1.0)
+        sin = tl.load(angles + angle + HALF, mask=live[:, None], other=0.0)
+        dst = (kv_head * max_keys + cols[:, None].to(tl.int64)) * HEAD_DIM
+        dtype = keys_out.dtype.element_ty
+        tl.store(keys_out + dst + d[None, :], (k1 * cos - k2 * sin).to(dtype), mask=live[:, None])
+        tl.store(keys_out + dst + HALF + d[None, :], (k2 * cos + k1 * sin).to(dtype), mask=live[:, None])
+        v = tl.load(value_buffer + src + dims[None, :], mask=live[:, None], other=0.0)
+        tl.store(values_out + dst + dims[None, :], v, mask=live[:, None])
+        v = v.to(tl.float32)
+        tl.store(norms_out + kv_head * max_keys + cols, tl.sqrt(tl.sum(v * v, 1)), mask=live)
 
 
 @triton.jit
-def _queries(q, kv_head, rows, live_rows, num_rows, HALF: tl.constexpr):
-    """Both halves of `rows` of the packed queries of `kv_head`."""
-    d = tl.arange(0, HALF)
-    at = (kv_head * num_rows + rows[:, None]) * (2 * HALF) + d[None, :]
-    return tl.load(q + at, mask=live_rows[:, None], other=0.0), tl.load(q + at + HALF, mask=live_rows[:, None], other=0.0)
+def _tile(buffer, kv_head, cols, live, max_keys, HEAD_DIM: tl.constexpr):
+    """Rows `cols` of `kv_head` in a gathered (KV_HEADS, max_keys, HEAD_DIM) buffer."""
+    dims = tl.arange(0, HEAD_DIM)
+    at = (kv_head * max_keys + cols[:, None].to(tl.int64)) * HEAD_DIM + dims[None, :]
+    return tl.load(buffer + at, mask=live[:, None], other=0.0)
 
 
 @triton.jit
-def _logits(q1, q2, k1, k2, PRECISION: tl.constexpr):
-    """(rows, keys) logits, halves by halves (base 2: the queries are pre-scaled)."""
-    return tl.dot(q1, tl.trans(k1), input_precision=PRECISION) + tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
-
-
-@triton.jit
-def _attend_kernel(q, key_buffer, value_buffer, slots, angles, row_pos, num_keys_at, o_out, m_out, l_out, num_rows,
+def _attend_kernel(q, keys, values, row_pos, num_keys_at, o_out, m_out, l_out, num_rows, max_keys,
                    SPLIT: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """q: (KV_HEADS, num_rows, HEAD_DIM) rotated, pre-scaled by log2(e)/sqrt(d); row_pos:
-    (num_rows,) each row's query position (-1: a padding row, sees nothing). Writes this
-    program's key split's partials: o_out (splits, KV_HEADS, num_rows, HEAD_DIM) un-normalized
-    fp32, m_out and l_out (splits, KV_HEADS, num_rows): running max and sum of exp2."""
+    """q: (KV_HEADS, num_rows, HEAD_DIM) rotated, pre-scaled by log2(e)/sqrt(d); keys, values:
+    gathered by `_gather_kernel`; row_pos: (num_rows,) each row's query position (-1: a padding
+    row, sees nothing). Writes this program's key split's partials: o_out (splits, KV_HEADS,
+    num_rows, HEAD_DIM) un-normalized fp32, m_out and l_out (splits, KV_HEADS, num_rows):
+    running max and sum of exp2."""
     block, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     live_rows = rows < num_rows
     pos = tl.load(row_pos + rows, mask=live_rows, other=-1)
-    q1, q2 = _queries(q, kv_head, rows, live_rows, num_rows, HEAD_DIM // 2)
+    qt = _tile(q, kv_head, rows, live_rows, num_rows, HEAD_DIM)
     num_keys = tl.load(num_keys_at)
-    dims = tl.arange(0, HEAD_DIM)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -91,22 +103,20 @@ def _attend_kernel(q, key_buffer, value_buffer, slots, angles, row_pos, num_keys
         for offset in range(0, SPLIT, BLOCK_N):  # constant trip counts: the interpreter's rule
             cols = start + offset + tl.arange(0, BLOCK_N)
             live_cols = cols < num_keys
-            k1, k2, slot = _rotated_keys(key_buffer, slots, angles, cols, live_cols, kv_head, KV_HEADS, HEAD_DIM // 2)
-            s = _logits(q1, q2, k1, k2, PRECISION)
+            s = tl.dot(qt, tl.trans(_tile(keys, kv_head, cols, live_cols, max_keys, HEAD_DIM)), input_precision=PRECISION)
             s = tl.where(live_cols[None, :] & (cols[None, :] <= pos[:, None]), s, float("-inf"))
-            v = tl.load(value_buffer + (slot[:, None] * KV_HEADS + kv_head) * HEAD_DIM + dims[None, :],
-                        mask=live_cols[:, None], other=0.0)
+            v = _tile(values, kv_head, cols, live_cols, max_keys, HEAD_DIM)
             m, l, acc = online_softmax_step(m, l, acc, s, v, PRECISION)
     at = (split * KV_HEADS + kv_head) * num_rows + rows
     tl.store(m_out + at, m, mask=live_rows)
     tl.store(l_out + at, l, mask=live_rows)
-    tl.store(o_out + at[:, None] * HEAD_DIM + dims[None, :], acc, mask=live_rows[:, None])
+    tl.store(o_out + at[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], acc, mask=live_rows[:, None])
 
 
 @triton.jit
-def _mass_kernel(q, key_buffer, value_buffer, slots, angles, row_pos, row_weight, lse, num_keys_at, mass, num_rows,
-                 max_keys, ROW_TILES: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _mass_kernel(q, keys, norms, row_pos, row_weight, lse, num_keys_at, mass, num_rows, max_keys,
+                 ROW_TILES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """mass (KV_HEADS, max_keys) += per key, sum over its kv head's rows of row_weight x
     exp2(logit - lse), times the norm of its value."""
     block, kv_head = tl.program_id(0), tl.program_id(1)
@@ -114,11 +124,7 @@ def _mass_kernel(q, key_buffer, value_buffer, slots, angles, row_pos, row_weight
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
     live_cols = cols < num_keys
     if block * BLOCK_N < num_keys:
-        k1, k2, slot = _rotated_keys(key_buffer, slots, angles, cols, live_cols, kv_head, KV_HEADS, HEAD_DIM // 2)
-        dims = tl.arange(0, HEAD_DIM)
-        v = tl.load(value_buffer + (slot[:, None] * KV_HEADS + kv_head) * HEAD_DIM + dims[None, :],
-                    mask=live_cols[:, None], other=0.0).to(tl.float32)
-        norm = tl.sqrt(tl.sum(v * v, 1))  # the values themselves are not needed past here
+        kt = tl.trans(_tile(keys, kv_head, cols, live_cols, max_keys, HEAD_DIM))
         acc = tl.zeros((BLOCK_N,), tl.float32)
         for tile in range(ROW_TILES):
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -126,9 +132,10 @@ def _mass_kernel(q, key_buffer, value_buffer, slots, angles, row_pos, row_weight
             pos = tl.load(row_pos + rows, mask=live_rows, other=-1)
             weight = tl.load(row_weight + rows, mask=live_rows, other=0.0)
             row_lse = tl.load(lse + kv_head * num_rows + rows, mask=live_rows, other=0.0)
-            q1, q2 = _queries(q, kv_head, rows, live_rows, num_rows, HEAD_DIM // 2)
-            p = tl.exp2(_logits(q1, q2, k1, k2, PRECISION) - row_lse[:, None]) * weight[:, None]
+            logits = tl.dot(_tile(q, kv_head, rows, live_rows, num_rows, HEAD_DIM), kt, input_precision=PRECISION)
+            p = tl.exp2(logits - row_lse[:, None]) * weight[:, None]
             acc += tl.sum(tl.where(live_cols[None, :] & (cols[None, :] <= pos[:, None]), p, 0.0), 0)
+        norm = tl.load(norms + kv_head * max_keys + cols, mask=live_cols, other=0.0)
         at = mass + kv_head * max_keys + cols
         tl.store(at, tl.load(at, mask=live_cols, other=0.0) + acc * norm, mask=live_cols)
 
@@ -214,8 +221,7 @@ def scout_layer_torch(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: t
 
 def scout_layer_triton(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: torch.Tensor, s: ScoutSeq,
                        score: bool, split: int | None = None) -> torch.Tensor:
-    """`scout_layer_torch` in two Triton kernels over the pool in place (and a few torch ops to
-    merge the key splits): no host sync, shapes fixed by `s.max_keys` (graph-capturable).
+    """`scout_layer_torch` in three Triton kernels (and a few torch ops to merge the key splits): no host sync, shapes fixed by `s.max_keys` (graph-capturable).
     `split`: keys per attention program; by default SPLIT_KEYS, more past 64 splits (their
     partial outputs are splits x rows x head_dim in fp32)."""
     split = split or max(SPLIT_KEYS, triton.cdiv(s.max_keys, MAX_SPLITS * BLOCK_KEYS) * BLOCK_KEYS)
@@ -233,9 +239,15 @@ def scout_layer_triton(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: 
     consts = dict(KV_HEADS=kv_heads, HEAD_DIM=dim, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS,
                   PRECISION="ieee" if key_buffer.dtype == torch.float32 else "tf32")  # fp32 (tests) exactly
     row_tiles = triton.cdiv(num_rows, BLOCK_ROWS)
-    _attend_kernel[(row_tiles, kv_heads, splits)](qk, key_buffer, value_buffer, s.slots, s.key_angles, row_pos,
-                                                  s.num_keys, o, m, l, num_rows, split, **consts,
-                                                  num_warps=8 if dim > 64 else 4)  # a 64 x 128 fp32 accumulator
+    # the row's keys rotated and its values, contiguous: the kernels below stream them as plain
+    # flash attention does (no slot lookups, no angles in their loops)
+    keys = torch.empty((kv_heads, s.max_keys, dim), dtype=key_buffer.dtype, device=q.device)
+    values, norms = torch.empty_like(keys), torch.empty((kv_heads, s.max_keys), dtype=torch.float32, device=q.device)
+    _gather_kernel[(triton.cdiv(s.max_keys, BLOCK_KEYS), kv_heads)](
+        key_buffer, value_buffer, s.slots, s.key_angles, s.num_keys, keys, values, norms, s.max_keys,
+        KV_HEADS=kv_heads, HEAD_DIM=dim, BLOCK_N=BLOCK_KEYS)
+    _attend_kernel[(row_tiles, kv_heads, splits)](qk, keys, values, row_pos, s.num_keys, o, m, l, num_rows, s.max_keys,
+                                                  split, **consts, num_warps=8 if dim > 64 else 4)  # a 64 x 128 fp32 accumulator
     top = m.max(0).values
     top = torch.where(top == float("-inf"), 0.0, top)  # padding rows: every split empty
     w = torch.exp2(m - top)
@@ -244,6 +256,7 @@ def scout_layer_triton(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: 
     if score:
         lse = (top + torch.log2(total)).contiguous()
         _mass_kernel[(triton.cdiv(s.max_keys, BLOCK_KEYS), kv_heads)](
-            qk, key_buffer, value_buffer, s.slots, s.key_angles, row_pos, row_weight, lse, s.num_keys, s.mass,
-            num_rows, s.max_keys, row_tiles, **consts)  # one compile per question length in row tiles
+            qk, keys, norms, row_pos, row_weight, lse, s.num_keys, s.mass, num_rows, s.max_keys, row_tiles,
+            HEAD_DIM=dim, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS,
+            PRECISION=consts["PRECISION"])  # one compile per question length in row tiles
     return out.view(kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, heads, dim).to(q.dtype)
