@@ -120,11 +120,13 @@ Top CPU operators by self time (ms per request):
 """
     stage_rows = []
     variants = [("legolink-16", "legolink-16", {}), (policy, policy, {})]
-    if policy.startswith("querylink"):  # the masked local entries and the scout's graphs, A/B in one engine
+    if policy.startswith("querylink"):  # the masked local entries, their groups and the scout's graphs, A/B in one engine
         variants += [(f"{policy}, a causal FA2 local entry per run", policy, {"masked_runs": 10 ** 9}),
+                     *((f"{policy}, cascade groups of {g} queries", policy, {"group": g}) for g in (32, 64)),
                      (f"{policy}, scout without CUDA graphs", policy, {"graphs": False})]
     for label, policy_name, change in variants:
-        with_attention(engine, "flashinfer", tuning=CascadeTuning(masked_runs=change.get("masked_runs", CascadeTuning.masked_runs)))
+        tuning = {k: v for k, v in change.items() if k != "graphs"}
+        with_attention(engine, "flashinfer", tuning=CascadeTuning(**tuning))
         engine.cuda_graphs = change.get("graphs", True)
         stages = staged(engine, segs, policy_name, max(args.repeats, 5))
         r = engine.generate_batch([Request(segments=segs, policy=policy_name, sampling=SamplingParams(max_new_tokens=1))])[0]
