@@ -577,6 +577,25 @@ def test_a_waiting_request_keeps_its_match_until_a_document_is_evicted_or_was_mi
     assert s.cache.evictable_size() == s.cache.total_size()
 
 
+def test_a_linked_request_is_admitted_only_if_its_tokens_fit_beside_its_locked_documents(sglang_runtime):
+    """SGLang's prefill budget counts evictable tokens as room; a linked request's documents are
+    locked before its budget is read, so they are not counted as room for its own tokens: a
+    request whose computed tokens fit only by evicting its own documents waits (documents
+    unlocked again) instead of being admitted and running the pool out of memory."""
+    s = Scheduler(size=80)
+    ids, spans, docs = prompt(random.Random(5), sizes=(6, 30, 40, 30, 9))  # prefix | doc | gap | doc | question
+    for doc in docs:
+        s.compile(doc)
+    assert s.allocator.available_size() == 20 and s.cache.evictable_size() == 60
+    req = s.request(ids, LinkHint("ns", tuple(spans), 0))  # computes 6 + 40 + 9 = 55 tokens: more than the 20 free
+    assert s.prefill([req])[0] == []
+    assert all(n.lock_ref == 0 for n in s.cache.document_nodes().values())
+    small = s.request(ids[:6] + docs[0] + ids[-9:], LinkHint("ns", ((6, 36),), 0), max_new_tokens=2)
+    assert s.prefill([small])[0] == [small]  # 15 computed + 2 new tokens fit in the 20
+    s.finish(small)
+    assert s.allocator.available_size() + s.cache.evictable_size() == 80
+
+
 def entry_keys(entries, causal: bool) -> dict[int, list[int]]:
     """Query row -> the slots its entries attend (causal: bottom-right aligned, FlashInfer's)."""
     qo, kv, slots = entries.qo_indptr.tolist(), entries.kv_indptr.tolist(), entries.kv_indices.tolist()

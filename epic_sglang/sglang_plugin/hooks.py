@@ -83,10 +83,13 @@ def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
         link.fall_back(req, cache)
         return original(adder, req, has_chunked_req=has_chunked_req, **kwargs)
     # SGLang's own budget counts the link pass's extend and the new tokens: the reused
-    # tokens take no slots of the request's
+    # tokens take no slots of the request's. Its documents are locked before that budget is
+    # read (as SGLang locks a prefix's node, `_lock_node`): locked, they are no longer
+    # evictable, so they no longer count as room for this request's own tokens
+    link.admit(cache)
     result = original(adder, req, has_chunked_req=has_chunked_req, **kwargs)
-    if adder.can_run_list and adder.can_run_list[-1] is req:
-        link.admit(cache)
+    if not (adder.can_run_list and adder.can_run_list[-1] is req):
+        link.unlock(cache)
     return result
 
 

@@ -121,7 +121,7 @@ class LinkRequest:
             # ordering, then the admission): the last match stands while every document was
             # found and nothing it found is gone (a missing one may be compiled since: look again)
             return self.matched[1]
-        self._unlock(cache)  # admitted earlier, but that batch never ran
+        self.unlock(cache)  # admitted earlier, but that batch never ran
         if req.return_logprob and 0 <= req.logprob_start_len < len(self.prompt):
             req.epic_link = None  # prompt logprobs need the exact prompt: a plain request
             return cache.match_plain(params)
@@ -190,7 +190,8 @@ class LinkRequest:
         req.full_untruncated_fill_ids = self.prompt + array("q", req.output_ids)
         req.init_next_round_input(cache)
 
-    def _unlock(self, cache) -> None:
+    def unlock(self, cache) -> None:
+        """Its documents evictable again (the request ended, or the scheduler did not take it)."""
         for node in self.locked:
             cache.dec_lock_ref(node)
         self.locked, self.admitted = [], False
@@ -224,6 +225,6 @@ class LinkRequest:
             owned[prefix_rows[max(cached, layout.exact_prefix_len):]] = False  # now the tree's
         cache.token_to_kv_pool_allocator.free(row[to_device(np.flatnonzero(owned), row.device)])
         cache.dec_lock_ref(req.last_node)
-        self._unlock(cache)
+        self.unlock(cache)
         self.doc_nodes, self.layout, self.shared, self.blend, self.matched = [], None, None, None, None
         self.prepared = self.extending = False
