@@ -44,7 +44,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang.link_plan import plan_link  # noqa: E402
 from epic_sglang.policies import Segment, parse_policy  # noqa: E402
 from epic_sglang.sglang_plugin import client, decode_graphs  # noqa: E402
-from epic_sglang.sglang_plugin.launch import SGLangServer, wait_until_ready  # noqa: E402
+from epic_sglang.sglang_plugin.launch import SGLangServer, server_env, wait_until_ready  # noqa: E402
 
 SMALL = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=512, intermediate_size=1024,
              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=128, rms_norm_eps=1e-5,
@@ -388,6 +388,7 @@ class RagLoad:
         self.compiled_on_clock = 0  # documents compiled during a run (never compiled, or evicted)
         self.served, self.all_resident = 0, 0  # linked requests; those that found every document cached
         self.compiler = ThreadPoolExecutor(max_workers=32)
+        self.trace: list[dict] = []  # per request: when it was sent, compiled, answered (s from the run's start)
 
     def compile(self, docs: list[Segment], on_clock: bool = True) -> None:
         """Compile documents concurrently (SGLang batches their prefills)."""
@@ -410,11 +411,12 @@ class RagLoad:
         question = Segment(tuple(torch.randint(100, LLAMA_8B["vocab_size"], (64,), generator=self.g).tolist()))
         return [self.head] + [self.corpus[i] for i in picked] + [question]
 
-    def one(self, segs: list[Segment]) -> float:
+    def one(self, segs: list[Segment], run_start: float, label: str) -> float:
         params = {"max_new_tokens": 32, "temperature": 0.0, "ignore_eos": True}
         t0 = time.perf_counter()  # a document not compiled yet (or evicted) is compiled on the clock
         if self.policy != "fr":
             self.compile(segs)
+        compiled = time.perf_counter()
         ttft, last = None, None
         with requests.post(self.url + "/generate", json=client.generate_body(segs, self.policy, params, stream=True),
                            stream=True, timeout=600) as r:
@@ -423,21 +425,24 @@ class RagLoad:
                 if line.startswith(b"data:") and line != b"data: [DONE]":
                     ttft = ttft or time.perf_counter() - t0
                     last = line
-        if self.policy != "fr":
-            cached = json.loads(last[5:])["meta_info"]["cached_tokens"]
-            with self.lock:
+        meta = json.loads(last[5:])["meta_info"]
+        with self.lock:
+            self.trace.append({"run": label, "sent": round(t0 - run_start, 4), "compiled": round(compiled - t0, 4),
+                               "ttft": round(ttft, 4), "done": round(time.perf_counter() - t0, 4),
+                               "prompt_tokens": meta["prompt_tokens"], "cached_tokens": meta["cached_tokens"]})
+            if self.policy != "fr":
                 self.served += 1
-                self.all_resident += self.compiled.confirm(segs, self.policy, cached)
+                self.all_resident += self.compiled.confirm(segs, self.policy, meta["cached_tokens"])
         return ttft
 
-    def run(self, rate: float, n: int) -> tuple[float, float, float]:
+    def run(self, rate: float, n: int, label: str) -> tuple[float, float, float]:
         """(p50 TTFT s, p90 TTFT s, achieved requests/s) for n Poisson arrivals at `rate`."""
         prompts = [self.prompt() for _ in range(n)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=256) as pool:
             futures = []
             for segs in prompts:
-                futures.append(pool.submit(self.one, segs))
+                futures.append(pool.submit(self.one, segs, t0, label))
                 time.sleep(self.rng.expovariate(rate))
             ttfts = sorted(f.result() for f in futures)
         wall = time.perf_counter() - t0
@@ -446,20 +451,24 @@ class RagLoad:
 
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo_s: float,
          precompiled: int) -> tuple[list[str], dict[str, float], str]:
+    # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
+    # the pool's accounting warns (counted below) instead of stopping the server mid-run
     flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--context-length", "8192",
-             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "128"]
+             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "128", "--soft-watchdog-timeout", "20"]
+    env = {**server_env(plugin=True), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "0"}
     corpus = [s for s in segments(1000, 512, 0, 0, LLAMA_8B["vocab_size"], seed=7) if s.document is not None]
-    rows, best = [], {}
-    with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags,
-                      log_path=logs / "sglang_load.log") as url:
+    rows, best, runners = [], {}, []
+    log_path = logs / "sglang_load.log"
+    with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags, log_path=log_path, env=env) as url:
         for policy, policy_rates in rates.items():
             runner = RagLoad(url, corpus, policy, seed=11)
+            runners.append(runner)
             if policy != "fr":
                 runner.precompile(precompiled)
                 linked = runner
-            runner.run(policy_rates[0], 16)  # warm-up
+            runner.run(policy_rates[0], 16, f"{policy} warm-up")
             for rate in policy_rates:
-                p50, p90, achieved = runner.run(rate, n)
+                p50, p90, achieved = runner.run(rate, n, f"{policy} {rate:g}")
                 ok = p90 <= slo_s
                 rows.append(f"| {'SGLang prefix caching (fr)' if policy == 'fr' else policy} | {rate:g} | "
                             f"{achieved:.2f} | {p50 * 1000:,.0f} | {p90 * 1000:,.0f} | {'yes' if ok else 'no'} |")
@@ -468,8 +477,12 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo
                     best[policy] = max(best.get(policy, 0.0), achieved)
                 else:
                     break
+    with open(logs / "load_trace.jsonl", "w") as f:
+        f.writelines(json.dumps(t) + "\n" for r in runners for t in r.trace)
+    leaks = log_path.read_text().count("memory leak detected")
     residency = (f"Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
-                 f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile.")
+                 f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile. "
+                 f"SGLang's idle check of the pool's accounting reported {leaks} leak(s) over the run.")
     return rows, best, residency
 
 
