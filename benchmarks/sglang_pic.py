@@ -449,6 +449,11 @@ class RagLoad:
         return statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], n / wall
 
 
+def write_trace(path: Path, runners: list[RagLoad]) -> None:
+    """Every request so far, one JSON line each (rewritten after each run: a run cut short keeps the rest)."""
+    path.write_text("".join(json.dumps(t) + "\n" for r in runners for t in r.trace))
+
+
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo_s: float,
          precompiled: int) -> tuple[list[str], dict[str, float], str]:
     # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
@@ -467,8 +472,10 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo
                 runner.precompile(precompiled)
                 linked = runner
             runner.run(policy_rates[0], 16, f"{policy} warm-up")
+            write_trace(logs / "load_trace.jsonl", runners)
             for rate in policy_rates:
                 p50, p90, achieved = runner.run(rate, n, f"{policy} {rate:g}")
+                write_trace(logs / "load_trace.jsonl", runners)
                 ok = p90 <= slo_s
                 rows.append(f"| {'SGLang prefix caching (fr)' if policy == 'fr' else policy} | {rate:g} | "
                             f"{achieved:.2f} | {p50 * 1000:,.0f} | {p90 * 1000:,.0f} | {'yes' if ok else 'no'} |")
@@ -477,8 +484,6 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo
                     best[policy] = max(best.get(policy, 0.0), achieved)
                 else:
                     break
-    with open(logs / "load_trace.jsonl", "w") as f:
-        f.writelines(json.dumps(t) + "\n" for r in runners for t in r.trace)
     leaks = log_path.read_text().count("memory leak detected")
     residency = (f"Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
                  f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile. "
