@@ -6,6 +6,7 @@ first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study documents
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study sinks
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study rounds
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study oracle
 
 Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
 each document) and differs only in which: the first `head` of each document, then the
@@ -39,6 +40,11 @@ documents).
 `--study rounds`: the pick in two rounds: half the budget as the shipped rule picks it, then
 the question scored again by a second scout that recomputes those picks too (their keys and
 values now see the other documents), and the other half picked from that score.
+
+`--study oracle`: is the gap a matter of how well the scout sees? The shipped pick against the
+pick a perfect scout would make: the question's attention x value norm (all layers) in fr's own
+forward, over every document token computed exactly, at the same budgets. If the perfect scout's
+picks link no closer to fr, no better query-aware scoring can close the gap at this budget.
 
 `--answer-tokens N` (every study but sinks): each rule judged on fr's whole greedy answer (up to N
 tokens), not its first token: the answer appended to the prompt and scored teacher-forced, each
@@ -285,6 +291,21 @@ def round_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tor
     return against_the_pick(engine, segs, two_rounds)
 
 
+def oracle_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
+    """`--study oracle`'s rules."""
+    del seed
+    # a scout that computes every document token too is fr's own forward: the question's
+    # attention over exact KV (what a perfect scout would see)
+    every = plan_link(parse_policy("naive"), segs).document_mask().nonzero().flatten()
+    oracle = per_layer_scores(engine, segs, 0, extra=every)[1].sum(0)
+
+    def exact(k: int, budget: int, plan: LinkPlan, docs: torch.Tensor, base: torch.Tensor, score: torch.Tensor):
+        return {f"pick by fr's own attention at legolink-{k}'s budget (oracle)": torch.cat(
+            [base.nonzero().flatten(), top(oracle, docs & ~base, budget)])}
+
+    return against_the_pick(engine, segs, exact)
+
+
 def forced_of(engine: Engine, segs: list[Segment], positions: torch.Tensor | None, answer: list[int],
               policy: str = "naive") -> tuple[list[float], list[bool]]:
     """`answer` after the prompt, teacher-forced, through a link recomputing `positions` (naive's
@@ -307,14 +328,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds"), default="pick")
+    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds", "oracle"), default="pick")
     ap.add_argument("--answer-tokens", type=int, default=0,
                     help="judge each rule on fr's greedy answer (up to N tokens), teacher-forced; 0: the first token")
     args = ap.parse_args()
     if args.answer_tokens and args.study == "sinks":
         sys.exit("--answer-tokens: not with --study sinks (its rules link their own way); pick another study")
     study = {"pick": rules, "budget": budget_rules, "documents": document_rules, "sinks": sink_rules,
-             "rounds": round_rules}[args.study]
+             "rounds": round_rules, "oracle": oracle_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
@@ -371,13 +392,13 @@ def main() -> None:
                          f"| {100 * mean(agree[name]):.1f} |")
     what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute",
             "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind",
-            "rounds": "one round of picks or two"}[args.study]
+            "rounds": "one round of picks or two", "oracle": "the scout's picks or a perfect scout's"}[args.study]
     paragraph = __doc__.split(chr(10) + chr(10))[
-        {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6}[args.study]]
+        {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6, "oracle": 7}[args.study]]
     judged = ""
     if args.answer_tokens:
         what += f", judged on fr's answer (up to {args.answer_tokens} tokens)"
-        judged = " " + __doc__.split(chr(10) + chr(10))[7]
+        judged = " " + __doc__.split(chr(10) + chr(10))[8]
     body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
 Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}{judged}
