@@ -82,8 +82,11 @@ class PICRadixCache(RadixCache):
             link.release(self, req, kv_len_to_handle)
 
     def cache_unfinished_req(self, req, chunked: bool = False) -> None:
-        if getattr(req, "epic_link", None) is None:  # linked KV is never published mid-request
+        link = getattr(req, "epic_link", None)
+        if link is None:
             super().cache_unfinished_req(req, chunked=chunked)
+        elif chunked:  # linked KV is never published mid-request, but a request SGLang cut goes on
+            link.keep_chunk(self, req)
 
     def is_live(self, node: TreeNode) -> bool:
         """False once the node was evicted (or is the root's stand-in of nothing)."""

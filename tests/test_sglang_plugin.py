@@ -83,6 +83,7 @@ class Scheduler:
         rotary.register_buffer("cos_sin_cache", rotary._compute_cos_sin_cache(), persistent=False)
         self.rope = RopeTable.of_model(torch.nn.Sequential(rotary))
         self.chunk = chunk
+        self.chunked = None  # the request SGLang cut to fit its prefill chunk, if any
         self.rids = itertools.count()
 
     # ------------------------------------------------------------- what a layer writes
@@ -105,15 +106,19 @@ class Scheduler:
     def prefill(self, reqs: list) -> tuple[list, attention.LinkAttentionPlan | None]:
         """Match, admit, prepare the extend, then 'run' it: returns the admitted requests and
         the link plan the FlashInfer backend would get."""
-        from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.managers.schedule_policy import PrefillAdder
-        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
         adder = PrefillAdder(1, self.cache, self.allocator, None, 0.0, 8192, self.chunk)
         for req in reqs:
             req.init_next_round_input(self.cache)
             adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
-        admitted = adder.can_run_list
+        self.chunked = adder.new_chunked_req  # a request SGLang cut to fit the chunk: `next_chunk` goes on
+        return self.run_extend(adder.can_run_list)
+
+    def run_extend(self, admitted: list) -> tuple[list, attention.LinkAttentionPlan | None]:
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
         if not admitted:
             return [], None
         batch = ScheduleBatch.init_new(admitted, self.req_pool, self.allocator, self.cache,
@@ -122,7 +127,19 @@ class Scheduler:
         batch.prepare_for_extend()
         self.batch = batch
         plan = self.forward(batch)
+        if self.chunked is not None:  # the scheduler stashes a cut request's chunk (`stash_chunked_request`)
+            self.cache.cache_unfinished_req(self.chunked, chunked=True)
         return admitted, plan
+
+    def next_chunk(self) -> None:
+        """The next round's chunk of the request SGLang cut (`Scheduler.get_new_batch_prefill`)."""
+        from sglang.srt.managers.schedule_policy import PrefillAdder
+
+        req = self.chunked
+        adder = PrefillAdder(1, self.cache, self.allocator, None, 0.0, 8192, self.chunk)
+        req.init_next_round_input()
+        self.chunked = adder.add_chunked_req(req)
+        self.run_extend([req])
 
     def forward(self, batch, decode: bool = False) -> attention.LinkAttentionPlan | None:
         """What the ForwardBatch.init_new hook plans, then the layers' KV writes."""
@@ -159,8 +176,11 @@ class Scheduler:
         release_kv_cache(req, self.cache)
 
     def compile(self, doc: list[int], namespace: str | None = "ns", sinks: tuple[int, ...] = ()) -> None:
+        """A document compiled as SGLang runs it: in chunks when it is longer than the chunk."""
         req = self.request([*sinks, *doc], LinkHint(namespace, compile=True, sink=len(sinks)), max_new_tokens=0)
         assert self.prefill([req])[0] == [req]
+        while self.chunked is req:
+            self.next_chunk()
         self.finish(req)
 
     def compiled_prompt(self, seed: int) -> tuple[list[int], list[tuple[int, int]], list[list[int]]]:
@@ -753,6 +773,24 @@ def test_compiling_a_cached_document_again_keeps_one_copy(sglang_runtime):
     assert s.allocator.available_size() == free and len(s.cache.document_nodes()) == 1
     s.compile(doc, namespace="other")  # another tenant gets its own copy
     assert len(s.cache.document_nodes()) == 2
+
+
+def test_a_document_longer_than_the_prefill_chunk_compiles_in_chunks_and_frees_nothing_twice(sglang_runtime):
+    """SGLang cuts a prefill longer than its chunk and stashes each chunk (`cache_unfinished_req`),
+    the next chunk going on from the stashed prefix. A compile is never published part-way, but its
+    chunks stay in its row: the document is cached whole once, with every token's KV at its
+    position, and the pool gets back every other slot (before, each chunk restarted from the
+    first token and the earlier chunks' slots were lost)."""
+    s = Scheduler(chunk=16)
+    doc = list(range(500, 540))  # 40 tokens: chunks of 16, 16, 8
+    s.compile(doc)
+    node = s.cache.document_nodes()
+    assert len(node) == 1 and s.allocator.available_size() + s.cache.evictable_size() == 1024
+    slots = s.cache.document_slots(next(iter(node.values())))
+    assert len(slots) == len(doc)
+    for layer in range(LAYERS):
+        expected = torch.stack([s.key(t, p) for p, t in enumerate(doc)])
+        torch.testing.assert_close(s.kv.k_buffer[layer][slots], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_link_pass_wider_than_a_prefill_chunk_falls_back_to_a_full_prefill(sglang_runtime):

@@ -53,6 +53,13 @@ class CompileRequest:
         params.req.extra_key = doc_extra_key(self.key)
         return cache.match_plain(MatchPrefixParams(key=RadixKey(array("q"), params.req.extra_key)))
 
+    def keep_chunk(self, cache, req) -> None:
+        """SGLang cut the compile to fit its prefill chunk: the next chunk goes on after the
+        tokens computed so far, whose slots stay the request's (SGLang's own stash would
+        publish them; a document is cached whole or not at all)."""
+        computed = len(req.get_fill_ids())
+        req.prefix_indices = cache.req_to_token_pool.req_to_token[req.req_pool_idx, :computed].to(torch.int64)
+
     def release(self, cache, req, kv_len: int) -> None:
         row = cache.req_to_token_pool.req_to_token[req.req_pool_idx, :kv_len].to(torch.int64)
         n, kept, sink = len(self.token_ids), req.cache_protected_len, self.sink
@@ -195,6 +202,9 @@ class LinkRequest:
         for node in self.locked:
             cache.dec_lock_ref(node)
         self.locked, self.admitted = [], False
+
+    def keep_chunk(self, cache, req) -> None:
+        raise RuntimeError("a link pass is never cut into chunks (its entries are planned for the whole pass)")
 
     def start_link_pass(self, req) -> None:
         """Before the extend: the next forward is this request's link pass. SGLang reports the
