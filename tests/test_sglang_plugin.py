@@ -793,6 +793,50 @@ def test_a_document_longer_than_the_prefill_chunk_compiles_in_chunks_and_frees_n
         torch.testing.assert_close(s.kv.k_buffer[layer][slots], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_every_slot_is_free_or_in_the_tree_after_random_traffic_under_pressure(sglang_runtime):
+    """Property (SGLang's own idle check, `available + evictable + protected == pool`): rounds of
+    compiles (some cut into chunks), linked and plain requests over a pool too small for every
+    document, requests left waiting across rounds, some retracted after decoding; after every
+    round each slot is free or in the tree, and nothing stays locked."""
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    size = 700
+    for seed in range(3):
+        rng = random.Random(seed)
+        s = Scheduler(size=size, chunk=48)
+        docs = [list(range(3000 + 100 * j, 3000 + 100 * j + rng.randint(20, 70))) for j in range(25)]
+        waiting = []
+        for _ in range(30):
+            compiles = [s.request(docs[j], LinkHint("ns", compile=True), max_new_tokens=0)
+                        for j in rng.sample(range(len(docs)), rng.randint(0, 3))]
+            for _ in range(rng.randint(0, 3)):
+                ids, spans = [101, 102, 103][:rng.randint(1, 3)], []
+                for j in rng.sample(range(len(docs)), rng.randint(1, 3)):
+                    spans.append((len(ids), len(ids) + len(docs[j])))
+                    ids += docs[j]
+                ids += [rng.randint(300, 399) for _ in range(rng.randint(1, 6))]
+                hint = "ns" if rng.random() < 0.3 else LinkHint("ns", tuple(spans), rng.randint(0, 6))
+                waiting.append(s.request(ids, hint, max_new_tokens=3))
+            batch = compiles + waiting
+            rng.shuffle(batch)
+            admitted, _ = s.prefill(batch) if batch else ([], None)
+            while s.chunked is not None:  # SGLang finishes a cut request's chunks first
+                s.next_chunk()
+            waiting = [r for r in waiting if r not in admitted]
+            if admitted:
+                for token in range(rng.randint(0, 2)):
+                    s.decode_step(5 + token)
+                for req in admitted:
+                    if req.output_ids and rng.random() < 0.2:
+                        release_kv_cache(req, s.cache, is_insert=False)  # retracted: waits again
+                        req.reset_for_retract()
+                        waiting.append(req)
+                    else:
+                        s.finish(req)
+            assert s.allocator.available_size() + s.cache.evictable_size() + s.cache.protected_size() == size
+        assert s.cache.protected_size() == 0
+
+
 def test_a_link_pass_wider_than_a_prefill_chunk_falls_back_to_a_full_prefill(sglang_runtime):
     s = Scheduler(chunk=16)
     ids, spans, docs = s.compiled_prompt(4)
