@@ -221,7 +221,8 @@ def scout_layer_torch(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: t
 
 def scout_layer_triton(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: torch.Tensor, s: ScoutSeq,
                        score: bool, split: int | None = None) -> torch.Tensor:
-    """`scout_layer_torch` in three Triton kernels (and a few torch ops to merge the key splits): no host sync, shapes fixed by `s.max_keys` (graph-capturable).
+    """`scout_layer_torch` in three Triton kernels (and a few torch ops to merge the key splits):
+    no host sync, shapes fixed by `s.max_keys` (graph-capturable).
     `split`: keys per attention program; by default SPLIT_KEYS, more past 64 splits (their
     partial outputs are splits x rows x head_dim in fp32)."""
     split = split or max(SPLIT_KEYS, triton.cdiv(s.max_keys, MAX_SPLITS * BLOCK_KEYS) * BLOCK_KEYS)
