@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -454,7 +455,7 @@ def write_trace(path: Path, runners: list[RagLoad]) -> None:
     path.write_text("".join(json.dumps(t) + "\n" for r in runners for t in r.trace))
 
 
-def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo_s: float,
+def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, seconds: float, slo_s: float,
          precompiled: int) -> tuple[list[str], dict[str, float], str]:
     # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
     # the pool's accounting warns (counted below) instead of stopping the server mid-run
@@ -474,7 +475,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, slo
             runner.run(policy_rates[0], 16, f"{policy} warm-up")
             write_trace(logs / "load_trace.jsonl", runners)
             for rate in policy_rates:
-                p50, p90, achieved = runner.run(rate, n, f"{policy} {rate:g}")
+                p50, p90, achieved = runner.run(rate, max(n, math.ceil(rate * seconds)), f"{policy} {rate:g}")
                 write_trace(logs / "load_trace.jsonl", runners)
                 ok = p90 <= slo_s
                 rows.append(f"| {'SGLang prefix caching (fr)' if policy == 'fr' else policy} | {rate:g} | "
@@ -497,7 +498,9 @@ def main() -> None:
     ap.add_argument("--part", choices=["check", "front", "tp", "speed", "load", "all"], nargs="+", default=["all"])
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the tp part")
     ap.add_argument("--model", help="the check part on real weights: an engine model name or folder")
-    ap.add_argument("--requests", type=int, default=48, help="requests per load rate")
+    ap.add_argument("--requests", type=int, default=48, help="fewest requests per load rate")
+    ap.add_argument("--seconds", type=float, default=4.0,
+                    help="a load rate runs at least this long (rate x seconds requests), so its queue reaches steady state")
     ap.add_argument("--fr-rates", type=float, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
     ap.add_argument("--epic-rates", type=float, nargs="+", default=[16, 32, 48, 64, 96, 128])
@@ -587,13 +590,13 @@ the same documents read in place, each its own head and question.
 """)
     if "load" in parts:
         rows, best, residency = load(args.tokenizer, args.logs, {"fr": args.fr_rates, "legolink-16": args.epic_rates},
-                                     args.requests, 0.2, args.precompile)
+                                     args.requests, args.seconds, 0.2, args.precompile)
         ratio = best.get("legolink-16", 0) / best["fr"] if best.get("fr") else float("nan")
         write_section("sglang-plugin-load", f"""## SGLang plugin on GPU: RAG load (Llama-3-8B shape, dummy bf16 weights)
 
 Card: {machine()}. One SGLang 0.5.16 server with the plugin; a corpus of 1,000 documents of 512 tokens;
 each request: a shared 32-token head, 8 documents by Zipf popularity (s = 1), a new 64-token question,
-32 output tokens, streamed; Poisson arrivals, {args.requests} requests per rate (after a warm-up of 16).
+32 output tokens, streamed; Poisson arrivals, max({args.requests}, {args.seconds:g} s x rate) requests per rate (after a warm-up of 16).
 `fr` requests are plain SGLang (exact prefix caching), run first; then the {args.precompile} most popular
 documents are compiled (as ingestion does; the corpus is 512K tokens), and legolink-16 requests link
 them in place, compiling on the clock any document the client has not compiled or a response showed
