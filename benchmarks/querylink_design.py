@@ -7,6 +7,7 @@ first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study sinks
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study rounds
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study oracle
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study temperature
 
 Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
 each document) and differs only in which: the first `head` of each document, then the
@@ -46,6 +47,12 @@ pick a perfect scout would make: the question's attention x value norm (all laye
 forward, over every document token computed exactly, at the same budgets. If the perfect scout's
 picks link no closer to fr, no better query-aware scoring can close the gap at this budget.
 
+`--study temperature`: correct the reused KV instead of recomputing more (APE, arXiv 2502.05431):
+every query's logits over the document tokens the link does not recompute are divided by a
+temperature T (T < 1 sharpens) and their attention weight scaled by S (log S added to those
+logits), as one more entry's log-sum-exp offset would do in the cascade; applied to
+legolink-16's first tokens and to the shipped pick at its budget, a grid of T and S.
+
 `--answer-tokens N` (every study but sinks): each rule judged on fr's whole greedy answer (up to N
 tokens), not its first token: the answer appended to the prompt and scored teacher-forced, each
 answer token's log-probability under the rule's link against under fr, and how often the rule's
@@ -65,7 +72,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_ttft import link_of, linked  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from epic_sglang import Engine, Request, SamplingParams  # noqa: E402
+from epic_sglang.attention.torch_ref import TorchReferenceAttention  # noqa: E402
 from epic_sglang.evaluation import SYSTEM, paired_interval, sample_questions  # noqa: E402
 from epic_sglang.forward_batch import ForwardBatch  # noqa: E402
 from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick  # noqa: E402
@@ -306,6 +316,59 @@ def oracle_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, to
     return against_the_pick(engine, segs, exact)
 
 
+class TemperedAttention(TorchReferenceAttention):
+    """The reference attention, with the logits of a link's stale keys (the positions `stale`
+    marks: reused document tokens not recomputed) divided by `temperature` and shifted by
+    log `scale`. Dense sequences (a document's compile) attend as usual."""
+
+    def __init__(self, base: TorchReferenceAttention, stale: torch.Tensor, temperature: float, scale: float):
+        self.__dict__.update(base.__dict__)
+        self.stale, self.temperature, self.scale_weight = stale, temperature, scale
+
+    def forward(self, q: torch.Tensor, layer: int, pool, batch: ForwardBatch) -> torch.Tensor:
+        q = apply_rotation(q, *self._query_rope)
+        k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+        out = torch.empty_like(q)
+        for s, mask, rope in zip(batch.seqs, self._masks, self._key_rope):
+            k = apply_rotation(k_buf[s.kv_slots], *rope)
+            if not s.dense:
+                stale = F.pad(self.stale, (0, k.shape[0] - len(self.stale))).to(k.device)  # decode: new keys are fresh
+                k = torch.where(stale[:, None, None], k / self.temperature, k)
+                allowed = mask.get("attn_mask", torch.ones(s.num_queries, k.shape[0], dtype=torch.bool, device=k.device))
+                bias = torch.where(stale, torch.tensor(self.scale_weight).log(), torch.tensor(0.0)).to(k.dtype)
+                mask = {"attn_mask": torch.where(allowed, bias[None, :], float("-inf"))}
+            o = F.scaled_dot_product_attention(q[s.q_start:s.q_end].transpose(0, 1), k.transpose(0, 1),
+                                               v_buf[s.kv_slots].transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)
+            out[s.q_start:s.q_end] = o.transpose(0, 1)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def temperature_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """`--study temperature`'s rules: each one's first-token logits and tokens recomputed."""
+    del seed
+    lego16 = plan_link(parse_policy("legolink-16"), segs)
+    docs = lego16.document_mask()
+    base = plan_link(parse_policy("legolink-8"), segs).recompute
+    budget = int((lego16.recompute & docs).sum()) - int((base & docs).sum())
+    score = per_layer_scores(engine, segs, 0)[1].sum(0)
+    naive = plan_link(parse_policy("naive"), segs).recompute
+    plain = engine.linker.attn
+    out = {}
+    for name, positions in (("legolink-16", (lego16.recompute & docs).nonzero().flatten()),
+                            ("pick at legolink-16's budget",
+                             torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)]))):
+        recomputed = naive.clone()
+        recomputed[positions] = True
+        grid = [(1.0, 1.0)] + [(t, c) for t in (0.95, 1.0, 1.05) for c in (0.5, 0.7, 1.0) if (t, c) != (1.0, 1.0)]
+        for temperature, scale in grid:  # T 1, S 1 first: the plain link, the rows' baseline
+            engine.linker.attn = TemperedAttention(plain, docs & ~recomputed, temperature, scale)
+            try:
+                out[f"{name}, T {temperature:g}, S {scale:g}"] = (link_of(engine, segs, positions), int(recomputed.sum()))
+            finally:
+                engine.linker.attn = plain
+    return out
+
+
 def forced_of(engine: Engine, segs: list[Segment], positions: torch.Tensor | None, answer: list[int],
               policy: str = "naive") -> tuple[list[float], list[bool]]:
     """`answer` after the prompt, teacher-forced, through a link recomputing `positions` (naive's
@@ -328,14 +391,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds", "oracle"), default="pick")
+    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds", "oracle", "temperature"), default="pick")
     ap.add_argument("--answer-tokens", type=int, default=0,
                     help="judge each rule on fr's greedy answer (up to N tokens), teacher-forced; 0: the first token")
     args = ap.parse_args()
-    if args.answer_tokens and args.study == "sinks":
-        sys.exit("--answer-tokens: not with --study sinks (its rules link their own way); pick another study")
+    if args.answer_tokens and args.study in ("sinks", "temperature"):
+        sys.exit(f"--answer-tokens: not with --study {args.study} (its rules link their own way); pick another study")
     study = {"pick": rules, "budget": budget_rules, "documents": document_rules, "sinks": sink_rules,
-             "rounds": round_rules, "oracle": oracle_rules}[args.study]
+             "rounds": round_rules, "oracle": oracle_rules, "temperature": temperature_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
@@ -392,13 +455,14 @@ def main() -> None:
                          f"| {100 * mean(agree[name]):.1f} |")
     what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute",
             "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind",
-            "rounds": "one round of picks or two", "oracle": "the scout's picks or a perfect scout's"}[args.study]
+            "rounds": "one round of picks or two", "oracle": "the scout's picks or a perfect scout's",
+            "temperature": "attention temperature on the reused KV"}[args.study]
     paragraph = __doc__.split(chr(10) + chr(10))[
-        {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6, "oracle": 7}[args.study]]
+        {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6, "oracle": 7, "temperature": 8}[args.study]]
     judged = ""
     if args.answer_tokens:
         what += f", judged on fr's answer (up to {args.answer_tokens} tokens)"
-        judged = " " + __doc__.split(chr(10) + chr(10))[8]
+        judged = " " + __doc__.split(chr(10) + chr(10))[9]
     body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
 Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}{judged}

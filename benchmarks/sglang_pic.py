@@ -403,6 +403,17 @@ class RagLoad:
         """The `count` most popular documents, as ingestion would (the corpus is ranked by popularity)."""
         self.compile(self.corpus[:count], on_clock=False)
 
+    def resident(self) -> int:
+        """How many corpus documents the server holds: each linked alone (naive, one new
+        token after it); a held one is reused whole (`cached_tokens`), a missing one is
+        computed in the probe's row and not kept."""
+        probe = Segment((7,))
+        prompts = [[doc, probe] for doc in self.corpus]
+        out = self.compiler.map(lambda segs: generate(self.url, client.generate_body(segs, "naive", {"max_new_tokens": 1})),
+                                prompts)
+        return sum(o["meta_info"]["cached_tokens"] >= plan_link(parse_policy("naive"), segs).reused_tokens
+                   for o, segs in zip(out, prompts))
+
     def prompt(self) -> list[Segment]:
         picked: list[int] = []
         while len(picked) < 8:
@@ -471,6 +482,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
             runners.append(runner)
             if policy != "fr":
                 runner.precompile(precompiled)
+                held = runner.resident()
                 linked = runner
             runner.run(policy_rates[0], 16, f"{policy} warm-up")
             write_trace(logs / "load_trace.jsonl", runners)
@@ -486,7 +498,8 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
                 else:
                     break
     leaks = log_path.read_text().count("memory leak detected")
-    residency = (f"Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
+    residency = (f"After the precompile, {held} of the {len(corpus)} documents were resident (probed by compiling "
+                 f"each again). Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
                  f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile. "
                  f"SGLang's idle check of the pool's accounting reported {leaks} leak(s) over the run.")
     return rows, best, residency
