@@ -20,8 +20,10 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 
 @triton.jit
-def _rotated(row, cos_sin, offs, live, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr):
-    """The row at `row` (fp32) rotated by its angles [cos | sin] at `cos_sin`; dims past ROT as they are."""
+def rotated(row, cos_sin, offs, live, HEAD_DIM: tl.constexpr, ROT: tl.constexpr, NEOX: tl.constexpr):
+    """The row at `row` (fp32) rotated by its angles [cos | sin] at `cos_sin`; dims past ROT as they are.
+    `offs` index the row's elements (heads x HEAD_DIM); pointers and offsets may be tiles (a
+    column of rows' pointers against a row of offsets: `scout_attention`'s key tiles)."""
     dim = offs % HEAD_DIM
     half: tl.constexpr = ROT // 2
     if NEOX:  # rotate-half: pairs (i, i + ROT/2)
@@ -52,7 +54,7 @@ def _rotate_copy_kernel(k_src, v_src, k_dst, v_dst,  # int64 address tables, one
     dst = tl.load(dst_rows + token).to(tl.int64) * ROW
     offs = tl.arange(0, BLOCK)
     live = offs < ROW
-    key = _rotated(tl.load(k_src + layer).to(ptr) + src, cos_sin + token * ROT, offs, live, HEAD_DIM, ROT, NEOX)
+    key = rotated(tl.load(k_src + layer).to(ptr) + src, cos_sin + token * ROT, offs, live, HEAD_DIM, ROT, NEOX)
     tl.store(tl.load(k_dst + layer).to(ptr) + dst + offs, key.to(DTYPE), mask=live)
     value = tl.load(tl.load(v_src + layer).to(ptr) + src + offs, mask=live)
     tl.store(tl.load(v_dst + layer).to(ptr) + dst + offs, value, mask=live)
@@ -64,7 +66,7 @@ def _rotate_rows_kernel(x, out, rows, cos_sin, ROW: tl.constexpr, HEAD_DIM: tl.c
     i = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     live = offs < ROW
-    y = _rotated(x + tl.load(rows + i).to(tl.int64) * ROW, cos_sin + i * ROT, offs, live, HEAD_DIM, ROT, NEOX)
+    y = rotated(x + tl.load(rows + i).to(tl.int64) * ROW, cos_sin + i * ROT, offs, live, HEAD_DIM, ROT, NEOX)
     tl.store(out + i.to(tl.int64) * ROW + offs, y.to(out.dtype.element_ty), mask=live)
 
 

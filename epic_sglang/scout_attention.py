@@ -34,6 +34,7 @@ from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
 from epic_sglang.local_attention import online_softmax_step
 from epic_sglang.models.rope import Rotary, apply_rotation
+from epic_sglang.rotate_copy import rotated
 
 BLOCK_ROWS = 64  # (head, query) rows per tile
 BLOCK_KEYS = 64
@@ -51,21 +52,16 @@ def _gather_kernel(key_buffer, value_buffer, slots, angles, num_keys_at, keys_ou
     block, kv_head = tl.program_id(0), tl.program_id(1)
     num_keys = tl.load(num_keys_at)
     if block * BLOCK_N < num_keys:
-        HALF: tl.constexpr = HEAD_DIM // 2
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         live = cols < num_keys
         slot = tl.load(slots + cols, mask=live, other=0).to(tl.int64)
-        d, dims = tl.arange(0, HALF), tl.arange(0, HEAD_DIM)
+        dims = tl.arange(0, HEAD_DIM)
         src = (slot[:, None] * KV_HEADS + kv_head) * HEAD_DIM
-        k1 = tl.load(key_buffer + src + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-        k2 = tl.load(key_buffer + src + HALF + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-        angle = cols[:, None].to(tl.int64) * HEAD_DIM + d[None, :]
-        cos = tl.load(angles + angle, mask=live[:, None], other=1.0)
-        sin = tl.load(angles + angle + HALF, mask=live[:, None], other=0.0)
         dst = (kv_head * max_keys + cols[:, None].to(tl.int64)) * HEAD_DIM
-        dtype = keys_out.dtype.element_ty
-        tl.store(keys_out + dst + d[None, :], (k1 * cos - k2 * sin).to(dtype), mask=live[:, None])
-        tl.store(keys_out + dst + HALF + d[None, :], (k2 * cos + k1 * sin).to(dtype), mask=live[:, None])
+        tile = live[:, None] & (dims[None, :] < HEAD_DIM)
+        key = rotated(key_buffer + src, angles + cols[:, None].to(tl.int64) * HEAD_DIM, dims[None, :], tile,
+                      HEAD_DIM, HEAD_DIM, True)  # the model's rotate-half RoPE over the whole head
+        tl.store(keys_out + dst + dims[None, :], key.to(keys_out.dtype.element_ty), mask=tile)
         v = tl.load(value_buffer + src + dims[None, :], mask=live[:, None], other=0.0)
         tl.store(values_out + dst + dims[None, :], v, mask=live[:, None])
         v = v.to(tl.float32)
