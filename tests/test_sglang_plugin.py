@@ -20,6 +20,8 @@ from array import array
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from epic_sglang.link_plan import plan_link, plan_spans, segment_spans
 from epic_sglang.policies import Segment, parse_policy
@@ -889,6 +891,37 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
     if not torch.cuda.is_available():
         assert main(["serve", "--engine", "sglang"]) == 2
         assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
+    """The warm-up compiles two documents, links them, then links one of them beside a document
+    never compiled (computed in the row), each with a decode step, apart from every tenant;
+    a server that refuses it is not ready, with a message naming it."""
+    from epic_sglang.server.background import serve_in_thread
+    from epic_sglang.sglang_plugin.launch import WARMUP_NAMESPACE, warm_link_path
+
+    bodies, status = [], {"code": 200}
+    app = FastAPI()
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        bodies.append(await request.json())
+        return JSONResponse({"output_ids": [1], "meta_info": {"cached_tokens": 0}}, status_code=status["code"])
+
+    with serve_in_thread(app) as url:
+        warm_link_path(url)
+        hints = [decode(b["extra_key"]) for b in bodies]
+        compiled = {tuple(b["input_ids"]) for b, h in zip(bodies, hints) if h.compile}
+        links = [(b, h) for b, h in zip(bodies, hints) if not h.compile]
+        assert len(compiled) == 2 and len(links) == 2 and not hints[-1].compile and hints[0].compile
+        assert all(h.namespace == WARMUP_NAMESPACE for h in hints)
+        docs = [[tuple(b["input_ids"][a:e]) for a, e in h.docs] for b, h in links]
+        assert all(d in compiled for d in docs[0])  # every document reused
+        assert sum(d not in compiled for d in docs[1]) == 1  # one computed in its row
+        assert all(b["sampling_params"]["max_new_tokens"] >= 2 for b, _ in links)  # a decode step too
+        status["code"] = 400
+        with pytest.raises(RuntimeError, match=f"SGLang server at {url} failed the plugin's link warm-up: 400"):
+            warm_link_path(url)
 
 
 # ----------------------------------------------------------------- on a GPU, through FlashInfer

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import requests
 
+from epic_sglang.policies import Segment
+from epic_sglang.sglang_plugin import client
+
 PLUGIN_FLAGS = ["--radix-cache-backend", "epic", "--disable-prefill-cuda-graph"]
 
 
@@ -47,13 +50,47 @@ def wait_until_ready(proc: subprocess.Popen, url: str, timeout_s: float, what: s
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
 
 
+WARMUP_NAMESPACE = "epic-warmup"  # the warm-up's documents: no tenant's requests match them
+
+
+def warmup_prompts() -> tuple[list[Segment], list[Segment]]:
+    """Two tiny link requests that run every kernel a link takes: one over two compiled
+    documents (shared runs, rotated queries, the merge, a linked decode step), one with a
+    document not compiled (computed in its row beside a cached one)."""
+    doc = [Segment(tuple(range(100 + 16 * i, 116 + 16 * i)), document=f"warmup-{i}") for i in range(3)]
+    head, question = Segment((90, 91, 92, 93)), Segment((94, 95, 96, 97))
+    return [head, doc[0], doc[1], question], [head, doc[2], doc[0], question]
+
+
+def warm_link_path(url: str, timeout_s: float = 900) -> None:
+    """Run the plugin's link path once before anyone is served: FlashInfer and Triton compile
+    its kernels on first use (a fresh GPU host without their caches took 107 s over the first
+    link pass: BENCHMARKS.md, the RAG load), which would otherwise fall on the first user."""
+    compiled, with_missing = warmup_prompts()
+    try:
+        for body in client.compile_bodies(compiled, WARMUP_NAMESPACE):
+            _post(url, body, timeout_s)
+        for prompt in (compiled, with_missing):
+            _post(url, client.generate_body(prompt, "legolink-1", {"max_new_tokens": 2, "ignore_eos": True},
+                                            WARMUP_NAMESPACE), timeout_s)
+    except requests.RequestException as err:
+        raise RuntimeError(f"SGLang server at {url} failed the plugin's link warm-up: {err}") from None
+
+
+def _post(url: str, body: dict, timeout_s: float) -> None:
+    r = requests.post(url + "/generate", json=body, timeout=timeout_s)
+    if r.status_code != 200:
+        raise requests.HTTPError(f"{r.status_code} {r.text[:200]}")
+
+
 class SGLangServer:
-    """`with SGLangServer(model, port) as url:` a ready server (its /health_generate answered),
-    on 127.0.0.1 (the front, or a benchmark, is its only client)."""
+    """`with SGLangServer(model, port) as url:` a ready server (its /health_generate answered,
+    and with the plugin its link path warmed: `warm_link_path`), on 127.0.0.1 (the front, or a
+    benchmark, is its only client)."""
 
     def __init__(self, model_path: str | Path, port: int, plugin: bool = True, extra: list[str] | tuple = (),
                  log_path: str | Path | None = None, ready_timeout_s: float = 900, env: dict[str, str] | None = None):
-        self.cmd = server_command(model_path, port, plugin, extra)
+        self.cmd, self.plugin = server_command(model_path, port, plugin, extra), plugin
         self.url = f"http://127.0.0.1:{port}"
         self.env = env if env is not None else server_env(plugin)
         self.log_path = Path(log_path) if log_path else None
@@ -64,8 +101,11 @@ class SGLangServer:
         log = open(self.log_path, "w") if self.log_path else None  # None: SGLang logs to our stdout
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            return wait_until_ready(self.proc, self.url, self.ready_timeout_s, f"SGLang server (log: {self.log_path})")
-        except TimeoutError:
+            wait_until_ready(self.proc, self.url, self.ready_timeout_s, f"SGLang server (log: {self.log_path})")
+            if self.plugin:
+                warm_link_path(self.url, self.ready_timeout_s)
+            return self.url
+        except (TimeoutError, RuntimeError):
             self.__exit__(None, None, None)
             raise
 
