@@ -122,9 +122,10 @@ def max_logprob_gap(a: list[dict], b: list[dict]) -> float:
 
 
 # ----------------------------------------------------------------- 1. check
-def check(tokenizer: Path, logs: Path, model: str | None = None) -> list[str]:
+def check(tokenizer: Path, logs: Path, model: str | None = None, engine_attention: str = "auto") -> list[str]:
     """`model`: an engine model name or folder (real weights, e.g. qwen2.5-0.5b unpacked by
-    ../shared/gpu-kit/weights.sh); none: the small random checkpoint."""
+    ../shared/gpu-kit/weights.sh); none: the small random checkpoint. `engine_attention`: the
+    in-process engine's backend (torch: its reference, which compiles nothing for a new shape)."""
     from epic_sglang import Engine, Request, SamplingParams
     from epic_sglang.models.loader import resolve_model_dir
 
@@ -139,7 +140,7 @@ def check(tokenizer: Path, logs: Path, model: str | None = None) -> list[str]:
         linked = plugin_outputs(url, prompts, sinks)
     fr = [o["output_ids"] for o in linked["fr"]]
 
-    engine = Engine(str(ckpt), device="cuda", kv_cache_gb=1)
+    engine = Engine(str(ckpt), device="cuda", kv_cache_gb=1, attention=engine_attention)
     rows = [f"| fr: plugin server = plain SGLang server, token for token | {sum(a == b for a, b in zip(fr, plain))}/{len(prompts)} |"]
     for policy in ("fr", "legolink-16", "naive", "legolink0", "cacheblend-15"):
         ours = engine.generate_batch([Request(segments=p, policy=policy, return_first_logits=True,
@@ -537,6 +538,9 @@ def main() -> None:
     ap.add_argument("--part", choices=["check", "front", "tp", "speed", "load", "all"], nargs="+", default=["all"])
     ap.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the tp part")
     ap.add_argument("--model", help="the check part on real weights: an engine model name or folder")
+    ap.add_argument("--engine-attention", choices=["auto", "torch"], default="auto",
+                    help="the check part's in-process engine: torch = its reference attention (on a model shape "
+                         "FlashInfer has not compiled for, auto had not finished after 3.5 minutes on a fresh H100)")
     ap.add_argument("--requests", type=int, default=48, help="fewest requests per load rate")
     ap.add_argument("--seconds", type=float, default=4.0,
                     help="a load rate runs at least this long (rate x seconds requests), so its queue reaches steady state")
@@ -560,14 +564,15 @@ def main() -> None:
     everything = {"check", "front", "speed", "load"} | ({"tp"} if torch.cuda.device_count() >= args.tp else set())
     parts = everything if "all" in args.part else set(args.part)
     if "check" in parts:
-        rows = check(args.tokenizer, args.logs, args.model)
+        rows = check(args.tokenizer, args.logs, args.model, args.engine_attention)
         weights = (f"{args.model}, real weights, random-token prompts" if args.model
                    else "small Qwen2 checkpoint, random widened weights")
         tolerance = ("" if args.model else "; the widened weights (std 0.08) make logits peaky and amplify it")
         write_section("sglang-plugin-check" + (f"-{args.model}" if args.model else ""),
                       f"""## SGLang plugin on GPU: correctness ({weights}, bf16)
 
-Card: {machine()}. SGLang 0.5.16, FlashInfer attention, `--radix-cache-backend epic` vs no plugin.
+Card: {machine()}. SGLang 0.5.16, FlashInfer attention, `--radix-cache-backend epic` vs no plugin;
+the in-process engine with {"its torch reference attention" if args.engine_attention == "torch" else "FlashInfer"}.
 
 Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question; 16 greedy tokens.
 The two runtimes use different kernels (SGLang stores rotated keys and the plugin reads documents in
