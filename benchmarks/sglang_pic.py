@@ -494,11 +494,12 @@ TRACE_HEADER = ("| run | requests | TTFT p50 / p90 ms | all documents held | the
 
 
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, seconds: float, slo_s: float,
-         precompiled: int) -> tuple[list[str], dict[str, float], str, list[str]]:
+         precompiled: int, server_flags: list[str]) -> tuple[list[str], dict[str, float], str, list[str]]:
     # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
     # the pool's accounting warns (counted below) instead of stopping the server mid-run
     flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--context-length", "8192",
-             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "128", "--soft-watchdog-timeout", "20"]
+             "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "128", "--soft-watchdog-timeout", "20",
+             *server_flags]
     env = {**server_env(plugin=True), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "0"}
     corpus = [s for s in segments(1000, 512, 0, 0, LLAMA_8B["vocab_size"], seed=7) if s.document is not None]
     rows, best, runners = [], {}, []
@@ -545,6 +546,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0,
                     help="a load rate runs at least this long (rate x seconds requests), so its queue reaches steady state")
     ap.add_argument("--fr-rates", type=float, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--load-flags", default="", help="more SGLang server flags for the load part, one string "
+                    "(e.g. \"--enable-mixed-chunk\": decode steps ride along with link passes)")
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
     ap.add_argument("--epic-rates", type=float, nargs="+", default=[16, 32, 48, 64, 96, 128])
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32],
@@ -642,11 +645,11 @@ the same documents read in place, each its own head and question.
 """)
     if "load" in parts:
         rows, best, residency, trace = load(args.tokenizer, args.logs, {"fr": args.fr_rates, "legolink-16": args.epic_rates},
-                                     args.requests, args.seconds, 0.2, args.precompile)
+                                     args.requests, args.seconds, 0.2, args.precompile, args.load_flags.split())
         ratio = best.get("legolink-16", 0) / best["fr"] if best.get("fr") else float("nan")
         write_section("sglang-plugin-load", f"""## SGLang plugin on GPU: RAG load (Llama-3-8B shape, dummy bf16 weights)
 
-Card: {machine()}. One SGLang 0.5.16 server with the plugin; a corpus of 1,000 documents of 512 tokens;
+Card: {machine()}. One SGLang 0.5.16 server with the plugin{f" (server flags: `{args.load_flags}`)" if args.load_flags else ""}; a corpus of 1,000 documents of 512 tokens;
 each request: a shared 32-token head, 8 documents by Zipf popularity (s = 1), a new 64-token question,
 32 output tokens, streamed; Poisson arrivals, max({args.requests}, {args.seconds:g} s x rate) requests per rate (after a warm-up of 16).
 `fr` requests are plain SGLang (exact prefix caching), run first; then the {args.precompile} most popular
