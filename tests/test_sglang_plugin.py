@@ -170,6 +170,30 @@ class Scheduler:
         self.batch.prepare_for_decode()
         return self.forward(self.batch, decode=True)
 
+    def mixed_step(self, reqs: list, token: int = 3) -> tuple[list, attention.LinkAttentionPlan | None]:
+        """SGLang's mixed chunk (`--enable-mixed-chunk`): new requests' extends and the last
+        batch's decode step in one forward (`ScheduleBatch.mix_with_running`, new rows first)."""
+        from sglang.srt.managers.schedule_batch import ScheduleBatch
+        from sglang.srt.managers.schedule_policy import PrefillAdder
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+        adder = PrefillAdder(1, self.cache, self.allocator, None, 0.0, 8192, self.chunk)
+        for req in reqs:
+            req.init_next_round_input(self.cache)
+            adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
+        new = ScheduleBatch.init_new(adder.can_run_list, self.req_pool, self.allocator, self.cache,
+                                     types.SimpleNamespace(is_encoder_decoder=False, vocab_size=1 << 16),
+                                     False, SpeculativeAlgorithm.NONE)
+        new.prepare_for_extend()
+        running = self.batch
+        for req in running.reqs:
+            req.output_ids.append(token)
+        running.output_ids = torch.tensor([token] * len(running.reqs))
+        running.prepare_for_decode()
+        new.mix_with_running(running)
+        self.batch = new
+        return adder.can_run_list, self.forward(new)
+
     def finish(self, req) -> None:
         from sglang.srt.mem_cache.common import release_kv_cache
 
@@ -491,6 +515,28 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     assert not decode_graphs.runs_in_graph(plan, bs) and decode_graphs.runs_in_graph(positions_only, bs)
     for req in reqs:
         s.finish(req)
+
+
+def test_a_mixed_batch_scores_new_link_passes_and_running_decodes_exactly(sglang_runtime):
+    """SGLang's mixed chunk puts new link passes and running requests' decode steps in one
+    forward: each scores exactly the tokens at or before it, then both decode on together."""
+    s = Scheduler()
+    ids_a, spans_a, _ = s.compiled_prompt(1)
+    ids_b, spans_b, _ = s.compiled_prompt(2)
+    a = s.request(ids_a, LinkHint("ns", tuple(spans_a), 2))
+    s.prefill([a])
+    s.decode_step(5)
+    b = s.request(ids_b, LinkHint("ns", tuple(spans_b), 3))
+    admitted, plan = s.mixed_step([b], 6)
+    assert admitted == [b] and s.batch.forward_mode.is_mixed() and plan.shared is not None
+    assert_link_scores(s, plan, b, ids_b, 0)
+    assert_link_scores(s, plan, a, ids_a, s.batch.extend_lens[0])
+    step = s.decode_step(7)
+    assert_link_scores(s, step, b, ids_b, 0)
+    assert_link_scores(s, step, a, ids_a, 1)
+    for req in (a, b):
+        s.finish(req)
+    assert s.cache.evictable_size() == s.cache.total_size()
 
 
 def test_a_retracted_linked_request_links_again_with_its_output_computed(sglang_runtime):
