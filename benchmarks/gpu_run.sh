@@ -13,8 +13,11 @@
 #   bash benchmarks/gpu_run.sh sglang-profile [sglang_profile.py args...]   # a linked request under SGLang's profiler
 #   bash benchmarks/gpu_run.sh cache   # only the JIT caches into $OUT
 #   bash benchmarks/gpu_run.sh warm [gpu_warm.py args...]   # compile a model shape's kernels ahead
-#   bash benchmarks/gpu_run.sh accuracy [accuracy.py args...]   # real weights (../shared/gpu-kit/WEIGHTS.md,
-#       unpacked into /tmp/site) and the data of `python -m epic_sglang.data.pack .data`
+#   bash benchmarks/gpu_run.sh accuracy [accuracy.py args...]   # real weights and the data of
+#       `python -m epic_sglang.data.pack .data`
+# Real weights (../shared/gpu-kit/WEIGHTS.md): unpack them into /tmp/weights-site
+# (`bash .wx/weights.sh unpack .wx /tmp/weights-site`), which is on the path of every mode here;
+# not into /tmp/site, which the kit's first load here wipes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:?usage: gpu_run.sh tests|bench [args]}; shift
@@ -26,7 +29,7 @@ LOADED=/tmp/site/.epic-kit-loaded
 if [ ! -f "$LOADED" ]; then
   bash gpu_bundle/load.sh gpu_bundle > "$OUT/load.log" 2>&1 || { tail -20 "$OUT/load.log"; exit 1; }
 fi
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=/tmp/site:/tmp/weights-site:$PWD
 # Triton keeps its kernels in ~/.triton unless told: under ~/.cache they travel in the JIT cache below.
 export TRITON_CACHE_DIR=$HOME/.cache/triton
 export PATH="$(dirname "$PY"):$PATH"
