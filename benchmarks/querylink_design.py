@@ -8,6 +8,7 @@ first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study rounds
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study oracle
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study temperature
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study offset
 
 Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
 each document) and differs only in which: the first `head` of each document, then the
@@ -52,6 +53,13 @@ every query's logits over the document tokens the link does not recompute are di
 temperature T (T < 1 sharpens) and their attention weight scaled by S (log S added to those
 logits), as one more entry's log-sum-exp offset would do in the cascade; applied to
 legolink-16's first tokens and to the shipped pick at its budget, a grid of T and S.
+
+`--study offset`: correct the reused KV by its mean error: per layer, the reused document tokens
+the link does not recompute get K and V shifted by a mean difference between fresh and cached
+KV (per KV head and dim, keys before RoPE). Oracle: the mean over those very tokens of fr's KV
+minus the cache's (what a perfect per-layer offset could do). Online: the mean over the document
+tokens the link does recompute, their fresh KV in this link minus their cached KV (known in the
+link pass at each layer, before its attention). Offsets on V alone, K alone, or both.
 
 `--answer-tokens N` (every study but sinks): each rule judged on fr's whole greedy answer (up to N
 tokens), not its first token: the answer appended to the prompt and scored teacher-forced, each
@@ -369,6 +377,94 @@ def temperature_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[st
     return out
 
 
+class CapturedAttention(TorchReferenceAttention):
+    """The reference attention, keeping each layer's un-rotated K and V of the prompt's
+    sequence (`length` keys: a document's compile is not kept)."""
+
+    def __init__(self, base: TorchReferenceAttention, length: int):
+        self.__dict__.update(base.__dict__)
+        self.length, self.k, self.v = length, {}, {}
+
+    def forward(self, q: torch.Tensor, layer: int, pool, batch: ForwardBatch) -> torch.Tensor:
+        for s in batch.seqs:
+            if s.kv_slots.numel() == self.length:
+                self.k[layer] = pool.get_key_buffer(layer)[s.kv_slots].clone()
+                self.v[layer] = pool.get_value_buffer(layer)[s.kv_slots].clone()
+        return super().forward(q, layer, pool, batch)
+
+
+class OffsetAttention(TorchReferenceAttention):
+    """The reference attention, with the stale keys' K and/or V (before RoPE) shifted by a
+    per-layer offset: `oracle` fr's mean error over the stale tokens, else the mean error of
+    the recomputed document tokens in this very link (their KV now minus `cached`)."""
+
+    def __init__(self, base: TorchReferenceAttention, stale: torch.Tensor, fresh_docs: torch.Tensor,
+                 cached: CapturedAttention, exact: CapturedAttention | None, which: str):
+        self.__dict__.update(base.__dict__)
+        self.stale, self.fresh_docs, self.cached, self.exact, self.which = stale, fresh_docs, cached, exact, which
+
+    def forward(self, q: torch.Tensor, layer: int, pool, batch: ForwardBatch) -> torch.Tensor:
+        q = apply_rotation(q, *self._query_rope)
+        k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
+        out = torch.empty_like(q)
+        for s, mask, rope in zip(batch.seqs, self._masks, self._key_rope):
+            k, v = k_buf[s.kv_slots].clone(), v_buf[s.kv_slots].clone()
+            if not s.dense:
+                n = len(self.stale)
+                stale, fresh = self.stale, self.fresh_docs
+                ck, cv = self.cached.k[layer], self.cached.v[layer]
+                if self.exact is not None:  # the oracle: fr's error over the stale tokens themselves
+                    dk = (self.exact.k[layer][stale] - ck[stale]).mean(0)
+                    dv = (self.exact.v[layer][stale] - cv[stale]).mean(0)
+                else:  # online: the recomputed document tokens' error in this link
+                    dk = (k[:n][fresh] - ck[fresh]).mean(0)
+                    dv = (v[:n][fresh] - cv[fresh]).mean(0)
+                if "k" in self.which:
+                    k[:n][stale] += dk
+                if "v" in self.which:
+                    v[:n][stale] += dv
+            k = apply_rotation(k, *rope)
+            o = F.scaled_dot_product_attention(q[s.q_start:s.q_end].transpose(0, 1), k.transpose(0, 1),
+                                               v.transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)
+            out[s.q_start:s.q_end] = o.transpose(0, 1)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+
+def offset_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """`--study offset`'s rules: each one's first-token logits and tokens recomputed."""
+    del seed
+    lego16 = plan_link(parse_policy("legolink-16"), segs)
+    docs = lego16.document_mask()
+    base = plan_link(parse_policy("legolink-8"), segs).recompute
+    budget = int((lego16.recompute & docs).sum()) - int((base & docs).sum())
+    score = per_layer_scores(engine, segs, 0)[1].sum(0)
+    naive = plan_link(parse_policy("naive"), segs).recompute
+    plain, n = engine.linker.attn, len(docs)
+
+    def run(attn, positions):
+        engine.linker.attn = attn
+        try:
+            return link_of(engine, segs, positions)
+        finally:
+            engine.linker.attn = plain
+
+    cached, exact = CapturedAttention(plain, n), CapturedAttention(plain, n)
+    run(cached, torch.zeros(0, dtype=torch.int64))  # naive: every document token read from the cache
+    run(exact, docs.nonzero().flatten())  # every token computed: fr's KV
+    out = {}
+    for name, positions in (("legolink-16", (lego16.recompute & docs).nonzero().flatten()),
+                            ("pick at legolink-16's budget",
+                             torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)]))):
+        recomputed = naive.clone()
+        recomputed[positions] = True
+        out[f"{name}, no offset"] = (run(plain, positions), int(recomputed.sum()))
+        for source, oracle in (("oracle", exact), ("online", None)):
+            for which in ("v", "k", "kv"):
+                attn = OffsetAttention(plain, docs & ~recomputed, docs & recomputed, cached, oracle, which)
+                out[f"{name}, {source} offset on {which.upper()}"] = (run(attn, positions), int(recomputed.sum()))
+    return out
+
+
 def forced_of(engine: Engine, segs: list[Segment], positions: torch.Tensor | None, answer: list[int],
               policy: str = "naive") -> tuple[list[float], list[bool]]:
     """`answer` after the prompt, teacher-forced, through a link recomputing `positions` (naive's
@@ -391,14 +487,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds", "oracle", "temperature"), default="pick")
+    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds", "oracle", "temperature", "offset"), default="pick")
     ap.add_argument("--answer-tokens", type=int, default=0,
                     help="judge each rule on fr's greedy answer (up to N tokens), teacher-forced; 0: the first token")
     args = ap.parse_args()
-    if args.answer_tokens and args.study in ("sinks", "temperature"):
+    if args.answer_tokens and args.study in ("sinks", "temperature", "offset"):
         sys.exit(f"--answer-tokens: not with --study {args.study} (its rules link their own way); pick another study")
     study = {"pick": rules, "budget": budget_rules, "documents": document_rules, "sinks": sink_rules,
-             "rounds": round_rules, "oracle": oracle_rules, "temperature": temperature_rules}[args.study]
+             "rounds": round_rules, "oracle": oracle_rules, "temperature": temperature_rules,
+             "offset": offset_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
@@ -456,13 +553,15 @@ def main() -> None:
     what = {"pick": "which document tokens to recompute", "budget": "how many document tokens to recompute",
             "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind",
             "rounds": "one round of picks or two", "oracle": "the scout's picks or a perfect scout's",
-            "temperature": "attention temperature on the reused KV"}[args.study]
+            "temperature": "attention temperature on the reused KV",
+            "offset": "the reused KV shifted by its mean error"}[args.study]
     paragraph = __doc__.split(chr(10) + chr(10))[
-        {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6, "oracle": 7, "temperature": 8}[args.study]]
+        {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6, "oracle": 7, "temperature": 8,
+         "offset": 9}[args.study]]
     judged = ""
     if args.answer_tokens:
         what += f", judged on fr's answer (up to {args.answer_tokens} tokens)"
-        judged = " " + __doc__.split(chr(10) + chr(10))[9]
+        judged = " " + __doc__.split(chr(10) + chr(10))[10]
     body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
 Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}{judged}
