@@ -1,6 +1,6 @@
 """CPU: the SGLang plugin's host work for one linked request, with SGLang's real cache classes.
 
-    python benchmarks/plugin_host.py [--contexts 16384 32768] [--repeats 20]
+    python benchmarks/plugin_host.py [--contexts 16384 32768] [--repeats 20] [--batch 32]
 
 A linked request's time to first token inside SGLang includes host work that no GPU hides:
 the scheduler matches the request (`LinkRequest.match`: every document looked up in the
@@ -66,7 +66,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(context: int, repeats: int) -> str:
+def measure(context: int, repeats: int, batch: int) -> str:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -112,30 +112,31 @@ def measure(context: int, repeats: int) -> str:
 
     link_pass_ms = timed(lambda: plan(False), repeats)
     decode_ms = timed(lambda: plan(True), repeats)
-    decode_32_ms = timed(lambda: plan(True, 32), repeats)
-    step = plan(True, 32)
-    pad_ms = timed(lambda: decode_graphs.PaddedEntries.of(step.shared, 32), repeats)
+    decode_batch_ms = timed(lambda: plan(True, batch), repeats)
+    step = plan(True, batch)
+    pad_ms = timed(lambda: decode_graphs.PaddedEntries.of(step.shared, batch), repeats)
     return (f"| {len(ids):,} | {n_docs} | {match_ms:.2f} | {rematch_ms:.3f} | {link_pass_ms:.2f} | {decode_ms:.2f} "
-            f"| {decode_32_ms:.2f} | {pad_ms:.2f} |")
+            f"| {decode_batch_ms:.2f} | {pad_ms:.2f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=32, help="requests in the timed decode step (the RAG load reaches 128)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # SGLang's scheduler is one Python thread
-    rows = [measure(c, args.repeats) for c in args.contexts]
-    write_section("sglang-plugin-host", f"""## SGLang plugin: host work of one linked request (CPU)
+    rows = [measure(c, args.repeats, args.batch) for c in args.contexts]
+    write_section("sglang-plugin-host" + ("" if args.batch == 32 else f"-batch{args.batch}"), f"""## SGLang plugin: host work of one linked request (CPU)
 
 Machine: {machine()}, one thread. SGLang 0.5.16's `PICRadixCache` / `MHATokenToKVPool` on CPU;
 legolink-16 over 512-token documents (a 32-token head, the documents, a 64-token question),
-median ms of the calls the scheduler and the forward's set-up make for one request (batch 32: 32
-such requests decoding together). SGLang matches a waiting request twice every scheduling round
+median ms of the calls the scheduler and the forward's set-up make for one request (batch
+{args.batch}: {args.batch} such requests decoding together). SGLang matches a waiting request twice every scheduling round
 (its policy's ordering, then the admission). The plans' tensor work (gathering slots: a million at
 batch 32 and 32K) runs here on the CPU; on a GPU it is queued, so these times bound the host's share.
 
-| prompt tokens | documents | match ms | match again, next round ms | link-pass plan ms | decode-step plan ms, batch 1 | batch 32 | decode-graph padding ms, batch 32 |
+| prompt tokens | documents | match ms | match again, next round ms | link-pass plan ms | decode-step plan ms, batch 1 | batch {args.batch} | decode-graph padding ms, batch {args.batch} |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """)

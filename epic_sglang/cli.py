@@ -190,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 # Flags the front sets on SGLang itself: the plugin needs them as they are.
 FRONT_OWNED_SGLANG_FLAGS = ("--model-path", "--model", "--host", "--port", "--attention-backend",
-                            "--radix-cache-backend", "--disable-prefill-cuda-graph")
+                            "--radix-cache-backend", "--disable-prefill-cuda-graph", "--api-key")
 
 
 def sglang_server_args(args: argparse.Namespace) -> list[str]:
@@ -201,12 +201,11 @@ def sglang_server_args(args: argparse.Namespace) -> list[str]:
     user = shlex.split(args.sglang_args or "")
     owned = sorted({a.split("=", 1)[0] for a in user} & set(FRONT_OWNED_SGLANG_FLAGS))
     if owned:
-        raise ValueError(f"--sglang-args may not set {', '.join(owned)}: use --model / --sglang-port, "
+        raise ValueError(f"--sglang-args may not set {', '.join(owned)}: use --model / --sglang-port / --api-key, "
                          "the plugin needs the rest as the front sets them")
     extra = ["--log-level", args.log_level, "--max-running-requests", str(args.max_running),
              "--max-prefill-tokens", str(args.prefill_token_budget)]
     extra += ["--served-model-name", args.served_model_name] if args.served_model_name else []
-    extra += ["--api-key", args.api_key] if args.api_key else []
     return extra + user
 
 
@@ -237,7 +236,7 @@ def _sglang_front(args: argparse.Namespace):
     model_dir = resolve_model_dir(args.model)
     port = args.sglang_port or args.port + 1
     server = SGLangServer(model_dir, port, plugin=True, extra=extra,
-                          env=server_env(True, config.kv_dir, config.host_cache_gb))
+                          env=server_env(True, config.kv_dir, config.host_cache_gb), api_key=args.api_key)
     url = server.__enter__()
     stop = functools.partial(server.__exit__, None, None, None)
     atexit.register(stop)  # if uvicorn never starts (the app's shutdown stops SGLang otherwise)

@@ -917,7 +917,7 @@ def test_bad_hints_and_prompt_logprobs_are_refused_with_a_message(sglang_runtime
 
 def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fix(capsys):
     from epic_sglang.cli import build_parser, main, sglang_server_args
-    from epic_sglang.sglang_plugin.launch import server_command, server_env
+    from epic_sglang.sglang_plugin.launch import SGLangServer, server_command, server_env
 
     cmd = server_command("/models/m", 30001, host="0.0.0.0")
     assert cmd[1:3] == ["-m", "sglang.launch_server"] and "--radix-cache-backend" in cmd
@@ -930,10 +930,14 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
     assert "--sglang-port must be in 1..65535" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--sglang-args", "--tp 2 --port=9"]) == 2
     assert "--sglang-args may not set --port: use --model / --sglang-port" in capsys.readouterr().err
+    assert main(["serve", "--engine", "sglang", "--sglang-args", "--tp 2 --api-key=k"]) == 2
+    assert "--sglang-args may not set --api-key: use --model / --sglang-port / --api-key" in capsys.readouterr().err
     args = build_parser().parse_args(["serve", "--engine", "sglang", "--api-key", "k",
                                       "--sglang-args", "--tp 2 --mem-fraction-static 0.8"])
     extra = sglang_server_args(args)
-    assert extra[-4:] == ["--tp", "2", "--mem-fraction-static", "0.8"] and extra[extra.index("--api-key") + 1] == "k"
+    assert extra[-4:] == ["--tp", "2", "--mem-fraction-static", "0.8"]
+    server = SGLangServer("/models/m", 30001, extra=extra, api_key="k")  # SGLang asks for it, the warm-up sends it
+    assert server.cmd[server.cmd.index("--api-key") + 1] == "k" and server.cmd.count("--api-key") == 1
     if not torch.cuda.is_available():
         assert main(["serve", "--engine", "sglang"]) == 2
         assert "need a CUDA GPU" in capsys.readouterr().err
@@ -951,11 +955,15 @@ def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
 
     @app.post("/generate")
     async def generate(request: Request):
+        if request.headers.get("Authorization") != "Bearer k":  # as SGLang started with --api-key k
+            return JSONResponse({"error": "unauthorized"}, status_code=401)
         bodies.append(await request.json())
         return JSONResponse({"output_ids": [1], "meta_info": {"cached_tokens": 0}}, status_code=status["code"])
 
     with serve_in_thread(app) as url:
-        warm_link_path(url)
+        with pytest.raises(RuntimeError, match="link warm-up: 401"):
+            warm_link_path(url)  # SGLang's API key is not optional
+        warm_link_path(url, api_key="k")
         hints = [decode(b["extra_key"]) for b in bodies]
         compiled = {tuple(b["input_ids"]) for b, h in zip(bodies, hints) if h.compile}
         links = [(b, h) for b, h in zip(bodies, hints) if not h.compile]
@@ -967,7 +975,7 @@ def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
         assert all(b["sampling_params"]["max_new_tokens"] >= 2 for b, _ in links)  # a decode step too
         status["code"] = 400
         with pytest.raises(RuntimeError, match=f"SGLang server at {url} failed the plugin's link warm-up: 400"):
-            warm_link_path(url)
+            warm_link_path(url, api_key="k")
 
 
 # ----------------------------------------------------------------- on a GPU, through FlashInfer

@@ -62,23 +62,24 @@ def warmup_prompts() -> tuple[list[Segment], list[Segment]]:
     return [head, doc[0], doc[1], question], [head, doc[2], doc[0], question]
 
 
-def warm_link_path(url: str, timeout_s: float = 900) -> None:
+def warm_link_path(url: str, timeout_s: float = 900, api_key: str | None = None) -> None:
     """Run the plugin's link path once before anyone is served: FlashInfer and Triton compile
     its kernels on first use (a fresh GPU host without their caches took 107 s over the first
     link pass: BENCHMARKS.md, the RAG load), which would otherwise fall on the first user."""
     compiled, with_missing = warmup_prompts()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         for body in client.compile_bodies(compiled, WARMUP_NAMESPACE):
-            _post(url, body, timeout_s)
+            _post(url, body, timeout_s, headers)
         for prompt in (compiled, with_missing):
             _post(url, client.generate_body(prompt, "legolink-1", {"max_new_tokens": 2, "ignore_eos": True},
-                                            WARMUP_NAMESPACE), timeout_s)
+                                            WARMUP_NAMESPACE), timeout_s, headers)
     except requests.RequestException as err:
         raise RuntimeError(f"SGLang server at {url} failed the plugin's link warm-up: {err}") from None
 
 
-def _post(url: str, body: dict, timeout_s: float) -> None:
-    r = requests.post(url + "/generate", json=body, timeout=timeout_s)
+def _post(url: str, body: dict, timeout_s: float, headers: dict[str, str]) -> None:
+    r = requests.post(url + "/generate", json=body, timeout=timeout_s, headers=headers)
     if r.status_code != 200:
         raise requests.HTTPError(f"{r.status_code} {r.text[:200]}")
 
@@ -89,8 +90,11 @@ class SGLangServer:
     benchmark, is its only client)."""
 
     def __init__(self, model_path: str | Path, port: int, plugin: bool = True, extra: list[str] | tuple = (),
-                 log_path: str | Path | None = None, ready_timeout_s: float = 900, env: dict[str, str] | None = None):
-        self.cmd, self.plugin = server_command(model_path, port, plugin, extra), plugin
+                 log_path: str | Path | None = None, ready_timeout_s: float = 900, env: dict[str, str] | None = None,
+                 api_key: str | None = None):
+        """`api_key`: SGLang then requires it on every route but its health checks (the warm-up sends it)."""
+        self.cmd = server_command(model_path, port, plugin, extra) + (["--api-key", api_key] if api_key else [])
+        self.plugin, self.api_key = plugin, api_key
         self.url = f"http://127.0.0.1:{port}"
         self.env = env if env is not None else server_env(plugin)
         self.log_path = Path(log_path) if log_path else None
@@ -103,7 +107,7 @@ class SGLangServer:
         try:
             wait_until_ready(self.proc, self.url, self.ready_timeout_s, f"SGLang server (log: {self.log_path})")
             if self.plugin:
-                warm_link_path(self.url, self.ready_timeout_s)
+                warm_link_path(self.url, self.ready_timeout_s, self.api_key)
             return self.url
         except (TimeoutError, RuntimeError):
             self.__exit__(None, None, None)
