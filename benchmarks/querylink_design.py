@@ -324,47 +324,70 @@ def oracle_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, to
     return against_the_pick(engine, segs, exact)
 
 
-class TemperedAttention(TorchReferenceAttention):
-    """The reference attention, with the logits of a link's stale keys (the positions `stale`
-    marks: reused document tokens not recomputed) divided by `temperature` and shifted by
-    log `scale`. Dense sequences (a document's compile) attend as usual."""
+class EditedAttention(TorchReferenceAttention):
+    """The reference attention with a link's keys (before RoPE) and values edited by `edit`,
+    which may also add a bias to their logits; dense sequences (a document's compile, fr's
+    capture) attend as usual."""
 
-    def __init__(self, base: TorchReferenceAttention, stale: torch.Tensor, temperature: float, scale: float):
+    def __init__(self, base: TorchReferenceAttention):
         self.__dict__.update(base.__dict__)
-        self.stale, self.temperature, self.scale_weight = stale, temperature, scale
+
+    def edit(self, k: torch.Tensor, v: torch.Tensor, layer: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
 
     def forward(self, q: torch.Tensor, layer: int, pool, batch: ForwardBatch) -> torch.Tensor:
         q = apply_rotation(q, *self._query_rope)
         k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
         out = torch.empty_like(q)
         for s, mask, rope in zip(batch.seqs, self._masks, self._key_rope):
-            k = apply_rotation(k_buf[s.kv_slots], *rope)
+            k, v = k_buf[s.kv_slots].clone(), v_buf[s.kv_slots].clone()
             if not s.dense:
-                stale = F.pad(self.stale, (0, k.shape[0] - len(self.stale))).to(k.device)  # decode: new keys are fresh
-                k = torch.where(stale[:, None, None], k / self.temperature, k)
-                allowed = mask.get("attn_mask", torch.ones(s.num_queries, k.shape[0], dtype=torch.bool, device=k.device))
-                bias = torch.where(stale, torch.tensor(self.scale_weight).log(), torch.tensor(0.0)).to(k.dtype)
-                mask = {"attn_mask": torch.where(allowed, bias[None, :], float("-inf"))}
+                k, v, bias = self.edit(k, v, layer)
+                if bias is not None:
+                    allowed = mask.get("attn_mask", torch.ones(s.num_queries, k.shape[0], dtype=torch.bool, device=k.device))
+                    mask = {"attn_mask": torch.where(allowed, bias[None, :], float("-inf"))}
+            k = apply_rotation(k, *rope)
             o = F.scaled_dot_product_attention(q[s.q_start:s.q_end].transpose(0, 1), k.transpose(0, 1),
-                                               v_buf[s.kv_slots].transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)
+                                               v.transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)
             out[s.q_start:s.q_end] = o.transpose(0, 1)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 
-def temperature_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tuple[torch.Tensor, int]]:
-    """`--study temperature`'s rules: each one's first-token logits and tokens recomputed."""
-    del seed
+class TemperedAttention(EditedAttention):
+    """The logits of a link's stale keys (the positions `stale` marks: reused document tokens
+    not recomputed) divided by `temperature` and shifted by log `scale`."""
+
+    def __init__(self, base: TorchReferenceAttention, stale: torch.Tensor, temperature: float, scale: float):
+        super().__init__(base)
+        self.stale, self.temperature, self.scale_weight = stale, temperature, scale
+
+    def edit(self, k: torch.Tensor, v: torch.Tensor, layer: int):
+        stale = F.pad(self.stale, (0, k.shape[0] - len(self.stale))).to(k.device)  # decode: new keys are fresh
+        bias = torch.where(stale, torch.tensor(self.scale_weight).log(), torch.tensor(0.0)).to(k.dtype)
+        return torch.where(stale[:, None, None], k / self.temperature, k), v, bias
+
+
+def edited_links(engine: Engine, segs: list[Segment]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """What the correction studies edit: the document mask, naive's recomputed positions, and
+    the positions legolink-16 and the shipped pick at its budget recompute beyond naive's."""
     lego16 = plan_link(parse_policy("legolink-16"), segs)
     docs = lego16.document_mask()
     base = plan_link(parse_policy("legolink-8"), segs).recompute
     budget = int((lego16.recompute & docs).sum()) - int((base & docs).sum())
     score = per_layer_scores(engine, segs, 0)[1].sum(0)
-    naive = plan_link(parse_policy("naive"), segs).recompute
+    return docs, plan_link(parse_policy("naive"), segs).recompute, {
+        "legolink-16": (lego16.recompute & docs).nonzero().flatten(),
+        "pick at legolink-16's budget": torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)])}
+
+
+def temperature_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """`--study temperature`'s rules: each one's first-token logits and tokens recomputed."""
+    del seed
+    docs, naive, links = edited_links(engine, segs)
     plain = engine.linker.attn
     out = {}
-    for name, positions in (("legolink-16", (lego16.recompute & docs).nonzero().flatten()),
-                            ("pick at legolink-16's budget",
-                             torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)]))):
+    for name, positions in links.items():
         recomputed = naive.clone()
         recomputed[positions] = True
         grid = [(1.0, 1.0)] + [(t, c) for t in (0.95, 1.0, 1.05) for c in (0.5, 0.7, 1.0) if (t, c) != (1.0, 1.0)]
@@ -393,52 +416,36 @@ class CapturedAttention(TorchReferenceAttention):
         return super().forward(q, layer, pool, batch)
 
 
-class OffsetAttention(TorchReferenceAttention):
-    """The reference attention, with the stale keys' K and/or V (before RoPE) shifted by a
-    per-layer offset: `oracle` fr's mean error over the stale tokens, else the mean error of
-    the recomputed document tokens in this very link (their KV now minus `cached`)."""
+class OffsetAttention(EditedAttention):
+    """A link's stale keys' K and/or V (before RoPE) shifted by a per-layer offset: `oracle`
+    fr's mean error over the stale tokens, else the mean error of the recomputed document
+    tokens in this very link (their KV now minus `cached`)."""
 
     def __init__(self, base: TorchReferenceAttention, stale: torch.Tensor, fresh_docs: torch.Tensor,
                  cached: CapturedAttention, exact: CapturedAttention | None, which: str):
-        self.__dict__.update(base.__dict__)
+        super().__init__(base)
         self.stale, self.fresh_docs, self.cached, self.exact, self.which = stale, fresh_docs, cached, exact, which
 
-    def forward(self, q: torch.Tensor, layer: int, pool, batch: ForwardBatch) -> torch.Tensor:
-        q = apply_rotation(q, *self._query_rope)
-        k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
-        out = torch.empty_like(q)
-        for s, mask, rope in zip(batch.seqs, self._masks, self._key_rope):
-            k, v = k_buf[s.kv_slots].clone(), v_buf[s.kv_slots].clone()
-            if not s.dense:
-                n = len(self.stale)
-                stale, fresh = self.stale, self.fresh_docs
-                ck, cv = self.cached.k[layer], self.cached.v[layer]
-                if self.exact is not None:  # the oracle: fr's error over the stale tokens themselves
-                    dk = (self.exact.k[layer][stale] - ck[stale]).mean(0)
-                    dv = (self.exact.v[layer][stale] - cv[stale]).mean(0)
-                else:  # online: the recomputed document tokens' error in this link
-                    dk = (k[:n][fresh] - ck[fresh]).mean(0)
-                    dv = (v[:n][fresh] - cv[fresh]).mean(0)
-                if "k" in self.which:
-                    k[:n][stale] += dk
-                if "v" in self.which:
-                    v[:n][stale] += dv
-            k = apply_rotation(k, *rope)
-            o = F.scaled_dot_product_attention(q[s.q_start:s.q_end].transpose(0, 1), k.transpose(0, 1),
-                                               v.transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)
-            out[s.q_start:s.q_end] = o.transpose(0, 1)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+    def edit(self, k: torch.Tensor, v: torch.Tensor, layer: int):
+        n, stale, fresh = len(self.stale), self.stale, self.fresh_docs
+        ck, cv = self.cached.k[layer], self.cached.v[layer]
+        if self.exact is not None:  # the oracle: fr's error over the stale tokens themselves
+            dk = (self.exact.k[layer][stale] - ck[stale]).mean(0)
+            dv = (self.exact.v[layer][stale] - cv[stale]).mean(0)
+        else:  # online: the recomputed document tokens' error in this link
+            dk = (k[:n][fresh] - ck[fresh]).mean(0)
+            dv = (v[:n][fresh] - cv[fresh]).mean(0)
+        if "k" in self.which:
+            k[:n][stale] += dk
+        if "v" in self.which:
+            v[:n][stale] += dv
+        return k, v, None
 
 
 def offset_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tuple[torch.Tensor, int]]:
     """`--study offset`'s rules: each one's first-token logits and tokens recomputed."""
     del seed
-    lego16 = plan_link(parse_policy("legolink-16"), segs)
-    docs = lego16.document_mask()
-    base = plan_link(parse_policy("legolink-8"), segs).recompute
-    budget = int((lego16.recompute & docs).sum()) - int((base & docs).sum())
-    score = per_layer_scores(engine, segs, 0)[1].sum(0)
-    naive = plan_link(parse_policy("naive"), segs).recompute
+    docs, naive, links = edited_links(engine, segs)
     plain, n = engine.linker.attn, len(docs)
 
     def run(attn, positions):
@@ -452,9 +459,7 @@ def offset_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tu
     run(cached, torch.zeros(0, dtype=torch.int64))  # naive: every document token read from the cache
     run(exact, docs.nonzero().flatten())  # every token computed: fr's KV
     out = {}
-    for name, positions in (("legolink-16", (lego16.recompute & docs).nonzero().flatten()),
-                            ("pick at legolink-16's budget",
-                             torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)]))):
+    for name, positions in links.items():
         recomputed = naive.clone()
         recomputed[positions] = True
         out[f"{name}, no offset"] = (run(plain, positions), int(recomputed.sum()))
