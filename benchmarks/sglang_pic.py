@@ -42,8 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_ttft import LLAMA_8B, model_dir, random_checkpoint, segments  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
-from epic_sglang.link_plan import plan_link  # noqa: E402
-from epic_sglang.policies import Segment, parse_policy  # noqa: E402
+from epic_sglang.policies import Segment  # noqa: E402
 from epic_sglang.sglang_plugin import client, decode_graphs  # noqa: E402
 from epic_sglang.sglang_plugin.launch import SGLangServer, server_env, wait_until_ready  # noqa: E402
 
@@ -151,7 +150,7 @@ def check(tokenizer: Path, logs: Path, model: str | None = None, engine_attentio
             lp = torch.log_softmax(en.first_logits.float(), dim=-1)
             gaps += [abs(v - lp[t].item()) for t, v in first_logprobs(sg).items()]
             same_tokens += sg["output_ids"] == en.output_ids
-            reused &= policy == "fr" or sg["meta_info"]["cached_tokens"] >= plan_link(parse_policy(policy), p).reused_tokens
+            reused &= policy == "fr" or client.reused_whole(p, policy, sg["meta_info"]["cached_tokens"])
         again = sum(a["output_ids"] == b["output_ids"] for a, b in zip(linked[policy], linked[policy + "-again"])
                     ) if policy == "legolink-16" else None
         rows.append(f"| {policy}: plugin vs in-process engine, max abs first-token logprob gap over SGLang's top-10 "
@@ -413,8 +412,7 @@ class RagLoad:
         prompts = [[doc, probe] for doc in self.corpus]
         out = self.compiler.map(lambda segs: generate(self.url, client.generate_body(segs, "naive", {"max_new_tokens": 1})),
                                 prompts)
-        return sum(o["meta_info"]["cached_tokens"] >= plan_link(parse_policy("naive"), segs).reused_tokens
-                   for o, segs in zip(out, prompts))
+        return sum(client.reused_whole(segs, "naive", o["meta_info"]["cached_tokens"]) for o, segs in zip(out, prompts))
 
     def prompt(self) -> list[Segment]:
         picked: list[int] = []
@@ -458,9 +456,14 @@ class RagLoad:
             for segs in prompts:
                 futures.append(pool.submit(self.one, segs, t0, label))
                 time.sleep(self.rng.expovariate(rate))
-            ttfts = sorted(f.result() for f in futures)
+            ttfts = [f.result() for f in futures]
         wall = time.perf_counter() - t0
-        return statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], n / wall
+        return statistics.median(ttfts), percentile(ttfts, 0.9), n / wall
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile of `xs` as every load table reads it: the sorted value at int(q x (n - 1))."""
+    return sorted(xs)[int(q * (len(xs) - 1))]
 
 
 def write_trace(path: Path, runners: list[RagLoad]) -> None:
@@ -477,7 +480,7 @@ def trace_rows(path: Path) -> list[str]:
         runs.setdefault(t["run"], []).append(t)
 
     def p(xs: list[float], q: float) -> str:
-        return f"{sorted(xs)[int(q * (len(xs) - 1))] * 1000:,.0f}" if xs else "-"
+        return f"{percentile(xs, q) * 1000:,.0f}" if xs else "-"
 
     rows = []
     for run, ts in runs.items():

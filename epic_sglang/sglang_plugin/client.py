@@ -46,6 +46,13 @@ def compile_bodies(segments: list[Segment], namespace: str | None = None, sinks:
             for s in segments if s.document is not None]
 
 
+def reused_whole(segments: list[Segment], policy: str | Policy, cached_tokens: int) -> bool:
+    """Whether a response's `cached_tokens` covers every document token `policy` reuses: none
+    of the prompt's documents was missing or evicted."""
+    policy = parse_policy(policy) if isinstance(policy, str) else policy
+    return cached_tokens >= plan_link(policy, segments).reused_tokens
+
+
 class CompiledDocuments:
     """The documents a client believes the server holds, compiled through it (per
     namespace and recipe: legolink0's documents are compiled behind sinks). A link response
@@ -70,7 +77,7 @@ class CompiledDocuments:
         """False (and the prompt's documents forgotten) when a document was not reused.
         An fr request reuses no document, so it shows nothing."""
         policy = parse_policy(policy) if isinstance(policy, str) else policy
-        if cached_tokens >= plan_link(policy, segments).reused_tokens:
+        if reused_whole(segments, policy, cached_tokens):
             return True
         self.known.difference_update((namespace, policy.recipe.name, s.token_ids) for s in segments if s.document is not None)
         return False
