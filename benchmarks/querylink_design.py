@@ -336,22 +336,15 @@ class EditedAttention(TorchReferenceAttention):
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
-    def forward(self, q: torch.Tensor, layer: int, pool, batch: ForwardBatch) -> torch.Tensor:
-        q = apply_rotation(q, *self._query_rope)
-        k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
-        out = torch.empty_like(q)
-        for s, mask, rope in zip(batch.seqs, self._masks, self._key_rope):
-            k, v = k_buf[s.kv_slots].clone(), v_buf[s.kv_slots].clone()
-            if not s.dense:
-                k, v, bias = self.edit(k, v, layer)
-                if bias is not None:
-                    allowed = mask.get("attn_mask", torch.ones(s.num_queries, k.shape[0], dtype=torch.bool, device=k.device))
-                    mask = {"attn_mask": torch.where(allowed, bias[None, :], float("-inf"))}
-            k = apply_rotation(k, *rope)
-            o = F.scaled_dot_product_attention(q[s.q_start:s.q_end].transpose(0, 1), k.transpose(0, 1),
-                                               v.transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)
-            out[s.q_start:s.q_end] = o.transpose(0, 1)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+    def keys_values(self, pool, layer: int, s, mask: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        k, v, mask = super().keys_values(pool, layer, s, mask)
+        if s.dense:
+            return k, v, mask
+        k, v, bias = self.edit(k.clone(), v.clone(), layer)
+        if bias is not None:
+            allowed = mask.get("attn_mask", torch.ones(s.num_queries, k.shape[0], dtype=torch.bool, device=k.device))
+            mask = {"attn_mask": torch.where(allowed, bias[None, :], float("-inf"))}
+        return k, v, mask
 
 
 class TemperedAttention(EditedAttention):
@@ -408,12 +401,11 @@ class CapturedAttention(TorchReferenceAttention):
         self.__dict__.update(base.__dict__)
         self.length, self.k, self.v = length, {}, {}
 
-    def forward(self, q: torch.Tensor, layer: int, pool, batch: ForwardBatch) -> torch.Tensor:
-        for s in batch.seqs:
-            if s.kv_slots.numel() == self.length:
-                self.k[layer] = pool.get_key_buffer(layer)[s.kv_slots].clone()
-                self.v[layer] = pool.get_value_buffer(layer)[s.kv_slots].clone()
-        return super().forward(q, layer, pool, batch)
+    def keys_values(self, pool, layer: int, s, mask: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        k, v, mask = super().keys_values(pool, layer, s, mask)
+        if s.kv_slots.numel() == self.length:
+            self.k[layer], self.v[layer] = k.clone(), v.clone()
+        return k, v, mask
 
 
 class OffsetAttention(EditedAttention):

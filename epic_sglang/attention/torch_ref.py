@@ -41,13 +41,17 @@ class TorchReferenceAttention:
                 n = s.kv_slots.numel()
                 self._masks.append({"attn_mask": torch.arange(n, device=s.kv_slots.device)[None, :] <= s.q_positions[:, None]})
 
+    def keys_values(self, pool: KVPool, layer: int, s, mask: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """A sequence's keys (un-rotated), values and SDPA mask arguments, as the pool and the plan
+        hold them (`benchmarks/querylink_design.py` edits a link's here)."""
+        return pool.get_key_buffer(layer)[s.kv_slots], pool.get_value_buffer(layer)[s.kv_slots], mask
+
     def forward(self, q: torch.Tensor, layer: int, pool: KVPool, batch: ForwardBatch) -> torch.Tensor:
         q = apply_rotation(q, *self._query_rope)
-        k_buf, v_buf = pool.get_key_buffer(layer), pool.get_value_buffer(layer)
         out = torch.empty_like(q)
         for s, mask, rope in zip(batch.seqs, self._masks, self._key_rope):
-            k = apply_rotation(k_buf[s.kv_slots], *rope)
-            v = v_buf[s.kv_slots]
+            k, v, mask = self.keys_values(pool, layer, s, mask)
+            k = apply_rotation(k, *rope)
             o = F.scaled_dot_product_attention(q[s.q_start:s.q_end].transpose(0, 1), k.transpose(0, 1),
                                                v.transpose(0, 1), scale=self.scale, enable_gqa=True, **mask)
             out[s.q_start:s.q_end] = o.transpose(0, 1)
