@@ -108,6 +108,10 @@ class Scheduler:
     def prefill(self, reqs: list) -> tuple[list, attention.LinkAttentionPlan | None]:
         """Match, admit, prepare the extend, then 'run' it: returns the admitted requests and
         the link plan the FlashInfer backend would get."""
+        return self.run_extend(self.admit(reqs))
+
+    def admit(self, reqs: list) -> list:
+        """Match and admit as SGLang's `PrefillAdder` does; the requests it takes."""
         from sglang.srt.managers.schedule_policy import PrefillAdder
 
         adder = PrefillAdder(1, self.cache, self.allocator, None, 0.0, 8192, self.chunk)
@@ -115,20 +119,24 @@ class Scheduler:
             req.init_next_round_input(self.cache)
             adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
         self.chunked = adder.new_chunked_req  # a request SGLang cut to fit the chunk: `next_chunk` goes on
-        return self.run_extend(adder.can_run_list)
+        return adder.can_run_list
 
-    def run_extend(self, admitted: list) -> tuple[list, attention.LinkAttentionPlan | None]:
+    def extend_batch(self, admitted: list):
+        """SGLang's extend batch of the admitted requests, prepared (slots allocated)."""
         from sglang.srt.managers.schedule_batch import ScheduleBatch
         from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
-        if not admitted:
-            return [], None
         batch = ScheduleBatch.init_new(admitted, self.req_pool, self.allocator, self.cache,
                                        types.SimpleNamespace(is_encoder_decoder=False, vocab_size=1 << 16),
                                        False, SpeculativeAlgorithm.NONE)
         batch.prepare_for_extend()
-        self.batch = batch
-        plan = self.forward(batch)
+        return batch
+
+    def run_extend(self, admitted: list) -> tuple[list, attention.LinkAttentionPlan | None]:
+        if not admitted:
+            return [], None
+        self.batch = self.extend_batch(admitted)
+        plan = self.forward(self.batch)
         if self.chunked is not None:  # the scheduler stashes a cut request's chunk (`stash_chunked_request`)
             self.cache.cache_unfinished_req(self.chunked, chunked=True)
         return admitted, plan
@@ -164,35 +172,25 @@ class Scheduler:
     def decode_step(self, token: int = 3) -> attention.LinkAttentionPlan | None:
         """Every request of the last batch samples `token`; SGLang's decode step's set-up, then
         the forward."""
+        self.sample(token)
+        return self.forward(self.batch, decode=True)
+
+    def sample(self, token: int) -> None:
+        """Every request of the last batch samples `token`, and the batch is set up to decode it."""
         for req in self.batch.reqs:
             req.output_ids.append(token)
         self.batch.output_ids = torch.tensor([token] * len(self.batch.reqs))
         self.batch.prepare_for_decode()
-        return self.forward(self.batch, decode=True)
 
     def mixed_step(self, reqs: list, token: int = 3) -> tuple[list, attention.LinkAttentionPlan | None]:
         """SGLang's mixed chunk (`--enable-mixed-chunk`): new requests' extends and the last
         batch's decode step in one forward (`ScheduleBatch.mix_with_running`, new rows first)."""
-        from sglang.srt.managers.schedule_batch import ScheduleBatch
-        from sglang.srt.managers.schedule_policy import PrefillAdder
-        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
-
-        adder = PrefillAdder(1, self.cache, self.allocator, None, 0.0, 8192, self.chunk)
-        for req in reqs:
-            req.init_next_round_input(self.cache)
-            adder.add_one_req(req, has_chunked_req=False, truncation_align_size=None)
-        new = ScheduleBatch.init_new(adder.can_run_list, self.req_pool, self.allocator, self.cache,
-                                     types.SimpleNamespace(is_encoder_decoder=False, vocab_size=1 << 16),
-                                     False, SpeculativeAlgorithm.NONE)
-        new.prepare_for_extend()
-        running = self.batch
-        for req in running.reqs:
-            req.output_ids.append(token)
-        running.output_ids = torch.tensor([token] * len(running.reqs))
-        running.prepare_for_decode()
-        new.mix_with_running(running)
+        admitted = self.admit(reqs)
+        new = self.extend_batch(admitted)
+        self.sample(token)
+        new.mix_with_running(self.batch)
         self.batch = new
-        return adder.can_run_list, self.forward(new)
+        return admitted, self.forward(new)
 
     def finish(self, req) -> None:
         from sglang.srt.mem_cache.common import release_kv_cache
