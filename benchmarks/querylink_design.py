@@ -374,6 +374,15 @@ def edited_links(engine: Engine, segs: list[Segment]) -> tuple[torch.Tensor, tor
         "pick at legolink-16's budget": torch.cat([base.nonzero().flatten(), top(score, docs & ~base, budget)])}
 
 
+def link_with_attention(engine: Engine, segs: list[Segment], attn, positions: torch.Tensor) -> torch.Tensor:
+    """`link_of` with `attn` as the engine's attention for that link only."""
+    plain, engine.linker.attn = engine.linker.attn, attn
+    try:
+        return link_of(engine, segs, positions)
+    finally:
+        engine.linker.attn = plain
+
+
 def temperature_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tuple[torch.Tensor, int]]:
     """`--study temperature`'s rules: each one's first-token logits and tokens recomputed."""
     del seed
@@ -385,11 +394,9 @@ def temperature_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[st
         recomputed[positions] = True
         grid = [(1.0, 1.0)] + [(t, c) for t in (0.95, 1.0, 1.05) for c in (0.5, 0.7, 1.0) if (t, c) != (1.0, 1.0)]
         for temperature, scale in grid:  # T 1, S 1 first: the plain link, the rows' baseline
-            engine.linker.attn = TemperedAttention(plain, docs & ~recomputed, temperature, scale)
-            try:
-                out[f"{name}, T {temperature:g}, S {scale:g}"] = (link_of(engine, segs, positions), int(recomputed.sum()))
-            finally:
-                engine.linker.attn = plain
+            attn = TemperedAttention(plain, docs & ~recomputed, temperature, scale)
+            out[f"{name}, T {temperature:g}, S {scale:g}"] = (link_with_attention(engine, segs, attn, positions),
+                                                               int(recomputed.sum()))
     return out
 
 
@@ -441,11 +448,7 @@ def offset_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tu
     plain, n = engine.linker.attn, len(docs)
 
     def run(attn, positions):
-        engine.linker.attn = attn
-        try:
-            return link_of(engine, segs, positions)
-        finally:
-            engine.linker.attn = plain
+        return link_with_attention(engine, segs, attn, positions)
 
     cached, exact = CapturedAttention(plain, n), CapturedAttention(plain, n)
     run(cached, torch.zeros(0, dtype=torch.int64))  # naive: every document token read from the cache
