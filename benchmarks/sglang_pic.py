@@ -93,9 +93,9 @@ def sink_tokens(ckpt: Path) -> list[int]:
 
 
 def plugin_outputs(url: str, prompts: list[list[Segment]], sinks: list[int]) -> dict[str, list[dict]]:
-    """fr, then (documents compiled) legolink-16, naive, legolink-16 again and cacheblend-15,
-    then (documents compiled behind `sinks`) legolink0, with the first token's top-10
-    logprobs: what the checks compare."""
+    """fr, then (documents compiled) legolink-16, naive, legolink-16 again, cacheblend-15 and
+    querylink-16, then (documents compiled behind `sinks`) legolink0, with the first token's
+    top-10 logprobs: what the checks compare."""
     def ask(policy: str) -> list[dict]:
         return [generate(url, client.generate_body(p, policy, GREEDY, return_logprob=True, top_logprobs_num=10))
                 for p in prompts]
@@ -103,7 +103,7 @@ def plugin_outputs(url: str, prompts: list[list[Segment]], sinks: list[int]) -> 
     out = {"fr": ask("fr")}
     for p in prompts:
         compile_documents(url, p)
-    for policy in ("legolink-16", "naive", "legolink-16-again", "cacheblend-15"):
+    for policy in ("legolink-16", "naive", "legolink-16-again", "cacheblend-15", "querylink-16"):
         out[policy] = ask(policy.removesuffix("-again"))
     for p in prompts:
         compile_documents(url, p, sinks)
@@ -141,7 +141,7 @@ def check(tokenizer: Path, logs: Path, model: str | None = None, engine_attentio
 
     engine = Engine(str(ckpt), device="cuda", kv_cache_gb=1, attention=engine_attention)
     rows = [f"| fr: plugin server = plain SGLang server, token for token | {sum(a == b for a, b in zip(fr, plain))}/{len(prompts)} |"]
-    for policy in ("fr", "legolink-16", "naive", "legolink0", "cacheblend-15"):
+    for policy in ("fr", "legolink-16", "naive", "legolink0", "cacheblend-15", "querylink-16"):
         ours = engine.generate_batch([Request(segments=p, policy=policy, return_first_logits=True,
                                               sampling=SamplingParams(max_new_tokens=16, ignore_eos=True))
                                       for p in prompts])
@@ -177,7 +177,7 @@ def tensor_parallel(tokenizer: Path, logs: Path, tp: int) -> list[str]:
                           log_path=logs / f"sglang_tp{size}.log") as url:
             outs[size] = plugin_outputs(url, prompts, sinks)
     rows = []
-    for policy in ("fr", "legolink-16", "naive", "legolink-16-again", "cacheblend-15", "legolink0"):
+    for policy in ("fr", "legolink-16", "naive", "legolink-16-again", "cacheblend-15", "querylink-16", "legolink0"):
         one, many = outs[1][policy], outs[tp][policy]
         same = sum(a["output_ids"] == b["output_ids"] for a, b in zip(one, many))
         cached = min(o["meta_info"]["cached_tokens"] for o in many)
@@ -350,7 +350,7 @@ def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int,
             n_docs = (ctx - 32 - 64) // 512
             docs = [s for s in segments(n_docs, 512, 0, 0, LLAMA_8B["vocab_size"], seed=ctx) if s.document is not None]
             compile_documents(url, docs)
-            t = {k: [] for k in ("fr", "hit", "legolink-16", "naive")}
+            t = {k: [] for k in ("fr", "hit", "legolink-16", "naive", "querylink-16")}
             for i in range(repeats + 2):  # two warm-ups
                 seed += 1
                 base = prompt(docs, seed)
@@ -358,12 +358,14 @@ def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int,
                 hit = timed(url, client.generate_body(base[:-1] + prompt([], seed + 10_000)[-1:], "fr", one))
                 lego = timed(url, client.generate_body(prompt(docs, seed + 20_000), "legolink-16", one))
                 naive = timed(url, client.generate_body(prompt(docs, seed + 30_000), "naive", one))
+                query = timed(url, client.generate_body(prompt(docs, seed + 60_000), "querylink-16", one))
                 if i >= 2:
-                    for k, v in zip(t, (miss, hit, lego, naive)):
+                    for k, v in zip(t, (miss, hit, lego, naive, query)):
                         t[k].append(v)
             m = {k: statistics.median(v) * 1000 for k, v in t.items()}
             rows.append(f"| {ctx:,} | {n_docs} | {m['fr']:,.1f} | {m['hit']:,.1f} | {m['legolink-16']:,.1f} | "
-                        f"{m['naive']:,.1f} | {m['fr'] / m['legolink-16']:.1f}x | {m['legolink-16'] / m['hit']:.2f}x |")
+                        f"{m['naive']:,.1f} | {m['querylink-16']:,.1f} ({m['querylink-16'] / m['legolink-16']:.2f}x) | "
+                        f"{m['fr'] / m['legolink-16']:.1f}x | {m['legolink-16'] / m['hit']:.2f}x |")
             print(rows[-1], flush=True)
             slot_rows.append(private_slots(url, docs, seed + 40_000))
             print(slot_rows[-1], flush=True)
@@ -625,8 +627,8 @@ steps {"inside SGLang's decode CUDA graphs" if decode_graphs.enabled() else "eag
 client-side latency of a 1-token request, median of {args.repeats} after two warm-ups.
 prefix hit = SGLang's own exact prefix cache with 64 new tokens (same prompt, another question).
 
-| context | docs | SGLang full prefill ms | SGLang prefix hit ms | legolink-16 ms | naive ms | fr / lego | lego / hit |
-|---|---|---|---|---|---|---|---|
+| context | docs | SGLang full prefill ms | SGLang prefix hit ms | legolink-16 ms | naive ms | querylink-16 ms (/ lego) | fr / lego | lego / hit |
+|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 KV slots a linked request holds (legolink-16, 16 generated tokens): its row, SGLang's `prompt_tokens`

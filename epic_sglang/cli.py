@@ -219,15 +219,9 @@ def _sglang_front(args: argparse.Namespace):
     from transformers import AutoConfig, AutoTokenizer
 
     from epic_sglang.models.loader import resolve_model_dir
-    from epic_sglang.policies import parse_policy
     from epic_sglang.server import create_sglang_front
-    from epic_sglang.sglang_plugin.client import check_served
     from epic_sglang.sglang_plugin.launch import SGLangServer, server_env
 
-    try:
-        check_served(parse_policy(args.policy))
-    except ValueError as err:
-        raise ValueError(f"--policy {args.policy}: {err}") from None
     extra = sglang_server_args(args)
     if not torch.cuda.is_available():
         raise RuntimeError("--engine sglang starts a SGLang server, whose kernels need a CUDA GPU; "

@@ -560,6 +560,7 @@ class Engine:
         used, unused = s.pick_slots[:picks.numel()], s.pick_slots[picks.numel():]
         self.req_to_token_pool.req_to_token[s.row, picks.to(self.device)] = used
         s.plan.recompute[picks] = True
+        s.plan.pick_budget = 0  # spent
         if unused.numel():  # fewer candidates than the budget
             self.allocator.free(unused)
             s.private = [p[~torch.isin(p, unused)] for p in s.private]

@@ -79,9 +79,9 @@ class LinkPlan:
 
     @property
     def reused_tokens(self) -> int:
-        """Document tokens read from the cache, not recomputed (cacheblend: at least this
-        many, less its picks, which are known only at the check layer)."""
-        reused = int((self.document_mask() & ~self.recompute).sum())
+        """Document tokens read from the cache, not recomputed, less the picks still to come
+        (CacheBlend's at its check layer, querylink's `pick_budget` after its scout)."""
+        reused = int((self.document_mask() & ~self.recompute).sum()) - self.pick_budget
         if self.blend_ratio:
             reused -= cacheblend_count(sum(length for _, length, _ in self.doc_spans), self.blend_ratio)
         return max(reused, 0)
@@ -142,10 +142,15 @@ def plan_link(policy: Policy, segments: Sequence[Segment]) -> LinkPlan:
     plan = plan_spans(n, spans, {"legolink": policy.k, "querylink": policy.head}.get(policy.kind, 0))
     plan.blend_ratio = policy.ratio if policy.kind == "cacheblend" else 0.0
     if policy.kind == "querylink":
-        # legolink-k's document tokens in all, less those already recomputed
-        budget = sum(min(policy.k, length) - int(plan.recompute[s:s + length].sum()) for s, length, _ in spans)
-        plan.pick_budget = max(budget, 0)
+        plan.pick_budget = querylink_budget(plan, policy.k)
     return plan
+
+
+def querylink_budget(plan: LinkPlan, k: int) -> int:
+    """How many document tokens querylink-k's scout picks on top of `plan` (its heads): legolink-k's
+    document tokens in all, less those already recomputed."""
+    budget = sum(min(k, length) - int(plan.recompute[s:s + length].sum()) for s, length, _ in plan.doc_spans)
+    return max(budget, 0)
 
 
 def cacheblend_count(doc_tokens: int, ratio: float) -> int:
@@ -191,6 +196,24 @@ def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Te
         mine = pos[blk == partial[-1]]
         picked.append(mine[_largest_first(scores[mine], budget - int(count[whole].sum()))])
     return torch.from_numpy(np.sort(np.concatenate(picked)))
+
+
+def querylink_stand_in(plan: LinkPlan) -> torch.Tensor:
+    """`plan.pick_budget` picks made without a scout: legolink's order (every document's next
+    token after its head, then the one after, ...; the earlier document first), so with the
+    heads they are legolink-k's tokens. What a runtime plans a querylink row with before its
+    scout has run (the count is the picks')."""
+    scores = torch.zeros(plan.num_tokens, dtype=torch.float64)
+    for start, length, _ in plan.doc_spans:
+        scores[start:start + length] = -torch.arange(length, dtype=torch.float64)
+    return querylink_pick(scores, plan, 1)
+
+
+def with_picks(plan: LinkPlan, picks: torch.Tensor) -> LinkPlan:
+    """`plan` with the document tokens `picks` recomputed too: the budget spent."""
+    recompute = plan.recompute.clone()
+    recompute[picks] = True
+    return LinkPlan(recompute, list(plan.doc_spans), plan.blend_ratio)
 
 
 def _largest_first(values: np.ndarray, k: int) -> np.ndarray:

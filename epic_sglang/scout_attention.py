@@ -150,7 +150,7 @@ class ScoutSeq:
     q_end: int
     positions: torch.Tensor  # (nq,) int64 query positions (-1: padding)
     weights: torch.Tensor  # (nq,) fp32: 1 for the scored queries (the question), else 0
-    q_rope: tuple[torch.Tensor, torch.Tensor]  # (nq, head_dim) fp32 cos, sin of the positions
+    q_rope: tuple[torch.Tensor, torch.Tensor] | None  # (nq, head_dim) fp32 cos, sin of the positions (None: rotated already)
     slots: torch.Tensor  # (>= num keys,) int64: the row, slots of positions 0, 1, ...
     key_angles: torch.Tensor  # (>= num keys, head_dim) fp32 [cos | sin] of positions 0, 1, ... (Rotary.angles)
     num_keys: torch.Tensor  # (1,) int32, on the device

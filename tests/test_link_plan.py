@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from epic_sglang.link_plan import (CascadeTuning, attention_entries, consecutive_runs, link_entries, plan_link,
-                                   plan_spans, query_runs, segment_spans, split_keys, wants_cascade)
+                                   plan_spans, query_runs, querylink_stand_in, segment_spans, split_keys, wants_cascade,
+                                   with_picks)
 from epic_sglang.policies import Segment, parse_policy
 
 
@@ -89,13 +90,20 @@ def test_every_policy_recomputes_its_definition():
             expected[-1] = True
             assert plan.recompute.tolist() == expected, (name, segs)
             reused = sum(not e for e in expected)
-            # cacheblend recomputes ceil(15%) of the document tokens more, picked at its check layer
+            # cacheblend recomputes ceil(15%) of the document tokens more, picked at its check layer;
             picks = -(-sum(len(s) for s in segs if s.document is not None) * 15 // 100) if policy.kind == "cacheblend" else 0
+            picks += plan.pick_budget  # querylink's, picked by its scout
             assert plan.reused_tokens == max(reused - picks, 0)
             assert sum(length for _, length, _, _ in plan.reused_runs()) == reused
             if policy.kind == "querylink":  # legolink-k's first-k document tokens, less those recomputed
                 first_k = sum(min(policy.k, len(s)) for s in segs if s.document is not None)
                 assert plan.pick_budget == first_k - int((plan.document_mask() & plan.recompute).sum())
+                # before its scout a runtime plans the row with stand-ins: as many, legolink-k's tokens
+                stand_ins = querylink_stand_in(plan)
+                legolink = plan_link(parse_policy(f"legolink-{policy.k}"), segs).recompute
+                assert len(stand_ins) == plan.pick_budget
+                if segs[-1].document is None:  # else legolink-k recomputes the last token beyond its k
+                    assert torch.equal(with_picks(plan, stand_ins).recompute, legolink)
 
 
 def test_reused_runs_are_maximal_and_name_their_document_offset():

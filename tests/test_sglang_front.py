@@ -59,11 +59,10 @@ def test_documents_and_rag_without_sglang_fail_clearly_and_lose_nothing(front, w
 
 
 @pytest.mark.parametrize("path, body, message", [
-    ("/v1/rag", {"question": "Who?", "namespace": "wiki", "policy": "querylink-16"},
-     "the SGLang plugin serves fr, naive, legolink"),
+    ("/v1/rag", {"question": "Who?", "namespace": "wiki", "policy": "querylink-0"}, "querylink needs k >= 1"),
     ("/v1/rag", {"question": ""}, "question must be a non-empty string"),
-    ("/generate", {"text": "Hi", "return_logprob": True, "logprob_start_len": 0, "kv_hints": {"policy": "querylink-16"}},
-     "the SGLang plugin serves fr, naive, legolink"),
+    ("/generate", {"text": "Hi", "return_logprob": True, "logprob_start_len": 0, "kv_hints": {"policy": "cacheblend-0"}},
+     "cacheblend ratio r must be in (0, 100]"),
     ("/generate", {"text": "Hi", "sampling_params": {"temperature": -1}}, "temperature must be >= 0"),
     ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
 ])

@@ -305,6 +305,14 @@ def test_hint_round_trip_and_refusals():
                 LinkHint("t", ((3, 9),), 4, blend=15.0)]:
         with pytest.raises(HintError, match="epic: blend must be a percent"):
             bad.validate(20)
+    query = LinkHint("t", ((3, 9),), 8, query_k=16, block=4, stride=2)
+    assert decode(query.encode()) == query
+    for bad in [LinkHint("t", ((3, 9),), 8, query_k=4), LinkHint("t", ((3, 9),), 8, query_k=16, block=0),
+                LinkHint("t", ((3, 9),), 8, query_k=16, stride=0), LinkHint("t", ((3, 9),), 8, query_k=16, sink=4)]:
+        with pytest.raises(HintError, match="epic: querylink needs q"):
+            bad.validate(20)
+    with pytest.raises(HintError, match="malformed"):
+        decode('epic:{"docs": [[3, 9]], "q": [16]}')
 
 
 @pytest.mark.parametrize("policy", ["naive", "legolink-1", "legolink-4", "legolink-16"])
@@ -345,7 +353,7 @@ def test_every_link_query_attends_exactly_the_keys_at_or_before_it():
         assert total - 1 in layout.extend_positions  # the last token always yields fresh logits
 
 
-def test_generate_body_carries_the_link_hint_and_refuses_unserved_policies():
+def test_generate_body_carries_every_policys_link_hint():
     segs = [Segment((1, 2)), Segment((5, 6, 7), document=0), Segment((9,))]
     body = client.generate_body(segs, "legolink-2", {"max_new_tokens": 4}, namespace="t")
     assert body["input_ids"] == [1, 2, 5, 6, 7, 9]
@@ -353,8 +361,10 @@ def test_generate_body_carries_the_link_hint_and_refuses_unserved_policies():
     assert "extra_key" not in client.generate_body(segs, "fr", {})
     assert [b["input_ids"] for b in client.compile_bodies(segs)] == [[5, 6, 7]]
     assert decode(client.generate_body(segs, "cacheblend-15", {}, namespace="t")["extra_key"]) == LinkHint("t", ((2, 5),), blend=15.0)
-    with pytest.raises(ValueError, match="serves fr, naive"):
-        client.generate_body(segs, "querylink-16", {})
+    assert decode(client.generate_body(segs, "querylink-16-h2-b4-s2", {}, namespace="t")["extra_key"]) == LinkHint(
+        "t", ((2, 5),), 2, query_k=16, block=4, stride=2)
+    with pytest.raises(ValueError, match="unknown policy"):
+        client.generate_body(segs, "prophet-16", {})
 
 
 def test_a_client_forgets_documents_a_response_shows_evicted():
@@ -791,6 +801,120 @@ def test_cacheblend_it_cannot_cut_computes_every_token_and_says_so(sglang_runtim
     s.finish(req), s.finish(plain)
 
 
+def test_querylink_scouts_over_shared_documents_links_its_picks_and_decodes_over_them(sglang_runtime, monkeypatch):
+    """querylink inside SGLang's forward (`scout.py`), on SGLang's real cache classes: its row
+    holds legolink-k's tokens as stand-ins; entering the first layer the scout runs the
+    tokens outside the documents through the layers over every prompt position before each
+    (documents in their shared slots at their prompt positions) and the question's mass on
+    each key is the dense definition's; the picks (a planted needle among them) take the
+    stand-ins' slots, the batch's ids and positions follow, the link pass scores each query
+    exactly at its prompt positions, a decode step too, documents untouched."""
+    from epic_sglang.link_plan import querylink_pick, with_picks
+    from epic_sglang.sglang_plugin import scout
+
+    s = Scheduler()
+    ids, spans, docs = s.compiled_prompt(13)
+    nodes = s.cache.document_nodes()
+    needle = spans[1][0] + 12  # past legolink-6's stand-ins
+    needle_slot = s.cache.document_slots(next(n for n in nodes.values() if len(n.value) == 17))[12]
+    for layer in range(LAYERS):  # its value's norm dominates the mass
+        s.kv.v_buffer[layer][needle_slot] *= 50
+    shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in nodes.items()}
+    req = s.request(ids, LinkHint("ns", tuple(spans), 2, query_k=6))  # budget (6 - 2) x 2 = 8
+    admitted, plan = s.prefill([req])
+    link = req.epic_link
+    head = plan_spans(len(ids), [(a, b - a, j) for j, (a, b) in enumerate(spans)], 2)
+    assert link.layout.order.tolist() == plan_rows(plan_spans(len(ids), head.doc_spans, 6), 0).order.tolist()
+    assert req.cached_tokens == 37 - 12 and plan.scout is not None and plan.scout.link is link
+    row, extend = s.row(req).to(torch.int64), link.layout.extend_len
+
+    recorded, masses = {}, []
+    backend = types.SimpleNamespace(forward_metadata=None)
+    monkeypatch.setattr(attention, "plan_flashinfer", lambda backend_, plan_: recorded.update(plan=plan_))
+    monkeypatch.setattr(scout, "querylink_pick", lambda mass, *a: masses.append(mass) or querylink_pick(mass, *a))
+    monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_attn_backend", lambda: backend)
+    monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_token_to_kv_pool", lambda: s.kv)
+
+    def layer_forward(layer, positions, h, forward_batch, r):
+        """What a layer stores for each row's token (its id rides in h) at its position, and
+        its attention through the backend's wrapper while the scout runs."""
+        tokens, pos = h[:, 0].long().tolist(), positions.tolist()
+        calls.append((layer.self_attn.attn.layer_id, pos))
+        slots = forward_batch.out_cache_loc
+        s.kv.k_buffer[layer.layer_id][slots] = torch.stack([s.key(t, p) for t, p in zip(tokens, pos)])
+        s.kv.v_buffer[layer.layer_id][slots] = torch.stack([s.base(t) for t in tokens])
+        wrapper = backend.forward_metadata.prefill_wrappers[0] if backend.forward_metadata else None
+        if isinstance(wrapper, scout.ScoutWrapper):
+            assert wrapper.layer == layer.layer_id
+            q = torch.stack([s.key(t, p) for t, p in zip(tokens, pos)])
+            wrapper.forward(q, (s.kv.k_buffer[layer.layer_id], s.kv.v_buffer[layer.layer_id]), causal=True,
+                            sm_scale=DIM ** -0.5)
+        return h, r
+
+    layers = [types.SimpleNamespace(layer_id=i, self_attn=types.SimpleNamespace(attn=types.SimpleNamespace(layer_id=i)))
+              for i in range(LAYERS)]
+    plan.scout.model = types.SimpleNamespace(model=types.SimpleNamespace(
+        layers=layers, embed_tokens=lambda t: t[:, None].float()))
+    positions = torch.from_numpy(link.layout.extend_positions.copy())
+    fb = types.SimpleNamespace(epic_plan=plan, out_cache_loc=row[:extend].clone(),
+                               input_ids=torch.tensor(list(req.origin_input_ids)), positions=positions)
+    calls, out = [], (fb.input_ids[:, None].float(), None)
+    for layer in layers:
+        out = hooks.link_layer(layer_forward, layer, positions, out[0], fb, out[1])
+
+    scouted = [p for p in range(len(ids)) if not any(a <= p < b for a, b in spans)]
+    assert calls[:LAYERS] == [(i, scouted) for i in range(LAYERS)]  # the scout: the text outside the documents
+    # the question's mass on each key: the dense definition over every position, at its prompt position
+    expected = torch.zeros(len(ids))
+    v_norm = {p: s.base(ids[p]).norm(dim=-1) * (50 if p == needle else 1) for p in range(len(ids))}
+    for p in range(spans[1][1], len(ids)):  # the question (after the last document), every layer
+        q = s.key(ids[p], p)
+        logits = torch.stack([(q * s.key(ids[j], j)).sum(-1) for j in range(p + 1)]) * DIM ** -0.5  # (keys, heads)
+        expected[:p + 1] += LAYERS * (torch.softmax(logits, 0) * torch.stack([v_norm[j] for j in range(p + 1)])).sum(-1)
+    torch.testing.assert_close(masses[0], expected, atol=1e-4, rtol=1e-4)
+    head.pick_budget = 8
+    picks = querylink_pick(expected, head, 1)
+    assert needle in picks.tolist() and len(picks) == 8
+    assert link.scout is None and link.layout.order.tolist() == plan_rows(with_picks(head, picks), 0).order.tolist()
+    assert positions.tolist() == link.layout.extend_positions.tolist()  # rewritten in place
+    assert fb.input_ids.tolist() == [ids[p] for p in link.layout.extend_positions] == list(req.origin_input_ids)
+    assert [c[1] for c in calls[LAYERS:]] == [link.layout.extend_positions.tolist()] * LAYERS  # then the link pass
+    assert torch.equal(out[0][:, 0], fb.input_ids.float())  # from the new row's embeddings
+    relinked = recorded["plan"]
+    assert relinked.scout is None and relinked.local is plan.local
+    s.assert_row_at_prompt_positions(req, ids, layer=0)
+    assert_link_scores(s, relinked, req, ids)
+    assert_link_scores(s, s.decode_step(), req, ids)
+    s.finish(req)
+    for k, n in nodes.items():  # read, never written
+        assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
+    assert s.cache.evictable_size() == s.cache.total_size()
+
+
+def test_querylink_runs_alone_and_without_its_scout_links_legolink_ks_tokens(sglang_runtime):
+    """A querylink link pass is admitted alone (its forward plans the batch again); one SGLang
+    mixed into a batch with others links its stand-ins, legolink-k's tokens, and says so."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    s = Scheduler()
+    ids, spans, _ = s.compiled_prompt(14)
+    plain = s.request(list(range(3000, 3010)))
+    query = s.request(ids, LinkHint("ns", tuple(spans), 2, query_k=6))
+    assert s.admit([plain, query]) == [plain]  # behind another: waits
+    s.run_extend([plain])
+    assert s.admit([query, s.request(list(range(3100, 3110)))]) == [query]  # first: alone
+    new = s.extend_batch([query])
+    s.sample(3)
+    new.mix_with_running(s.batch)  # SGLang's mixed chunk: the running request's decode beside it
+    s.batch = new
+    fb = types.SimpleNamespace(forward_mode=ForwardMode.MIXED, positions=torch.arange(sum(new.extend_lens)))
+    runner = types.SimpleNamespace(epic_rope=s.rope, epic_layers_hooked=True)
+    assert hooks.link_forward_batch(fb, None, new, runner).epic_plan.scout is None
+    legolink6 = plan_rows(plan_spans(len(ids), [(a, b - a, j) for j, (a, b) in enumerate(spans)], 6), 0)
+    assert query.epic_link.scout is None and query.epic_link.layout.order.tolist() == legolink6.order.tolist()
+    assert query.cached_tokens == 37 - 12
+
+
 def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runtime):
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
@@ -922,8 +1046,8 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
     assert cmd[cmd.index("--attention-backend") + 1] == "flashinfer" and "--disable-prefill-cuda-graph" in cmd
     assert "--radix-cache-backend" not in server_command("/models/m", 30001, plugin=False)
     assert server_env(True, kv_dir="/kv")["EPIC_SGLANG_KV_DIR"] == "/kv" and server_env(False)["SGLANG_PLUGINS"] == "-"
-    assert main(["serve", "--engine", "sglang", "--policy", "querylink-16"]) == 2
-    assert "--policy querylink-16: the SGLang plugin serves fr, naive" in capsys.readouterr().err
+    assert main(["serve", "--engine", "sglang", "--policy", "querylink-0"]) == 2
+    assert "error: querylink needs k >= 1" in capsys.readouterr().err  # every policy is served; a bad one is refused
     assert main(["serve", "--engine", "sglang", "--sglang-port", "70000"]) == 2
     assert "--sglang-port must be in 1..65535" in capsys.readouterr().err
     assert main(["serve", "--engine", "sglang", "--sglang-args", "--tp 2 --port=9"]) == 2
@@ -943,10 +1067,11 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
 
 def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
     """The warm-up compiles two documents, links them, then links one of them beside a document
-    never compiled (computed in the row), each with a decode step, apart from every tenant;
-    a server that refuses it is not ready, with a message naming it."""
+    never compiled (computed in the row), then links them with querylink (its scout runs), each
+    with a decode step, apart from every tenant; a server that refuses it is not ready, with a
+    message naming it."""
     from epic_sglang.server.background import serve_in_thread
-    from epic_sglang.sglang_plugin.launch import WARMUP_NAMESPACE, warm_link_path
+    from epic_sglang.sglang_plugin.launch import WARMUP_NAMESPACE, WARMUP_QUERYLINK, warm_link_path, warmup_prompts
 
     bodies, status = [], {"code": 200}
     app = FastAPI()
@@ -965,11 +1090,13 @@ def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
         hints = [decode(b["extra_key"]) for b in bodies]
         compiled = {tuple(b["input_ids"]) for b, h in zip(bodies, hints) if h.compile}
         links = [(b, h) for b, h in zip(bodies, hints) if not h.compile]
-        assert len(compiled) == 2 and len(links) == 2 and not hints[-1].compile and hints[0].compile
+        assert len(compiled) == 2 and len(links) == 3 and not hints[-1].compile and hints[0].compile
         assert all(h.namespace == WARMUP_NAMESPACE for h in hints)
         docs = [[tuple(b["input_ids"][a:e]) for a, e in h.docs] for b, h in links]
-        assert all(d in compiled for d in docs[0])  # every document reused
+        assert all(d in compiled for d in docs[0]) and docs[2] == docs[0]  # every document reused
         assert sum(d not in compiled for d in docs[1]) == 1  # one computed in its row
+        scouted = parse_policy(WARMUP_QUERYLINK)
+        assert links[2][1].query_k == scouted.k and plan_link(scouted, warmup_prompts()[0]).pick_budget > 0
         assert all(b["sampling_params"]["max_new_tokens"] >= 2 for b, _ in links)  # a decode step too
         status["code"] = 400
         with pytest.raises(RuntimeError, match=f"SGLang server at {url} failed the plugin's link warm-up: 400"):
@@ -1130,3 +1257,36 @@ def test_cacheblend_cut_through_flashinfer_attends_each_pick_to_its_past():
         out = backend.forward_metadata.prefill_wrappers[0].forward(q, (k_pool, v_pool), causal=True, sm_scale=dim ** -0.5)
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
+
+
+@pytest.mark.gpu
+def test_querylink_scout_through_triton_equals_its_definition_over_keys_stored_rotated():
+    """The plugin's scout wrapper (queries rotated by SGLang, keys read where they are stored,
+    document ones rotated by their shift) through the Triton kernels equals the torch
+    definition the CPU test checks, within bf16: outputs and the mass."""
+    from epic_sglang.scout_attention import ScoutSeq, scout_layer_torch
+    from epic_sglang.sglang_plugin.scout import ScoutWrapper
+
+    dev, q_heads, kv_heads, dim, n = torch.device("cuda"), 8, 2, 128, 3000
+    g = torch.Generator(device=dev).manual_seed(2)
+    k_pool, v_pool = (torch.randn(2 * n, kv_heads, dim, device=dev, generator=g).to(torch.bfloat16) for _ in range(2))
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.arange(4096, dtype=torch.float32)[:, None] * inv_freq
+    rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(dev), dim, True)
+    shifts = torch.zeros(n, dtype=torch.int64)
+    shifts[100:2900] = torch.arange(100, 2900) // 512 * 512  # documents compiled at 0, read at their start
+    positions = torch.arange(n - 48, n, device=dev)
+    scored = (positions >= n - 40).float()
+
+    def seq() -> ScoutSeq:
+        return ScoutSeq(0, 48, positions, scored, None, torch.randperm(2 * n, device=dev, generator=torch.Generator(
+            device=dev).manual_seed(3))[:n], torch.cat(rope.angles(shifts.to(dev)), -1), torch.tensor([n], dtype=torch.int32,
+            device=dev), n, torch.zeros(kv_heads, n, device=dev))
+
+    q = torch.randn(48, q_heads, dim, device=dev, generator=g).to(torch.bfloat16)
+    got, want = seq(), seq()
+    out = ScoutWrapper(got, {0}).forward(q, (k_pool, v_pool), causal=True, sm_scale=dim ** -0.5)
+    expected = scout_layer_torch(q, k_pool, v_pool, want, True)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.mass, want.mass, atol=2e-2, rtol=2e-2)
+    assert got.mass.sum() > 0

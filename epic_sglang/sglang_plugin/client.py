@@ -7,19 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from epic_sglang.errors import InvalidRequest
 from epic_sglang.link_plan import plan_link, segment_spans
 from epic_sglang.policies import Policy, Segment, parse_policy
 from epic_sglang.sglang_plugin.wire import LinkHint
-
-SERVED_KINDS = ("fr", "naive", "legolink", "legolink0", "cacheblend")
-
-
-def check_served(policy: Policy) -> None:
-    if policy.kind not in SERVED_KINDS:
-        raise InvalidRequest(f"the SGLang plugin serves fr, naive, legolink-<k>, legolink0 and cacheblend-<r>, "
-                             f"not {policy.name}")
-
 
 def generate_body(segments: list[Segment], policy: str | Policy, sampling_params: dict,
                   namespace: str | None = None, **fields) -> dict:
@@ -31,10 +21,17 @@ def generate_body(segments: list[Segment], policy: str | Policy, sampling_params
         if namespace is not None:
             body["extra_key"] = namespace
         return body
-    check_served(policy)
-    body["extra_key"] = LinkHint(namespace, tuple(spans), policy.k, sink=policy.recipe.sink_tokens,
-                                 blend=policy.ratio if policy.kind == "cacheblend" else 0.0).encode()
+    body["extra_key"] = link_hint(policy, namespace, tuple(spans)).encode()
     return body
+
+
+def link_hint(policy: Policy, namespace: str | None, docs: tuple[tuple[int, int], ...]) -> LinkHint:
+    """The hint of a caching policy: legolink's k (querylink's head), legolink0's sinks,
+    CacheBlend's percent, querylink's k, block and stride."""
+    if policy.kind == "querylink":
+        return LinkHint(namespace, docs, policy.head, query_k=policy.k, block=policy.block, stride=policy.stride)
+    return LinkHint(namespace, docs, policy.k, sink=policy.recipe.sink_tokens,
+                    blend=policy.ratio if policy.kind == "cacheblend" else 0.0)
 
 
 def compile_bodies(segments: list[Segment], namespace: str | None = None, sinks: Sequence[int] = ()) -> list[dict]:

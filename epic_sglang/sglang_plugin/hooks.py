@@ -4,7 +4,8 @@
 |-------------------------------------------|-------------------------------------------------|
 | `Req.__init__` (after)                    | an `epic:` extra_key becomes `req.epic_link`    |
 | `PrefillAdder.add_one_req` (around)       | re-match stale nodes, never chunk a link pass,  |
-|                                           | lock documents; a CacheBlend pass runs alone    |
+|                                           | lock documents; CacheBlend's and querylink's    |
+|                                           | link passes run alone                           |
 | `ScheduleBatch.prepare_for_extend` (before)| the link pass starts; reused tokens count as cached |
 | `ForwardBatch.init_new` (after)           | positions, the plan of the shared runs' entries |
 | `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
@@ -12,8 +13,9 @@
 |                                           | `epic` graph if it fits (`decode_graphs`), else runs eagerly |
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
-| `LlamaDecoderLayer.forward`, `Qwen2DecoderLayer.forward` (around) | CacheBlend: past its check layer, |
-|                                           | the picks only (`blend.py`)                     |
+| `LlamaDecoderLayer.forward`, `Qwen2DecoderLayer.forward` (around) | querylink: its scout before the |
+|                                           | first layer (`scout.py`); CacheBlend: past its  |
+|                                           | check layer, the picks only (`blend.py`)        |
 | `DecodeCudaGraphRunner.capture` (before), `.capture_one_shape`, `._resolve_lora_variant`, | the `epic` |
 | `.load_batch`, `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | decode graphs |
 
@@ -25,7 +27,7 @@ import logging
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from epic_sglang.sglang_plugin import attention, blend, decode_graphs, wire
+from epic_sglang.sglang_plugin import attention, blend, decode_graphs, scout, wire
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
@@ -52,17 +54,18 @@ def attach_link(result, req, *args, **kwargs):
     return result
 
 
-def blends(req) -> bool:
+def runs_alone(req) -> bool:
+    """A CacheBlend or querylink link pass: its forward cuts or re-plans the whole batch."""
     link = getattr(req, "epic_link", None)
-    return isinstance(link, LinkRequest) and link.blend is not None
+    return isinstance(link, LinkRequest) and (link.blend is not None or link.scout is not None)
 
 
 def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
     """PrefillAdder.add_one_req for a linked request (and for any request behind a CacheBlend
-    link pass, which runs alone in its batch)."""
+    or querylink link pass, which runs alone in its batch)."""
     from sglang.srt.managers.schedule_policy import AddReqResult
 
-    if any(blends(r) for r in adder.can_run_list):
+    if any(runs_alone(r) for r in adder.can_run_list):
         return AddReqResult.OTHER
     link = getattr(req, "epic_link", None)
     if not isinstance(link, LinkRequest) or link.layout is None:
@@ -70,8 +73,8 @@ def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
     cache = adder.tree_cache
     if not link.still_matched(cache, req.last_node):
         req.init_next_round_input(cache)
-    if blends(req) and (adder.can_run_list or has_chunked_req):
-        return AddReqResult.OTHER  # the check layer cuts the whole batch: wait for one of its own
+    if runs_alone(req) and (adder.can_run_list or has_chunked_req):
+        return AddReqResult.OTHER  # its forward cuts or re-plans the whole batch: wait for one of its own
     layout = link.layout
     if adder.rem_chunk_tokens is not None and layout.extend_len > adder.rem_chunk_tokens:
         # A link pass is never chunked (its runs' entries are planned for the whole pass): wait for an
@@ -117,21 +120,28 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
     if not links:
         return forward_batch
     plan = prepare_links(links, batch, model_rope(model_runner), decode=mode.is_decode())
-    if plan.blend is not None and (len(batch.reqs) > 1 or not model_blends(model_runner)):
-        compute_blend_fully(plan.blend.req, "its batch holds other requests (SGLang's mixed chunks)"
-                            if len(batch.reqs) > 1 else "the model's decoder layers are not Llama's or Qwen2's")
+    alone = plan.blend or plan.scout
+    why = (None if alone is None else "its batch holds other requests (SGLang's mixed chunks)" if len(batch.reqs) > 1
+           else None if layers_hooked(model_runner) else "the model's decoder layers are not Llama's or Qwen2's")
+    if why and plan.blend is not None:
+        compute_blend_fully(plan.blend.req, why)
         plan.blend = None
+    elif why:
+        link_without_scout(plan.scout.req, why)
+        plan.scout = None
+    elif plan.scout is not None:
+        plan.scout.model = model_runner.model
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
     return forward_batch
 
 
-def model_blends(model_runner) -> bool:
-    """Whether the model's decoder layers run through CacheBlend's hook (`blend.HOOKED_LAYERS`)."""
-    blends_ = getattr(model_runner, "epic_blends", None)
-    if blends_ is None:
-        blends_ = model_runner.epic_blends = blend.supports(model_runner.model)
-    return blends_
+def layers_hooked(model_runner) -> bool:
+    """Whether the model's decoder layers run through `link_layer` (`blend.HOOKED_LAYERS`)."""
+    hooked = getattr(model_runner, "epic_layers_hooked", None)
+    if hooked is None:
+        hooked = model_runner.epic_layers_hooked = blend.supports(model_runner.model)
+    return hooked
 
 
 def compute_blend_fully(req, why: str) -> None:
@@ -142,6 +152,27 @@ def compute_blend_fully(req, why: str) -> None:
     if not req.retracted_stain:
         req.cached_tokens -= req.epic_link.reused_tokens
     req.epic_link.reused_tokens = 0
+
+
+def link_without_scout(req, why: str) -> None:
+    """A querylink link pass whose scout cannot run (`why`): its row's stand-ins, legolink-k's
+    tokens, are computed instead of picks, and reported so."""
+    logger.warning("epic: querylink request %s is linked with legolink-%d's tokens, no scout: %s",
+                   req.rid, req.epic_link.hint.query_k, why)
+    req.epic_link.scout = None
+
+
+def link_layer(original, layer, positions, hidden_states, forward_batch, residual, *args, **kwargs):
+    """A decoder layer's forward (SGLang: `layer(positions, hidden_states, forward_batch,
+    residual)`): querylink's scout runs before the first layer of its link pass, which then
+    starts from the new row's embeddings; CacheBlend's cut is `blend.blend_layer`'s."""
+    plan = getattr(forward_batch, "epic_plan", None)
+    if plan is not None and plan.scout is not None:  # only in the first layer: the scout clears it
+        from sglang.srt.model_executor.forward_context import get_attn_backend, get_token_to_kv_pool
+
+        hidden_states = scout.scout_and_link(original, plan, positions, hidden_states, forward_batch,
+                                             get_token_to_kv_pool(), get_attn_backend())
+    return blend.blend_layer(original, layer, positions, hidden_states, forward_batch, residual, *args, **kwargs)
 
 
 def model_rope(model_runner) -> RopeTable:
@@ -248,7 +279,7 @@ def install() -> None:
         ("sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch", keep_plan, HookType.AFTER),
         ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata",
          plan_link_attention, HookType.AROUND),
-    ] + [(f"{layer}.forward", blend.blend_layer, HookType.AROUND) for layer in blend.HOOKED_LAYERS]:
+    ] + [(f"{layer}.forward", link_layer, HookType.AROUND) for layer in blend.HOOKED_LAYERS]:
         HookRegistry.register(target, hook, kind)
     if decode_graphs.enabled():
         for target, hook, kind in [

@@ -51,6 +51,7 @@ def wait_until_ready(proc: subprocess.Popen, url: str, timeout_s: float, what: s
 
 
 WARMUP_NAMESPACE = "epic-warmup"  # the warm-up's documents: no tenant's requests match them
+WARMUP_QUERYLINK = "querylink-4-h1"  # on its 16-token documents: a scout that picks 6 tokens
 
 
 def warmup_prompts() -> tuple[list[Segment], list[Segment]]:
@@ -71,8 +72,9 @@ def warm_link_path(url: str, timeout_s: float = 900, api_key: str | None = None)
     try:
         for body in client.compile_bodies(compiled, WARMUP_NAMESPACE):
             _post(url, body, timeout_s, headers)
-        for prompt in (compiled, with_missing):
-            _post(url, client.generate_body(prompt, "legolink-1", {"max_new_tokens": 2, "ignore_eos": True},
+        # legolink's link path, with a document missing too, then querylink's scout (its Triton kernels)
+        for prompt, policy in ((compiled, "legolink-1"), (with_missing, "legolink-1"), (compiled, WARMUP_QUERYLINK)):
+            _post(url, client.generate_body(prompt, policy, {"max_new_tokens": 2, "ignore_eos": True},
                                             WARMUP_NAMESPACE), timeout_s, headers)
     except requests.RequestException as err:
         raise RuntimeError(f"SGLang server at {url} failed the plugin's link warm-up: {err}") from None

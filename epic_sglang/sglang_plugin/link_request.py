@@ -16,6 +16,10 @@ the plugin attached one (see `hooks.py`):
   the request's private slots (computed and generated tokens). At the end the exact prefix
   (exact KV) is published and every private slot is freed: linked KV never enters the
   exact-prefix tree and shared document KV is never written.
+  A querylink request's row is planned with legolink-k's tokens standing in for its picks
+  (`link_plan.querylink_stand_in`: the count is the picks'); its scout, in the link pass's
+  forward (`scout.py`), picks the tokens the question needs and `take_picks` re-plans the
+  row to them, so the slots SGLang allocated hold the picks instead.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from epic_sglang.link_plan import concat_ranges, plan_spans
+from epic_sglang.link_plan import LinkPlan, concat_ranges, plan_spans, querylink_budget, querylink_stand_in, with_picks
 from epic_sglang.policies import CompileRecipe
 from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows
 from epic_sglang.sglang_plugin.wire import LinkHint
@@ -104,6 +108,17 @@ class BlendSources:
     ratio: float  # percent of the d tokens picked
 
 
+@dataclass
+class ScoutSources:
+    """A querylink request's scout (`scout.py`): its plan before the picks (each document's
+    head recomputed, `pick_budget` to pick) and each cached document's shared slots (by its
+    index in the hint), which the row is planned over again once the picks are known."""
+    plan: LinkPlan
+    doc_slots: dict[int, torch.Tensor]
+    block: int
+    stride: int
+
+
 class LinkRequest:
     def __init__(self, hint: LinkHint, token_ids: array):
         self.hint = hint
@@ -111,6 +126,7 @@ class LinkRequest:
         self.layout: RowLayout | None = None
         self.shared: SharedRuns | None = None
         self.blend: BlendSources | None = None  # CacheBlend: every prompt token is in the row
+        self.scout: ScoutSources | None = None  # querylink before its scout: the row holds stand-ins for the picks
         self.reused_tokens = 0  # document tokens whose KV comes from the cache (CacheBlend: at least)
         self.doc_nodes: list = []
         self.locked: list = []
@@ -148,24 +164,37 @@ class LinkRequest:
         cached = [(start, end - start, j) for j, ((start, end), node) in enumerate(zip(docs, nodes)) if node is not None]
         plan = plan_spans(len(ids), cached, self.hint.k)
         plan.blend_ratio = self.hint.blend
+        if self.hint.query_k:
+            plan.pick_budget = querylink_budget(plan, self.hint.query_k)
         self.reused_tokens = plan.reused_tokens
         # CacheBlend computes every token up to its check layer: all of them in the row
-        self.layout = layout = plan_rows(plan_spans(len(ids), [], 0) if self.hint.blend else plan, len(exact))
+        rows = plan_spans(len(ids), [], 0) if self.hint.blend else plan
+        if plan.pick_budget:
+            rows = with_picks(plan, querylink_stand_in(plan))
+        self.layout = plan_rows(rows, len(exact))
         self.doc_nodes = nodes
-        self.shared = self._shared_runs(cache) if layout.cached_runs else None
+        doc_slots = {j: cache.document_slots(node) for j, node in enumerate(nodes) if node is not None}
+        self.shared = self._shared_runs(doc_slots)
         self.blend = self._blend_sources(cache, plan) if self.hint.blend and cached else None
-        fill = ids[layout.order]
-        req.origin_input_ids = array("q", fill[:int((layout.order < len(self.prompt)).sum())].tobytes())
-        req.full_untruncated_fill_ids = array("q", fill.tobytes())
+        self.scout = ScoutSources(plan, doc_slots, self.hint.block, self.hint.stride) if plan.pick_budget else None
+        self._fill_row(req, ids)
         result = MatchResult(device_indices=exact.to(torch.int64), last_device_node=last_node,
                              last_host_node=last_node, best_match_node=last_node, cache_protected_len=len(exact))
         self.matched = (len(req.output_ids), result)
         return result
 
-    def _shared_runs(self, cache) -> SharedRuns:
+    def _fill_row(self, req, ids: np.ndarray) -> None:
+        """The request's input in row order: SGLang's extend computes the row's tokens."""
+        layout = self.layout
+        fill = ids[layout.order]
+        req.origin_input_ids = array("q", fill[:int((layout.order < len(self.prompt)).sum())].tobytes())
+        req.full_untruncated_fill_ids = array("q", fill.tobytes())
+
+    def _shared_runs(self, doc_slots: dict[int, torch.Tensor]) -> SharedRuns | None:
         runs = self.layout.cached_runs
-        docs = {r.doc: cache.document_slots(self.doc_nodes[r.doc]) for r in runs}
-        slots = torch.cat([docs[r.doc][r.offset:r.offset + r.length] for r in runs]).to(torch.int32)  # on the pool's device
+        if not runs:
+            return None
+        slots = torch.cat([doc_slots[r.doc][r.offset:r.offset + r.length] for r in runs]).to(torch.int32)  # on the pool's device
         # a document token at offset t was compiled at position t (+ the sinks before it)
         shifts = torch.tensor([r.start - r.offset - self.hint.sink for r in runs], dtype=torch.int64)
         identities = [(id(self.doc_nodes[r.doc]), r.offset, r.length) for r in runs]
@@ -177,6 +206,17 @@ class LinkRequest:
         shifts = np.concatenate([np.full(length, start - self.hint.sink) for start, length, _ in spans])
         slots = torch.cat([cache.document_slots(self.doc_nodes[j]) for _, _, j in spans]).to(torch.int64)
         return BlendSources(positions, slots, shifts, plan.recompute.numpy().copy(), self.hint.blend)
+
+    def take_picks(self, req, picks: np.ndarray) -> None:
+        """querylink's scout picked `picks` (prompt positions, `pick_budget` of them): the row
+        holds them instead of the stand-ins (as many: the slots SGLang allocated stay the row's)."""
+        scout, extend_len = self.scout, self.layout.extend_len
+        self.layout = plan_rows(with_picks(scout.plan, torch.from_numpy(picks)), self.layout.exact_prefix_len)
+        if self.layout.extend_len != extend_len:
+            raise RuntimeError(f"epic: querylink picked {len(picks)} tokens, not its budget of {scout.plan.pick_budget}")
+        self.shared = self._shared_runs(scout.doc_slots)
+        self._fill_row(req, np.frombuffer(array("q", self.prompt) + array("q", req.output_ids), dtype=np.int64))
+        self.scout = None
 
     def still_matched(self, cache, last_node) -> bool:
         """False when a node found at match time (the documents', the exact prefix's
@@ -236,5 +276,5 @@ class LinkRequest:
         cache.token_to_kv_pool_allocator.free(row[to_device(np.flatnonzero(owned), row.device)])
         cache.dec_lock_ref(req.last_node)
         self.unlock(cache)
-        self.doc_nodes, self.layout, self.shared, self.blend, self.matched = [], None, None, None, None
+        self.doc_nodes, self.layout, self.shared, self.blend, self.scout, self.matched = [], None, None, None, None, None
         self.prepared = self.extending = False

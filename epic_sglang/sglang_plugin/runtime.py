@@ -32,7 +32,7 @@ from epic_sglang.prompt import PromptBuilder
 from epic_sglang.sampling import SamplingParams
 from epic_sglang.scheduler import Progress
 from epic_sglang.server.runtime import RequestFailed
-from epic_sglang.sglang_plugin.client import CompiledDocuments, check_served, compile_bodies, generate_body
+from epic_sglang.sglang_plugin.client import CompiledDocuments, compile_bodies, generate_body
 
 
 def sglang_sampling(params: SamplingParams) -> dict:
@@ -138,7 +138,6 @@ class SGLangRuntime:
         policy = parse_policy(request.policy)
         request.sampling.validate()
         if wants_prompt_logprobs(request):
-            check_served(policy)  # refused all the same, as without prompt logprobs
             policy = parse_policy("fr")  # the exact prompt (module docstring)
         segments = request.segments or e.prompts.build(request.question, request.documents, request.system)
         prompt_ids = [t for s in segments for t in s.token_ids]

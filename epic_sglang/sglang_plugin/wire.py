@@ -7,7 +7,9 @@ in `input_ids` and LegoLink's k; a compile request names only the namespace: its
 `input_ids` is one document, prefilled alone at position 0. legolink0 adds `sink`: its
 documents are compiled behind that many throw-away tokens (the compile request's first
 `sink` input ids, whose KV is dropped) and linked from there. CacheBlend-r adds `blend`: r,
-the percent of document tokens its check layer picks to recompute (`blend.py`).
+the percent of document tokens its check layer picks to recompute (`blend.py`). querylink-k adds
+`q`: [k, block, stride], its hint's `k` being the head (the first tokens of each document
+always recomputed); its scout picks the rest in SGLang's forward (`scout.py`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ class LinkHint:
     compile: bool = False  # this request compiles its input as one document
     sink: int = 0  # legolink0: documents compiled behind this many throw-away tokens
     blend: float = 0.0  # CacheBlend: percent of document tokens recomputed (0: not CacheBlend)
+    query_k: int = 0  # querylink: legolink-query_k's document tokens, `k` of them each document's head (0: not querylink)
+    block: int = 1  # querylink: picks in aligned blocks of this many tokens
+    stride: int = 1  # querylink: its scout scores every stride-th layer
 
     def encode(self) -> str:
         body = {"ns": self.namespace}
@@ -36,6 +41,8 @@ class LinkHint:
             body["sink"] = self.sink
         if self.blend:
             body["blend"] = self.blend
+        if self.query_k:
+            body["q"] = [self.query_k, self.block, self.stride]
         if self.compile:
             body["compile"] = True
         else:
@@ -53,6 +60,9 @@ class LinkHint:
             raise HintError(f"epic: k must be >= 0, got {self.k}")
         if not 0 <= self.blend <= 100 or (self.blend and self.k):
             raise HintError(f"epic: blend must be a percent in (0, 100], without k; got blend {self.blend:g}, k {self.k}")
+        if self.query_k and (self.query_k < self.k or self.blend or self.sink or self.block < 1 or self.stride < 1):
+            raise HintError(f"epic: querylink needs q = [k >= head, block >= 1, stride >= 1] without blend or sink; got "
+                            f"q [{self.query_k}, {self.block}, {self.stride}], head {self.k}")
         if not self.docs:
             raise HintError("epic: a link request names no documents")
         prev_end = 0
@@ -77,7 +87,9 @@ def decode(extra_key: str) -> LinkHint:
         if body.get("compile"):
             return LinkHint(ns, compile=True, sink=sink)
         docs = tuple((int(s), int(e)) for s, e in body["docs"])
-        return LinkHint(ns, docs, int(body.get("k", 0)), sink=sink, blend=float(body.get("blend", 0)))
+        query_k, block, stride = (int(v) for v in body.get("q", (0, 1, 1)))
+        return LinkHint(ns, docs, int(body.get("k", 0)), sink=sink, blend=float(body.get("blend", 0)),
+                        query_k=query_k, block=block, stride=stride)
     except HintError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as e:
