@@ -152,9 +152,18 @@ class Scheduler:
         self.run_extend([req])
 
     def forward(self, batch, decode: bool = False) -> attention.LinkAttentionPlan | None:
-        """What the ForwardBatch.init_new hook plans, then the layers' KV writes."""
-        links = attention.batch_links(batch)
-        plan = hooks.prepare_links(links, batch, self.rope, decode) if links else None
+        """What the ForwardBatch.init_new hook plans (and querylink's scout, before the first
+        layer), then the layers' KV writes."""
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        mode = ForwardMode.DECODE if decode else ForwardMode.MIXED if batch.forward_mode == ForwardMode.MIXED \
+            else ForwardMode.EXTEND
+        rows = len(batch.reqs) if decode else sum(batch.extend_lens)
+        fb = types.SimpleNamespace(forward_mode=mode, positions=torch.zeros(rows, dtype=torch.int64))
+        runner = types.SimpleNamespace(epic_rope=self.rope, epic_layers_hooked=True, model=self.model)
+        plan = getattr(hooks.link_forward_batch(fb, None, batch, runner), "epic_plan", None)
+        if plan is not None and plan.scout is not None:
+            self.scout(plan, batch)
         offset = 0
         for i, req in enumerate(batch.reqs):
             n = 1 if decode else batch.extend_lens[i]
@@ -168,6 +177,51 @@ class Scheduler:
                 self.kv.v_buffer[layer][slots] = torch.stack([self.base(t) for t in tokens])
             offset += n
         return plan
+
+    # ------------------------------------------------------------- querylink's scout
+    @property
+    def model(self):
+        """Stand-in decoder layers and embedding (a row's token id rides in its hidden state)."""
+        layers = [types.SimpleNamespace(layer_id=i, self_attn=types.SimpleNamespace(attn=types.SimpleNamespace(layer_id=i)))
+                  for i in range(LAYERS)]
+        return types.SimpleNamespace(model=types.SimpleNamespace(layers=layers, embed_tokens=lambda t: t[:, None].float()))
+
+    def layer_forward(self, layer, positions, h, forward_batch, r):
+        """What a layer stores for each row's token at its position, and its attention through
+        the backend's wrapper while the scout runs (what it returns is the scout's concern)."""
+        tokens, pos = h[:, 0].long().tolist(), positions.tolist()
+        self.layer_calls.append((layer.layer_id, pos))
+        slots = forward_batch.out_cache_loc
+        self.kv.k_buffer[layer.layer_id][slots] = torch.stack([self.key(t, p) for t, p in zip(tokens, pos)])
+        self.kv.v_buffer[layer.layer_id][slots] = torch.stack([self.base(t) for t in tokens])
+        metadata = self.backend.forward_metadata
+        wrapper = metadata.prefill_wrappers[0] if metadata is not None else None
+        if wrapper is not None:
+            assert wrapper.layer == layer.layer_id
+            wrapper.forward(torch.stack([self.key(t, p) for t, p in zip(tokens, pos)]),
+                            (self.kv.k_buffer[layer.layer_id], self.kv.v_buffer[layer.layer_id]), causal=True,
+                            sm_scale=DIM ** -0.5)
+        return h, r
+
+    def scout(self, plan: attention.LinkAttentionPlan, batch) -> None:
+        """The decoder-layer hook's first call in a querylink link pass (alone in its batch):
+        the scout, the pick, the row planned again (FlashInfer's planning left out: the plan is
+        kept in `self.replanned`)."""
+        from unittest import mock
+
+        self.backend, self.layer_calls = types.SimpleNamespace(forward_metadata=None), []
+        req = batch.reqs[0]
+        positions = torch.from_numpy(req.epic_link.layout.extend_positions.copy())
+        ids = torch.tensor(list(req.full_untruncated_fill_ids)[req.epic_link.layout.exact_prefix_len:])
+        fb = types.SimpleNamespace(epic_plan=plan, out_cache_loc=batch.out_cache_loc.clone(), input_ids=ids,
+                                   positions=positions)
+        context = "sglang.srt.model_executor.forward_context"
+        with mock.patch(f"{context}.get_attn_backend", lambda: self.backend), \
+                mock.patch(f"{context}.get_token_to_kv_pool", lambda: self.kv), \
+                mock.patch.object(attention, "plan_flashinfer", lambda backend, plan_: setattr(self, "replanned", plan_)):
+            self.embedded = hooks.link_layer(self.layer_forward, plan.scout.model.model.layers[0], positions,
+                                             ids[:, None].float(), fb, None)[0]
+        self.scout_batch = fb
 
     def decode_step(self, token: int = 3) -> attention.LinkAttentionPlan | None:
         """Every request of the last batch samples `token`; SGLang's decode step's set-up, then
@@ -547,13 +601,14 @@ def test_a_mixed_batch_scores_new_link_passes_and_running_decodes_exactly(sglang
     assert s.cache.evictable_size() == s.cache.total_size()
 
 
-def test_a_retracted_linked_request_links_again_with_its_output_computed(sglang_runtime):
+@pytest.mark.parametrize("query_k", [0, 9])  # legolink-4; querylink-9-h4 (its scout runs again, over the output too)
+def test_a_retracted_linked_request_links_again_with_its_output_computed(sglang_runtime, query_k):
     from sglang.srt.mem_cache.common import release_kv_cache
 
     s = Scheduler()
     ids, spans, docs = s.compiled_prompt(8)
     free = s.allocator.available_size()
-    req = s.request(ids, LinkHint("ns", tuple(spans), 4), max_new_tokens=8)
+    req = s.request(ids, LinkHint("ns", tuple(spans), 4, query_k=query_k), max_new_tokens=8)
     s.prefill([req])
     s.decode_step(5)
     s.decode_step(6)
@@ -561,9 +616,13 @@ def test_a_retracted_linked_request_links_again_with_its_output_computed(sglang_
     req.reset_for_retract()
     assert s.allocator.available_size() == free - spans[0][0]  # only the published exact prefix stays
     assert all(n.lock_ref == 0 for n in s.cache.document_nodes().values())
+    s.layer_calls = []
     admitted, plan = s.prefill([req])
     layout = req.epic_link.layout
     assert admitted == [req] and layout.prompt_len == len(ids) + 2 and layout.exact_prefix_len == spans[0][0]
+    assert len(s.layer_calls) == (LAYERS + 1 if query_k else 0)  # the scout and the link pass's first layer
+    assert req.epic_link.scout is None and plan.scout is None
+    assert not query_k or s.layer_calls[0][1][-2:] == [len(ids), len(ids) + 1]  # the output: scouted, past the prompt
     assert req.cached_tokens == layout.reused_tokens  # counted once, at the first link (no exact prefix yet)
     assert_link_scores(s, plan, req, ids)  # the earlier output is computed at its positions
     assert_link_scores(s, s.decode_step(7), req, ids)
@@ -820,50 +879,17 @@ def test_querylink_scouts_over_shared_documents_links_its_picks_and_decodes_over
     for layer in range(LAYERS):  # its value's norm dominates the mass
         s.kv.v_buffer[layer][needle_slot] *= 50
     shared = {k: [b[n.value].clone() for b in s.kv.k_buffer + s.kv.v_buffer] for k, n in nodes.items()}
+    masses = []
+    monkeypatch.setattr(scout, "querylink_pick", lambda mass, *a: masses.append(mass) or querylink_pick(mass, *a))
     req = s.request(ids, LinkHint("ns", tuple(spans), 2, query_k=6))  # budget (6 - 2) x 2 = 8
+    head = plan_spans(len(ids), [(a, b - a, j) for j, (a, b) in enumerate(spans)], 2)
+    stand_ins = plan_rows(plan_spans(len(ids), head.doc_spans, 6), 0).extend_positions.tolist()
     admitted, plan = s.prefill([req])
     link = req.epic_link
-    head = plan_spans(len(ids), [(a, b - a, j) for j, (a, b) in enumerate(spans)], 2)
-    assert link.layout.order.tolist() == plan_rows(plan_spans(len(ids), head.doc_spans, 6), 0).order.tolist()
-    assert req.cached_tokens == 37 - 12 and plan.scout is not None and plan.scout.link is link
-    row, extend = s.row(req).to(torch.int64), link.layout.extend_len
-
-    recorded, masses = {}, []
-    backend = types.SimpleNamespace(forward_metadata=None)
-    monkeypatch.setattr(attention, "plan_flashinfer", lambda backend_, plan_: recorded.update(plan=plan_))
-    monkeypatch.setattr(scout, "querylink_pick", lambda mass, *a: masses.append(mass) or querylink_pick(mass, *a))
-    monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_attn_backend", lambda: backend)
-    monkeypatch.setattr("sglang.srt.model_executor.forward_context.get_token_to_kv_pool", lambda: s.kv)
-
-    def layer_forward(layer, positions, h, forward_batch, r):
-        """What a layer stores for each row's token (its id rides in h) at its position, and
-        its attention through the backend's wrapper while the scout runs."""
-        tokens, pos = h[:, 0].long().tolist(), positions.tolist()
-        calls.append((layer.self_attn.attn.layer_id, pos))
-        slots = forward_batch.out_cache_loc
-        s.kv.k_buffer[layer.layer_id][slots] = torch.stack([s.key(t, p) for t, p in zip(tokens, pos)])
-        s.kv.v_buffer[layer.layer_id][slots] = torch.stack([s.base(t) for t in tokens])
-        wrapper = backend.forward_metadata.prefill_wrappers[0] if backend.forward_metadata else None
-        if isinstance(wrapper, scout.ScoutWrapper):
-            assert wrapper.layer == layer.layer_id
-            q = torch.stack([s.key(t, p) for t, p in zip(tokens, pos)])
-            wrapper.forward(q, (s.kv.k_buffer[layer.layer_id], s.kv.v_buffer[layer.layer_id]), causal=True,
-                            sm_scale=DIM ** -0.5)
-        return h, r
-
-    layers = [types.SimpleNamespace(layer_id=i, self_attn=types.SimpleNamespace(attn=types.SimpleNamespace(layer_id=i)))
-              for i in range(LAYERS)]
-    plan.scout.model = types.SimpleNamespace(model=types.SimpleNamespace(
-        layers=layers, embed_tokens=lambda t: t[:, None].float()))
-    positions = torch.from_numpy(link.layout.extend_positions.copy())
-    fb = types.SimpleNamespace(epic_plan=plan, out_cache_loc=row[:extend].clone(),
-                               input_ids=torch.tensor(list(req.origin_input_ids)), positions=positions)
-    calls, out = [], (fb.input_ids[:, None].float(), None)
-    for layer in layers:
-        out = hooks.link_layer(layer_forward, layer, positions, out[0], fb, out[1])
+    assert req.cached_tokens == 37 - 12 and link.scout is None
 
     scouted = [p for p in range(len(ids)) if not any(a <= p < b for a, b in spans)]
-    assert calls[:LAYERS] == [(i, scouted) for i in range(LAYERS)]  # the scout: the text outside the documents
+    assert s.layer_calls[:LAYERS] == [(i, scouted) for i in range(LAYERS)]  # the scout: the text outside the documents
     # the question's mass on each key: the dense definition over every position, at its prompt position
     expected = torch.zeros(len(ids))
     v_norm = {p: s.base(ids[p]).norm(dim=-1) * (50 if p == needle else 1) for p in range(len(ids))}
@@ -874,16 +900,16 @@ def test_querylink_scouts_over_shared_documents_links_its_picks_and_decodes_over
     torch.testing.assert_close(masses[0], expected, atol=1e-4, rtol=1e-4)
     head.pick_budget = 8
     picks = querylink_pick(expected, head, 1)
-    assert needle in picks.tolist() and len(picks) == 8
-    assert link.scout is None and link.layout.order.tolist() == plan_rows(with_picks(head, picks), 0).order.tolist()
-    assert positions.tolist() == link.layout.extend_positions.tolist()  # rewritten in place
-    assert fb.input_ids.tolist() == [ids[p] for p in link.layout.extend_positions] == list(req.origin_input_ids)
-    assert [c[1] for c in calls[LAYERS:]] == [link.layout.extend_positions.tolist()] * LAYERS  # then the link pass
-    assert torch.equal(out[0][:, 0], fb.input_ids.float())  # from the new row's embeddings
-    relinked = recorded["plan"]
-    assert relinked.scout is None and relinked.local is plan.local
+    assert needle in picks.tolist() and len(picks) == 8 and needle not in stand_ins
+    assert link.layout.order.tolist() == plan_rows(with_picks(head, picks), 0).order.tolist()
+    extend = link.layout.extend_positions.tolist()
+    assert s.scout_batch.positions.tolist() == extend  # rewritten in place
+    assert s.scout_batch.input_ids.tolist() == [ids[p] for p in extend] == list(req.origin_input_ids)
+    assert s.layer_calls[LAYERS] == (0, extend)  # then the link pass, from the new row's embeddings
+    assert torch.equal(s.embedded[:, 0], s.scout_batch.input_ids.float())
+    assert s.replanned is plan and plan.scout is None
     s.assert_row_at_prompt_positions(req, ids, layer=0)
-    assert_link_scores(s, relinked, req, ids)
+    assert_link_scores(s, plan, req, ids)
     assert_link_scores(s, s.decode_step(), req, ids)
     s.finish(req)
     for k, n in nodes.items():  # read, never written
@@ -965,9 +991,9 @@ def test_a_document_longer_than_the_prefill_chunk_compiles_in_chunks_and_frees_n
 
 def test_every_slot_is_free_or_in_the_tree_after_random_traffic_under_pressure(sglang_runtime):
     """Property (SGLang's own idle check, `available + evictable + protected == pool`): rounds of
-    compiles (some cut into chunks), linked and plain requests over a pool too small for every
-    document, requests left waiting across rounds, some retracted after decoding; after every
-    round each slot is free or in the tree, and nothing stays locked."""
+    compiles (some cut into chunks), linked (querylink among them) and plain requests over a pool
+    too small for every document, requests left waiting across rounds, some retracted after
+    decoding; after every round each slot is free or in the tree, and nothing stays locked."""
     from sglang.srt.mem_cache.common import release_kv_cache
 
     size = 700
@@ -985,7 +1011,9 @@ def test_every_slot_is_free_or_in_the_tree_after_random_traffic_under_pressure(s
                     spans.append((len(ids), len(ids) + len(docs[j])))
                     ids += docs[j]
                 ids += [rng.randint(300, 399) for _ in range(rng.randint(1, 6))]
-                hint = "ns" if rng.random() < 0.3 else LinkHint("ns", tuple(spans), rng.randint(0, 6))
+                k = rng.randint(0, 6)
+                hint = ("ns" if rng.random() < 0.3 else LinkHint("ns", tuple(spans), k, query_k=k + rng.randint(1, 8))
+                        if rng.random() < 0.6 else LinkHint("ns", tuple(spans), k))  # querylink: its scout runs
                 waiting.append(s.request(ids, hint, max_new_tokens=3))
             batch = compiles + waiting
             rng.shuffle(batch)
