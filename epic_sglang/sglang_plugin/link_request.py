@@ -83,6 +83,17 @@ def to_device(array: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(array).to(device, non_blocking=True)
 
 
+def document_tokens(plan: LinkPlan, doc_slots: dict[int, torch.Tensor], sink: int = 0
+                    ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """Every token of the plan's cached documents, in prompt order: its prompt position, its
+    document's shared slot (int64, on the pool's device) and its shift (prompt position -
+    compile position; documents compiled behind `sink` tokens)."""
+    spans = plan.doc_spans
+    positions = concat_ranges([start for start, _, _ in spans], [start + length for start, length, _ in spans])
+    shifts = np.concatenate([np.full(length, start - sink, dtype=np.int64) for start, length, _ in spans])
+    return positions, torch.cat([doc_slots[j] for _, _, j in spans]).to(torch.int64), shifts
+
+
 @dataclass
 class SharedRuns:
     """A linked request's cached runs as its attention reads them: the runs' shared slots back
@@ -175,7 +186,7 @@ class LinkRequest:
         self.doc_nodes = nodes
         doc_slots = {j: cache.document_slots(node) for j, node in enumerate(nodes) if node is not None}
         self.shared = self._shared_runs(doc_slots)
-        self.blend = self._blend_sources(cache, plan) if self.hint.blend and cached else None
+        self.blend = self._blend_sources(plan, doc_slots) if self.hint.blend and cached else None
         self.scout = ScoutSources(plan, doc_slots, self.hint.block, self.hint.stride) if plan.pick_budget else None
         self._fill_row(req, ids)
         result = MatchResult(device_indices=exact.to(torch.int64), last_device_node=last_node,
@@ -200,12 +211,9 @@ class LinkRequest:
         identities = [(id(self.doc_nodes[r.doc]), r.offset, r.length) for r in runs]
         return SharedRuns(slots, [r.length for r in runs], shifts, identities)
 
-    def _blend_sources(self, cache, plan) -> BlendSources:
-        spans = plan.doc_spans
-        positions = concat_ranges([start for start, _, _ in spans], [start + length for start, length, _ in spans])
-        shifts = np.concatenate([np.full(length, start - self.hint.sink) for start, length, _ in spans])
-        slots = torch.cat([cache.document_slots(self.doc_nodes[j]) for _, _, j in spans]).to(torch.int64)
-        return BlendSources(positions, slots, shifts, plan.recompute.numpy().copy(), self.hint.blend)
+    def _blend_sources(self, plan: LinkPlan, doc_slots: dict[int, torch.Tensor]) -> BlendSources:
+        return BlendSources(*document_tokens(plan, doc_slots, self.hint.sink), plan.recompute.numpy().copy(),
+                            self.hint.blend)
 
     def take_picks(self, req, picks: np.ndarray) -> None:
         """querylink's scout picked `picks` (prompt positions, `pick_budget` of them): the row

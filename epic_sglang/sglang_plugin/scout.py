@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from sglang.srt.runtime_context import get_parallel
 
-from epic_sglang.link_plan import concat_ranges, querylink_pick
+from epic_sglang.link_plan import querylink_pick
 from epic_sglang.scout_attention import ScoutSeq, scored_layers, scout_layer_torch, scout_layer_triton
 from epic_sglang.sglang_plugin import attention
-from epic_sglang.sglang_plugin.link_request import to_device
+from epic_sglang.sglang_plugin.link_request import document_tokens, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 
@@ -68,14 +68,12 @@ def scout_seq(scout: attention.ScoutPass, rope: RopeTable, kv_heads: int) -> tup
     key_slots = torch.zeros(n, dtype=torch.int64, device=device)
     in_row = np.flatnonzero(row_of >= 0)
     key_slots[to_device(in_row, device)] = scout.row[to_device(row_of[in_row], device)]
-    starts = np.array([start for start, _, _ in plan.doc_spans], dtype=np.int64)
-    lens = np.array([length for _, length, _ in plan.doc_spans], dtype=np.int64)
-    doc_positions, shifts = concat_ranges(starts, starts + lens), np.zeros(n, dtype=np.int64)
+    doc_positions, doc_slots, doc_shifts = document_tokens(plan, sources.doc_slots)
     read = doc_positions != n - 1  # the last token is the row's
-    doc_slots = torch.cat([sources.doc_slots[j] for _, _, j in plan.doc_spans]).to(device, torch.int64)
-    key_slots[to_device(doc_positions[read], device)] = doc_slots[to_device(np.flatnonzero(read), device)]
-    shifts[doc_positions[read]] = np.repeat(starts, lens)[read]  # compiled at its offset, read at start + offset
-    tail = int(starts[-1] + lens[-1])
+    key_slots[to_device(doc_positions[read], device)] = doc_slots.to(device)[to_device(np.flatnonzero(read), device)]
+    shifts = np.zeros(n, dtype=np.int64)
+    shifts[doc_positions[read]] = doc_shifts[read]
+    tail = int(doc_positions[-1]) + 1
     scored = positions >= tail
     if not scored.any():
         scored[-1] = True
