@@ -160,7 +160,8 @@ class Scheduler:
             else ForwardMode.EXTEND
         rows = len(batch.reqs) if decode else sum(batch.extend_lens)
         fb = types.SimpleNamespace(forward_mode=mode, positions=torch.zeros(rows, dtype=torch.int64))
-        runner = types.SimpleNamespace(epic_rope=self.rope, epic_layers_hooked=True, model=self.model)
+        runner = types.SimpleNamespace(epic_rope=self.rope, epic_layers_hooked=True, model=self.model,
+                                       model_config=types.SimpleNamespace(head_dim=DIM))
         plan = getattr(hooks.link_forward_batch(fb, None, batch, runner), "epic_plan", None)
         if plan is not None and plan.scout is not None:
             self.scout(plan, batch)
@@ -922,6 +923,8 @@ def test_querylink_runs_alone_and_without_its_scout_links_legolink_ks_tokens(sgl
     mixed into a batch with others links its stand-ins, legolink-k's tokens, and says so."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+    from epic_sglang.sglang_plugin import scout
+
     s = Scheduler()
     ids, spans, _ = s.compiled_prompt(14)
     plain = s.request(list(range(3000, 3010)))
@@ -936,6 +939,8 @@ def test_querylink_runs_alone_and_without_its_scout_links_legolink_ks_tokens(sgl
     fb = types.SimpleNamespace(forward_mode=ForwardMode.MIXED, positions=torch.arange(sum(new.extend_lens)))
     runner = types.SimpleNamespace(epic_rope=s.rope, epic_layers_hooked=True)
     assert hooks.link_forward_batch(fb, None, new, runner).epic_plan.scout is None
+    assert not scout.reads_rope(dataclasses.replace(s.rope, is_neox_style=False), DIM)  # GPT-J style: no scout either
+    assert not scout.reads_rope(dataclasses.replace(s.rope, rotary_dim=DIM // 2), DIM) and scout.reads_rope(s.rope, DIM)
     legolink6 = plan_rows(plan_spans(len(ids), [(a, b - a, j) for j, (a, b) in enumerate(spans)], 6), 0)
     assert query.epic_link.scout is None and query.epic_link.layout.order.tolist() == legolink6.order.tolist()
     assert query.cached_tokens == 37 - 12

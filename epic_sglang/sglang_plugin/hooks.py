@@ -122,7 +122,9 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
     plan = prepare_links(links, batch, model_rope(model_runner), decode=mode.is_decode())
     alone = plan.blend or plan.scout
     why = (None if alone is None else "its batch holds other requests (SGLang's mixed chunks)" if len(batch.reqs) > 1
-           else None if layers_hooked(model_runner) else "the model's decoder layers are not Llama's or Qwen2's")
+           else "the model's decoder layers are not Llama's or Qwen2's" if not layers_hooked(model_runner)
+           else None if plan.scout is None or scout.reads_rope(plan.rope, model_runner.model_config.head_dim)
+           else "the scout's kernels rotate whole heads, rotate-half style; the model's RoPE does not")
     if why and plan.blend is not None:
         compute_blend_fully(plan.blend.req, why)
         plan.blend = None

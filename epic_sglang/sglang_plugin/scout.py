@@ -33,6 +33,12 @@ from epic_sglang.sglang_plugin.link_request import document_tokens, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 
+def reads_rope(rope: RopeTable, head_dim: int) -> bool:
+    """Whether the scout's kernels can rotate the model's keys: rotate-half (neox) style over
+    the whole head."""
+    return rope.is_neox_style and rope.rotary_dim == head_dim
+
+
 class ScoutWrapper:
     """Stands where SGLang's backend expects its paged-prefill wrapper while the scout runs:
     `forward` attends the scouted queries (SGLang's, already rotated) over `seq`'s keys and adds
