@@ -120,11 +120,7 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
     if not links:
         return forward_batch
     plan = prepare_links(links, batch, model_rope(model_runner), decode=mode.is_decode())
-    alone = plan.blend or plan.scout
-    why = (None if alone is None else "its batch holds other requests (SGLang's mixed chunks)" if len(batch.reqs) > 1
-           else "the model's decoder layers are not Llama's or Qwen2's" if not layers_hooked(model_runner)
-           else None if plan.scout is None or scout.reads_rope(plan.rope, model_runner.model_config.head_dim)
-           else "the scout's kernels rotate whole heads, rotate-half style; the model's RoPE does not")
+    why = why_not_alone(plan, batch, model_runner)
     if why and plan.blend is not None:
         compute_blend_fully(plan.blend.req, why)
         plan.blend = None
@@ -136,6 +132,20 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
     return forward_batch
+
+
+def why_not_alone(plan: attention.LinkAttentionPlan, batch, model_runner) -> str | None:
+    """Why a CacheBlend or querylink link pass in `plan` cannot cut or re-plan its batch in the
+    decoder-layer hook (None: it can, or there is none)."""
+    if plan.blend is None and plan.scout is None:
+        return None
+    if len(batch.reqs) > 1:
+        return "its batch holds other requests (SGLang's mixed chunks)"
+    if not layers_hooked(model_runner):
+        return "the model's decoder layers are not Llama's or Qwen2's"
+    if plan.scout is not None and not scout.reads_rope(plan.rope, model_runner.model_config.head_dim):
+        return "the scout's kernels rotate whole heads, rotate-half style; the model's RoPE does not"
+    return None
 
 
 def layers_hooked(model_runner) -> bool:
