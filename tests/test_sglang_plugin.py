@@ -85,6 +85,7 @@ class Scheduler:
         rotary.register_buffer("cos_sin_cache", rotary._compute_cos_sin_cache(), persistent=False)
         self.rope = RopeTable.of_model(torch.nn.Sequential(rotary))
         self.chunk = chunk
+        self.head_dim = DIM  # what the model config says (the scout's kernels need the RoPE over all of it)
         self.chunked = None  # the request SGLang cut to fit its prefill chunk, if any
         self.rids = itertools.count()
 
@@ -158,26 +159,34 @@ class Scheduler:
 
         mode = ForwardMode.DECODE if decode else ForwardMode.MIXED if batch.forward_mode == ForwardMode.MIXED \
             else ForwardMode.EXTEND
-        rows = len(batch.reqs) if decode else sum(batch.extend_lens)
-        fb = types.SimpleNamespace(forward_mode=mode, positions=torch.zeros(rows, dtype=torch.int64))
+        ids = torch.tensor([t for i, req in enumerate(batch.reqs) for t in self.computed_tokens(batch, i, decode)])
+        fb = types.SimpleNamespace(forward_mode=mode, positions=torch.zeros(len(ids), dtype=torch.int64),
+                                   out_cache_loc=batch.out_cache_loc.clone(), input_ids=ids)
         runner = types.SimpleNamespace(epic_rope=self.rope, epic_layers_hooked=True, model=self.model,
-                                       model_config=types.SimpleNamespace(head_dim=DIM))
+                                       model_config=types.SimpleNamespace(head_dim=self.head_dim))
         plan = getattr(hooks.link_forward_batch(fb, None, batch, runner), "epic_plan", None)
-        if plan is not None and plan.scout is not None:
-            self.scout(plan, batch)
+        if plan is not None and plan.scouts:
+            self.scout(plan, fb)
         offset = 0
         for i, req in enumerate(batch.reqs):
             n = 1 if decode else batch.extend_lens[i]
             seq_len = int(batch.seq_lens_cpu[i])
             positions = plan.positions.get(offset) if plan else None
             positions = positions.tolist() if positions is not None else list(range(seq_len - n, seq_len))
-            tokens = (list(req.origin_input_ids) + list(req.output_ids))[seq_len - n:seq_len]
+            tokens = self.computed_tokens(batch, i, decode)
             slots = batch.out_cache_loc[offset:offset + n]
             for layer in range(LAYERS):
                 self.kv.k_buffer[layer][slots] = torch.stack([self.key(t, p) for t, p in zip(tokens, positions)])
                 self.kv.v_buffer[layer][slots] = torch.stack([self.base(t) for t in tokens])
             offset += n
         return plan
+
+    @staticmethod
+    def computed_tokens(batch, i: int, decode: bool) -> list[int]:
+        """The tokens the forward computes for the batch's request i: its row's last ones."""
+        req, seq_len = batch.reqs[i], int(batch.seq_lens_cpu[i])
+        n = 1 if decode else batch.extend_lens[i]
+        return (list(req.origin_input_ids) + list(req.output_ids))[seq_len - n:seq_len]
 
     # ------------------------------------------------------------- querylink's scout
     @property
@@ -204,24 +213,19 @@ class Scheduler:
                             sm_scale=DIM ** -0.5)
         return h, r
 
-    def scout(self, plan: attention.LinkAttentionPlan, batch) -> None:
-        """The decoder-layer hook's first call in a querylink link pass (alone in its batch):
-        the scout, the pick, the row planned again (FlashInfer's planning left out: the plan is
-        kept in `self.replanned`)."""
+    def scout(self, plan: attention.LinkAttentionPlan, fb) -> None:
+        """The decoder-layer hook's first call in a forward with querylink link passes: the
+        scouts, the picks, the rows planned again (FlashInfer's planning left out: the plan is
+        kept in `self.replanned`), then the first layer over the new rows."""
         from unittest import mock
 
         self.backend, self.layer_calls = types.SimpleNamespace(forward_metadata=None), []
-        req = batch.reqs[0]
-        positions = torch.from_numpy(req.epic_link.layout.extend_positions.copy())
-        ids = torch.tensor(list(req.full_untruncated_fill_ids)[req.epic_link.layout.exact_prefix_len:])
-        fb = types.SimpleNamespace(epic_plan=plan, out_cache_loc=batch.out_cache_loc.clone(), input_ids=ids,
-                                   positions=positions)
         context = "sglang.srt.model_executor.forward_context"
         with mock.patch(f"{context}.get_attn_backend", lambda: self.backend), \
                 mock.patch(f"{context}.get_token_to_kv_pool", lambda: self.kv), \
                 mock.patch.object(attention, "plan_flashinfer", lambda backend, plan_: setattr(self, "replanned", plan_)):
-            self.embedded = hooks.link_layer(self.layer_forward, plan.scout.model.model.layers[0], positions,
-                                             ids[:, None].float(), fb, None)[0]
+            self.embedded = hooks.link_layer(self.layer_forward, plan.model.model.layers[0], fb.positions,
+                                             fb.input_ids[:, None].float(), fb, None)[0]
         self.scout_batch = fb
 
     def decode_step(self, token: int = 3) -> attention.LinkAttentionPlan | None:
@@ -489,7 +493,7 @@ def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_doc
 
 def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sglang_runtime):
     """Property: random batches of linked requests (documents in any order and subset, random
-    k, prefixes that sometimes hit the exact-prefix tree, plain requests mixed in), each link
+    k, querylink among them, prefixes that sometimes hit the exact-prefix tree, plain requests mixed in), each link
     pass and two decode steps scored exactly; afterwards every document's KV is bit for bit
     what its compile wrote and nothing is left locked."""
     rng = random.Random(11)
@@ -507,7 +511,9 @@ def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sgl
             spans.append((len(ids), len(ids) + len(docs[j])))
             ids += docs[j]
         ids += [rng.randint(300, 399) for _ in range(rng.randint(1, 6))]
-        return ids, LinkHint("ns", tuple(spans), rng.randint(0, 6))
+        k = rng.randint(0, 6)
+        query_k = k + rng.randint(1, 10) if rng.random() < 0.3 else 0  # querylink: its scout picks the rest
+        return ids, LinkHint("ns", tuple(spans), k, query_k=query_k)
 
     read_together = 0  # steps where requests that link one run attend it in one entry
     for _ in range(25):
@@ -622,7 +628,7 @@ def test_a_retracted_linked_request_links_again_with_its_output_computed(sglang_
     layout = req.epic_link.layout
     assert admitted == [req] and layout.prompt_len == len(ids) + 2 and layout.exact_prefix_len == spans[0][0]
     assert len(s.layer_calls) == (LAYERS + 1 if query_k else 0)  # the scout and the link pass's first layer
-    assert req.epic_link.scout is None and plan.scout is None
+    assert req.epic_link.scout is None and plan.scouts == []
     assert not query_k or s.layer_calls[0][1][-2:] == [len(ids), len(ids) + 1]  # the output: scouted, past the prompt
     assert req.cached_tokens == layout.reused_tokens  # counted once, at the first link (no exact prefix yet)
     assert_link_scores(s, plan, req, ids)  # the earlier output is computed at its positions
@@ -908,7 +914,7 @@ def test_querylink_scouts_over_shared_documents_links_its_picks_and_decodes_over
     assert s.scout_batch.input_ids.tolist() == [ids[p] for p in extend] == list(req.origin_input_ids)
     assert s.layer_calls[LAYERS] == (0, extend)  # then the link pass, from the new row's embeddings
     assert torch.equal(s.embedded[:, 0], s.scout_batch.input_ids.float())
-    assert s.replanned is plan and plan.scout is None
+    assert s.replanned is plan and plan.scouts == []
     s.assert_row_at_prompt_positions(req, ids, layer=0)
     assert_link_scores(s, plan, req, ids)
     assert_link_scores(s, s.decode_step(), req, ids)
@@ -918,32 +924,46 @@ def test_querylink_scouts_over_shared_documents_links_its_picks_and_decodes_over
     assert s.cache.evictable_size() == s.cache.total_size()
 
 
-def test_querylink_runs_alone_and_without_its_scout_links_legolink_ks_tokens(sglang_runtime):
-    """A querylink link pass is admitted alone (its forward plans the batch again); one SGLang
-    mixed into a batch with others links its stand-ins, legolink-k's tokens, and says so."""
-    from sglang.srt.model_executor.forward_batch_info import ForwardMode
-
+def test_querylink_scouts_beside_other_requests_and_without_its_scout_links_legolink_ks_tokens(sglang_runtime):
+    """querylink link passes are admitted with any other request but CacheBlend's; in a
+    forward beside a plain request and a running linked request's decode (SGLang's mixed
+    chunk), each scouts and every query of the batch scores exactly. A model whose RoPE the
+    scout's kernels cannot rotate links the stand-ins, legolink-k's tokens, and says so."""
     from epic_sglang.sglang_plugin import scout
 
-    s = Scheduler()
+    s = Scheduler(size=2048)
     ids, spans, _ = s.compiled_prompt(14)
+    other, other_spans, _ = s.compiled_prompt(15)
+    running = s.request(other, LinkHint("ns", tuple(other_spans), 3))
+    s.prefill([running])
+    first = s.request(ids, LinkHint("ns", tuple(spans), 2, query_k=6))
+    second = s.request(other, LinkHint("ns", tuple(other_spans), 1, query_k=9))
     plain = s.request(list(range(3000, 3010)))
-    query = s.request(ids, LinkHint("ns", tuple(spans), 2, query_k=6))
-    assert s.admit([plain, query]) == [plain]  # behind another: waits
-    s.run_extend([plain])
-    assert s.admit([query, s.request(list(range(3100, 3110)))]) == [query]  # first: alone
-    new = s.extend_batch([query])
+    blend = s.request(ids, LinkHint("ns", tuple(spans), blend=10.0))
+    admitted = s.admit([first, plain, second, blend])
+    assert admitted == [first, plain, second]  # CacheBlend's waits for a batch of its own
+    new = s.extend_batch(admitted)
     s.sample(3)
-    new.mix_with_running(s.batch)  # SGLang's mixed chunk: the running request's decode beside it
+    new.mix_with_running(s.batch)
     s.batch = new
-    fb = types.SimpleNamespace(forward_mode=ForwardMode.MIXED, positions=torch.arange(sum(new.extend_lens)))
-    runner = types.SimpleNamespace(epic_rope=s.rope, epic_layers_hooked=True)
-    assert hooks.link_forward_batch(fb, None, new, runner).epic_plan.scout is None
-    assert not scout.reads_rope(dataclasses.replace(s.rope, is_neox_style=False), DIM)  # GPT-J style: no scout either
-    assert not scout.reads_rope(dataclasses.replace(s.rope, rotary_dim=DIM // 2), DIM) and scout.reads_rope(s.rope, DIM)
-    legolink6 = plan_rows(plan_spans(len(ids), [(a, b - a, j) for j, (a, b) in enumerate(spans)], 6), 0)
-    assert query.epic_link.scout is None and query.epic_link.layout.order.tolist() == legolink6.order.tolist()
-    assert query.cached_tokens == 37 - 12
+    plan = s.forward(new)
+    assert plan.scouts == [] and s.layer_calls[0][1] == [  # both scouts, in one cut batch
+        p for req in (first, second) for p in req.epic_link.layout.order.tolist()
+        if not any(a <= p < b for a, b in req.epic_link.hint.docs)]
+    starts = np.cumsum([0] + new.extend_lens)
+    for i, (req, prompt_ids) in enumerate([(first, ids), (second, other), (running, other)]):
+        assert_link_scores(s, plan, req, prompt_ids, int(starts[[0, 2, 3][i]]))
+    assert_link_scores(s, s.decode_step(), first, ids, 0)
+
+    s.head_dim = 2 * DIM  # RoPE over half the head: no scout
+    query = s.request(ids, LinkHint("ns", tuple(spans), 2, query_k=6))
+    s.layer_calls = []
+    s.prefill([query])
+    legolink6 = plan_rows(plan_spans(len(ids), [(a, b - a, j) for j, (a, b) in enumerate(spans)], 6), spans[0][0])
+    assert s.layer_calls == [] and query.epic_link.scout is None
+    assert query.epic_link.layout.order.tolist() == legolink6.order.tolist()
+    assert scout.unread_rope(dataclasses.replace(s.rope, is_neox_style=False), DIM)  # GPT-J style: no scout either
+    assert scout.unread_rope(s.rope, DIM) is None
 
 
 def test_a_document_node_split_by_a_partial_match_still_links_whole(sglang_runtime):

@@ -60,11 +60,22 @@ class BlendPass:
 
 @dataclass
 class ScoutPass:
-    """A querylink request's link pass before its scout ran, alone in its batch (`scout.py`)."""
+    """A querylink request's link pass before its scout ran (`scout.py`)."""
     link: LinkRequest
     req: object  # SGLang's Req
     row: torch.Tensor  # int64: the request's row slots (row slot i holds prompt position `layout.order[i]`)
-    model: torch.nn.Module | None = None  # the causal LM (its decoder layers, its embedding), set before the forward
+    offset: int  # the batch row of its first extend token
+
+
+@dataclass(frozen=True)
+class LinkedRows:
+    """A linked request's `n` query rows in the batch from row `offset` on: its link pass's
+    extend (`extending`) or its newest tokens (decode, or merged into a mixed batch)."""
+    link: LinkRequest
+    offset: int
+    n: int
+    seq_len: int
+    extending: bool
 
 
 @dataclass
@@ -74,7 +85,9 @@ class LinkAttentionPlan:
     positions: dict[int, torch.Tensor]  # batch token offset -> prompt positions of a linked request's tokens
     rope: RopeTable  # the model's, to rotate the queries of the shared parts
     blend: BlendPass | None = None
-    scout: ScoutPass | None = None
+    scouts: list[ScoutPass] = field(default_factory=list)  # querylink link passes whose scout is still to run
+    linked: list[LinkedRows] = field(default_factory=list)  # what `shared` and `positions` were planned from
+    model: torch.nn.Module | None = None  # the causal LM (decoder layers, embedding), set when `scouts` run
 
 
 @dataclass
@@ -153,7 +166,7 @@ def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bo
     """`batch`: a SGLang ScheduleBatch (extend or decode); `links`: its linked requests by index.
     A request in its link pass computes its layout's extend tokens; one past it (decode, or
     merged into a mixed batch) its newest tokens, which follow every cached run."""
-    local, parts, positions, blend, scout = _EntryList(), _PartList(), {}, None, None
+    local, linked, blend, scouts = _EntryList(), [], None, []
     offset = 0
     for i, req in enumerate(batch.reqs):
         seq_len = int(batch.seq_lens_cpu[i])
@@ -162,40 +175,36 @@ def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bo
             local.add(req.req_pool_idx, np.arange(seq_len), n)
         link = links.get(i)
         if link is not None:
-            # CacheBlend's and querylink's link passes run alone in their batch, unless SGLang mixed one in
             if link.extending and (link.blend is not None or link.scout is not None):
                 row = batch.req_to_token_pool.req_to_token[req.req_pool_idx, :seq_len].to(torch.int64)
-                if link.blend is not None:
+                if link.blend is not None:  # alone in its batch, unless SGLang mixed one in
                     blend = BlendPass(link.blend, row, link.layout.exact_prefix_len, req)
                 else:
-                    scout = ScoutPass(link, req, row)
-            _add_link(parts, positions, link, offset, n, seq_len, rope, link.extending)
+                    scouts.append(ScoutPass(link, req, row, offset))
+            linked.append(LinkedRows(link, offset, n, seq_len, link.extending))
         offset += n
     device = batch.device
-    return LinkAttentionPlan(None if decode else local.build(batch.req_to_token_pool.req_to_token, device),
-                             parts.build(device), positions, rope, blend, scout)
+    plan = LinkAttentionPlan(None if decode else local.build(batch.req_to_token_pool.req_to_token, device),
+                             None, {}, rope, blend, scouts, linked)
+    plan_linked_rows(plan, device)
+    return plan
 
 
-def _add_link(parts: _PartList, positions: dict[int, torch.Tensor], link: LinkRequest, offset: int, n: int,
-              seq_len: int, rope: RopeTable, extending: bool) -> None:
-    """A linked request's `n` query rows from batch row `offset` on: their prompt positions,
-    and its cached runs each attended by the rows after it."""
-    if extending:
-        positions[offset] = torch.from_numpy(link.layout.extend_positions)
-        starts = link.layout.run_query_starts()
-    else:  # SGLang numbers the row; the reused tokens it does not hold come before
-        positions[offset] = torch.arange(seq_len - n, seq_len) + link.position_shift
-        starts = [0] * len(link.layout.cached_runs)
-    if link.shared is not None:
-        parts.add(link.shared, [(offset + s, offset + n) for s in starts], rope)
-
-
-def plan_picks(plan: LinkAttentionPlan, device) -> None:
-    """The plan of a querylink link pass (alone in its batch) once its scout picked: the
-    positions and cached runs of its row as `LinkRequest.take_picks` left it."""
-    link, parts, positions = plan.scout.link, _PartList(), {}
-    _add_link(parts, positions, link, 0, link.layout.extend_len, len(link.layout.order), plan.rope, True)
-    plan.shared, plan.positions, plan.scout = parts.build(device), positions, None
+def plan_linked_rows(plan: LinkAttentionPlan, device) -> None:
+    """`plan.shared` and `plan.positions` from `plan.linked` as their layouts stand (again
+    once querylink's scouts re-planned their rows): each linked request's query rows at their
+    prompt positions, and its cached runs each attended by the rows after it."""
+    parts, positions = _PartList(), {}
+    for m in plan.linked:
+        if m.extending:
+            positions[m.offset] = torch.from_numpy(m.link.layout.extend_positions)
+            starts = m.link.layout.run_query_starts()
+        else:  # SGLang numbers the row; the reused tokens it does not hold come before
+            positions[m.offset] = torch.arange(m.seq_len - m.n, m.seq_len) + m.link.position_shift
+            starts = [0] * len(m.link.layout.cached_runs)
+        if m.link.shared is not None:
+            parts.add(m.link.shared, [(m.offset + s, m.offset + m.n) for s in starts], plan.rope)
+    plan.shared, plan.positions = parts.build(device), positions
 
 
 def apply_positions(plan: LinkAttentionPlan, positions: torch.Tensor) -> None:

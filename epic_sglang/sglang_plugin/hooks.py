@@ -4,8 +4,7 @@
 |-------------------------------------------|-------------------------------------------------|
 | `Req.__init__` (after)                    | an `epic:` extra_key becomes `req.epic_link`    |
 | `PrefillAdder.add_one_req` (around)       | re-match stale nodes, never chunk a link pass,  |
-|                                           | lock documents; CacheBlend's and querylink's    |
-|                                           | link passes run alone                           |
+|                                           | lock documents; a CacheBlend pass runs alone    |
 | `ScheduleBatch.prepare_for_extend` (before)| the link pass starts; reused tokens count as cached |
 | `ForwardBatch.init_new` (after)           | positions, the plan of the shared runs' entries |
 | `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
@@ -54,18 +53,17 @@ def attach_link(result, req, *args, **kwargs):
     return result
 
 
-def runs_alone(req) -> bool:
-    """A CacheBlend or querylink link pass: its forward cuts or re-plans the whole batch."""
+def blends(req) -> bool:
     link = getattr(req, "epic_link", None)
-    return isinstance(link, LinkRequest) and (link.blend is not None or link.scout is not None)
+    return isinstance(link, LinkRequest) and link.blend is not None
 
 
 def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
     """PrefillAdder.add_one_req for a linked request (and for any request behind a CacheBlend
-    or querylink link pass, which runs alone in its batch)."""
+    link pass, which runs alone in its batch)."""
     from sglang.srt.managers.schedule_policy import AddReqResult
 
-    if any(runs_alone(r) for r in adder.can_run_list):
+    if any(blends(r) for r in adder.can_run_list):
         return AddReqResult.OTHER
     link = getattr(req, "epic_link", None)
     if not isinstance(link, LinkRequest) or link.layout is None:
@@ -73,8 +71,8 @@ def admit_link(original, adder, req, has_chunked_req: bool = False, **kwargs):
     cache = adder.tree_cache
     if not link.still_matched(cache, req.last_node):
         req.init_next_round_input(cache)
-    if runs_alone(req) and (adder.can_run_list or has_chunked_req):
-        return AddReqResult.OTHER  # its forward cuts or re-plans the whole batch: wait for one of its own
+    if blends(req) and (adder.can_run_list or has_chunked_req):
+        return AddReqResult.OTHER  # the check layer cuts the whole batch: wait for one of its own
     layout = link.layout
     if adder.rem_chunk_tokens is not None and layout.extend_len > adder.rem_chunk_tokens:
         # A link pass is never chunked (its runs' entries are planned for the whole pass): wait for an
@@ -120,32 +118,26 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
     if not links:
         return forward_batch
     plan = prepare_links(links, batch, model_rope(model_runner), decode=mode.is_decode())
-    why = why_not_alone(plan, batch, model_runner)
-    if why and plan.blend is not None:
-        compute_blend_fully(plan.blend.req, why)
-        plan.blend = None
-    elif why:
-        link_without_scout(plan.scout.req, why)
-        plan.scout = None
-    elif plan.scout is not None:
-        plan.scout.model = model_runner.model
+    if plan.blend is not None:
+        why = "its batch holds other requests (SGLang's mixed chunks)" if len(batch.reqs) > 1 else unhooked(model_runner)
+        if why:
+            compute_blend_fully(plan.blend.req, why)
+            plan.blend = None
+    if plan.scouts:
+        why = unhooked(model_runner) or scout.unread_rope(plan.rope, model_runner.model_config.head_dim)
+        if why:
+            for pending in plan.scouts:
+                link_without_scout(pending.req, why)
+            plan.scouts = []
+        plan.model = model_runner.model
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
     return forward_batch
 
 
-def why_not_alone(plan: attention.LinkAttentionPlan, batch, model_runner) -> str | None:
-    """Why a CacheBlend or querylink link pass in `plan` cannot cut or re-plan its batch in the
-    decoder-layer hook (None: it can, or there is none)."""
-    if plan.blend is None and plan.scout is None:
-        return None
-    if len(batch.reqs) > 1:
-        return "its batch holds other requests (SGLang's mixed chunks)"
-    if not layers_hooked(model_runner):
-        return "the model's decoder layers are not Llama's or Qwen2's"
-    if plan.scout is not None and not scout.reads_rope(plan.rope, model_runner.model_config.head_dim):
-        return "the scout's kernels rotate whole heads, rotate-half style; the model's RoPE does not"
-    return None
+def unhooked(model_runner) -> str | None:
+    """Why CacheBlend's cut and querylink's scout cannot run in the model's decoder layers (None: they can)."""
+    return None if layers_hooked(model_runner) else "the model's decoder layers are not Llama's or Qwen2's"
 
 
 def layers_hooked(model_runner) -> bool:
@@ -176,10 +168,10 @@ def link_without_scout(req, why: str) -> None:
 
 def link_layer(original, layer, positions, hidden_states, forward_batch, residual, *args, **kwargs):
     """A decoder layer's forward (SGLang: `layer(positions, hidden_states, forward_batch,
-    residual)`): querylink's scout runs before the first layer of its link pass, which then
-    starts from the new row's embeddings; CacheBlend's cut is `blend.blend_layer`'s."""
+    residual)`): querylink's scouts run before the first layer of a forward with querylink link
+    passes, which then starts from the new rows' embeddings; CacheBlend's cut is `blend.blend_layer`'s."""
     plan = getattr(forward_batch, "epic_plan", None)
-    if plan is not None and plan.scout is not None:  # only in the first layer: the scout clears it
+    if plan is not None and plan.scouts:  # only in the first layer: the scouts clear them
         from sglang.srt.model_executor.forward_context import get_attn_backend, get_token_to_kv_pool
 
         hidden_states = scout.scout_and_link(original, plan, positions, hidden_states, forward_batch,

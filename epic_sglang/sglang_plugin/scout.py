@@ -1,24 +1,25 @@
 """querylink inside SGLang's forward: the scout, the pick, and the row planned again over the picks.
 
 A querylink request's row holds legolink-k's tokens where its picks will go
-(`link_request.py`), and its link pass runs alone in its batch (as CacheBlend's). Entering
-its first decoder layer (the decoder-layer hook, `blend.HOOKED_LAYERS`):
+(`link_request.py`). Entering the first decoder layer of a forward that holds querylink link
+passes (the decoder-layer hook, `blend.HOOKED_LAYERS`), whatever else the batch holds:
 
-1. scout: the row's tokens outside the documents (the question, the text between documents;
-   and the last token) through the layers up to the last scored one, the batch cut to their
-   rows and slots, `ScoutWrapper` as the attention: each query attends every prompt position
+1. scout: each one's row tokens outside the documents (the question, the text between
+   documents; and the last token) through the layers up to the last scored one, the batch cut
+   to those rows and slots, `ScoutWrapper` as the attention: each query attends every prompt position
    before it, the exact prefix and the scouted tokens in the row, every document token in its
    document's shared slot rotated by the document's shift (the engine's scout reads the same
    keys), and the question's attention x value norm on each key is summed
    (`scout_attention`'s Triton kernels, the engine's; their torch definition on CPU);
 2. pick: the mass (summed over kv heads and tensor-parallel ranks, so every rank picks the
    same) on the host, `link_plan.querylink_pick`, the engine's rule: one wait on the GPU per
-   link pass, as CacheBlend's;
+   forward, as CacheBlend's;
 3. plan again: `LinkRequest.take_picks` puts the picks in the row in place of the stand-ins
    (as many: the slots SGLang allocated stay the row's), the batch's input ids and positions
-   follow in place, the cached runs' attention entries are planned again
-   (`attention.plan_flashinfer`), and the link pass runs from the new row's embeddings. The
-   scout's KV writes land in row slots the link pass writes again; documents are only read.
+   follow in place, the batch's cached runs' entries are planned again
+   (`attention.plan_linked_rows`, `plan_flashinfer`), and the forward runs on from the new rows'
+   embeddings. The scout's KV writes land in row slots the link pass writes again; documents
+   are only read.
 """
 from __future__ import annotations
 
@@ -33,19 +34,22 @@ from epic_sglang.sglang_plugin.link_request import document_tokens, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 
-def reads_rope(rope: RopeTable, head_dim: int) -> bool:
-    """Whether the scout's kernels can rotate the model's keys: rotate-half (neox) style over
-    the whole head."""
-    return rope.is_neox_style and rope.rotary_dim == head_dim
+def unread_rope(rope: RopeTable, head_dim: int) -> str | None:
+    """Why the scout's kernels cannot rotate the model's keys (None: they can: rotate-half,
+    neox style, over the whole head)."""
+    if rope.is_neox_style and rope.rotary_dim == head_dim:
+        return None
+    return "the scout's kernels rotate whole heads, rotate-half style; the model's RoPE does not"
 
 
 class ScoutWrapper:
-    """Stands where SGLang's backend expects its paged-prefill wrapper while the scout runs:
-    `forward` attends the scouted queries (SGLang's, already rotated) over `seq`'s keys and adds
-    the mass at the scored layers. `layer`: the layer being run, set by the caller."""
+    """Stands where SGLang's backend expects its paged-prefill wrapper while the scouts run:
+    `forward` attends each sequence's queries (SGLang's, already rotated; rows `q_start` to
+    `q_end` of the cut batch) over its keys, and adds its mass at its scored layers. `layer`:
+    the layer being run, set by the caller."""
 
-    def __init__(self, seq: ScoutSeq, scored: set[int]):
-        self.seq, self.scored, self.layer = seq, scored, 0
+    def __init__(self, seqs: list[tuple[ScoutSeq, set[int]]]):
+        self.seqs, self.layer = seqs, 0
 
     def forward(self, q: torch.Tensor, kv_cache, sm_scale: float | None = None, logits_soft_cap: float | None = None,
                 **kwargs) -> torch.Tensor:
@@ -53,14 +57,18 @@ class ScoutWrapper:
         if (sm_scale is not None and abs(sm_scale * dim ** 0.5 - 1) > 1e-6) or logits_soft_cap:
             raise NotImplementedError("epic: querylink's scout needs attention scaled by head_dim ** -0.5, no soft cap")
         layer_fn = scout_layer_triton if q.is_cuda else scout_layer_torch
-        return layer_fn(q, kv_cache[0], kv_cache[1], self.seq, self.layer in self.scored)
+        out = torch.empty_like(q)
+        for seq, scored in self.seqs:
+            rows = slice(seq.q_start, seq.q_end)
+            out[rows] = layer_fn(q[rows], kv_cache[0], kv_cache[1], seq, self.layer in scored)
+        return out
 
 
-def scout_seq(scout: attention.ScoutPass, rope: RopeTable, kv_heads: int) -> tuple[ScoutSeq, np.ndarray]:
-    """The scout's sequence and its rows in the batch: every prompt position's key (the exact
-    prefix and the scouted tokens in the row, documents in their shared slots, rotated by
-    their shift), the scouted queries at their positions, the question scored (the tokens
-    after the last document; the last token if none)."""
+def scout_seq(scout: attention.ScoutPass, rope: RopeTable, kv_heads: int, q_start: int) -> tuple[ScoutSeq, np.ndarray]:
+    """A scout's sequence, its queries from row `q_start` of the cut batch on, and their rows in
+    the batch: every prompt position's key (the exact prefix and the scouted tokens in the row,
+    documents in their shared slots, rotated by their shift), the scouted queries at their
+    positions, the question scored (the tokens after the last document; the last token if none)."""
     link, sources = scout.link, scout.link.scout
     layout, plan, device = link.layout, sources.plan, scout.row.device
     docs = plan.document_mask().numpy()
@@ -83,44 +91,57 @@ def scout_seq(scout: attention.ScoutPass, rope: RopeTable, kv_heads: int) -> tup
     scored = positions >= tail
     if not scored.any():
         scored[-1] = True
-    seq = ScoutSeq(0, len(rows), to_device(positions, device), to_device(scored.astype(np.float32), device), None,
-                   key_slots, torch.cat(rope.angles(to_device(shifts, rope.cos_sin_cache.device)), -1).to(device),
+    seq = ScoutSeq(q_start, q_start + len(rows), to_device(positions, device),
+                   to_device(scored.astype(np.float32), device), None, key_slots,
+                   torch.cat(rope.angles(to_device(shifts, rope.cos_sin_cache.device)), -1).to(device),
                    torch.tensor([n], dtype=torch.int32, device=device), n,
                    torch.zeros(kv_heads, n, dtype=torch.float32, device=device))
-    return seq, rows
+    return seq, scout.offset + rows
 
 
 def scout_and_link(original, plan: attention.LinkAttentionPlan, positions: torch.Tensor, hidden_states: torch.Tensor,
                    forward_batch, pool, backend) -> torch.Tensor:
-    """Entering the first layer of a querylink link pass: scout, pick, plan the row again over
-    the picks. Returns the new row's embeddings (the layer's input); `positions` and the
-    batch's input ids are rewritten in place."""
+    """Entering the first layer of a forward with querylink link passes: their scouts together,
+    the picks, the rows planned again over them. Returns the layer's input with the new rows'
+    embeddings; `positions` and the batch's input ids are rewritten in place."""
     from sglang.srt.layers.attention.flashinfer_backend import PrefillMetadata
 
-    scout, rope = plan.scout, plan.rope
-    layers = scout.model.model.layers
-    seq, rows = scout_seq(scout, rope, pool.get_key_buffer(pool.start_layer).shape[1])
-    wrapper = ScoutWrapper(seq, scored_layers(len(layers), scout.link.scout.stride))
-    index = to_device(rows, hidden_states.device)
+    rope, layers, device = plan.rope, plan.model.model.layers, hidden_states.device
+    kv_heads, seqs, rows, start = pool.get_key_buffer(pool.start_layer).shape[1], [], [], 0
+    for sp in plan.scouts:
+        seq, seq_rows = scout_seq(sp, rope, kv_heads, start)
+        seqs.append((seq, scored_layers(len(layers), sp.link.scout.stride)))
+        rows.append(seq_rows)
+        start = seq.q_end
+    wrapper = ScoutWrapper(seqs)
+    index = to_device(np.concatenate(rows), device)
     out_cache_loc, metadata = forward_batch.out_cache_loc, backend.forward_metadata
     forward_batch.out_cache_loc, backend.forward_metadata = out_cache_loc[index], PrefillMetadata([wrapper], False, False)
     h, residual, scout_positions = hidden_states[index], None, positions[index]
     try:
-        for i in range(max(wrapper.scored) + 1):
+        for i in range(max(max(scored) for _, scored in seqs) + 1):
             wrapper.layer = i
             h, residual = original(layers[i], scout_positions, h, forward_batch, residual)
     finally:
         forward_batch.out_cache_loc, backend.forward_metadata = out_cache_loc, metadata
-    mass = seq.mass.sum(0)
+    masses = torch.cat([seq.mass.sum(0) for seq, _ in seqs])
     if get_parallel().tp_size > 1:  # each rank holds some kv heads: every rank picks over all of them
         from sglang.srt.distributed import tensor_model_parallel_all_reduce
 
-        mass = tensor_model_parallel_all_reduce(mass)
-    link = scout.link
-    link.take_picks(scout.req, querylink_pick(mass, link.scout.plan, link.scout.block).numpy())  # the wait
-    attention.plan_picks(plan, scout.row.device)
+        masses = tensor_model_parallel_all_reduce(masses)
+    masses = masses.cpu()  # the wait
+    changed = []
+    for sp, mass in zip(plan.scouts, masses.split([seq.max_keys for seq, _ in seqs])):
+        link = sp.link
+        link.take_picks(sp.req, querylink_pick(mass, link.scout.plan, link.scout.block).numpy())
+        extend = link.layout.extend_positions
+        at = slice(sp.offset, sp.offset + len(extend))
+        positions[at] = to_device(extend, positions.device)
+        ids = np.asarray(sp.req.full_untruncated_fill_ids, dtype=np.int64)[link.layout.exact_prefix_len:]
+        forward_batch.input_ids[at] = to_device(ids, device)
+        changed.append(np.arange(at.start, at.stop))
+    plan.scouts = []
+    attention.plan_linked_rows(plan, device)
     attention.plan_flashinfer(backend, plan)
-    positions.copy_(to_device(link.layout.extend_positions, positions.device))
-    ids = np.asarray(scout.req.full_untruncated_fill_ids, dtype=np.int64)[link.layout.exact_prefix_len:]
-    forward_batch.input_ids.copy_(to_device(ids, positions.device))
-    return scout.model.model.embed_tokens(forward_batch.input_ids)
+    rows = to_device(np.concatenate(changed), device)
+    return hidden_states.index_copy(0, rows, plan.model.model.embed_tokens(forward_batch.input_ids[rows]))
