@@ -1338,7 +1338,7 @@ def test_querylink_scout_through_triton_equals_its_definition_over_keys_stored_r
 
     q = torch.randn(48, q_heads, dim, device=dev, generator=g).to(torch.bfloat16)
     got, want = seq(), seq()
-    out = ScoutWrapper(got, {0}).forward(q, (k_pool, v_pool), causal=True, sm_scale=dim ** -0.5)
+    out = ScoutWrapper([(got, {0})]).forward(q, (k_pool, v_pool), causal=True, sm_scale=dim ** -0.5)
     expected = scout_layer_torch(q, k_pool, v_pool, want, True)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.mass, want.mass, atol=2e-2, rtol=2e-2)
