@@ -1204,7 +1204,7 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
                         [(r.doc % 2, r.offset, r.length) for r in runs])  # runs read again: one entry each
     row = slot_of[torch.from_numpy(np.concatenate([layout.order, [n]])).to(dev)]
     link = types.SimpleNamespace(layout=layout, shared=shared, extending=True, position_shift=layout.reused_tokens,
-                                 blend=None)
+                                 blend=None, scout=None)
     workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
     backend = types.SimpleNamespace(
         num_wrappers=1, workspace_buffer=workspace,
