@@ -22,7 +22,7 @@ from epic_sglang.cuda_graph import ScoutGraphs
 from epic_sglang.errors import InvalidRequest
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool, PoolExhausted, ReqToTokenPool, SlotAllocator
-from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick
+from epic_sglang.link_plan import LinkPlan, plan_link, querylink_pick, scout_queries
 from epic_sglang.linker import BlendSeq, Linker
 from epic_sglang.models.loader import resolve_model_dir
 from epic_sglang.models.weights import load_causal_lm
@@ -535,20 +535,17 @@ class Engine:
         non-document tokens, over a row whose document positions all hold the cached KV (the
         link's private slots for its recomputed document tokens hold nothing yet)."""
         docs = s.plan.document_mask()
-        scouted = s.plan.recompute & ~docs
-        scouted[-1] = True  # the last token, even inside a document (its slot is private)
+        recomputed = s.plan.recompute.nonzero().flatten().numpy()
+        picked, scored = scout_queries(s.plan, recomputed)
+        scouted = torch.zeros_like(docs)
+        scouted[recomputed[picked]] = True  # the last token's slot is private even inside a document
         row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len].clone()
         cached = torch.cat([d.value for d in s.documents])
         keep = (docs & ~scouted)[docs]  # document positions read from the cache
         row[(docs & ~scouted).nonzero().flatten().to(self.device)] = cached[keep.to(self.device)]
         positions = scouted.nonzero().flatten()
         computed = positions.to(self.device)
-        tail = s.plan.doc_spans[-1][0] + s.plan.doc_spans[-1][1]
-        positions = positions.tolist()
-        scored = [p >= tail for p in positions]
-        if not any(scored):
-            scored[-1] = True
-        return (s.prompt_ids[computed], computed, row[computed], row), positions, scored
+        return (s.prompt_ids[computed], computed, row[computed], row), positions.tolist(), scored.tolist()
 
     def _scout(self, states: list[RunningRequest]) -> None:
         """querylink: add the document tokens each question attends to most to its plan, in

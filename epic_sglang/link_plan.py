@@ -198,6 +198,20 @@ def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Te
     return torch.from_numpy(np.sort(np.concatenate(picked)))
 
 
+def scout_queries(plan: LinkPlan, computed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """querylink's scout among the `computed` prompt positions (ascending, the prompt's last
+    among them): which it computes (bool over `computed`: those outside the documents, and the
+    last even inside one) and which of those it scores (the question: after the last document;
+    the last token if none)."""
+    scouted = ~plan.document_mask().numpy()[computed]
+    scouted[-1] = True
+    tail = max((start + length for start, length, _ in plan.doc_spans), default=0)
+    scored = computed[scouted] >= tail
+    if not scored.any():
+        scored[-1] = True
+    return scouted, scored
+
+
 def querylink_stand_in(plan: LinkPlan) -> torch.Tensor:
     """`plan.pick_budget` picks made without a scout: legolink's order (every document's next
     token after its head, then the one after, ...; the earlier document first), so with the

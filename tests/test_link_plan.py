@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from epic_sglang.link_plan import (CascadeTuning, attention_entries, consecutive_runs, link_entries, plan_link,
-                                   plan_spans, query_runs, querylink_stand_in, segment_spans, split_keys, wants_cascade,
-                                   with_picks)
+                                   plan_spans, query_runs, querylink_stand_in, scout_queries, segment_spans, split_keys,
+                                   wants_cascade, with_picks)
 from epic_sglang.policies import Segment, parse_policy
 
 
@@ -126,3 +126,19 @@ def test_consecutive_runs_are_the_maximal_runs_of_any_sorted_set():
         assert all(b1 < a2 for (_, b1), (a2, _) in zip(runs, runs[1:]))  # maximal: a gap between runs
         assert consecutive_runs(np.asarray(values)) == runs
 
+
+
+def test_the_scout_computes_the_text_outside_documents_and_the_last_token_and_scores_the_question():
+    """`scout_queries`: of the computed positions, those outside the documents and the prompt's
+    last (even inside a document); scored, those after the last document, or the last alone."""
+    segs = [Segment((1, 2)), Segment(tuple(range(6)), document=0), Segment((7,)),
+            Segment(tuple(range(5)), document=1), Segment((8, 9, 10))]
+    plan = plan_link(parse_policy("querylink-6-h2"), segs)  # heads 2..3 and 9..10 computed too
+    computed = plan.recompute.nonzero().flatten().numpy()
+    scouted, scored = scout_queries(plan, computed)
+    assert computed[scouted].tolist() == [0, 1, 8, 14, 15, 16] and scored.tolist() == [False] * 3 + [True] * 3
+    ends_in_a_document = segs[:4]  # no question: the last token (inside the document) alone is scored
+    plan = plan_link(parse_policy("querylink-6-h2"), ends_in_a_document)
+    computed = plan.recompute.nonzero().flatten().numpy()
+    scouted, scored = scout_queries(plan, computed)
+    assert computed[scouted].tolist() == [0, 1, 8, 13] and scored.tolist() == [False, False, False, True]

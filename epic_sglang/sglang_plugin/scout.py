@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from sglang.srt.runtime_context import get_parallel
 
-from epic_sglang.link_plan import querylink_pick
+from epic_sglang.link_plan import querylink_pick, scout_queries
 from epic_sglang.scout_attention import ScoutSeq, scored_layers, scout_layer_torch, scout_layer_triton
 from epic_sglang.sglang_plugin import attention
 from epic_sglang.sglang_plugin.link_request import document_tokens, to_device
@@ -71,10 +71,8 @@ def scout_seq(scout: attention.ScoutPass, rope: RopeTable, kv_heads: int, q_star
     positions, the question scored (the tokens after the last document; the last token if none)."""
     link, sources = scout.link, scout.link.scout
     layout, plan, device = link.layout, sources.plan, scout.row.device
-    docs = plan.document_mask().numpy()
     extend = layout.extend_positions
-    scouted = ~docs[extend]
-    scouted[-1] = True  # the last token, even inside a document
+    scouted, scored = scout_queries(plan, extend)
     rows = np.flatnonzero(scouted)
     positions = extend[rows]
     n = layout.prompt_len
@@ -87,10 +85,6 @@ def scout_seq(scout: attention.ScoutPass, rope: RopeTable, kv_heads: int, q_star
     key_slots[to_device(doc_positions[read], device)] = doc_slots.to(device)[to_device(np.flatnonzero(read), device)]
     shifts = np.zeros(n, dtype=np.int64)
     shifts[doc_positions[read]] = doc_shifts[read]
-    tail = int(doc_positions[-1]) + 1
-    scored = positions >= tail
-    if not scored.any():
-        scored[-1] = True
     seq = ScoutSeq(q_start, q_start + len(rows), to_device(positions, device),
                    to_device(scored.astype(np.float32), device), None, key_slots,
                    torch.cat(rope.angles(to_device(shifts, rope.cos_sin_cache.device)), -1).to(device),
