@@ -6,15 +6,17 @@
 1. check, on a small real-architecture checkpoint (Qwen2, random widened weights saved as
    safetensors, so both runtimes read the same bf16 weights):
    - `fr` through the plugin server equals a plain SGLang server (no plugin), token for token;
-   - legolink-16 and naive through the plugin against the in-process engine (FlashInfer,
-     same weights): first-token log-probabilities and greedy tokens; `cached_tokens`
+   - legolink-16, naive, legolink0, cacheblend-15 and querylink-16 through the plugin against
+     the in-process engine (FlashInfer, same weights): first-token log-probabilities and greedy
+     tokens; `cached_tokens`
      proves the documents' KV was reused; asking again (exact prefix now cached) gives
      the same tokens.
 2. speed, on one plugin server with a Llama-3-8B-shaped model and dummy weights (speed does
    not depend on weight values): client-side TTFT over HTTP of RAG prompts (512-token
    documents, 64-token question) whose documents are cached but whose 32-token head is new:
    SGLang's full prefill (a prefix miss), SGLang's exact prefix hit with 64 new tokens
-   (the same prompt with another question), legolink-16 and naive through the plugin; the KV
+   (the same prompt with another question), legolink-16, naive and querylink-16 through the
+   plugin; the KV
    slots a linked request holds; decode steps over the documents read in place against
    SGLang's decode over its own exact KV (batches 1 / 8 / 32 at the largest context).
 3. load: the RAG load over a 1,000-document corpus, compiled whole before the linked run.
