@@ -537,13 +537,13 @@ class Engine:
         docs = s.plan.document_mask()
         recomputed = s.plan.recompute.nonzero().flatten().numpy()
         picked, scored = scout_queries(s.plan, recomputed)
+        positions = torch.from_numpy(recomputed[picked])
         scouted = torch.zeros_like(docs)
-        scouted[recomputed[picked]] = True  # the last token's slot is private even inside a document
+        scouted[positions] = True  # the last token's slot is private even inside a document
         row = self.req_to_token_pool.req_to_token[s.row, :s.seq_len].clone()
         cached = torch.cat([d.value for d in s.documents])
         keep = (docs & ~scouted)[docs]  # document positions read from the cache
         row[(docs & ~scouted).nonzero().flatten().to(self.device)] = cached[keep.to(self.device)]
-        positions = scouted.nonzero().flatten()
         computed = positions.to(self.device)
         return (s.prompt_ids[computed], computed, row[computed], row), positions.tolist(), scored.tolist()
 

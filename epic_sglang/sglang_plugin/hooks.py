@@ -129,23 +129,20 @@ def link_forward_batch(forward_batch, cls, batch, model_runner, *args, **kwargs)
             for pending in plan.scouts:
                 link_without_scout(pending.req, why)
             plan.scouts = []
-        plan.model = model_runner.model
+        else:
+            plan.model = model_runner.model
     attention.apply_positions(plan, forward_batch.positions)
     forward_batch.epic_plan = plan
     return forward_batch
 
 
 def unhooked(model_runner) -> str | None:
-    """Why CacheBlend's cut and querylink's scout cannot run in the model's decoder layers (None: they can)."""
-    return None if layers_hooked(model_runner) else "the model's decoder layers are not Llama's or Qwen2's"
-
-
-def layers_hooked(model_runner) -> bool:
-    """Whether the model's decoder layers run through `link_layer` (`blend.HOOKED_LAYERS`)."""
+    """Why CacheBlend's cut and querylink's scout cannot run in the model's decoder layers
+    (None: they run through `link_layer`, `blend.HOOKED_LAYERS`; found once per model)."""
     hooked = getattr(model_runner, "epic_layers_hooked", None)
     if hooked is None:
         hooked = model_runner.epic_layers_hooked = blend.supports(model_runner.model)
-    return hooked
+    return None if hooked else "the model's decoder layers are not Llama's or Qwen2's"
 
 
 def compute_blend_fully(req, why: str) -> None:

@@ -159,7 +159,7 @@ class LinkRequest:
         if req.return_logprob and 0 <= req.logprob_start_len < len(self.prompt):
             req.epic_link = None  # prompt logprobs need the exact prompt: a plain request
             return cache.match_plain(params)
-        tokens = array("q", self.prompt) + array("q", req.output_ids)  # C-level slices below, no Python lists
+        tokens = self._tokens(req)  # C-level slices below, no Python lists
         ids = np.frombuffer(tokens, dtype=np.int64)
         nodes = []
         for start, end in docs:
@@ -194,6 +194,11 @@ class LinkRequest:
         self.matched = (len(req.output_ids), result)
         return result
 
+    def _tokens(self, req) -> array:
+        """The sequence a link plans: the prompt, then what the request generated before a
+        retraction (linked again, it is computed as prompt)."""
+        return array("q", self.prompt) + array("q", req.output_ids)
+
     def _fill_row(self, req, ids: np.ndarray) -> None:
         """The request's input in row order: SGLang's extend computes the row's tokens."""
         layout = self.layout
@@ -223,7 +228,7 @@ class LinkRequest:
         if self.layout.extend_len != extend_len:
             raise RuntimeError(f"epic: querylink picked {len(picks)} tokens, not its budget of {scout.plan.pick_budget}")
         self.shared = self._shared_runs(scout.doc_slots)
-        self._fill_row(req, np.frombuffer(array("q", self.prompt) + array("q", req.output_ids), dtype=np.int64))
+        self._fill_row(req, np.frombuffer(self._tokens(req), dtype=np.int64))
         self.scout = None
 
     def still_matched(self, cache, last_node) -> bool:

@@ -128,14 +128,13 @@ def scout_and_link(original, plan: attention.LinkAttentionPlan, positions: torch
     for sp, mass in zip(plan.scouts, masses.split([seq.max_keys for seq, _ in seqs])):
         link = sp.link
         link.take_picks(sp.req, querylink_pick(mass, link.scout.plan, link.scout.block).numpy())
-        extend = link.layout.extend_positions
-        at = slice(sp.offset, sp.offset + len(extend))
-        positions[at] = to_device(extend, positions.device)
         ids = np.asarray(sp.req.full_untruncated_fill_ids, dtype=np.int64)[link.layout.exact_prefix_len:]
+        at = slice(sp.offset, sp.offset + len(ids))
         forward_batch.input_ids[at] = to_device(ids, device)
         changed.append(np.arange(at.start, at.stop))
     plan.scouts = []
     attention.plan_linked_rows(plan, device)
+    attention.apply_positions(plan, positions)
     attention.plan_flashinfer(backend, plan)
     rows = to_device(np.concatenate(changed), device)
     return hidden_states.index_copy(0, rows, plan.model.model.embed_tokens(forward_batch.input_ids[rows]))
