@@ -111,10 +111,12 @@ def _attend_kernel(q, keys, values, row_pos, num_keys_at, o_out, m_out, l_out, n
 
 @triton.jit
 def _mass_kernel(q, keys, norms, row_pos, row_weight, lse, num_keys_at, mass, num_rows, max_keys,
-                 ROW_TILES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MAX_ROW_TILES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
     """mass (KV_HEADS, max_keys) += per key, sum over its kv head's rows of row_weight x
-    exp2(logit - lse), times the norm of its value."""
+    exp2(logit - lse), times the norm of its value. MAX_ROW_TILES: a power of two >= the row
+    tiles, so a handful of compiles serve every question length (inside SGLang no graph
+    capture pays them ahead of the first request; the interpreter needs constant trip counts)."""
     block, kv_head = tl.program_id(0), tl.program_id(1)
     num_keys = tl.load(num_keys_at)
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,15 +124,16 @@ def _mass_kernel(q, keys, norms, row_pos, row_weight, lse, num_keys_at, mass, nu
     if block * BLOCK_N < num_keys:
         kt = tl.trans(_tile(keys, kv_head, cols, live_cols, max_keys, HEAD_DIM))
         acc = tl.zeros((BLOCK_N,), tl.float32)
-        for tile in range(ROW_TILES):
-            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-            live_rows = rows < num_rows
-            pos = tl.load(row_pos + rows, mask=live_rows, other=-1)
-            weight = tl.load(row_weight + rows, mask=live_rows, other=0.0)
-            row_lse = tl.load(lse + kv_head * num_rows + rows, mask=live_rows, other=0.0)
-            logits = tl.dot(_tile(q, kv_head, rows, live_rows, num_rows, HEAD_DIM), kt, input_precision=PRECISION)
-            p = tl.exp2(logits - row_lse[:, None]) * weight[:, None]
-            acc += tl.sum(tl.where(live_cols[None, :] & (cols[None, :] <= pos[:, None]), p, 0.0), 0)
+        for tile in range(MAX_ROW_TILES):
+            if tile * BLOCK_M < num_rows:
+                rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                live_rows = rows < num_rows
+                pos = tl.load(row_pos + rows, mask=live_rows, other=-1)
+                weight = tl.load(row_weight + rows, mask=live_rows, other=0.0)
+                row_lse = tl.load(lse + kv_head * num_rows + rows, mask=live_rows, other=0.0)
+                logits = tl.dot(_tile(q, kv_head, rows, live_rows, num_rows, HEAD_DIM), kt, input_precision=PRECISION)
+                p = tl.exp2(logits - row_lse[:, None]) * weight[:, None]
+                acc += tl.sum(tl.where(live_cols[None, :] & (cols[None, :] <= pos[:, None]), p, 0.0), 0)
         norm = tl.load(norms + kv_head * max_keys + cols, mask=live_cols, other=0.0)
         at = mass + kv_head * max_keys + cols
         tl.store(at, tl.load(at, mask=live_cols, other=0.0) + acc * norm, mask=live_cols)
@@ -253,7 +256,6 @@ def scout_layer_triton(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: 
     if score:
         lse = (top + torch.log2(total)).contiguous()
         _mass_kernel[(triton.cdiv(s.max_keys, BLOCK_KEYS), kv_heads)](
-            qk, keys, norms, row_pos, row_weight, lse, s.num_keys, s.mass, num_rows, s.max_keys, row_tiles,
-            HEAD_DIM=dim, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS,
-            PRECISION=consts["PRECISION"])  # one compile per question length in row tiles
+            qk, keys, norms, row_pos, row_weight, lse, s.num_keys, s.mass, num_rows, s.max_keys,
+            MAX_ROW_TILES=triton.next_power_of_2(row_tiles), HEAD_DIM=dim, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS, PRECISION=consts["PRECISION"])
     return out.view(kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, heads, dim).to(q.dtype)

@@ -35,14 +35,15 @@ def check_kernel(device: str) -> None:
     """Scattered slots, keys past some queries' positions (masked), a padding row (sees
     nothing, adds nothing), a row computed but not scored, row and key counts off the tiles,
     the keys split across programs or not, a grid sized for more keys than the row has (as
-    in a graph: the stale slots past it are never read), mass accumulated over two layers:
+    in a graph: the stale slots past it are never read), three row tiles (the mass kernel's
+    loop is bounded by four: the fourth skipped), mass accumulated over two layers:
     the kernels' output and mass are the definition's (fp32: to 1e-4; bf16, on the GPU:
     within the logits' rounding; the interpreter's dot is not bf16's)."""
     from epic_sglang.scout_attention import scout_layer_triton
 
     gen = torch.Generator().manual_seed(0)
-    positions = [40, 150, 250, 270, -1, 275, 276, 278, 280, 299]
-    scored = [False, True, True, True, False, True, True, True, True, True]
+    positions = [40, 150, 250, 270, -1, 275, 276, 278, 280, 299] + list(range(100, 140))
+    scored = [False, True, True, True, False, True, True, True, True, True] + [True, False] * 20
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2))[:2 if device == "cuda" else 1]:
         for split, max_keys in ((64, KEYS), (1024, KEYS), (64, KEYS + 70)):
             buffers = [(torch.randn(POOL, KV_HEADS, HEAD_DIM, generator=gen) * 2).to(dtype) for _ in range(4)]
