@@ -42,7 +42,10 @@ SPLIT_KEYS = 1024  # keys per `_attend_kernel` program: ~500 programs at 16K key
 MAX_SPLITS = 64
 
 
-@triton.jit
+# Row and key counts are not specialized on (Triton would compile again for each count's
+# divisibility by 16): inside SGLang each request brings its own, and no graph capture pays
+# the compiles ahead of it.
+@triton.jit(do_not_specialize=["max_keys"])
 def _gather_kernel(key_buffer, value_buffer, slots, angles, num_keys_at, keys_out, values_out, norms_out, max_keys,
                    KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per (key tile, kv head): the row's keys at its slots rotated by their positions' angles
@@ -76,7 +79,7 @@ def _tile(buffer, kv_head, cols, live, max_keys, HEAD_DIM: tl.constexpr):
     return tl.load(buffer + at, mask=live[:, None], other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "max_keys"])
 def _attend_kernel(q, keys, values, row_pos, num_keys_at, o_out, m_out, l_out, num_rows, max_keys,
                    SPLIT: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -109,7 +112,7 @@ def _attend_kernel(q, keys, values, row_pos, num_keys_at, o_out, m_out, l_out, n
     tl.store(o_out + at[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], acc, mask=live_rows[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "max_keys"])
 def _mass_kernel(q, keys, norms, row_pos, row_weight, lse, num_keys_at, mass, num_rows, max_keys,
                  MAX_ROW_TILES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
