@@ -9,6 +9,7 @@ first token's fidelity to fr (KL and agreement) on HotpotQA. -> BENCHMARKS.md
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study oracle
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study temperature
     python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study offset
+    python benchmarks/querylink_design.py --model qwen2.5-0.5b --n 40 --seed 1 --study error
 
 Every rule recomputes the same number of document tokens as legolink-16 (its first 16 of
 each document) and differs only in which: the first `head` of each document, then the
@@ -60,6 +61,15 @@ KV (per KV head and dim, keys before RoPE). Oracle: the mean over those very tok
 minus the cache's (what a perfect per-layer offset could do). Online: the mean over the document
 tokens the link does recompute, their fresh KV in this link minus their cached KV (known in the
 link pass at each layer, before its attention). Offsets on V alone, K alone, or both.
+
+`--study error`: pick by what is wrong in the cache rather than by what the question reads
+(CacheBlend's criterion, with perfect knowledge): each document token's error is its cached K
+and V (before RoPE) against fr's at every layer, ||dK|| + ||dV||, each layer's normalized by its
+mean over the prompt's document tokens. Oracles, at the same budgets as the shipped pick (its 8
+first tokens kept): the error alone; the error the question sees (per layer, the question's
+attention to the token in fr's own forward x its ||dV||, summed); and the same with the
+scout's attention (what a served policy could see, if it knew the error). If no error oracle
+links closer to fr than the shipped pick, no estimate of the error can.
 
 `--answer-tokens N` (every study but sinks): each rule judged on fr's whole greedy answer (up to N
 tokens), not its first token: the answer appended to the prompt and scored teacher-forced, each
@@ -465,6 +475,34 @@ def offset_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, tu
     return out
 
 
+def error_rules(engine: Engine, segs: list[Segment], seed: int) -> dict[str, torch.Tensor]:
+    """`--study error`'s rules."""
+    del seed
+    plain, n = engine.linker.attn, sum(len(seg) for seg in segs)
+    cached, exact = CapturedAttention(plain, n), CapturedAttention(plain, n)
+    link_with_attention(engine, segs, cached, torch.zeros(0, dtype=torch.int64))  # naive: the cache's KV
+    docs = plan_link(parse_policy("naive"), segs).document_mask()
+    link_with_attention(engine, segs, exact, docs.nonzero().flatten())  # every token computed: fr's KV
+    layers = sorted(cached.k)
+    dk = torch.stack([(exact.k[i] - cached.k[i]).flatten(1).norm(dim=1) for i in layers])  # (layers, n)
+    dv = torch.stack([(exact.v[i] - cached.v[i]).flatten(1).norm(dim=1) for i in layers])
+    per_layer = lambda d: d / d[:, docs].mean(1, keepdim=True).clamp(min=1e-12)  # noqa: E731
+    error = (per_layer(dk) + per_layer(dv)).sum(0)
+    every = docs.nonzero().flatten()
+    fr_attention = per_layer_scores(engine, segs, 0, extra=every)[0]  # (layers, n): the question's, in fr
+    scout_attention = per_layer_scores(engine, segs, 0)[0]
+    scores = {"the cache's KV error (oracle)": error,
+              "fr's attention x the value error (oracle)": (fr_attention * dv).sum(0),
+              "the scout's attention x the value error (oracle error)": (scout_attention * dv).sum(0)}
+
+    def by_error(k: int, budget: int, plan: LinkPlan, docs: torch.Tensor, base: torch.Tensor, score: torch.Tensor):
+        return {f"pick by {what} at legolink-{k}'s budget": torch.cat([base.nonzero().flatten(),
+                                                                       top(rule, docs & ~base, budget)])
+                for what, rule in scores.items()}
+
+    return against_the_pick(engine, segs, by_error)
+
+
 def forced_of(engine: Engine, segs: list[Segment], positions: torch.Tensor | None, answer: list[int],
               policy: str = "naive") -> tuple[list[float], list[bool]]:
     """`answer` after the prompt, teacher-forced, through a link recomputing `positions` (naive's
@@ -487,7 +525,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds", "oracle", "temperature", "offset"), default="pick")
+    ap.add_argument("--study", choices=("pick", "budget", "documents", "sinks", "rounds", "oracle", "temperature", "offset", "error"),
+                    default="pick")
     ap.add_argument("--answer-tokens", type=int, default=0,
                     help="judge each rule on fr's greedy answer (up to N tokens), teacher-forced; 0: the first token")
     args = ap.parse_args()
@@ -495,7 +534,7 @@ def main() -> None:
         sys.exit(f"--answer-tokens: not with --study {args.study} (its rules link their own way); pick another study")
     study = {"pick": rules, "budget": budget_rules, "documents": document_rules, "sinks": sink_rules,
              "rounds": round_rules, "oracle": oracle_rules, "temperature": temperature_rules,
-             "offset": offset_rules}[args.study]
+             "offset": offset_rules, "error": error_rules}[args.study]
     engine = Engine(args.model, device=args.device)
     kl: dict[str, list[float]] = {}
     agree: dict[str, list[float]] = {}
@@ -554,14 +593,15 @@ def main() -> None:
             "documents": "whole documents or single tokens", "sinks": "what documents are compiled behind",
             "rounds": "one round of picks or two", "oracle": "the scout's picks or a perfect scout's",
             "temperature": "attention temperature on the reused KV",
-            "offset": "the reused KV shifted by its mean error"}[args.study]
+            "offset": "the reused KV shifted by its mean error",
+            "error": "picks by the cache's error (oracles)"}[args.study]
     paragraph = __doc__.split(chr(10) + chr(10))[
         {"pick": 2, "budget": 3, "documents": 4, "sinks": 5, "rounds": 6, "oracle": 7, "temperature": 8,
-         "offset": 9}[args.study]]
+         "offset": 9, "error": 10}[args.study]]
     judged = ""
     if args.answer_tokens:
         what += f", judged on fr's answer (up to {args.answer_tokens} tokens)"
-        judged = " " + __doc__.split(chr(10) + chr(10))[10]
+        judged = " " + __doc__.split(chr(10) + chr(10))[11]
     body = f"""## querylink design: {what} ({args.model}, HotpotQA, n = {args.n})
 
 Machine: {machine()}. Seeded questions (seed {args.seed}, apart from the accuracy runs' seed 0). {paragraph}{judged}
