@@ -40,6 +40,7 @@ BLOCK_ROWS = 64  # (head, query) rows per tile
 BLOCK_KEYS = 64
 SPLIT_KEYS = 1024  # keys per `_attend_kernel` program: ~500 programs at 16K keys and 64 queries (8B shape)
 MAX_SPLITS = 64
+MIN_MASS_ROW_TILES = 64
 
 
 # Row and key counts are not specialized on (Triton would compile again for each count's
@@ -117,9 +118,10 @@ def _mass_kernel(q, keys, norms, row_pos, row_weight, lse, num_keys_at, mass, nu
                  MAX_ROW_TILES: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
     """mass (KV_HEADS, max_keys) += per key, sum over its kv head's rows of row_weight x
-    exp2(logit - lse), times the norm of its value. MAX_ROW_TILES: a power of two >= the row
-    tiles, so a handful of compiles serve every question length (inside SGLang no graph
-    capture pays them ahead of the first request; the interpreter needs constant trip counts)."""
+    exp2(logit - lse), times the norm of its value. MAX_ROW_TILES: a bound on the row tiles
+    (`mass_row_tiles`), so one compile serves every question length (inside SGLang no graph
+    capture pays a compile ahead of the first request; the interpreter needs constant trip
+    counts); the tiles past the rows are skipped."""
     block, kv_head = tl.program_id(0), tl.program_id(1)
     num_keys = tl.load(num_keys_at)
     cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,6 +142,12 @@ def _mass_kernel(q, keys, norms, row_pos, row_weight, lse, num_keys_at, mass, nu
         norm = tl.load(norms + kv_head * max_keys + cols, mask=live_cols, other=0.0)
         at = mass + kv_head * max_keys + cols
         tl.store(at, tl.load(at, mask=live_cols, other=0.0) + acc * norm, mask=live_cols)
+
+
+def mass_row_tiles(row_tiles: int) -> int:
+    """`_mass_kernel`'s loop bound: 64 tiles (4,096 rows, e.g. 1,024 question tokens x 4
+    heads a kv head) unless more, then the next power of two."""
+    return max(MIN_MASS_ROW_TILES, triton.next_power_of_2(row_tiles))
 
 
 def scored_layers(num_layers: int, stride: int) -> set[int]:
@@ -260,5 +268,5 @@ def scout_layer_triton(q: torch.Tensor, key_buffer: torch.Tensor, value_buffer: 
         lse = (top + torch.log2(total)).contiguous()
         _mass_kernel[(triton.cdiv(s.max_keys, BLOCK_KEYS), kv_heads)](
             qk, keys, norms, row_pos, row_weight, lse, s.num_keys, s.mass, num_rows, s.max_keys,
-            MAX_ROW_TILES=triton.next_power_of_2(row_tiles), HEAD_DIM=dim, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS, PRECISION=consts["PRECISION"])
+            MAX_ROW_TILES=mass_row_tiles(row_tiles), HEAD_DIM=dim, BLOCK_M=BLOCK_ROWS, BLOCK_N=BLOCK_KEYS, PRECISION=consts["PRECISION"])
     return out.view(kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, heads, dim).to(q.dtype)

@@ -36,7 +36,7 @@ def check_kernel(device: str) -> None:
     nothing, adds nothing), a row computed but not scored, row and key counts off the tiles,
     the keys split across programs or not, a grid sized for more keys than the row has (as
     in a graph: the stale slots past it are never read), three row tiles (the mass kernel's
-    loop is bounded by four: the fourth skipped), mass accumulated over two layers:
+    loop runs to its bound, the tiles past them skipped), mass accumulated over two layers:
     the kernels' output and mass are the definition's (fp32: to 1e-4; bf16, on the GPU:
     within the logits' rounding; the interpreter's dot is not bf16's)."""
     from epic_sglang.scout_attention import scout_layer_triton
