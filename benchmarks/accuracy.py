@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py --model qwen2.5-0.5b --n 300 --policies fr,naive,legolink-16,querylink-16
     python benchmarks/accuracy.py --model qwen2.5-0.5b --device cuda --n 1500   # on the GPU host (gpu_run.sh accuracy)
     python benchmarks/accuracy.py --task needle --n 200 --policies fr,naive,legolink-16,querylink-16
+    python benchmarks/accuracy.py --task needle --lengths 8192 --n 20 ...  # some haystack lengths only (CPU)
     python benchmarks/accuracy.py ... --report-n 300  # same file, resumed; the report covers every policy in it
     python benchmarks/accuracy.py ... --report-only   # the report from the results file alone (no model):
                                                       # for a run made on a host without matplotlib
@@ -66,6 +67,9 @@ def main() -> None:
     ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="needle: haystack lengths in tokens (default: every length of the test); a cell's id "
+                         "names its length, so runs over some lengths share the results file")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0)
     ap.add_argument("--max-requests", type=int, default=64, help="requests per batch (several questions at once)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's; 1 = first-token fidelity only")
@@ -75,6 +79,10 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="no model: report the results file's rows of --policies (or 'all')")
     args = ap.parse_args()
+    if args.lengths and args.task != "needle":
+        sys.exit("--lengths: only with --task needle (HotpotQA's prompts are as long as their paragraphs)")
+    if args.lengths and min(args.lengths) < 512:
+        sys.exit(f"--lengths: each haystack needs at least one 512-token document, got {min(args.lengths)}")
 
     task = TASKS[args.task]
     tokens = "" if args.max_new_tokens is None else f"-t{args.max_new_tokens}"
@@ -84,7 +92,7 @@ def main() -> None:
         rows = [r for r in load_rows(out) if args.policies == "all" or r.policy in args.policies.split(",")]
     else:
         engine = Engine(args.model, device=args.device, kv_cache_gb=args.kv_cache_gb, max_requests=args.max_requests)
-        examples = task_examples(args.task, max(args.n, args.report_n or 0), args.seed, engine.tokenizer)
+        examples = task_examples(args.task, max(args.n, args.report_n or 0), args.seed, engine.tokenizer, args.lengths)
         rows = run_eval(engine, examples[:args.n], args.policies.split(","), out, task, args.max_new_tokens)
         meta_path.write_text(json.dumps({"machine": machine(), "command": "python " + " ".join(sys.argv)}))
         if args.report_n is not None:
