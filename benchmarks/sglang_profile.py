@@ -1,12 +1,12 @@
 """GPU: where a linked request's time goes inside a real SGLang server with the plugin.
 
-    python benchmarks/sglang_profile.py --tokenizer DIR [--context 16384] [--policy legolink-16]
+    python benchmarks/sglang_profile.py --tokenizer DIR [--context 16384] [--policy legolink-16 ...]
                                         [--new-tokens 4] [--out DIR]
 
 One plugin server (Llama-3-8B shape, dummy bf16 weights), the context's 512-token documents
 compiled, three warm-up requests, then SGLang's own torch profiler (`/start_profile`,
 `/stop_profile`) around one linked request (its link pass and `--new-tokens` - 1 decode
-steps). Prints the GPU kernels by total time and the host ops by inclusive time, from the
+steps), for each policy in turn. Prints the GPU kernels by total time and the host ops by inclusive time, from the
 trace SGLang writes (`--with-stack`: Python functions too, the plugin's listed apart; the
 profiler then slows every Python call several-fold, so read their shares, not their times).
 """
@@ -32,19 +32,26 @@ from epic_sglang.sglang_plugin.launch import SGLangServer  # noqa: E402
 
 def summarize(trace: Path, top: int) -> None:
     events = json.loads(gzip.open(trace).read())["traceEvents"]
-    kernels, host = defaultdict(float), defaultdict(float)
+    kernels, host, runtime = defaultdict(float), defaultdict(float), defaultdict(float)
+    launches = 0
     for e in events:
         if e.get("ph") != "X":
             continue
         if e.get("cat") == "kernel":
             kernels[e["name"][:90]] += e["dur"]
+            launches += 1
         elif e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
             host[e["name"][:90]] += e["dur"]
-    print(f"GPU kernels: {sum(kernels.values()) / 1000:.1f} ms in all")
+        elif e.get("cat") == "cuda_runtime":  # where the host waits on the device (syncs, pageable copies)
+            runtime[e["name"][:90]] += e["dur"]
+    print(f"GPU kernels: {sum(kernels.values()) / 1000:.1f} ms in all, {launches} launches")
     for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {us / 1000:8.2f} ms  {name}")
     print("host ops (inclusive):")
     for name, us in sorted(host.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {us / 1000:8.2f} ms  {name}")
+    print("CUDA runtime calls (host time):")
+    for name, us in sorted(runtime.items(), key=lambda kv: -kv[1])[:10]:
         print(f"  {us / 1000:8.2f} ms  {name}")
     print("the plugin's own functions (inclusive):")
     for name, us in sorted(((n, us) for n, us in host.items() if "epic_sglang" in n or "radix_ext" in n),
@@ -56,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", type=Path, required=True)
     ap.add_argument("--context", type=int, default=16384)
-    ap.add_argument("--policy", default="legolink-16")
+    ap.add_argument("--policy", nargs="+", default=["legolink-16"])
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--with-stack", action="store_true",
@@ -73,21 +80,24 @@ def main() -> None:
         n_docs = (args.context - 32 - 64) // 512
         docs = [s for s in segments(n_docs, 512, 0, 0, LLAMA_8B["vocab_size"], seed=args.context) if s.document is not None]
         compile_documents(url, docs)
-        for seed in range(3):
-            generate(url, client.generate_body(prompt(docs, 500 + seed), args.policy, params))
-        requests.post(url + "/start_profile", json={"output_dir": str(args.out), "activities": ["CPU", "GPU"], "with_stack": args.with_stack},
-                      timeout=120).raise_for_status()
-        t0 = time.perf_counter()
-        generate(url, client.generate_body(prompt(docs, 900), args.policy, params))
-        wall = time.perf_counter() - t0
-        requests.post(url + "/stop_profile", timeout=600).raise_for_status()
-    print(f"{args.policy} at {args.context:,} tokens, {args.new_tokens} new tokens: {wall * 1000:.1f} ms "
-          f"over HTTP (under the profiler)")
-    traces = sorted(args.out.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-    if not traces:
-        raise SystemExit(f"no trace under {args.out}")
-    summarize(traces[-1], args.top)
-
+        walls = {}
+        for policy in args.policy:  # one server: the policies' profiles compare
+            for seed in range(3):
+                generate(url, client.generate_body(prompt(docs, 500 + seed), policy, params))
+            out = args.out / policy
+            requests.post(url + "/start_profile", json={"output_dir": str(out), "activities": ["CPU", "GPU"],
+                                                        "with_stack": args.with_stack}, timeout=120).raise_for_status()
+            t0 = time.perf_counter()
+            generate(url, client.generate_body(prompt(docs, 900), policy, params))
+            walls[policy] = time.perf_counter() - t0
+            requests.post(url + "/stop_profile", timeout=600).raise_for_status()
+    for policy, wall in walls.items():
+        print(f"\n{policy} at {args.context:,} tokens, {args.new_tokens} new tokens: {wall * 1000:.1f} ms "
+              f"over HTTP (under the profiler)")
+        traces = sorted((args.out / policy).rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+        if not traces:
+            raise SystemExit(f"no trace under {args.out / policy}")
+        summarize(traces[-1], args.top)
 
 if __name__ == "__main__":
     main()

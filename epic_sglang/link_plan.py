@@ -15,7 +15,8 @@ accounting (`sglang_plugin/client.py`) all call these, so the rule is written on
 | legolink0       | like naive, but documents are compiled behind throw-away sinks   |
 | cacheblend-<r>  | all tokens in layers 0..1, then r% of document tokens (largest   |
 |                 | KV deviation at layer 1) + every non-document token              |
-| querylink-<k>   | legolink-k's number of document tokens, chosen by the question:  |
+| querylink-<k>   | legolink-k's number of document tokens (querylink-p<r>: r% of   |
+|                 | them), chosen by the question:                                   |
 |                 | the first `head` of each document, the rest where a scout pass   |
 |                 | of the question over the cached KV draws most (attention x value |
 |                 | norm, over its layers) + every non-document token                |
@@ -83,7 +84,7 @@ class LinkPlan:
         (CacheBlend's at its check layer, querylink's `pick_budget` after its scout)."""
         reused = int((self.document_mask() & ~self.recompute).sum()) - self.pick_budget
         if self.blend_ratio:
-            reused -= cacheblend_count(sum(length for _, length, _ in self.doc_spans), self.blend_ratio)
+            reused -= share_count(sum(length for _, length, _ in self.doc_spans), self.blend_ratio)
         return max(reused, 0)
 
     def reused_runs(self) -> list[tuple[int, int, int, int]]:
@@ -142,26 +143,30 @@ def plan_link(policy: Policy, segments: Sequence[Segment]) -> LinkPlan:
     plan = plan_spans(n, spans, {"legolink": policy.k, "querylink": policy.head}.get(policy.kind, 0))
     plan.blend_ratio = policy.ratio if policy.kind == "cacheblend" else 0.0
     if policy.kind == "querylink":
-        plan.pick_budget = querylink_budget(plan, policy.k)
+        plan.pick_budget = querylink_budget(plan, policy.k, policy.ratio)
     return plan
 
 
-def querylink_budget(plan: LinkPlan, k: int) -> int:
-    """How many document tokens querylink-k's scout picks on top of `plan` (its heads): legolink-k's
-    document tokens in all, less those already recomputed."""
-    budget = sum(min(k, length) - int(plan.recompute[s:s + length].sum()) for s, length, _ in plan.doc_spans)
-    return max(budget, 0)
+def querylink_budget(plan: LinkPlan, k: int, share: float = 0.0) -> int:
+    """How many document tokens querylink's scout picks on top of `plan` (its heads): querylink-k,
+    legolink-k's document tokens in all; querylink-p`share`, `share_count` of them (whatever the
+    documents' lengths); less those already recomputed."""
+    recomputed = sum(int(plan.recompute[s:s + length].sum()) for s, length, _ in plan.doc_spans)
+    if share:
+        return max(share_count(sum(length for _, length, _ in plan.doc_spans), share) - recomputed, 0)
+    return max(sum(min(k, length) for _, length, _ in plan.doc_spans) - recomputed, 0)
 
 
-def cacheblend_count(doc_tokens: int, ratio: float) -> int:
-    """How many of `doc_tokens` document tokens CacheBlend-`ratio` recomputes: ceil(ratio%)."""
+def share_count(doc_tokens: int, ratio: float) -> int:
+    """ceil(ratio%) of `doc_tokens` document tokens: how many CacheBlend-`ratio` and
+    querylink-p`ratio` recompute."""
     return min(doc_tokens, -(-int(round(doc_tokens * ratio * 1000)) // 100000))
 
 
 def cacheblend_pick(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices (into `deviation`, one per document token) of the `cacheblend_count` that
+    """Indices (into `deviation`, one per document token) of the `share_count` that
     deviate most, sorted."""
-    return torch.topk(deviation, cacheblend_count(deviation.numel(), ratio)).indices.sort().values
+    return torch.topk(deviation, share_count(deviation.numel(), ratio)).indices.sort().values
 
 
 def querylink_pick(scores: torch.Tensor, plan: LinkPlan, block: int) -> torch.Tensor:

@@ -55,6 +55,11 @@ def test_recomputed_positions_of_every_policy(engine, hotpot):
         heads = [p for s, ln in spans for p in range(s, s + min(k, ln))]
         assert r.recomputed_positions == sorted(text + heads)
         assert r.stats.reused_tokens == len(in_doc) - len(heads)
+    for share in (10, 30):  # querylink-p: the heads and the scout's picks, that share of the document tokens
+        r = run(engine, f"querylink-p{share}-h2", docs, n=1, namespace="positions")
+        recomputed_docs = set(r.recomputed_positions) & in_doc
+        assert set(text) <= set(r.recomputed_positions) and len(recomputed_docs) == math.ceil(len(in_doc) * share / 100)
+        assert {p for s, ln in spans for p in range(s, s + 2)} <= recomputed_docs
     for ratio in (5, 15):
         r = run(engine, f"cacheblend-{ratio}", docs, n=1, namespace="positions")
         text = sorted(set(range(n)) - in_doc)  # CacheBlend recomputes the prefix too
@@ -129,7 +134,7 @@ def shared_kv(engine):
 
 
 POLICIES = ["naive", "legolink-1", "legolink-4", "legolink-16", "cacheblend-15", "cacheblend-50", "querylink-16",
-            "querylink-24-h2-b4-s3", "fr"]
+            "querylink-24-h2-b4-s3", "querylink-p20-h2", "fr"]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -14,7 +14,8 @@ from epic_sglang.policies import Segment, parse_policy
     ("cacheblend", "cacheblend-15"), ("cacheblend-5", "cacheblend-5"), ("cacheblend-100", "cacheblend-100"),
     ("querylink", "querylink-16"), ("QueryLink-24", "querylink-24"), ("querylink-2", "querylink-2"),
     ("querylink-16-h8-b1-s1", "querylink-16"), ("querylink-16-b4", "querylink-16-b4"),
-    ("querylink-32-h0-b4-s2", "querylink-32-h0-b4-s2"),
+    ("querylink-32-h0-b4-s2", "querylink-32-h0-b4-s2"), ("querylink-p12.5", "querylink-p12.5"),
+    ("querylink-p15-h8-b2", "querylink-p15-b2"), ("querylink-p20-h2", "querylink-p20-h2"),
 ])
 def test_parse_policy(text, name):
     assert parse_policy(text).name == name
@@ -25,6 +26,8 @@ def test_parse_policy(text, name):
     ("cacheblend-101", "(0, 100]"), ("cacheblend--5", "(0, 100]"), ("legolink-x", "unknown policy"),
     ("querylink-0", "k >= 1"), ("querylink-4-h5", "head <= k"), ("querylink-16-b0", "block >= 1"),
     ("querylink-16-s0", "stride >= 1"), ("querylink-16-s-1", "stride >= 1"), ("querylink-16-x2", "unknown policy"),
+    ("querylink-p0", "(0, 100]"), ("querylink-p101", "(0, 100]"), ("querylink-p-5", "(0, 100]"),
+    ("querylink-p", "unknown policy"), ("querylink-16-p10", "unknown policy"), ("querylink-p10-h-1", "head >= 0"),
 ])
 def test_parse_policy_rejects(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -70,7 +73,7 @@ def test_cacheblend_pick_takes_ceil_ratio_of_largest():
 
 
 def test_querylink_names_parse_back_to_the_same_policy():
-    for text in ("querylink-16", "querylink-3", "querylink-16-h1-b8-s3", "querylink-9-h9"):
+    for text in ("querylink-16", "querylink-3", "querylink-16-h1-b8-s3", "querylink-9-h9", "querylink-p12.5-h3-s2"):
         assert parse_policy(parse_policy(text).name) == parse_policy(text)
 
 
@@ -78,6 +81,16 @@ def test_plan_querylink_recomputes_heads_and_budgets_legolink_k():
     plan = plan_link(parse_policy("querylink-8-h2"), SEGMENTS)
     assert positions(plan) == [0, 1, 2, 3, 4, 5, 6, 25, 26, 28, 29, 36, 37, 38, 39]
     assert plan.pick_budget == (8 + 3 + 8) - (2 + 2 + 2)  # legolink-8's document tokens less the heads
+
+
+def test_plan_querylink_p_budgets_a_share_of_the_document_tokens_whatever_their_lengths():
+    plan = plan_link(parse_policy("querylink-p50-h2"), SEGMENTS)  # documents of 20, 3 and 8 tokens
+    assert positions(plan) == [0, 1, 2, 3, 4, 5, 6, 25, 26, 28, 29, 36, 37, 38, 39]  # the same heads
+    assert plan.pick_budget == 16 - (2 + 2 + 2)  # ceil(50% of 31), less the heads
+    assert plan_link(parse_policy("querylink-p10-h4"), SEGMENTS).pick_budget == 0  # the heads spend ceil(3.1) already
+    long_docs = [Segment(tuple(range(512)), j) for j in range(4)] + [Segment((1, 2, 3))]
+    assert plan_link(parse_policy("querylink-p12.5"), long_docs).pick_budget == \
+        plan_link(parse_policy("querylink-64"), long_docs).pick_budget == 4 * (64 - 8)
 
 
 def test_querylink_pick_takes_blocks_by_mass_and_spends_the_budget_exactly():

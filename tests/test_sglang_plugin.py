@@ -365,13 +365,17 @@ def test_hint_round_trip_and_refusals():
         with pytest.raises(HintError, match="epic: blend must be a percent"):
             bad.validate(20)
     query = LinkHint("t", ((3, 9),), 8, query_k=16, block=4, stride=2)
-    assert decode(query.encode()) == query
+    shared = LinkHint("t", ((3, 9),), 8, query_share=12.5, block=4)
+    assert decode(query.encode()) == query and decode(shared.encode()) == shared and shared.querylink
     for bad in [LinkHint("t", ((3, 9),), 8, query_k=4), LinkHint("t", ((3, 9),), 8, query_k=16, block=0),
-                LinkHint("t", ((3, 9),), 8, query_k=16, stride=0), LinkHint("t", ((3, 9),), 8, query_k=16, sink=4)]:
+                LinkHint("t", ((3, 9),), 8, query_k=16, stride=0), LinkHint("t", ((3, 9),), 8, query_k=16, sink=4),
+                LinkHint("t", ((3, 9),), 8, query_share=101.0), LinkHint("t", ((3, 9),), 8, query_share=-3.0),
+                LinkHint("t", ((3, 9),), 8, query_k=16, query_share=10.0)]:
         with pytest.raises(HintError, match="epic: querylink needs q"):
             bad.validate(20)
-    with pytest.raises(HintError, match="malformed"):
-        decode('epic:{"docs": [[3, 9]], "q": [16]}')
+    for q in ["[16]", "[0, 1, 1, 10, 2]"]:
+        with pytest.raises(HintError, match="epic: q must be|malformed"):
+            decode(f'epic:{{"docs": [[3, 9]], "q": {q}}}')
 
 
 @pytest.mark.parametrize("policy", ["naive", "legolink-1", "legolink-4", "legolink-16"])
@@ -422,6 +426,8 @@ def test_generate_body_carries_every_policys_link_hint():
     assert decode(client.generate_body(segs, "cacheblend-15", {}, namespace="t")["extra_key"]) == LinkHint("t", ((2, 5),), blend=15.0)
     assert decode(client.generate_body(segs, "querylink-16-h2-b4-s2", {}, namespace="t")["extra_key"]) == LinkHint(
         "t", ((2, 5),), 2, query_k=16, block=4, stride=2)
+    assert decode(client.generate_body(segs, "querylink-p12.5-b2", {}, namespace="t")["extra_key"]) == LinkHint(
+        "t", ((2, 5),), 8, query_share=12.5, block=2)
     with pytest.raises(ValueError, match="unknown policy"):
         client.generate_body(segs, "prophet-16", {})
 
@@ -513,7 +519,8 @@ def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sgl
         ids += [rng.randint(300, 399) for _ in range(rng.randint(1, 6))]
         k = rng.randint(0, 6)
         query_k = k + rng.randint(1, 10) if rng.random() < 0.3 else 0  # querylink: its scout picks the rest
-        return ids, LinkHint("ns", tuple(spans), k, query_k=query_k)
+        share = rng.choice([10.0, 40.0]) if not query_k and rng.random() < 0.15 else 0.0  # querylink-p
+        return ids, LinkHint("ns", tuple(spans), k, query_k=query_k, query_share=share)
 
     read_together = 0  # steps where requests that link one run attend it in one entry
     for _ in range(25):

@@ -6,7 +6,7 @@ layer (a hook on the decoder layers' forward, `HOOKED_LAYERS`):
 
 1. pick: each cached document token's fresh K and V at the check layer against its
    document's (the cached key rotated forward by the document's shift, `rotary.py`); the
-   `cacheblend_count` that deviate most join every token outside the documents and the last
+   `share_count` that deviate most join every token outside the documents and the last
    (`link_plan.cacheblend_pick`: the engine's rule);
 2. the unpicked document tokens' KV of every later layer is copied from their documents'
    slots into the request's row, keys rotated by the shift (`rotary.rotated_copy`, one launch

@@ -29,7 +29,8 @@ def link_hint(policy: Policy, namespace: str | None, docs: tuple[tuple[int, int]
     """The hint of a caching policy: legolink's k (querylink's head), legolink0's sinks,
     CacheBlend's percent, querylink's k, block and stride."""
     if policy.kind == "querylink":
-        return LinkHint(namespace, docs, policy.head, query_k=policy.k, block=policy.block, stride=policy.stride)
+        return LinkHint(namespace, docs, policy.head, query_k=policy.k, query_share=policy.ratio, block=policy.block,
+                        stride=policy.stride)
     return LinkHint(namespace, docs, policy.k, sink=policy.recipe.sink_tokens,
                     blend=policy.ratio if policy.kind == "cacheblend" else 0.0)
 

@@ -156,10 +156,10 @@ def compute_blend_fully(req, why: str) -> None:
 
 
 def link_without_scout(req, why: str) -> None:
-    """A querylink link pass whose scout cannot run (`why`): its row's stand-ins, legolink-k's
-    tokens, are computed instead of picks, and reported so."""
-    logger.warning("epic: querylink request %s is linked with legolink-%d's tokens, no scout: %s",
-                   req.rid, req.epic_link.hint.query_k, why)
+    """A querylink link pass whose scout cannot run (`why`): its row's stand-ins (as many
+    tokens, in legolink's order) are computed instead of picks, and reported so."""
+    logger.warning("epic: querylink request %s is linked with its stand-ins (legolink's order), no scout: %s",
+                   req.rid, why)
     req.epic_link.scout = None
 
 

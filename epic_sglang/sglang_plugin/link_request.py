@@ -175,8 +175,8 @@ class LinkRequest:
         cached = [(start, end - start, j) for j, ((start, end), node) in enumerate(zip(docs, nodes)) if node is not None]
         plan = plan_spans(len(ids), cached, self.hint.k)
         plan.blend_ratio = self.hint.blend
-        if self.hint.query_k:
-            plan.pick_budget = querylink_budget(plan, self.hint.query_k)
+        if self.hint.querylink:
+            plan.pick_budget = querylink_budget(plan, self.hint.query_k, self.hint.query_share)
         self.reused_tokens = plan.reused_tokens
         # CacheBlend computes every token up to its check layer: all of them in the row
         rows = plan_spans(len(ids), [], 0) if self.hint.blend else plan
