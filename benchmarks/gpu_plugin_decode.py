@@ -105,7 +105,8 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
                "request": lambda r: [(r, c.doc, c.length) for c in runs]}[order]
     links = {r: types.SimpleNamespace(layout=layout, extending=False, position_shift=layout.reused_tokens,
                                       shared=SharedRuns(doc_slots, [c.length for c in runs],
-                                                        torch.tensor([c.start - c.offset for c in runs]), run_ids(r)))
+                                                        torch.tensor([c.start - c.offset for c in runs]), run_ids(r),
+                                                        [c.doc for c in runs]))
              for r in range(bs)}
     batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=r) for r in range(bs)], extend_lens=[1] * bs,
                                   seq_lens_cpu=torch.tensor([private] * bs), device=DEV,

@@ -265,6 +265,29 @@ def run_query_starts(runs: Sequence[tuple[int, int]], positions: Sequence[int]) 
     return [bisect.bisect_left(positions, start + length) for start, length in runs]
 
 
+def run_groups(docs: Sequence[int], starts: Sequence[int], queries: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Entries over reused runs that take each query once per document (where a document's
+    runs share one rotation, as in the SGLang plugin: their document's shift): `docs`, each
+    run's document (prompt order); `starts`, `run_query_starts`; `queries`, how many. Returns
+    arrays (first, end, q0, q1), one entry each: runs [first, end) of one document, read by
+    queries [q0, q1). A query reads every run before it, each once: those of a document it
+    follows whole in one entry with the document's later queries, those of the document it
+    sits in (querylink's picks between runs) in an entry of the runs before it."""
+    docs, starts = np.asarray(docs, dtype=np.int64), np.asarray(starts, dtype=np.int64)
+    n = len(docs)
+    if not n:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, empty
+    index = np.arange(n)
+    opens = np.concatenate([[True], docs[1:] != docs[:-1]])
+    closes = np.concatenate([docs[1:] != docs[:-1], [True]])
+    first = np.maximum.accumulate(np.where(opens, index, 0))
+    q1 = np.where(closes, queries, np.concatenate([starts[1:], [queries]]))  # up to the next run's readers
+    keep = q1 > starts
+    return first[keep], index[keep] + 1, starts[keep], q1[keep]
+
+
 def wants_cascade(runs: list[tuple[int, int]], tuning: CascadeTuning) -> bool:
     """`auto`'s choice for these runs (`query_runs`' output): cascade once their key
     prefixes add up to `tuning.auto_keys`."""

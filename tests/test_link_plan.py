@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from epic_sglang.link_plan import (CascadeTuning, attention_entries, consecutive_runs, link_entries, plan_link,
-                                   plan_spans, query_runs, querylink_stand_in, scout_queries, segment_spans, split_keys,
-                                   wants_cascade, with_picks)
+                                   plan_spans, query_runs, querylink_stand_in, run_groups, run_query_starts,
+                                   scout_queries, segment_spans, split_keys, wants_cascade, with_picks)
 from epic_sglang.policies import Segment, parse_policy
 
 
@@ -104,6 +104,30 @@ def test_every_policy_recomputes_its_definition():
                 assert len(stand_ins) == plan.pick_budget
                 if segs[-1].document is None:  # else legolink-k recomputes the last token beyond its k
                     assert torch.equal(with_picks(plan, stand_ins).recompute, legolink)
+
+
+def test_run_groups_give_each_query_every_run_before_it_once_and_each_document_one_rotation():
+    rng = random.Random(5)
+    for _ in range(200):
+        plan = plan_spans(120, [(4, 30, 0), (40, 12, 1), (60, 50, 2)], rng.randint(0, 3))
+        picks = rng.sample([p for p in range(120) if not plan.recompute[p]], rng.randint(0, 20))
+        plan.recompute[picks] = True  # querylink's picks cut the documents into runs
+        runs = plan.reused_runs()
+        queries = plan.recompute.nonzero().flatten().tolist()
+        starts = run_query_starts([(r[0], r[1]) for r in runs], queries)
+        first, end, q0, q1 = run_groups([r[2] for r in runs], starts, len(queries))
+        read = [[] for _ in queries]
+        for a, b, x, y in zip(first.tolist(), end.tolist(), q0.tolist(), q1.tolist()):
+            assert len({runs[i][2] for i in range(a, b)}) == 1 and x < y  # one document, someone reads it
+            for j in range(x, y):
+                read[j] += range(a, b)
+        for j, p in enumerate(queries):  # exactly the runs before the query, each once
+            assert sorted(read[j]) == [i for i, r in enumerate(runs) if r[0] + r[1] <= p]
+        rotated = sum(y - x for x, y in zip(q0.tolist(), q1.tolist()))
+        docs = sorted({r[2] for r in runs})  # a query is rotated once per document before it
+        assert rotated == sum(len(queries) - min(s for s, r in zip(starts, runs) if r[2] == d) for d in docs)
+    assert [a.tolist() for a in run_groups([0, 0, 1], [0, 0, 0], 1)] == [[0, 2], [2, 3], [0, 0], [1, 1]]  # decode
+    assert all(a.size == 0 for a in run_groups([], [], 3))
 
 
 def test_reused_runs_are_maximal_and_name_their_document_offset():

@@ -1208,7 +1208,7 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
     k_pool[slot_of] = rotated(k_base, stored_at)
     shared = SharedRuns(torch.cat([slot_of[r.start:r.start + r.length] for r in runs]).int(), [r.length for r in runs],
                         torch.tensor([r.start - r.offset - sink for r in runs]),
-                        [(r.doc % 2, r.offset, r.length) for r in runs])  # runs read again: one entry each
+                        [(r.doc % 2, r.offset, r.length) for r in runs], [r.doc for r in runs])  # runs read again: one entry each
     row = slot_of[torch.from_numpy(np.concatenate([layout.order, [n]])).to(dev)]
     link = types.SimpleNamespace(layout=layout, shared=shared, extending=True, position_shift=layout.reused_tokens,
                                  blend=None, scout=None)

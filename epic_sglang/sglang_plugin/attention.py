@@ -4,10 +4,12 @@ A linked request's row holds its private tokens in prompt order (`layout.py`), s
 own causal attention over the row gives every query the private keys before it: one causal
 entry per request, as SGLang plans any extend, and SGLang's own decode plan. The reused
 document tokens stay in their documents' shared slots, stored rotated at their compile
-positions: each cached run is one more non-causal entry over those slots, attended by the
-queries after it (`link_plan.run_query_starts`; in decode, the one new query) rotated back by
-the run's shift (`rotary.py`), so the scores are those at the linked positions. The parts
-merge into the row's result by log-sum-exp (one kernel, `epic_sglang.merge_states`).
+positions: the cached runs are non-causal entries over those slots, attended by the queries
+after them (in decode, the one new query) rotated back by their document's shift
+(`rotary.py`), so the scores are those at the linked positions. A query reads a document it
+follows in one entry over all the document's runs (`link_plan.run_groups`: rotated once per
+document, however many runs querylink's picks cut it into). The parts merge into the row's
+result by log-sum-exp (one kernel, `epic_sglang.merge_states`).
 Nothing is copied: the shared slots are read in place by every request that links them.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from epic_sglang.link_plan import concat_ranges
+from epic_sglang.link_plan import concat_ranges, run_groups
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.sglang_plugin.link_request import BlendSources, LinkRequest, SharedRuns, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
@@ -112,42 +114,53 @@ class _EntryList:
 
 @dataclass
 class _PartList:
-    spans: list[tuple[int, int]] = field(default_factory=list)  # batch query rows of each run's entry
-    kv_lens: list[int] = field(default_factory=list)
-    runs: list[tuple] = field(default_factory=list)  # which shared run each entry reads
-    slots: list[torch.Tensor] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # batch query rows of each part
+    kv_starts: list[np.ndarray] = field(default_factory=list)  # each part's keys: a range of the slots below
+    kv_lens: list[np.ndarray] = field(default_factory=list)
+    groups: list[tuple] = field(default_factory=list)  # which shared runs each part reads
+    angle_rows: list[np.ndarray] = field(default_factory=list)  # each part's rotation: a row of the angles below
+    slots: list[torch.Tensor] = field(default_factory=list)  # every request's shared slots, back to back
     angles: list[torch.Tensor] = field(default_factory=list)
+    num_slots: int = 0
+    num_angles: int = 0
 
-    def add(self, shared: SharedRuns, spans: list[tuple[int, int]], rope: RopeTable) -> None:
-        """Every run of `shared` (each has queries after it: the prompt's last token is computed)."""
+    def add(self, shared: SharedRuns, starts: list[int], queries: int, offset: int, rope: RopeTable) -> None:
+        """The parts of a request whose `queries` query rows start at batch row `offset`,
+        `starts` the first of them after each run of `shared` (`link_plan.run_groups`: each
+        run is followed by a query, the prompt's last token being computed)."""
         if shared.cos_sin is None:  # once per request: decode steps reuse it
             shared.cos_sin = torch.cat(rope.angles(-shared.shifts.to(rope.cos_sin_cache.device, non_blocking=True)), -1)
-        self.spans += spans
-        self.kv_lens += shared.lengths
-        self.runs += shared.runs
+        first, end, q0, q1 = run_groups(shared.docs, starts, queries)
+        at = np.concatenate([[0], np.cumsum(shared.lengths)])  # each run's first slot
+        self.spans += list(zip((offset + q0).tolist(), (offset + q1).tolist()))
+        self.kv_starts.append(self.num_slots + at[first])
+        self.kv_lens.append(at[end] - at[first])
+        self.groups += [tuple(shared.runs[a:b]) for a, b in zip(first.tolist(), end.tolist())]
+        self.angle_rows.append(self.num_angles + first)  # a document's runs share its shift
         self.slots.append(shared.slots)
         self.angles.append(shared.cos_sin)
+        self.num_slots += int(at[-1])
+        self.num_angles += len(shared.lengths)
 
     def build(self, device) -> SharedParts | None:
-        """One entry per distinct run: the query rows of every part that reads it back to back
-        (parts in order of their run's first appearance), its keys once. So a document run that
-        many requests of the batch link is read once for all of them, not once per request."""
+        """One entry per distinct group of runs: the query rows of every part that reads it back
+        to back (parts in order of their group's first appearance), its keys once. So a document
+        that many requests of the batch link is read once for all of them, not once per request."""
         if not self.spans:
             return None
-        first_seen: dict = {}  # a run's rank: where it first appears
-        ranks = np.asarray([first_seen.setdefault(run, len(first_seen)) for run in self.runs])
+        first_seen: dict = {}  # a group's rank: where it first appears
+        ranks = np.asarray([first_seen.setdefault(group, len(first_seen)) for group in self.groups])
         order = np.argsort(ranks, kind="stable")
         spans = [self.spans[e] for e in order]
         queries = np.asarray([b - a for a, b in spans])
         firsts = np.flatnonzero(np.diff(ranks[order], prepend=-1))  # each entry's first part
-        kv_lens = np.asarray(self.kv_lens, dtype=np.int64)
+        kv_starts, kv_lens = np.concatenate(self.kv_starts)[order[firsts]], np.concatenate(self.kv_lens)[order[firsts]]
         slots = torch.cat(self.slots).to(device)
-        if len(firsts) < len(spans):  # runs read more than once: their slots once, from their first reader
-            starts = np.concatenate([[0], np.cumsum(kv_lens)[:-1]])[order[firsts]]
-            slots = slots[to_device(concat_ranges(starts, starts + kv_lens[order[firsts]]), device)]
-        entry_queries, entry_keys = np.add.reduceat(queries, firsts), kv_lens[order[firsts]]
-        entries = Entries(indptr(entry_queries.tolist()), indptr(entry_keys.tolist()), slots)
-        angles = torch.cat(self.angles).to(device)[to_device(order, device)]
+        if not (np.array_equal(kv_starts, np.cumsum(kv_lens) - kv_lens) and kv_lens.sum() == self.num_slots):
+            # groups that share runs (a document's picks between its runs) or read by several parts
+            slots = slots[to_device(concat_ranges(kv_starts, kv_starts + kv_lens), device)]
+        entries = Entries(indptr(np.add.reduceat(queries, firsts).tolist()), indptr(kv_lens.tolist()), slots)
+        angles = torch.cat(self.angles).to(device)[to_device(np.concatenate(self.angle_rows)[order], device)]
         cos_sin = torch.repeat_interleave(angles, to_device(queries, device), dim=0, output_size=int(queries.sum()))
         return SharedParts(entries, cos_sin, MergeIndex.build(spans, device), spans)
 
@@ -193,7 +206,7 @@ def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bo
 def plan_linked_rows(plan: LinkAttentionPlan, device) -> None:
     """`plan.shared` and `plan.positions` from `plan.linked` as their layouts stand (again
     once querylink's scouts re-planned their rows): each linked request's query rows at their
-    prompt positions, and its cached runs each attended by the rows after it."""
+    prompt positions, and its cached runs attended by the rows after them."""
     parts, positions = _PartList(), {}
     for m in plan.linked:
         if m.extending:
@@ -203,7 +216,7 @@ def plan_linked_rows(plan: LinkAttentionPlan, device) -> None:
             positions[m.offset] = torch.arange(m.seq_len - m.n, m.seq_len) + m.link.position_shift
             starts = [0] * len(m.link.layout.cached_runs)
         if m.link.shared is not None:
-            parts.add(m.link.shared, [(m.offset + s, m.offset + m.n) for s in starts], plan.rope)
+            parts.add(m.link.shared, starts, m.n, m.offset, plan.rope)
     plan.shared, plan.positions = parts.build(device), positions
 
 

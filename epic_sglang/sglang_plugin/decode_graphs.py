@@ -6,8 +6,9 @@ eagerly). SGLang captures one decode graph per batch size; for each, a second gr
 as for LoRA), and only a batch whose linked requests read shared documents replays it:
 plain batches keep SGLang's own graphs, untouched.
 
-A graph's kernels have fixed shapes, while the shared runs' entries (`attention.py`: one per
-distinct run, holding the query of every request that reads it) change from step to step.
+A graph's kernels have fixed shapes, while the shared entries (`attention.py`: in decode one
+per distinct document's runs, holding the query of every request that reads them) change from
+step to step.
 So each `epic` graph holds `graph_slots(bs)` entries over `graph_rows(bs)` query rows,
 always all of them (FlashInfer checks a forward's rows against its plan's; the capture plans
 one entry with every request's query, so its query tiles fit a run the whole batch reads):
@@ -19,7 +20,7 @@ host tile arrays name past the step's tiles (stale, or zero): those arrays are z
 each plan, so every spare block runs the spare entry (measured: at batch 32 they had run the
 first real entry ~2,000 times a layer, 15 ms a step). The merge index covers every batch row
 (a row without parts is rewritten with its own value). A step with more parts, or a request
-with more than `MAX_RUNS` runs, runs eagerly. At capture the graph's `LinkWrapper` wraps
+reading more than `MAX_PARTS` documents, runs eagerly. At capture the graph's `LinkWrapper` wraps
 SGLang's graph wrapper of that batch size around static buffers; before each replay they are refilled
 from the step's plan and the shared wrapper re-planned (host-side offsets: nothing waits for
 the stream).
@@ -37,7 +38,7 @@ from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, 
 from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
-MAX_RUNS = 64  # cached runs per request a graph holds (legolink: one per document)
+MAX_PARTS = 64  # shared parts per request a graph holds: in decode one per document it reads
 MAX_ENTRIES = 4096  # shared parts per graph: the padding's cost is one rotated query row each
 VARIANT = "epic"  # the label of the linked graphs in SGLang's graph keys
 
@@ -53,7 +54,7 @@ def needs_variant(plan: LinkAttentionPlan | None) -> bool:
 
 
 def graph_entries(bs: int) -> int:
-    return min(bs * MAX_RUNS, MAX_ENTRIES)
+    return min(bs * MAX_PARTS, MAX_ENTRIES)
 
 
 def runs_in_graph(plan: LinkAttentionPlan | None, bs: int, lora_variants: bool = False) -> bool:
@@ -65,7 +66,7 @@ def runs_in_graph(plan: LinkAttentionPlan | None, bs: int, lora_variants: bool =
 def fits(plan: LinkAttentionPlan, bs: int) -> bool:
     """Whether a decode step of `bs` requests fits the `epic` graph of that batch size (its
     entries are at most its parts)."""
-    return len(plan.shared.spans) <= graph_entries(bs) and plan.shared.merge.most_parts <= MAX_RUNS
+    return len(plan.shared.spans) <= graph_entries(bs) and plan.shared.merge.most_parts <= MAX_PARTS
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class DecodeGraph:
                                 rows=torch.arange(bs, dtype=torch.int32, device=device),
                                 part_ptr=torch.zeros(bs + 1, dtype=torch.int32, device=device),
                                 part_idx=torch.zeros(rows, dtype=torch.int32, device=device),
-                                most_parts=MAX_RUNS)
+                                most_parts=MAX_PARTS)
         self.kv_indices = kv_indices  # shared by every batch size's graph (one replays at a time)
         self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             backend.workspace_buffer, "NHD", use_cuda_graph=True, backend="fa2",

@@ -11,8 +11,8 @@ Which tokens are computed is the engine's rule (`epic_sglang.link_plan`, `plan_s
 the documents found cached). The reused document tokens (the cached runs) stay in their
 document's shared slots: nothing is copied. Every query attends all tokens before it in
 prompt order (the design card's mask): the private ones through SGLang's own causal row (its
-row order is prompt order), each cached run whole through one extra entry over the shared
-slots for the queries after it, its queries rotated to the run's place (`rotary.py`,
+row order is prompt order), the cached runs through extra entries over the shared slots
+for the queries after them, the queries rotated to their document's place (`rotary.py`,
 `attention.py`). Positions are the prompt positions, so the model sees every token where
 it sits in the prompt, not where its row slot is; in decode they run past the prompt.
 """

@@ -103,6 +103,7 @@ class SharedRuns:
     lengths: list[int]
     shifts: torch.Tensor  # int64 (runs,)
     runs: list[tuple[int, int, int]]  # each run's identity (its document node's id, offset, length): equal = same keys
+    docs: list[int]  # each run's document (its index in the hint): a document's runs share its shift
     cos_sin: torch.Tensor | None = None  # the queries' rotation by -shift, set where the model's RoPE is known
 
 
@@ -214,7 +215,7 @@ class LinkRequest:
         # a document token at offset t was compiled at position t (+ the sinks before it)
         shifts = torch.tensor([r.start - r.offset - self.hint.sink for r in runs], dtype=torch.int64)
         identities = [(id(self.doc_nodes[r.doc]), r.offset, r.length) for r in runs]
-        return SharedRuns(slots, [r.length for r in runs], shifts, identities)
+        return SharedRuns(slots, [r.length for r in runs], shifts, identities, [r.doc for r in runs])
 
     def _blend_sources(self, plan: LinkPlan, doc_slots: dict[int, torch.Tensor]) -> BlendSources:
         return BlendSources(*document_tokens(plan, doc_slots, self.hint.sink), plan.recompute.numpy().copy(),
