@@ -1,14 +1,18 @@
 """CPU: the SGLang plugin's host work for one linked request, with SGLang's real cache classes.
 
     python benchmarks/plugin_host.py [--contexts 16384 32768] [--repeats 20] [--batch 32]
+                                     [--policies legolink-16 querylink-16]
 
 A linked request's time to first token inside SGLang includes host work that no GPU hides:
 the scheduler matches the request (`LinkRequest.match`: every document looked up in the
 `epic` radix cache, the row planned), then the forward's set-up plans the link attention
 (`attention.build_plan` for the link pass, again for each decode step, and the `epic` decode
 graph's padded entries). This times each on a real `PICRadixCache` over SGLang's
-`MHATokenToKVPool` holding the context's 512-token documents (legolink-16, the prompt of
-`sglang_pic.py --part speed`: a 32-token head, the documents, a 64-token question). The
+`MHATokenToKVPool` holding the context's 512-token documents (the prompt of `sglang_pic.py
+--part speed`: a 32-token head, the documents, a 64-token question). A querylink request's
+picks are made here from a random mass (no model), then its link pass is planned over them;
+its cached runs and the query rows its shared parts rotate are reported beside the times (and
+what they would be with one entry per run, as the plugin planned them before `run_groups`). The
 profile of a 32K request in a real server (`gpu_run.sh sglang-profile --context 32768`)
 showed the same functions on its critical path.
 """
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import machine, write_section  # noqa: E402
 
-DOC, HEAD, QUESTION, K = 512, 32, 64, 16
+DOC, HEAD, QUESTION = 512, 32, 64
 
 
 def cache_with_documents(docs: list[list[int]]):
@@ -66,16 +70,17 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(context: int, repeats: int, batch: int) -> str:
+def measure(context: int, repeats: int, batch: int, policy: str) -> str:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
     from sglang.srt.sampling.sampling_params import SamplingParams
 
-    from epic_sglang.sglang_plugin import attention, decode_graphs
+    from epic_sglang.link_plan import querylink_pick
+    from epic_sglang.policies import parse_policy
+    from epic_sglang.sglang_plugin import attention, client, decode_graphs
     from epic_sglang.sglang_plugin.link_request import LinkRequest
     from epic_sglang.sglang_plugin.rotary import RopeTable
-    from epic_sglang.sglang_plugin.wire import LinkHint
 
     rng = random.Random(context)
     n_docs = (context - HEAD - QUESTION) // DOC
@@ -83,7 +88,7 @@ def measure(context: int, repeats: int, batch: int) -> str:
     ids = [rng.randrange(1000, 60000) for _ in range(HEAD)] + sum(docs, []) + [rng.randrange(1000, 60000) for _ in range(QUESTION)]
     spans = tuple((HEAD + i * DOC, HEAD + (i + 1) * DOC) for i in range(n_docs))
     cache = cache_with_documents(docs)
-    hint = LinkHint("ns", spans, K)
+    hint = client.link_hint(parse_policy(policy), "ns", spans)
     req = Req("r0", "", array("q", ids), SamplingParams(max_new_tokens=16))
 
     prompt, params = array("q", ids), MatchPrefixParams(key=RadixKey(array("q", ids), "ns"), req=req)
@@ -96,6 +101,9 @@ def measure(context: int, repeats: int, batch: int) -> str:
     match_ms = timed(match, repeats)
     link = match()
     rematch_ms = timed(lambda: link.match(cache, params), repeats)  # the same request, its next round
+    if link.scout is not None:  # querylink: picks by a random mass, as its scout would hand them over
+        mass = torch.rand(len(ids), generator=torch.Generator().manual_seed(context))
+        link.take_picks(req, querylink_pick(mass, link.scout.plan, link.scout.block).numpy())
     layout = link.layout
     dim = 128
     angles = torch.arange(2 * context, dtype=torch.float32)[:, None] * (1.0 / 10000 ** (torch.arange(0, dim, 2) / dim))
@@ -111,12 +119,14 @@ def measure(context: int, repeats: int, batch: int) -> str:
         return attention.build_plan(batch, dict.fromkeys(range(bs), link), rope, decoding)
 
     link_pass_ms = timed(lambda: plan(False), repeats)
+    rotated = int(plan(False).shared.merge.query_rows.numel())
+    per_run = sum(layout.extend_len - s for s in layout.run_query_starts())  # were each run its own entry
     decode_ms = timed(lambda: plan(True), repeats)
     decode_batch_ms = timed(lambda: plan(True, batch), repeats)
     step = plan(True, batch)
     pad_ms = timed(lambda: decode_graphs.PaddedEntries.of(step.shared, batch), repeats)
-    return (f"| {len(ids):,} | {n_docs} | {match_ms:.2f} | {rematch_ms:.3f} | {link_pass_ms:.2f} | {decode_ms:.2f} "
-            f"| {decode_batch_ms:.2f} | {pad_ms:.2f} |")
+    return (f"| {policy} | {len(ids):,} | {n_docs} | {len(layout.cached_runs)} | {rotated:,} | {per_run:,} | {match_ms:.2f} "
+            f"| {rematch_ms:.3f} | {link_pass_ms:.2f} | {decode_ms:.2f} | {decode_batch_ms:.2f} | {pad_ms:.2f} |")
 
 
 def main() -> None:
@@ -124,20 +134,21 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32, help="requests in the timed decode step (the RAG load reaches 128)")
+    ap.add_argument("--policies", nargs="+", default=["legolink-16", "querylink-16"])
     args = ap.parse_args()
     torch.set_num_threads(1)  # SGLang's scheduler is one Python thread
-    rows = [measure(c, args.repeats, args.batch) for c in args.contexts]
+    rows = [measure(c, args.repeats, args.batch, p) for c in args.contexts for p in args.policies]
     write_section("sglang-plugin-host" + ("" if args.batch == 32 else f"-batch{args.batch}"), f"""## SGLang plugin: host work of one linked request (CPU)
 
 Machine: {machine()}, one thread. SGLang 0.5.16's `PICRadixCache` / `MHATokenToKVPool` on CPU;
-legolink-16 over 512-token documents (a 32-token head, the documents, a 64-token question),
-median ms of the calls the scheduler and the forward's set-up make for one request (batch
+512-token documents (a 32-token head, the documents, a 64-token question; querylink's picks
+from a random mass), median ms of the calls the scheduler and the forward's set-up make for one request (batch
 {args.batch}: {args.batch} such requests decoding together). SGLang matches a waiting request twice every scheduling round
 (its policy's ordering, then the admission). The plans' tensor work (gathering slots: a million at
 batch 32 and 32K) runs here on the CPU; on a GPU it is queued, so these times bound the host's share.
 
-| prompt tokens | documents | match ms | match again, next round ms | link-pass plan ms | decode-step plan ms, batch 1 | batch {args.batch} | decode-graph padding ms, batch {args.batch} |
-|---|---|---|---|---|---|---|---|
+| policy | prompt tokens | documents | cached runs | rotated query rows, link pass | the same, one entry per run | match ms | match again, next round ms | link-pass plan ms | decode-step plan ms, batch 1 | batch {args.batch} | decode-graph padding ms, batch {args.batch} |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """)
     print("\n".join(rows))

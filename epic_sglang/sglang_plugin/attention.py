@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from epic_sglang.link_plan import concat_ranges, run_groups
+from epic_sglang.link_plan import concat_ranges
 from epic_sglang.merge_states import MergeIndex, merge_into
-from epic_sglang.sglang_plugin.link_request import BlendSources, LinkRequest, SharedRuns, to_device
+from epic_sglang.sglang_plugin.link_request import BlendSources, LinkRequest, RunGroups, SharedRuns, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
 
 
@@ -124,22 +124,18 @@ class _PartList:
     num_slots: int = 0
     num_angles: int = 0
 
-    def add(self, shared: SharedRuns, starts: list[int], queries: int, offset: int, rope: RopeTable) -> None:
-        """The parts of a request whose `queries` query rows start at batch row `offset`,
-        `starts` the first of them after each run of `shared` (`link_plan.run_groups`: each
-        run is followed by a query, the prompt's last token being computed)."""
+    def add(self, shared: SharedRuns, groups: RunGroups, offset: int, rope: RopeTable) -> None:
+        """A request's parts, its query rows from batch row `offset` on."""
         if shared.cos_sin is None:  # once per request: decode steps reuse it
             shared.cos_sin = torch.cat(rope.angles(-shared.shifts.to(rope.cos_sin_cache.device, non_blocking=True)), -1)
-        first, end, q0, q1 = run_groups(shared.docs, starts, queries)
-        at = np.concatenate([[0], np.cumsum(shared.lengths)])  # each run's first slot
-        self.spans += list(zip((offset + q0).tolist(), (offset + q1).tolist()))
-        self.kv_starts.append(self.num_slots + at[first])
-        self.kv_lens.append(at[end] - at[first])
-        self.groups += [tuple(shared.runs[a:b]) for a, b in zip(first.tolist(), end.tolist())]
-        self.angle_rows.append(self.num_angles + first)  # a document's runs share its shift
+        self.spans += list(zip((offset + groups.q0).tolist(), (offset + groups.q1).tolist()))
+        self.kv_starts.append(self.num_slots + groups.kv_start)
+        self.kv_lens.append(groups.kv_len)
+        self.groups += groups.identities
+        self.angle_rows.append(self.num_angles + groups.first)
         self.slots.append(shared.slots)
         self.angles.append(shared.cos_sin)
-        self.num_slots += int(at[-1])
+        self.num_slots += len(shared.slots)
         self.num_angles += len(shared.lengths)
 
     def build(self, device) -> SharedParts | None:
@@ -209,14 +205,15 @@ def plan_linked_rows(plan: LinkAttentionPlan, device) -> None:
     prompt positions, and its cached runs attended by the rows after them."""
     parts, positions = _PartList(), {}
     for m in plan.linked:
+        shared = m.link.shared
         if m.extending:
             positions[m.offset] = torch.from_numpy(m.link.layout.extend_positions)
-            starts = m.link.layout.run_query_starts()
+            groups = shared and shared.groups(m.link.layout.run_query_starts(), m.n)
         else:  # SGLang numbers the row; the reused tokens it does not hold come before
             positions[m.offset] = torch.arange(m.seq_len - m.n, m.seq_len) + m.link.position_shift
-            starts = [0] * len(m.link.layout.cached_runs)
-        if m.link.shared is not None:
-            parts.add(m.link.shared, starts, m.n, m.offset, plan.rope)
+            groups = shared and shared.decode_groups()
+        if shared is not None:
+            parts.add(shared, groups, m.offset, plan.rope)
     plan.shared, plan.positions = parts.build(device), positions
 
 

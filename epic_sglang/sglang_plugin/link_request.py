@@ -31,7 +31,8 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from epic_sglang.link_plan import LinkPlan, concat_ranges, plan_spans, querylink_budget, querylink_stand_in, with_picks
+from epic_sglang.link_plan import (LinkPlan, concat_ranges, plan_spans, querylink_budget, querylink_stand_in, run_groups,
+                                   with_picks)
 from epic_sglang.policies import CompileRecipe
 from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows
 from epic_sglang.sglang_plugin.wire import LinkHint
@@ -94,6 +95,21 @@ def document_tokens(plan: LinkPlan, doc_slots: dict[int, torch.Tensor], sink: in
     return positions, torch.cat([doc_slots[j] for _, _, j in spans]).to(torch.int64), shifts
 
 
+@dataclass(frozen=True)
+class RunGroups:
+    """A request's shared parts (`link_plan.run_groups`): part i reads the runs from run
+    `first[i]` on, slots [kv_start[i], kv_start[i] + kv_len[i]) of `SharedRuns.slots` (a
+    document's runs lie back to back there), its queries [q0[i], q1[i]) rotated by run
+    `first[i]`'s shift (its document's); `identities[i]` names those runs (equal = same keys:
+    a run's identity, or several runs' identities together)."""
+    first: np.ndarray
+    q0: np.ndarray
+    q1: np.ndarray
+    kv_start: np.ndarray
+    kv_len: np.ndarray
+    identities: list[tuple]
+
+
 @dataclass
 class SharedRuns:
     """A linked request's cached runs as its attention reads them: the runs' shared slots back
@@ -105,6 +121,21 @@ class SharedRuns:
     runs: list[tuple[int, int, int]]  # each run's identity (its document node's id, offset, length): equal = same keys
     docs: list[int]  # each run's document (its index in the hint): a document's runs share its shift
     cos_sin: torch.Tensor | None = None  # the queries' rotation by -shift, set where the model's RoPE is known
+    _decode: RunGroups | None = None
+
+    def groups(self, starts: list[int], queries: int) -> RunGroups:
+        """The parts of `queries` queries, `starts` the first of them after each run."""
+        first, end, q0, q1 = run_groups(self.docs, starts, queries)
+        at = np.concatenate([[0], np.cumsum(self.lengths)])  # each run's first slot
+        # a lone run is named by its own identity (hashed every decode step), several by theirs together
+        return RunGroups(first, q0, q1, at[first], at[end] - at[first],
+                         [self.runs[a] if b == a + 1 else tuple(self.runs[a:b]) for a, b in zip(first.tolist(), end.tolist())])
+
+    def decode_groups(self) -> RunGroups:
+        """A decode step's parts (its one query reads every document whole), the same each step."""
+        if self._decode is None:
+            self._decode = self.groups([0] * len(self.lengths), 1)
+        return self._decode
 
 
 @dataclass
