@@ -205,15 +205,15 @@ def plan_linked_rows(plan: LinkAttentionPlan, device) -> None:
     prompt positions, and its cached runs attended by the rows after them."""
     parts, positions = _PartList(), {}
     for m in plan.linked:
-        shared = m.link.shared
+        link = m.link
         if m.extending:
-            positions[m.offset] = torch.from_numpy(m.link.layout.extend_positions)
-            groups = shared and shared.groups(m.link.layout.run_query_starts(), m.n)
+            positions[m.offset] = torch.from_numpy(link.layout.extend_positions)
         else:  # SGLang numbers the row; the reused tokens it does not hold come before
-            positions[m.offset] = torch.arange(m.seq_len - m.n, m.seq_len) + m.link.position_shift
-            groups = shared and shared.decode_groups()
-        if shared is not None:
-            parts.add(shared, groups, m.offset, plan.rope)
+            positions[m.offset] = torch.arange(m.seq_len - m.n, m.seq_len) + link.position_shift
+        if link.shared is not None:
+            groups = (link.shared.groups(link.layout.run_query_starts(), m.n) if m.extending
+                      else link.shared.decode_groups())
+            parts.add(link.shared, groups, m.offset, plan.rope)
     plan.shared, plan.positions = parts.build(device), positions
 
 
