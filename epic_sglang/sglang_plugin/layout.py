@@ -19,6 +19,7 @@ it sits in the prompt, not where its row slot is; in decode they run past the pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class RowLayout:
     cached_runs: tuple[CachedRun, ...]  # in prompt order; not in the row
     prompt_len: int
 
-    @property
+    @cached_property  # every decode step asks (`LinkRequest.position_shift`); querylink has hundreds of runs
     def reused_tokens(self) -> int:
         """Document tokens read in place from their documents' shared slots."""
         return sum(r.length for r in self.cached_runs)
