@@ -405,15 +405,18 @@ class RagLoad:
         list(self.compiler.map(lambda body: generate(self.url, body), client.compile_bodies(docs)))
 
     def precompile(self, count: int) -> None:
-        """The `count` most popular documents, as ingestion would (the corpus is ranked by popularity)."""
-        self.compile(self.corpus[:count], on_clock=False)
+        """The `count` most popular documents, as ingestion would (the corpus is ranked by
+        popularity), the least popular first: where the pool holds fewer, the cache evicts the
+        least recently used, so the most popular must come last to stay."""
+        self.compile(self.corpus[:count][::-1], on_clock=False)
 
     def resident(self) -> int:
         """How many corpus documents the server holds: each linked alone (naive, one new
         token after it); a held one is reused whole (`cached_tokens`), a missing one is
-        computed in the probe's row and not kept."""
+        computed in the probe's row and not kept. Least popular first, as `precompile`: a
+        probe is a use, and the most popular should be the last used when the run starts."""
         probe = Segment((7,))
-        prompts = [[doc, probe] for doc in self.corpus]
+        prompts = [[doc, probe] for doc in reversed(self.corpus)]
         out = self.compiler.map(lambda segs: generate(self.url, client.generate_body(segs, "naive", {"max_new_tokens": 1})),
                                 prompts)
         return sum(client.reused_whole(segs, "naive", o["meta_info"]["cached_tokens"]) for o, segs in zip(out, prompts))
