@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-f", "--document-file", action="append", help="file whose text is one document (repeatable)")
     gen.add_argument("--system", default=None, help="system prompt (default: the model's own)")
     gen.add_argument("--model", default="qwen2.5-0.5b", help=f"one of {', '.join(MODELS)}, a HF folder or a .gguf file")
-    gen.add_argument("--policy", default="legolink-16", help="fr | naive | legolink-<k> | legolink0 | cacheblend-<r>")
+    gen.add_argument("--policy", default="legolink-16", help="fr | naive | legolink-<k> | legolink0 | cacheblend-<r> | querylink-<k> | querylink-p<r>")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="qwen2.5-0.5b")
     ev.add_argument("--task", choices=["hotpotqa", "needle"], default="hotpotqa")
     ev.add_argument("--n", type=int, default=300, help="questions (seeded sample of HotpotQA dev, or needle cells)")
-    ev.add_argument("--policies", default="querylink-16,legolink-16,naive", help="comma-separated; fr always runs")
+    ev.add_argument("--policies", default="querylink-p12.5,legolink-16,naive", help="comma-separated; fr always runs")
     ev.add_argument("--margin", type=float, default=None,
                     help="F1 points a policy may lose against fr (default 2): pass when its whole 95%% interval "
                          "is above -margin, fail when below")
