@@ -76,7 +76,7 @@ def main() -> None:
              "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "8"]
     params = {"max_new_tokens": args.new_tokens, "temperature": 0.0, "ignore_eos": True}
     with SGLangServer(model_dir(LLAMA_8B, args.tokenizer), PORT, plugin=True, extra=flags,
-                      log_path=args.logs / "sglang_profile.log") as url:
+                      log_path=args.logs / "sglang_profile_server.log") as url:  # gpu_run.sh keeps this script's output as sglang_profile.log
         n_docs = (args.context - 32 - 64) // 512
         docs = [s for s in segments(n_docs, 512, 0, 0, LLAMA_8B["vocab_size"], seed=args.context) if s.document is not None]
         compile_documents(url, docs)
