@@ -11,6 +11,7 @@ script (`benchmarks/sglang_pic.py`) runs the real forward in a real server.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import random
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from epic_sglang.link_plan import plan_link, plan_spans, segment_spans
 from epic_sglang.policies import Segment, parse_policy
@@ -1129,20 +1130,36 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
 def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
     """The warm-up compiles two documents, links them, then links one of them beside a document
     never compiled (computed in the row), then links them with querylink (its scout runs), each
-    with a decode step, apart from every tenant; a server that refuses it is not ready, with a
-    message naming it."""
+    with a decode step, then links them again while a streamed linked request is still decoding
+    (what SGLang's mixed chunk runs in one forward), apart from every tenant; a server that
+    refuses it is not ready, with a message naming it."""
     from epic_sglang.server.background import serve_in_thread
     from epic_sglang.sglang_plugin.launch import WARMUP_NAMESPACE, WARMUP_QUERYLINK, warm_link_path, warmup_prompts
 
-    bodies, status = [], {"code": 200}
+    bodies, status, overlapped = [], {"code": 200}, []
+    arrived = asyncio.Event()  # a request came while a streamed one was decoding
     app = FastAPI()
 
     @app.post("/generate")
     async def generate(request: Request):
         if request.headers.get("Authorization") != "Bearer k":  # as SGLang started with --api-key k
             return JSONResponse({"error": "unauthorized"}, status_code=401)
-        bodies.append(await request.json())
-        return JSONResponse({"output_ids": [1], "meta_info": {"cached_tokens": 0}}, status_code=status["code"])
+        body = await request.json()
+        bodies.append(body)
+        arrived.set()
+        if not body.get("stream") or status["code"] != 200:
+            return JSONResponse({"output_ids": [1], "meta_info": {"cached_tokens": 0}}, status_code=status["code"])
+
+        async def tokens():
+            arrived.clear()
+            yield 'data: {"output_ids": [1]}\n\n'
+            try:  # holds its decode open until the next request arrives
+                await asyncio.wait_for(arrived.wait(), 10)
+                overlapped.append(True)
+            except asyncio.TimeoutError:
+                overlapped.append(False)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(tokens(), media_type="text/event-stream")
 
     with serve_in_thread(app) as url:
         with pytest.raises(RuntimeError, match="link warm-up: 401"):
@@ -1151,10 +1168,12 @@ def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
         hints = [decode(b["extra_key"]) for b in bodies]
         compiled = {tuple(b["input_ids"]) for b, h in zip(bodies, hints) if h.compile}
         links = [(b, h) for b, h in zip(bodies, hints) if not h.compile]
-        assert len(compiled) == 2 and len(links) == 3 and not hints[-1].compile and hints[0].compile
+        assert len(compiled) == 2 and len(links) == 5 and not hints[-1].compile and hints[0].compile
+        # a link pass sent while a linked request decodes (SGLang's mixed chunk runs them in one forward)
+        assert [b.get("stream", False) for b, _ in links] == [False, False, False, True, False] and overlapped == [True]
         assert all(h.namespace == WARMUP_NAMESPACE for h in hints)
         docs = [[tuple(b["input_ids"][a:e]) for a, e in h.docs] for b, h in links]
-        assert all(d in compiled for d in docs[0]) and docs[2] == docs[0]  # every document reused
+        assert all(d in compiled for d in docs[0]) and docs[2] == docs[0] == docs[3] == docs[4]  # every document reused
         assert sum(d not in compiled for d in docs[1]) == 1  # one computed in its row
         scouted = parse_policy(WARMUP_QUERYLINK)
         assert links[2][1].query_k == scouted.k and plan_link(scouted, warmup_prompts()[0]).pick_budget > 0

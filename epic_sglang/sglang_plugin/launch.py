@@ -74,10 +74,32 @@ def warm_link_path(url: str, timeout_s: float = 900, api_key: str | None = None)
             _post(url, body, timeout_s, headers)
         # legolink's link path, with a document missing too, then querylink's scout (its Triton kernels)
         for prompt, policy in ((compiled, "legolink-1"), (with_missing, "legolink-1"), (compiled, WARMUP_QUERYLINK)):
-            _post(url, client.generate_body(prompt, policy, {"max_new_tokens": 2, "ignore_eos": True},
-                                            WARMUP_NAMESPACE), timeout_s, headers)
+            _post(url, _warmup_body(prompt, policy, 2), timeout_s, headers)
+        _link_beside_a_decode(url, compiled, timeout_s, headers)
     except requests.RequestException as err:
         raise RuntimeError(f"SGLang server at {url} failed the plugin's link warm-up: {err}") from None
+
+
+def _warmup_body(prompt: list[Segment], policy: str, new_tokens: int, **fields) -> dict:
+    return client.generate_body(prompt, policy, {"max_new_tokens": new_tokens, "ignore_eos": True}, WARMUP_NAMESPACE,
+                                **fields)
+
+
+def _link_beside_a_decode(url: str, prompt: list[Segment], timeout_s: float, headers: dict[str, str]) -> None:
+    """A link pass sent while another linked request decodes: under SGLang's
+    `--enable-mixed-chunk` the two share a forward, whose first run compiled FlashInfer kernels
+    for ~90 s on an H100 (BENCHMARKS.md, session 21 notes); otherwise they run one after another."""
+    with requests.post(url + "/generate", json=_warmup_body(prompt, "legolink-1", 16, stream=True), stream=True,
+                       timeout=timeout_s, headers=headers) as running:
+        if running.status_code != 200:
+            raise requests.HTTPError(f"{running.status_code} {running.text[:200]}")
+        lines = running.iter_lines()
+        if next((line for line in lines if line), None) is None:
+            raise requests.HTTPError("a streamed warm-up request returned no token")
+        # its first token is out: it is decoding
+        _post(url, _warmup_body(prompt, "legolink-1", 2), timeout_s, headers)
+        for _ in lines:
+            pass
 
 
 def _post(url: str, body: dict, timeout_s: float, headers: dict[str, str]) -> None:
