@@ -4,6 +4,8 @@
 # job writes into BENCHMARKS.md). Weight chunks can then travel (../shared/gpu-kit/WEIGHTS.md)
 # while the GPU works.
 #   bash benchmarks/gpu_queue.sh add 'tests' 'bench --contexts 16384 32768'   # starts the runner if needed
+#       (a job is read as a shell line: quote an argument with spaces,
+#       'sglang --part load --load-flags="--enable-prefill-delayer --prefill-delayer-queue-min-ratio 0.25"')
 #   bash benchmarks/gpu_queue.sh status        # the jobs, and the log's tail
 #   bash benchmarks/gpu_queue.sh collect       # $OUT: BENCHMARKS.md, results.tar.xz (logs, runs/, PNGs), JIT caches
 #   bash benchmarks/gpu_queue.sh sync          # this checkout's code into the private copy (a fix; outputs stay)
@@ -26,7 +28,7 @@ case "$cmd" in
           job=$(sed -n "$((i + 1))p" "$Q/jobs")
           if [ -z "$job" ]; then [ -f "$Q/stop" ] && exit 0; sleep 2; continue; fi
           echo "=== job $i: $job ($(date +%T))" >> "$Q/log"
-          (cd "$Q/repo" && OUT=$Q/out SKIP_JIT_CACHE=1 bash benchmarks/gpu_run.sh $job) >> "$Q/log" 2>&1
+          (cd "$Q/repo" && eval "OUT=$Q/out SKIP_JIT_CACHE=1 bash benchmarks/gpu_run.sh $job") >> "$Q/log" 2>&1
           echo "=== job $i done: rc $? ($(date +%T))" >> "$Q/log"
           i=$((i + 1))
         done' > /dev/null 2>&1 < /dev/null &

@@ -556,8 +556,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0,
                     help="a load rate runs at least this long (rate x seconds requests), so its queue reaches steady state")
     ap.add_argument("--fr-rates", type=float, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--load-flags", default="", help="more SGLang server flags for the load part, one string "
-                    "(e.g. \"--enable-mixed-chunk\": decode steps ride along with link passes)")
+    ap.add_argument("--load-flags", default="", help="more SGLang server flags for the load part, one string given "
+                    "with '=' (e.g. --load-flags=\"--enable-prefill-delayer --prefill-delayer-queue-min-ratio 0.25\": "
+                    "fewer, larger link-pass forwards)")
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
     ap.add_argument("--epic-rates", type=float, nargs="+", default=[16, 32, 48, 64, 96, 128])
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32],
