@@ -1,6 +1,8 @@
-"""GPU: the SGLang plugin's decode-step attention over shared documents, alone (no server).
+"""GPU: the SGLang plugin's attention over shared documents, alone (no server): decode steps,
+and a link pass (`--part link`).
 
-    python benchmarks/gpu_plugin_decode.py [--context 32768] [--batches 1 8 32] [--repeats 20]
+    python benchmarks/gpu_plugin_decode.py [--part decode link] [--context 32768] [--batches 1 8 32]
+                                           [--link-contexts 16384 32768] [--repeats 20]
 
 Where a linked decode step's extra time goes (`sglang_pic.py --part speed` gives the whole
 step inside a server). Llama-3-8B's attention shape (32 query heads, 8 KV heads, head dim
@@ -19,7 +21,14 @@ SGLang's decode runs it:
 - with one shared entry per document run holding every request's query (the plugin's: the run's
   keys read once for the batch) and with one entry per request and run (each request reads
   every run again: what the plugin planned before).
-Writes its table to BENCHMARKS.md.
+
+`--part link`: one legolink-16 request's link pass (its private tokens: the recomputed first 16 of
+each document and the question; the head an exact prefix), eager, as SGLang runs link passes, 32
+layers: the whole `LinkWrapper` and its parts alone (SGLang's causal entry over the row, the
+queries rotated once per document they follow, the shared entries, FlashInfer's zero fill of the
+shared output it allocates, the merge at several tunings). The merge's floor is its bytes (the
+parts' outputs read once, the rows' read and written) at the card's copy bandwidth, measured here.
+Writes its tables to BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -38,7 +47,7 @@ from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang.link_plan import plan_spans  # noqa: E402
 from epic_sglang.merge_states import merge_into  # noqa: E402
 from epic_sglang.sglang_plugin import attention, decode_graphs  # noqa: E402
-from epic_sglang.sglang_plugin.layout import plan_rows  # noqa: E402
+from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows  # noqa: E402
 from epic_sglang.sglang_plugin.link_request import SharedRuns  # noqa: E402
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows  # noqa: E402
 
@@ -84,10 +93,26 @@ def plan_rows_of(wrapper, rows: list[torch.Tensor]) -> None:
                  q_data_type=BF16, kv_data_type=BF16)
 
 
-def measure(context: int, bs: int, repeats: int, order: str) -> str:
+def legolink_request(context: int) -> tuple[int, RowLayout, RopeTable]:
+    """A legolink-16 request's prompt length, row layout (the head an exact prefix) and RoPE
+    table (Llama-3's base), over the context's 512-token documents."""
     docs = (context - HEAD - QUESTION) // DOC
     n = HEAD + docs * DOC + QUESTION
     layout = plan_rows(plan_spans(n, [(HEAD + i * DOC, DOC, i) for i in range(docs)], K), exact_prefix_len=HEAD)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)
+    angles = torch.arange(2 * n, dtype=torch.float32)[:, None] * inv_freq
+    return n, layout, RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(DEV), DIM, True)
+
+
+def shared_runs(layout: RowLayout, doc_slots: torch.Tensor, identities: list) -> SharedRuns:
+    """The layout's cached runs, read in place from `doc_slots`, named by `identities`."""
+    runs = layout.cached_runs
+    return SharedRuns(doc_slots, [c.length for c in runs], torch.tensor([c.start - c.offset for c in runs]),
+                      identities, [c.doc for c in runs])
+
+
+def measure(context: int, bs: int, repeats: int, order: str) -> str:
+    n, layout, rope = legolink_request(context)
     private = len(layout.order) + 1  # + the generated token
     pool_size = layout.reused_tokens + bs * private
     k_pool = torch.randn(pool_size, KV_HEADS, DIM, device=DEV, dtype=BF16)
@@ -95,18 +120,13 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
     doc_slots = torch.arange(layout.reused_tokens, device=DEV, dtype=torch.int32)  # shared by every request
     rows = [layout.reused_tokens + r * private + torch.arange(private, device=DEV) for r in range(bs)]
     full_rows = [torch.cat([doc_slots.long(), row]) for row in rows]  # SGLang exact: the same KV bytes, all its own
-    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)
-    angles = torch.arange(2 * n, dtype=torch.float32)[:, None] * inv_freq
-    rope = RopeTable(torch.cat([angles.cos(), angles.sin()], -1).to(DEV), DIM, True)
     runs = layout.cached_runs
     # "run": one run identity for every request (one entry per run, as the plugin plans them);
     # "request": each request's runs their own (one entry per request and run)
     run_ids = {"run": lambda r: [(c.doc, c.offset, c.length) for c in runs],
                "request": lambda r: [(r, c.doc, c.length) for c in runs]}[order]
     links = {r: types.SimpleNamespace(layout=layout, extending=False, position_shift=layout.reused_tokens,
-                                      shared=SharedRuns(doc_slots, [c.length for c in runs],
-                                                        torch.tensor([c.start - c.offset for c in runs]), run_ids(r),
-                                                        [c.doc for c in runs]))
+                                      shared=shared_runs(layout, doc_slots, run_ids(r)))
              for r in range(bs)}
     batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=r) for r in range(bs)], extend_lens=[1] * bs,
                                   seq_lens_cpu=torch.tensor([private] * bs), device=DEV,
@@ -147,12 +167,95 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
             f"| {linked_ms / exact_ms:.2f}x | {own_ms:.2f} | {rotate_ms:.2f} | {shared_ms:.2f} | {merge_ms:.2f} |")
 
 
+def eager_ms(fn, repeats: int) -> float:
+    """`fn` for every layer, eagerly (a link pass is not graphed), median ms."""
+    return median_ms(lambda: [fn() for _ in range(LAYERS)], repeats)
+
+
+MERGE_TUNINGS = ((16, 4), (16, 1), (8, 1), (32, 2), (4, 1))  # (parts a step, warps); the first is the default
+
+
+def measure_link(context: int, repeats: int) -> list[str]:
+    """Rows of the link-pass table (one per merge tuning, the first with the whole breakdown)."""
+    import flashinfer
+
+    n, layout, rope = legolink_request(context)
+    row_len, extend = len(layout.order), len(layout.extend_positions)
+    k_pool = torch.randn(layout.reused_tokens + row_len, KV_HEADS, DIM, device=DEV, dtype=BF16)
+    v_pool = torch.randn_like(k_pool)
+    doc_slots = torch.arange(layout.reused_tokens, device=DEV, dtype=torch.int32)
+    row = layout.reused_tokens + torch.arange(row_len, device=DEV)
+    link = types.SimpleNamespace(layout=layout, extending=True, blend=None, scout=None,
+                                 shared=shared_runs(layout, doc_slots,
+                                                    [(c.doc, c.offset, c.length) for c in layout.cached_runs]))
+    batch = types.SimpleNamespace(reqs=[types.SimpleNamespace(req_pool_idx=0)], extend_lens=[extend],
+                                  seq_lens_cpu=torch.tensor([row_len]), device=DEV,
+                                  req_to_token_pool=types.SimpleNamespace(req_to_token=row[None].int()))
+    plan = attention.build_plan(batch, {0: link}, rope)
+    workspace = torch.empty(384 << 20, dtype=torch.uint8, device=DEV)
+    backend = types.SimpleNamespace(indices_updater_prefill=types.SimpleNamespace(
+        num_qo_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=DIM, q_data_type=BF16, data_type=BF16))
+    own = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+    shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty_like(workspace), "NHD")
+    attention.plan_entries(own, backend, plan.local, causal=True)
+    attention.plan_entries(shared, backend, plan.shared.entries, causal=False)
+    torch.cuda.synchronize()
+    q = torch.randn(extend, Q_HEADS, DIM, device=DEV, dtype=BF16)
+    kv, scale = (k_pool, v_pool), DIM ** -0.5
+    merge = plan.shared.merge
+    wrapper = attention.LinkWrapper(own, shared, plan.shared.cos_sin, merge, rope)
+    linked_ms = eager_ms(lambda: wrapper.forward(q, kv, causal=True, sm_scale=scale), repeats)
+    own_ms = eager_ms(lambda: own.forward_return_lse(q, kv, causal=True, sm_scale=scale), repeats)
+    rotated = rotated_rows(rope, q, merge.query_rows, plan.shared.cos_sin)
+    rotate_ms = eager_ms(lambda: rotated_rows(rope, q, merge.query_rows, plan.shared.cos_sin), repeats)
+    shared_ms = eager_ms(lambda: shared.forward_return_lse(rotated, kv, causal=False, sm_scale=scale), repeats)
+    fill_ms = eager_ms(lambda: torch.zeros_like(rotated), repeats)
+    out, lse = own.forward_return_lse(q, kv, causal=True, sm_scale=scale)
+    parts = shared.forward_return_lse(rotated, kv, causal=False, sm_scale=scale)
+    # the merge's bytes: every part's output and log-sum-exp read, each merged row read and written
+    part_bytes = parts[0].numel() * parts[0].element_size() + parts[1].numel() * 4
+    row_bytes = 2 * (len(merge.rows) * Q_HEADS * (DIM * out.element_size() + 4))
+    src = torch.empty(part_bytes + row_bytes, dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    copy_ms = eager_ms(lambda: dst.copy_(src), repeats)  # read + write: twice the merge's traffic
+    floor_ms = copy_ms / 2
+    rows = []
+    for chunk, warps in MERGE_TUNINGS:
+        merge_ms = eager_ms(lambda: merge_into(out, lse, *parts, merge, chunk=chunk, num_warps=warps), repeats)
+        head = (f"| {n:,} | {extend:,} | {len(merge.query_rows):,} | {linked_ms:.2f} | {own_ms:.2f} | {rotate_ms:.2f} "
+                f"| {shared_ms:.2f} | {fill_ms:.2f}" if not rows else "| | | | | | | | ")
+        rows.append(f"{head} | {chunk} x {warps} | {merge_ms:.2f} | {floor_ms:.2f} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--part", choices=["decode", "link"], nargs="+", default=["decode"])
+    ap.add_argument("--context", type=int, default=32768, help="decode steps' context")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--link-contexts", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
+    if "link" in args.part:
+        link_rows = [row for context in args.link_contexts for row in measure_link(context, args.repeats)]
+        print("\n".join(link_rows), flush=True)
+        write_section("gpu_plugin_link", f"""## GPU: the plugin's link-pass attention over shared documents, alone (Llama-3-8B attention shape)
+
+Card: {machine()}. One legolink-16 request's link pass over 512-token documents in shared slots
+(32-token head as an exact prefix, the first 16 tokens of each document and a 64-token question
+computed), {LAYERS} layers, eager, ms (median of {args.repeats}): the whole `LinkWrapper`, then each part
+alone: SGLang's causal entry over the private row, the queries rotated once per document they
+follow (`rotated rows`), the shared entries (FlashInfer, non-causal), FlashInfer's zero fill of the
+shared output it allocates (inside the shared entries' time when the wrapper allocates), and the
+merge (`merge_states`) at each tuning (parts a step x warps; the first is the default), with its
+floor: its bytes at this card's measured copy bandwidth.
+
+| context | computed tokens | rotated rows | linked ms | private row ms | rotation ms | shared entries ms | zero fill ms | merge tuning | merge ms | merge floor ms |
+|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(link_rows)}
+""")
+    if "decode" not in args.part:
+        return
     rows = []
     for bs in args.batches:
         for order in ("run", "request"):

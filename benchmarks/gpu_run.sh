@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_run.sh all [gpu_ttft.py args...]   # both
 #   bash benchmarks/gpu_run.sh profile [gpu_profile.py args...]
 #   bash benchmarks/gpu_run.sh link [gpu_link_attention.py args...]   # link attention alone
-#   bash benchmarks/gpu_run.sh plugin-decode [gpu_plugin_decode.py args...]   # the plugin's decode attention alone
+#   bash benchmarks/gpu_run.sh plugin-decode [gpu_plugin_decode.py args...]   # the plugin's attention alone (--part link: a link pass)
 #   bash benchmarks/gpu_run.sh sglang [sglang_pic.py args...]   # real SGLang server + the plugin
 #   bash benchmarks/gpu_run.sh sglang-profile [sglang_profile.py args...]   # a linked request under SGLang's profiler
 #   bash benchmarks/gpu_run.sh cache   # only the JIT caches into $OUT

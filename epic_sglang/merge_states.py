@@ -85,9 +85,11 @@ def merge_arrays(spans: list[tuple[int, int]], num_rows: int | None = None
 
 
 def merge_into(out: torch.Tensor, out_lse: torch.Tensor, parts: torch.Tensor, parts_lse: torch.Tensor,
-               index: MergeIndex) -> None:
+               index: MergeIndex, chunk: int = 16, num_warps: int = 4) -> None:
     """out[r], out_lse[r] (r in index.rows) become the merge of themselves and their parts.
-    out, parts: contiguous (rows, heads, head_dim); out_lse, parts_lse: fp32 (rows, heads)."""
+    out, parts: contiguous (rows, heads, head_dim); out_lse, parts_lse: fp32 (rows, heads).
+    `chunk`: parts loaded per step; `num_warps`: per (row, head) program. Tuning only
+    (`benchmarks/gpu_plugin_decode.py --part link` times them): the result is the same."""
     if not (out.is_contiguous() and parts.is_contiguous() and out_lse.is_contiguous() and parts_lse.is_contiguous()):
         raise ValueError("merge_into needs contiguous outputs and log-sum-exps")
     heads, head_dim = out.shape[1], out.shape[2]
@@ -96,4 +98,5 @@ def merge_into(out: torch.Tensor, out_lse: torch.Tensor, parts: torch.Tensor, pa
         _merge_kernel[(index.rows.numel(), heads)](out, out_lse, parts, parts_lse, index.rows, index.part_ptr,
                                                    index.part_idx, HEADS=heads, HEAD_DIM=head_dim,
                                                    BLOCK=triton.next_power_of_2(head_dim),
-                                                   MAX_PARTS=parts_bound, CHUNK=min(parts_bound, 16))
+                                                   MAX_PARTS=parts_bound, CHUNK=min(parts_bound, chunk),
+                                                   num_warps=num_warps)
