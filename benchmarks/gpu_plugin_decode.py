@@ -24,7 +24,8 @@ SGLang's decode runs it:
 
 `--part link`: one legolink-16 request's link pass (its private tokens: the recomputed first 16 of
 each document and the question; the head an exact prefix), eager, as SGLang runs link passes, 32
-layers: the whole `LinkWrapper` and its parts alone (SGLang's causal entry over the row, the
+layers: the whole `LinkWrapper` and its parts alone (SGLang's causal entry over the row, in FA2
+as SGLang runs it and in FA3, the
 queries rotated once per document they follow, the shared entries, FlashInfer's zero fill of the
 shared output it allocates, the merge at several tunings). The merge's floor is its bytes (the
 parts' outputs read once, the rows' read and written) at the card's copy bandwidth, measured here.
@@ -195,9 +196,12 @@ def measure_link(context: int, repeats: int) -> list[str]:
     workspace = torch.empty(384 << 20, dtype=torch.uint8, device=DEV)
     backend = types.SimpleNamespace(indices_updater_prefill=types.SimpleNamespace(
         num_qo_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=DIM, q_data_type=BF16, data_type=BF16))
-    own = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+    # the private row's causal entry: SGLang's prefill wrapper (FA2, as SGLang builds it), and FA3
+    own = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
+    own_fa3 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty_like(workspace), "NHD")
     shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty_like(workspace), "NHD")
     attention.plan_entries(own, backend, plan.local, causal=True)
+    attention.plan_entries(own_fa3, backend, plan.local, causal=True)
     attention.plan_entries(shared, backend, plan.shared.entries, causal=False)
     torch.cuda.synchronize()
     q = torch.randn(extend, Q_HEADS, DIM, device=DEV, dtype=BF16)
@@ -206,6 +210,7 @@ def measure_link(context: int, repeats: int) -> list[str]:
     wrapper = attention.LinkWrapper(own, shared, plan.shared.cos_sin, merge, rope)
     linked_ms = eager_ms(lambda: wrapper.forward(q, kv, causal=True, sm_scale=scale), repeats)
     own_ms = eager_ms(lambda: own.forward_return_lse(q, kv, causal=True, sm_scale=scale), repeats)
+    own_fa3_ms = eager_ms(lambda: own_fa3.forward_return_lse(q, kv, causal=True, sm_scale=scale), repeats)
     rotated = rotated_rows(rope, q, merge.query_rows, plan.shared.cos_sin)
     rotate_ms = eager_ms(lambda: rotated_rows(rope, q, merge.query_rows, plan.shared.cos_sin), repeats)
     shared_ms = eager_ms(lambda: shared.forward_return_lse(rotated, kv, causal=False, sm_scale=scale), repeats)
@@ -222,8 +227,8 @@ def measure_link(context: int, repeats: int) -> list[str]:
     rows = []
     for chunk, warps in MERGE_TUNINGS:
         merge_ms = eager_ms(lambda: merge_into(out, lse, *parts, merge, chunk=chunk, num_warps=warps), repeats)
-        head = (f"| {n:,} | {extend:,} | {len(merge.query_rows):,} | {linked_ms:.2f} | {own_ms:.2f} | {rotate_ms:.2f} "
-                f"| {shared_ms:.2f} | {fill_ms:.2f}" if not rows else "| | | | | | | | ")
+        head = (f"| {n:,} | {extend:,} | {len(merge.query_rows):,} | {linked_ms:.2f} | {own_ms:.2f} / {own_fa3_ms:.2f} "
+                f"| {rotate_ms:.2f} | {shared_ms:.2f} | {fill_ms:.2f}" if not rows else "| | | | | | | | ")
         rows.append(f"{head} | {chunk} x {warps} | {merge_ms:.2f} | {floor_ms:.2f} |")
     return rows
 
@@ -244,13 +249,14 @@ def main() -> None:
 Card: {machine()}. One legolink-16 request's link pass over 512-token documents in shared slots
 (32-token head as an exact prefix, the first 16 tokens of each document and a 64-token question
 computed), {LAYERS} layers, eager, ms (median of {args.repeats}): the whole `LinkWrapper`, then each part
-alone: SGLang's causal entry over the private row, the queries rotated once per document they
+alone: SGLang's causal entry over the private row (FlashInfer's FA2, as SGLang builds its prefill
+wrappers; and FA3 beside it), the queries rotated once per document they
 follow (`rotated rows`), the shared entries (FlashInfer, non-causal), FlashInfer's zero fill of the
 shared output it allocates (inside the shared entries' time when the wrapper allocates), and the
 merge (`merge_states`) at each tuning (parts a step x warps; the first is the default), with its
 floor: its bytes at this card's measured copy bandwidth.
 
-| context | computed tokens | rotated rows | linked ms | private row ms | rotation ms | shared entries ms | zero fill ms | merge tuning | merge ms | merge floor ms |
+| context | computed tokens | rotated rows | linked ms | private row ms, FA2 (SGLang's) / FA3 | rotation ms | shared entries ms | zero fill ms | merge tuning | merge ms | merge floor ms |
 |---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(link_rows)}
 """)
