@@ -92,7 +92,10 @@ def main() -> None:
         rows = [r for r in load_rows(out) if args.policies == "all" or r.policy in args.policies.split(",")]
     else:
         engine = Engine(args.model, device=args.device, kv_cache_gb=args.kv_cache_gb, max_requests=args.max_requests)
-        examples = task_examples(args.task, max(args.n, args.report_n or 0), args.seed, engine.tokenizer, args.lengths)
+        try:
+            examples = task_examples(args.task, max(args.n, args.report_n or 0), args.seed, engine.tokenizer, args.lengths)
+        except ValueError as err:  # e.g. fewer questions in a packed data file than asked for
+            sys.exit(str(err))
         rows = run_eval(engine, examples[:args.n], args.policies.split(","), out, task, args.max_new_tokens)
         meta_path.write_text(json.dumps({"machine": machine(), "command": "python " + " ".join(sys.argv)}))
         if args.report_n is not None:

@@ -106,7 +106,11 @@ def sample_questions(n: int, seed: int) -> list[EvalExample]:
     """HotpotQA: the n questions whose ids hash lowest under the seed. A larger n extends a
     smaller run instead of redrawing it, and a data file trimmed to those questions
     (`epic_sglang.data.pack`) gives the same sample."""
-    order = sorted(load_hotpotqa(), key=lambda ex: hashlib.sha256(f"{seed}:{ex.id}".encode()).digest())
+    questions = load_hotpotqa()
+    if n > len(questions):  # e.g. a packed data file with fewer: a smaller run would pass for this one
+        raise ValueError(f"the HotpotQA data holds {len(questions)} questions, fewer than n = {n}: ask for fewer, "
+                         f"or pack more (python -m epic_sglang.data.pack DIR --n {n})")
+    order = sorted(questions, key=lambda ex: hashlib.sha256(f"{seed}:{ex.id}".encode()).digest())
     return [EvalExample(ex.id, ex.question, ex.paragraphs, ex.answer) for ex in order[:n]]
 
 

@@ -1,6 +1,8 @@
 """The accuracy harness: HotpotQA metrics and a smoke run (n = 5) through the engine."""
 import math
 
+import pytest
+
 from epic_sglang.data.needle import needle_examples, recovered
 from epic_sglang.evaluation import (EvalRow, f1_difference, f1_exact, fidelity_gate, run_eval, sample_questions,
                                     summarize, token_agreement, TASKS)
@@ -46,6 +48,16 @@ def test_smoke_eval_of_four_policies_resumes(engine, tmp_path):
     again = run_eval(engine, sample_questions(5, 0), policies, out, progress=False)  # all cached: nothing recomputed
     assert len(out.read_text().splitlines()) == 20
     assert sorted((r.qid, r.policy, r.prediction) for r in again) == sorted((r.qid, r.policy, r.prediction) for r in rows)
+
+
+def test_a_sample_larger_than_the_data_is_refused_with_what_to_do(monkeypatch):
+    from epic_sglang import evaluation
+
+    few = evaluation.load_hotpotqa()[:10]  # as a data file packed with --n 10
+    monkeypatch.setattr(evaluation, "load_hotpotqa", lambda: few)
+    assert len(sample_questions(10, 0)) == 10
+    with pytest.raises(ValueError, match=r"holds 10 questions, fewer than n = 1500.*--n 1500"):
+        sample_questions(1500, 0)
 
 
 def test_a_larger_sample_extends_a_smaller_one():
