@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from epic_sglang.data.hotpotqa import load_hotpotqa
+from epic_sglang.data.hotpotqa import load_hotpotqa, packed_seed
 from epic_sglang.data.needle import needle_examples, recovered
 from epic_sglang.engine import Engine, Request
 from epic_sglang.policies import parse_policy
@@ -106,10 +106,13 @@ def sample_questions(n: int, seed: int) -> list[EvalExample]:
     """HotpotQA: the n questions whose ids hash lowest under the seed. A larger n extends a
     smaller run instead of redrawing it, and a data file trimmed to those questions
     (`epic_sglang.data.pack`) gives the same sample."""
-    questions = load_hotpotqa()
+    questions, packed = load_hotpotqa(), packed_seed()
     if n > len(questions):  # e.g. a packed data file with fewer: a smaller run would pass for this one
         raise ValueError(f"the HotpotQA data holds {len(questions)} questions, fewer than n = {n}: ask for fewer, "
                          f"or pack more (python -m epic_sglang.data.pack DIR --n {n})")
+    if packed is not None and packed != seed:  # its questions are another seed's sample
+        raise ValueError(f"the HotpotQA data is packed for seed {packed}, not {seed}: "
+                         f"pack it for this seed (python -m epic_sglang.data.pack DIR --n {n} --seed {seed})")
     order = sorted(questions, key=lambda ex: hashlib.sha256(f"{seed}:{ex.id}".encode()).digest())
     return [EvalExample(ex.id, ex.question, ex.paragraphs, ex.answer) for ex in order[:n]]
 

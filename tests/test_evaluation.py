@@ -53,11 +53,32 @@ def test_smoke_eval_of_four_policies_resumes(engine, tmp_path):
 def test_a_sample_larger_than_the_data_is_refused_with_what_to_do(monkeypatch):
     from epic_sglang import evaluation
 
-    few = evaluation.load_hotpotqa()[:10]  # as a data file packed with --n 10
+    few = evaluation.load_hotpotqa()[:10]  # as a data file packed with --n 10 --seed 0
     monkeypatch.setattr(evaluation, "load_hotpotqa", lambda: few)
+    monkeypatch.setattr(evaluation, "packed_seed", lambda: 0)
     assert len(sample_questions(10, 0)) == 10
     with pytest.raises(ValueError, match=r"holds 10 questions, fewer than n = 1500.*--n 1500"):
         sample_questions(1500, 0)
+    with pytest.raises(ValueError, match=r"packed for seed 0, not 1.*--seed 1"):  # another seed's sample
+        sample_questions(5, 1)
+
+
+def test_packed_data_gives_the_same_sample_and_names_its_seed(tmp_path, monkeypatch):
+    import json
+
+    from epic_sglang.data import hotpotqa
+    from epic_sglang.data.pack import pack
+
+    data = pack(tmp_path, 30, 2)
+    assert json.loads((data / "hotpotqa.sample.json").read_text()) == {"n": 30, "seed": 2}
+    expected = [q.id for q in sample_questions(30, 2)]
+    monkeypatch.setattr(hotpotqa, "long_context_eval_file", lambda name: data / name)
+    hotpotqa.load_hotpotqa.cache_clear()
+    try:
+        assert hotpotqa.packed_seed() == 2 and [q.id for q in sample_questions(30, 2)] == expected
+        assert [q.id for q in sample_questions(12, 2)] == expected[:12]
+    finally:
+        hotpotqa.load_hotpotqa.cache_clear()
 
 
 def test_a_larger_sample_extends_a_smaller_one():

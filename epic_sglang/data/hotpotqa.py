@@ -34,6 +34,13 @@ def hotpotqa_path() -> Path:
     return path
 
 
+def packed_seed() -> int | None:
+    """The seed a trimmed data file was sampled with (`epic_sglang.data.pack`); None for the
+    whole set. Other seeds' samples are not in a trimmed file."""
+    path = long_context_eval_file("hotpotqa.sample.json")
+    return json.loads(path.read_text())["seed"] if path is not None else None
+
+
 @lru_cache(maxsize=1)
 def load_hotpotqa() -> tuple[HotpotExample, ...]:
     rows = json.loads(hotpotqa_path().read_text())

@@ -24,6 +24,7 @@ def pack(out: Path, n: int, seed: int) -> Path:
         (pkg / "__init__.py").touch()
     rows = [r for r in json.loads(hotpotqa_path().read_text()) if r["_id"] in wanted]
     (data / "hotpotqa.json").write_text(json.dumps(rows))
+    (data / "hotpotqa.sample.json").write_text(json.dumps({"n": n, "seed": seed}))
     shutil.copy(long_context_eval_file("PaulGrahamEssays.json"), data / "PaulGrahamEssays.json")
     return data
 
