@@ -71,6 +71,11 @@ class LinkPlan:
     def num_tokens(self) -> int:
         return self.recompute.numel()
 
+    @property
+    def document_tokens(self) -> int:
+        """Tokens inside reused documents."""
+        return sum(length for _, length, _ in self.doc_spans)
+
     def document_mask(self) -> torch.Tensor:
         """(n,) bool: positions inside reused documents."""
         mask = torch.zeros_like(self.recompute)
@@ -84,7 +89,7 @@ class LinkPlan:
         (CacheBlend's at its check layer, querylink's `pick_budget` after its scout)."""
         reused = int((self.document_mask() & ~self.recompute).sum()) - self.pick_budget
         if self.blend_ratio:
-            reused -= share_count(sum(length for _, length, _ in self.doc_spans), self.blend_ratio)
+            reused -= share_count(self.document_tokens, self.blend_ratio)
         return max(reused, 0)
 
     def reused_runs(self) -> list[tuple[int, int, int, int]]:
@@ -153,7 +158,7 @@ def querylink_budget(plan: LinkPlan, k: int, share: float = 0.0) -> int:
     documents' lengths); less those already recomputed."""
     recomputed = sum(int(plan.recompute[s:s + length].sum()) for s, length, _ in plan.doc_spans)
     if share:
-        return max(share_count(sum(length for _, length, _ in plan.doc_spans), share) - recomputed, 0)
+        return max(share_count(plan.document_tokens, share) - recomputed, 0)
     return max(sum(min(k, length) for _, length, _ in plan.doc_spans) - recomputed, 0)
 
 

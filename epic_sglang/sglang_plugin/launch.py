@@ -91,9 +91,7 @@ def _link_beside_a_decode(url: str, prompt: list[Segment], timeout_s: float, hea
     for ~90 s on an H100 (BENCHMARKS.md, session 21 notes); otherwise they run one after another."""
     with requests.post(url + "/generate", json=_warmup_body(prompt, "legolink-1", 16, stream=True), stream=True,
                        timeout=timeout_s, headers=headers) as running:
-        if running.status_code != 200:
-            raise requests.HTTPError(f"{running.status_code} {running.text[:200]}")
-        lines = running.iter_lines()
+        lines = _ok(running).iter_lines()
         if next((line for line in lines if line), None) is None:
             raise requests.HTTPError("a streamed warm-up request returned no token")
         # its first token is out: it is decoding
@@ -103,9 +101,14 @@ def _link_beside_a_decode(url: str, prompt: list[Segment], timeout_s: float, hea
 
 
 def _post(url: str, body: dict, timeout_s: float, headers: dict[str, str]) -> None:
-    r = requests.post(url + "/generate", json=body, timeout=timeout_s, headers=headers)
+    _ok(requests.post(url + "/generate", json=body, timeout=timeout_s, headers=headers))
+
+
+def _ok(r: requests.Response) -> requests.Response:
+    """`r`, if SGLang answered 200; else an error with its status and the start of its body."""
     if r.status_code != 200:
         raise requests.HTTPError(f"{r.status_code} {r.text[:200]}")
+    return r
 
 
 class SGLangServer:
