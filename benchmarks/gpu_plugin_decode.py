@@ -26,8 +26,8 @@ SGLang's decode runs it:
 each document and the question; the head an exact prefix), eager, as SGLang runs link passes, 32
 layers: the whole `LinkWrapper` and its parts alone (SGLang's causal entry over the row, in FA2
 as SGLang runs it and in FA3, the
-queries rotated once per document they follow, the shared entries, FlashInfer's zero fill of the
-shared output it allocates, the merge at several tunings). The merge's floor is its bytes (the
+queries rotated once per document they follow, the shared entries, the zero fill FlashInfer would
+give a shared output it allocated (the plugin passes an unfilled one), the merge at several tunings). The merge's floor is its bytes (the
 parts' outputs read once, the rows' read and written) at the card's copy bandwidth, measured here.
 Writes its tables to BENCHMARKS.md.
 """
@@ -158,9 +158,9 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
     own_ms = alone(lambda: own.forward(q, kv, sm_scale=scale))
     rotated = rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin)
     rotate_ms = alone(lambda: rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin))
-    shared_ms = alone(lambda: graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale))
+    shared_ms = alone(lambda: attention.shared_entries_with_lse(graph.wrapper, rotated, kv, sm_scale=scale))
     out, lse = own.forward_return_lse(q, kv, sm_scale=scale)
-    parts = graph.wrapper.forward_return_lse(rotated, kv, sm_scale=scale)
+    parts = attention.shared_entries_with_lse(graph.wrapper, rotated, kv, sm_scale=scale)
     merge_ms = alone(lambda: merge_into(out, lse, *parts, graph.merge))
     entries = len(plan.shared.entries.qo_indptr) - 1
     return (f"| {n:,} | {bs} | {order} | {len(plan.shared.spans)} / {entries} / {graph.entries} "
@@ -173,7 +173,7 @@ def eager_ms(fn, repeats: int) -> float:
     return median_ms(lambda: [fn() for _ in range(LAYERS)], repeats)
 
 
-MERGE_TUNINGS = ((16, 4), (16, 1), (8, 1), (32, 2), (4, 1))  # (parts a step, warps); the first is the default
+MERGE_TUNINGS = ((16, 1), (16, 4), (8, 1), (32, 2), (4, 1))  # (parts a step, warps); the first is the default
 
 
 def measure_link(context: int, repeats: int) -> list[str]:
@@ -213,10 +213,10 @@ def measure_link(context: int, repeats: int) -> list[str]:
     own_fa3_ms = eager_ms(lambda: own_fa3.forward_return_lse(q, kv, causal=True, sm_scale=scale), repeats)
     rotated = rotated_rows(rope, q, merge.query_rows, plan.shared.cos_sin)
     rotate_ms = eager_ms(lambda: rotated_rows(rope, q, merge.query_rows, plan.shared.cos_sin), repeats)
-    shared_ms = eager_ms(lambda: shared.forward_return_lse(rotated, kv, causal=False, sm_scale=scale), repeats)
+    shared_ms = eager_ms(lambda: attention.shared_entries_with_lse(shared, rotated, kv, sm_scale=scale), repeats)
     fill_ms = eager_ms(lambda: torch.zeros_like(rotated), repeats)
     out, lse = own.forward_return_lse(q, kv, causal=True, sm_scale=scale)
-    parts = shared.forward_return_lse(rotated, kv, causal=False, sm_scale=scale)
+    parts = attention.shared_entries_with_lse(shared, rotated, kv, sm_scale=scale)
     # the merge's bytes: every part's output and log-sum-exp read, each merged row read and written
     part_bytes = parts[0].numel() * parts[0].element_size() + parts[1].numel() * 4
     row_bytes = 2 * (len(merge.rows) * Q_HEADS * (DIM * out.element_size() + 4))
@@ -251,8 +251,8 @@ Card: {machine()}. One legolink-16 request's link pass over 512-token documents 
 computed), {LAYERS} layers, eager, ms (median of {args.repeats}): the whole `LinkWrapper`, then each part
 alone: SGLang's causal entry over the private row (FlashInfer's FA2, as SGLang builds its prefill
 wrappers; and FA3 beside it), the queries rotated once per document they
-follow (`rotated rows`), the shared entries (FlashInfer, non-causal), FlashInfer's zero fill of the
-shared output it allocates (inside the shared entries' time when the wrapper allocates), and the
+follow (`rotated rows`), the shared entries (FlashInfer, non-causal, into an unfilled output), the
+zero fill FlashInfer's `run` would give an output it allocates (what the unfilled one saves), and the
 merge (`merge_states`) at each tuning (parts a step x warps; the first is the default), with its
 floor: its bytes at this card's measured copy bandwidth.
 

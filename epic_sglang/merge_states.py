@@ -85,7 +85,7 @@ def merge_arrays(spans: list[tuple[int, int]], num_rows: int | None = None
 
 
 def merge_into(out: torch.Tensor, out_lse: torch.Tensor, parts: torch.Tensor, parts_lse: torch.Tensor,
-               index: MergeIndex, chunk: int = 16, num_warps: int = 4) -> None:
+               index: MergeIndex, chunk: int = 16, num_warps: int = 1) -> None:
     """out[r], out_lse[r] (r in index.rows) become the merge of themselves and their parts.
     out, parts: contiguous (rows, heads, head_dim); out_lse, parts_lse: fp32 (rows, heads).
     `chunk`: parts loaded per step; `num_warps`: per (row, head) program. Tuning only
