@@ -203,5 +203,7 @@ class FlashInferAttention:
             out, lse = self._wrapper.run(q, paged, return_lse=True)
         if self._merge is None:
             return out.reshape(q.shape[0], -1)
-        merge_into(out, lse, *self.wrappers["bulk"].run(q[self._merge.query_rows], paged, return_lse=True), self._merge)
+        bulk_q = q[self._merge.query_rows]  # every bulk row reads keys: no zero fill of its output (FlashInfer's default)
+        merge_into(out, lse, *self.wrappers["bulk"].run(bulk_q, paged, out=torch.empty_like(bulk_q), return_lse=True),
+                   self._merge)
         return out.reshape(q.shape[0], -1)
