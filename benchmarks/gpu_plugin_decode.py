@@ -34,6 +34,7 @@ Writes its tables to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import types
@@ -48,6 +49,8 @@ from benchmarks.report import machine, write_section  # noqa: E402
 from epic_sglang.link_plan import plan_spans  # noqa: E402
 from epic_sglang.merge_states import merge_into  # noqa: E402
 from epic_sglang.sglang_plugin import attention, decode_graphs  # noqa: E402
+from epic_sglang.sglang_plugin import entries as fi_entries  # noqa: E402
+from epic_sglang.sglang_plugin import gathered  # noqa: E402
 from epic_sglang.sglang_plugin.layout import RowLayout, plan_rows  # noqa: E402
 from epic_sglang.sglang_plugin.link_request import SharedRuns  # noqa: E402
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows  # noqa: E402
@@ -90,7 +93,7 @@ def decode_wrapper(workspace, bs: int, keys: int):
 
 def plan_rows_of(wrapper, rows: list[torch.Tensor]) -> None:
     indptr = torch.from_numpy(np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32))
-    wrapper.plan(indptr, torch.cat(rows).int(), attention.last_page_lens(len(rows)), Q_HEADS, KV_HEADS, DIM, 1,
+    wrapper.plan(indptr, torch.cat(rows).int(), fi_entries.last_page_lens(len(rows)), Q_HEADS, KV_HEADS, DIM, 1,
                  q_data_type=BF16, kv_data_type=BF16)
 
 
@@ -158,9 +161,9 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
     own_ms = alone(lambda: own.forward(q, kv, sm_scale=scale))
     rotated = rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin)
     rotate_ms = alone(lambda: rotated_rows(rope, q, graph.merge.query_rows, graph.cos_sin))
-    shared_ms = alone(lambda: attention.shared_entries_with_lse(graph.wrapper, rotated, kv, sm_scale=scale))
+    shared_ms = alone(lambda: fi_entries.attend_with_lse(graph.wrapper, rotated, kv, sm_scale=scale))
     out, lse = own.forward_return_lse(q, kv, sm_scale=scale)
-    parts = attention.shared_entries_with_lse(graph.wrapper, rotated, kv, sm_scale=scale)
+    parts = fi_entries.attend_with_lse(graph.wrapper, rotated, kv, sm_scale=scale)
     merge_ms = alone(lambda: merge_into(out, lse, *parts, graph.merge))
     entries = len(plan.shared.entries.qo_indptr) - 1
     return (f"| {n:,} | {bs} | {order} | {len(plan.shared.spans)} / {entries} / {graph.entries} "
@@ -200,23 +203,27 @@ def measure_link(context: int, repeats: int) -> list[str]:
     own = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend="fa2")
     own_fa3 = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty_like(workspace), "NHD")
     shared = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty_like(workspace), "NHD")
-    attention.plan_entries(own, backend, plan.local, causal=True)
-    attention.plan_entries(own_fa3, backend, plan.local, causal=True)
-    attention.plan_entries(shared, backend, plan.shared.entries, causal=False)
+    fi_entries.plan_entries(own, backend, plan.local, causal=True)
+    fi_entries.plan_entries(own_fa3, backend, plan.local, causal=True)
+    fi_entries.plan_entries(shared, backend, plan.shared.entries, causal=False)
     torch.cuda.synchronize()
     q = torch.randn(extend, Q_HEADS, DIM, device=DEV, dtype=BF16)
     kv, scale = (k_pool, v_pool), DIM ** -0.5
     merge = plan.shared.merge
     wrapper = attention.LinkWrapper(own, shared, plan.shared.cos_sin, merge, rope)
     linked_ms = eager_ms(lambda: wrapper.forward(q, kv, causal=True, sm_scale=scale), repeats)
+    gathered_wrapper = gathered_link(batch, link, rope, torch.empty_like(workspace), backend.indices_updater_prefill)
+    gathered_ms = eager_ms(lambda: gathered_wrapper.forward(q, kv, causal=True, sm_scale=scale), repeats)
+    gap = (gathered_wrapper.forward(q, kv, causal=True, sm_scale=scale).float()
+           - wrapper.forward(q, kv, causal=True, sm_scale=scale).float()).abs().max().item()
     own_ms = eager_ms(lambda: own.forward_return_lse(q, kv, causal=True, sm_scale=scale), repeats)
     own_fa3_ms = eager_ms(lambda: own_fa3.forward_return_lse(q, kv, causal=True, sm_scale=scale), repeats)
     rotated = rotated_rows(rope, q, merge.query_rows, plan.shared.cos_sin)
     rotate_ms = eager_ms(lambda: rotated_rows(rope, q, merge.query_rows, plan.shared.cos_sin), repeats)
-    shared_ms = eager_ms(lambda: attention.shared_entries_with_lse(shared, rotated, kv, sm_scale=scale), repeats)
+    shared_ms = eager_ms(lambda: fi_entries.attend_with_lse(shared, rotated, kv, sm_scale=scale), repeats)
     fill_ms = eager_ms(lambda: torch.zeros_like(rotated), repeats)
     out, lse = own.forward_return_lse(q, kv, causal=True, sm_scale=scale)
-    parts = attention.shared_entries_with_lse(shared, rotated, kv, sm_scale=scale)
+    parts = fi_entries.attend_with_lse(shared, rotated, kv, sm_scale=scale)
     # the merge's bytes: every part's output and log-sum-exp read, each merged row read and written
     part_bytes = parts[0].numel() * parts[0].element_size() + parts[1].numel() * 4
     row_bytes = 2 * (len(merge.rows) * Q_HEADS * (DIM * out.element_size() + 4))
@@ -227,10 +234,22 @@ def measure_link(context: int, repeats: int) -> list[str]:
     rows = []
     for chunk, warps in MERGE_TUNINGS:
         merge_ms = eager_ms(lambda: merge_into(out, lse, *parts, merge, chunk=chunk, num_warps=warps), repeats)
-        head = (f"| {n:,} | {extend:,} | {len(merge.query_rows):,} | {linked_ms:.2f} | {own_ms:.2f} / {own_fa3_ms:.2f} "
-                f"| {rotate_ms:.2f} | {shared_ms:.2f} | {fill_ms:.2f}" if not rows else "| | | | | | | | ")
+        head = (f"| {n:,} | {extend:,} | {len(merge.query_rows):,} | {linked_ms:.2f} | {gathered_ms:.2f} | {gap:.4f} "
+                f"| {own_ms:.2f} / {own_fa3_ms:.2f} | {rotate_ms:.2f} | {shared_ms:.2f} | {fill_ms:.2f}"
+                if not rows else "| | | | | | | | | | ")
         rows.append(f"{head} | {chunk} x {warps} | {merge_ms:.2f} | {floor_ms:.2f} |")
     return rows
+
+
+def gathered_link(batch, link, rope: RopeTable, workspace: torch.Tensor, updater) -> gathered.GatheredWrapper:
+    """The same link pass with its keys gathered in prompt order (`EPIC_SGLANG_LINK_ATTENTION=gathered`)."""
+    os.environ["EPIC_SGLANG_LINK_ATTENTION"] = "gathered"
+    try:
+        plan = attention.build_plan(batch, {0: link}, rope)
+    finally:
+        del os.environ["EPIC_SGLANG_LINK_ATTENTION"]
+    backend = types.SimpleNamespace(workspace_buffer=workspace, indices_updater_prefill=updater)
+    return gathered.plan_flashinfer(backend, plan.gathered, rope)
 
 
 def main() -> None:
@@ -248,7 +267,10 @@ def main() -> None:
 
 Card: {machine()}. One legolink-16 request's link pass over 512-token documents in shared slots
 (32-token head as an exact prefix, the first 16 tokens of each document and a 64-token question
-computed), {LAYERS} layers, eager, ms (median of {args.repeats}): the whole `LinkWrapper`, then each part
+computed), {LAYERS} layers, eager, ms (median of {args.repeats}): the whole `LinkWrapper`; the same pass
+with its keys gathered in prompt order (`gathered.py`, `EPIC_SGLANG_LINK_ATTENTION=gathered`: a scratch
+of every key rotated once a layer, the engine's cascade entries over it), and the largest difference
+between the two outputs (bf16; the same attention computed two ways); then each part of the first
 alone: SGLang's causal entry over the private row (FlashInfer's FA2, as SGLang builds its prefill
 wrappers; and FA3 beside it), the queries rotated once per document they
 follow (`rotated rows`), the shared entries (FlashInfer, non-causal, into an unfilled output), the
@@ -256,8 +278,8 @@ zero fill FlashInfer's `run` would give an output it allocates (what the unfille
 merge (`merge_states`) at each tuning (parts a step x warps; the first is the default), with its
 floor: its bytes at this card's measured copy bandwidth.
 
-| context | computed tokens | rotated rows | linked ms | private row ms, FA2 (SGLang's) / FA3 | rotation ms | shared entries ms | zero fill ms | merge tuning | merge ms | merge floor ms |
-|---|---|---|---|---|---|---|---|---|---|---|
+| context | computed tokens | rotated rows | linked ms | gathered ms | gathered vs linked, max abs diff | private row ms, FA2 (SGLang's) / FA3 | rotation ms | shared entries ms | zero fill ms | merge tuning | merge ms | merge floor ms |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(link_rows)}
 """)
     if "decode" not in args.part:

@@ -565,6 +565,8 @@ def main() -> None:
                     help="decode batch sizes timed at the largest context (none: skip)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--link-attention", choices=["shared", "gathered"], nargs="+", default=["shared"],
+                    help="the speed part: one server per way link passes attend (EPIC_SGLANG_LINK_ATTENTION)")
     ap.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--summarize-trace", type=Path, metavar="FILE",
                     help="print where the TTFT went in a load part's load_trace.jsonl, and stop")
@@ -622,12 +624,17 @@ reductions, so fr's own gap between the two servers is the tolerance the linked 
 |---|---|---|---|
 {chr(10).join(rows)}
 """)
-    if "speed" in parts:
+    for mode in args.link_attention if "speed" in parts else []:
+        os.environ["EPIC_SGLANG_LINK_ATTENTION"] = mode  # the server's environment (`launch.server_env`)
         rows, decode_rows, slot_rows = speed(args.tokenizer, args.logs, args.contexts, args.repeats, args.decode_batches)
-        write_section("sglang-plugin-speed", f"""## SGLang plugin on GPU: TTFT over HTTP (Llama-3-8B shape, dummy bf16 weights)
+        gathered = mode == "gathered"
+        write_section("sglang-plugin-speed" + ("-gathered" if gathered else ""),
+                      f"""## SGLang plugin on GPU: TTFT over HTTP (Llama-3-8B shape, dummy bf16 weights){" (gathered)" if gathered else ""}
 
 Card: {machine()}. One SGLang 0.5.16 server with the plugin (FlashInfer attention); linked decode
-steps {"inside SGLang's decode CUDA graphs" if decode_graphs.enabled() else "eager (EPIC_SGLANG_DECODE_GRAPHS=0)"}.
+steps {"inside SGLang's decode CUDA graphs" if decode_graphs.enabled() else "eager (EPIC_SGLANG_DECODE_GRAPHS=0)"};
+link passes {"over their keys gathered in prompt order (`EPIC_SGLANG_LINK_ATTENTION=gathered`, `gathered.py`)"
+             if gathered else "over the documents' shared slots, queries rotated per document (`attention.py`)"}.
 
 512-token documents (compiled through the plugin) + a new 32-token head + a 64-token question;
 client-side latency of a 1-token request, median of {args.repeats} after two warm-ups.

@@ -59,6 +59,14 @@ class CascadeTuning:
     # FA2 entry per run (legolink-16: 8 runs a group)
     masked_runs: int = 16
 
+    def masks_local(self, local_entries: int, groups: int) -> bool:
+        """Whether a cascade's local entries (one per query run) over `groups` groups attend
+        as position-masked tiles (`masked_runs`)."""
+        return local_entries > self.masked_runs * groups
+
+
+GATHER_PAGE = 16  # keys gathered in prompt order into a scratch are read by the kernels in pages of this many
+
 
 @dataclass
 class LinkPlan:

@@ -91,7 +91,10 @@ def test_documents_compiled_earlier_link_like_fresh_ones(engine, hotpot):
     fresh = run(engine, "legolink-4", [b, c, a], system="Later request.")
     assert fresh.stats.compiled_tokens == sum(len(engine.prompts.encode_document(d)) for d in (a, b, c))
     assert warm.output_ids == fresh.output_ids
-    assert torch.equal(warm.first_logits, fresh.first_logits)
+    # Not bitwise: a document is compiled in one forward with the others missing beside it (a
+    # and b, then a, b and c), and CPU GEMM kernels may block a row's sums by the forward's row
+    # count (1e-4 apart on some CPUs); a misplaced or stale document would be far off.
+    assert (warm.first_logits - fresh.first_logits).abs().max() < 1e-3
 
 
 def test_same_document_twice_reordered_and_at_other_offsets(engine, hotpot):

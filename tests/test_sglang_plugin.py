@@ -62,6 +62,13 @@ def sglang_runtime():
         context.set_server_args(previous)
 
 
+@pytest.fixture(params=["shared", "gathered"])
+def link_attention(request, monkeypatch) -> str:
+    """Both ways a link pass attends its reused documents (`attention.py`, `gathered.py`)."""
+    monkeypatch.setenv("EPIC_SGLANG_LINK_ATTENTION", request.param)
+    return request.param
+
+
 class Scheduler:
     """One SGLang scheduler's cache state on CPU, driven the way `Scheduler` drives it."""
 
@@ -299,7 +306,10 @@ def link_scores(s: Scheduler, plan, req, ids: list[int], batch_row: int = 0) -> 
     """(query position, {key position: score}) for every query of `req` (the batch's query
     rows from `batch_row` on) as the plan scores it: its causal entry over the row (bottom-right
     aligned; in decode SGLang's own, over the whole row) and the shared parts' rotated queries
-    over the documents' slots. A query is its token's vector rotated by its position."""
+    over the documents' slots, or the gathered pass's entries over its scratch. A query is its
+    token's vector rotated by its position."""
+    if plan.gathered is not None:
+        return gathered_scores(s, plan, ids + list(req.output_ids), batch_row)
     link, layout = req.epic_link, req.epic_link.layout
     seq = ids + list(req.output_ids)
     positions = plan.positions[batch_row].tolist()
@@ -333,6 +343,56 @@ def link_scores(s: Scheduler, plan, req, ids: list[int], batch_row: int = 0) -> 
                     for slot in slots:
                         assert position_of[slot] not in scores[j], "a key attended twice"
                         scores[j][position_of[slot]] = float((rotated[g] * keys[slot]).sum())
+    return list(zip(positions, scores))
+
+
+def gathered_scores(s: Scheduler, plan, seq: list[int], batch_row: int) -> list[tuple[int, dict[int, float]]]:
+    """`link_scores` of a gathered pass (`gathered.py`): its keys gathered (layer 0) into the
+    scratch as the forward gathers them, then every entry read as FlashInfer reads it (pages of
+    the scratch; local entries causal, bottom-right aligned; or the masked tiles: a group's
+    local keys up to each query's position), the bulk entries' rows being the merge's."""
+    from epic_sglang.link_plan import GATHER_PAGE
+    from epic_sglang.sglang_plugin.rotary import rotated_copy
+
+    g = plan.gathered
+    positions = plan.positions[batch_row].tolist()
+    q = torch.stack([s.key(seq[p], p) for p in positions])
+    k_scratch = torch.zeros(g.scratch_rows, HEADS, DIM)
+    rotated_copy(s.rope, [s.kv.k_buffer[0]], [s.kv.v_buffer[0]], g.slots, g.rows, g.cos_sin,
+                 [k_scratch], [torch.zeros_like(k_scratch)])
+    first_row = g.first_rows[[m.offset for m in plan.linked].index(batch_row)]
+    assert g.positions.tolist()[batch_row:batch_row + len(positions)] == positions
+    read = [[] for _ in positions]  # the scratch rows each query reads
+
+    def read_entries(entries, causal: bool, batch_rows: list[int]) -> None:
+        """`batch_rows`: the batch row of each query the wrapper is given."""
+        qo, kv, last = entries.qo_indptr.tolist(), entries.kv_indptr.tolist(), entries.last_page_len.tolist()
+        assert qo[-1] == len(batch_rows)
+        for e in range(len(qo) - 1):
+            pages = entries.kv_indices[kv[e]:kv[e + 1]].tolist()
+            assert pages == list(range(pages[0], pages[0] + len(pages)))  # a range of the scratch
+            rows = list(range(pages[0] * GATHER_PAGE, (pages[0] + len(pages) - 1) * GATHER_PAGE + last[e]))
+            n = qo[e + 1] - qo[e]
+            for i in range(n):
+                j = batch_rows[qo[e] + i] - batch_row
+                if 0 <= j < len(positions):
+                    read[j] += rows[:len(rows) - n + i + 1] if causal else rows
+
+    if g.masked_local:
+        for q0, q1, key_row, key_pos in g.groups:
+            for r in range(max(q0, batch_row), min(q1, batch_row + len(positions))):
+                read[r - batch_row] += list(range(key_row, key_row + positions[r - batch_row] - key_pos + 1))
+    else:
+        read_entries(g.local, True, list(range(len(g.positions))))  # every batch row, in order
+    if g.bulk is not None:
+        read_entries(g.bulk, False, g.merge.query_rows.tolist())  # the rows the merge gathers
+    scores = []
+    for j, rows in enumerate(read):
+        got = {}
+        for r in rows:
+            assert r - first_row not in got, "a key attended twice"
+            got[r - first_row] = float((q[j] * k_scratch[r]).sum())
+        scores.append(got)
     return list(zip(positions, scores))
 
 
@@ -449,7 +509,7 @@ def test_a_client_forgets_documents_a_response_shows_evicted():
 
 
 # ----------------------------------------------------------------- through SGLang's scheduler classes
-def test_linked_row_holds_only_private_tokens_and_documents_are_read_in_place_unchanged(sglang_runtime):
+def test_linked_row_holds_only_private_tokens_and_documents_are_read_in_place_unchanged(sglang_runtime, link_attention):
     s = Scheduler()
     ids, spans, docs = s.compiled_prompt(1)
     nodes = s.cache.document_nodes()
@@ -466,6 +526,7 @@ def test_linked_row_holds_only_private_tokens_and_documents_are_read_in_place_un
     assert list(req.origin_input_ids_unpadded) == ids  # what SGLang detokenizes against stays the prompt
     assert req.cached_tokens == 29  # SGLang reports the reused document tokens as cached
     s.assert_row_at_prompt_positions(req, ids, layer=1)
+    assert (plan.gathered is not None, plan.shared is None) == (link_attention == "gathered",) * 2
     assert_link_scores(s, plan, req, ids)
     for _ in range(3):  # decode: the new token attends the prompt and what came before it, at their positions
         assert_link_scores(s, s.decode_step(), req, ids)
@@ -477,7 +538,7 @@ def test_linked_row_holds_only_private_tokens_and_documents_are_read_in_place_un
     assert all(n.lock_ref == 0 for n in s.cache.document_nodes().values())
 
 
-def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_documents(sglang_runtime):
+def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_documents(sglang_runtime, link_attention):
     s = Scheduler()
     first, second = (prompt(random.Random(seed)) for seed in (6, 7))
     for _, _, docs in (first, second):
@@ -488,6 +549,7 @@ def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_doc
             s.request(second[0], LinkHint("ns", tuple(second[1]), 5))]
     admitted, plan = s.prefill(reqs)
     assert admitted == reqs
+    assert plan.gathered is None  # a plain request in the pass's batch: the shared path
     starts = np.cumsum([0] + s.batch.extend_lens)
     assert_link_scores(s, plan, reqs[0], first[0], int(starts[0]))
     assert_link_scores(s, plan, reqs[2], second[0], int(starts[2]))
@@ -499,7 +561,7 @@ def test_a_batch_of_linked_and_plain_requests_scores_each_request_on_its_own_doc
         s.finish(req)
 
 
-def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sglang_runtime):
+def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sglang_runtime, link_attention):
     """Property: random batches of linked requests (documents in any order and subset, random
     k, querylink among them, prefixes that sometimes hit the exact-prefix tree, plain requests mixed in), each link
     pass and two decode steps scored exactly; afterwards every document's KV is bit for bit
@@ -548,6 +610,56 @@ def test_many_random_linked_batches_score_exactly_and_never_write_a_document(sgl
     for k, n in s.cache.document_nodes().items():
         assert all(torch.equal(a, b[n.value]) for a, b in zip(shared[k], s.kv.k_buffer + s.kv.v_buffer))
     assert s.cache.evictable_size() == s.cache.total_size()  # nothing left locked
+
+
+def test_a_gathered_pass_of_scattered_picks_attends_masked_tiles_and_of_few_runs_causal_entries(sglang_runtime):
+    """A gathered link pass (`gathered.py`) whose groups hold more query runs than
+    `CascadeTuning.masked_runs` (querylink's scattered picks) attends each group's local keys as
+    position-masked tiles; one of few runs, causal entries a run; the bulk entries over the keys
+    before each group either way. Every query scores exactly the keys at or before it, each at
+    its prompt position (documents' keys read from where they were compiled, rotated by their shift)."""
+    from epic_sglang.sglang_plugin.gathered import plan_pass
+    from epic_sglang.sglang_plugin.link_request import SharedRuns
+
+    s, rng = Scheduler(size=4096), random.Random(5)
+    docs, total = [(24, 200), (210, 390)], 420
+    ids = [rng.randint(1000, 9000) for _ in range(total)]
+    slot_of = torch.randperm(4000, generator=torch.Generator().manual_seed(5))[:total]  # each position's pool slot
+    for every, masked in ((3, True), (40, False)):  # a pick every 3rd document token, or every 40th
+        lp = plan_spans(total, [(a, b - a, j) for j, (a, b) in enumerate(docs)], 2)
+        for a, b in docs:
+            lp.recompute[a + 2:b:every] = True
+        layout = plan_rows(lp, exact_prefix_len=20)  # the first group's bulk: the exact prefix's first page
+        runs = layout.cached_runs
+        for p in layout.order.tolist():  # private tokens: stored at their prompt positions
+            s.kv.k_buffer[0][slot_of[p]] = s.key(ids[p], p)
+        for r in runs:  # reused ones: where their document was compiled
+            for p in range(r.start, r.start + r.length):
+                s.kv.k_buffer[0][slot_of[p]] = s.key(ids[p], p - r.start + r.offset)
+        shared = SharedRuns(torch.cat([slot_of[r.start:r.start + r.length] for r in runs]).int(), [r.length for r in runs],
+                            torch.tensor([r.start - r.offset for r in runs]), [(r.doc, r.offset, r.length) for r in runs],
+                            [r.doc for r in runs])
+        row = slot_of[torch.from_numpy(layout.order)]
+        linked = [attention.LinkedRows(types.SimpleNamespace(layout=layout, shared=shared), 0, layout.extend_len,
+                                       len(layout.order), True, 0)]
+        g = plan_pass(linked, row[None], s.rope, torch.device("cpu"))
+        assert g.masked_local == masked and g.bulk is not None
+        plan = types.SimpleNamespace(gathered=g, linked=linked, positions={0: torch.from_numpy(layout.extend_positions)})
+        for p, got in gathered_scores(s, plan, ids, 0):
+            assert sorted(got) == list(range(p + 1))
+            q = s.key(ids[p], p)
+            for k, score in got.items():
+                assert abs(score - float((q * s.key(ids[k], k)).sum())) < 1e-4, (p, k)
+
+
+def test_link_attention_mode_is_checked_when_the_plugin_loads(monkeypatch):
+    from epic_sglang.sglang_plugin import gathered
+
+    monkeypatch.setenv("EPIC_SGLANG_LINK_ATTENTION", "gatherd")
+    with pytest.raises(ValueError, match="EPIC_SGLANG_LINK_ATTENTION must be one of"):
+        hooks.install()
+    monkeypatch.delenv("EPIC_SGLANG_LINK_ATTENTION")
+    assert gathered.link_attention_mode() == "shared"  # the default until measured on a GPU
 
 
 def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_nowhere(sglang_runtime, monkeypatch):
@@ -876,7 +988,8 @@ def test_cacheblend_it_cannot_cut_computes_every_token_and_says_so(sglang_runtim
     s.finish(req), s.finish(plain)
 
 
-def test_querylink_scouts_over_shared_documents_links_its_picks_and_decodes_over_them(sglang_runtime, monkeypatch):
+def test_querylink_scouts_over_shared_documents_links_its_picks_and_decodes_over_them(sglang_runtime, monkeypatch,
+                                                                                      link_attention):
     """querylink inside SGLang's forward (`scout.py`), on SGLang's real cache classes: its row
     holds legolink-k's tokens as stand-ins; entering the first layer the scout runs the
     tokens outside the documents through the layers over every prompt position before each
@@ -924,6 +1037,7 @@ def test_querylink_scouts_over_shared_documents_links_its_picks_and_decodes_over
     assert s.layer_calls[LAYERS] == (0, extend)  # then the link pass, from the new row's embeddings
     assert torch.equal(s.embedded[:, 0], s.scout_batch.input_ids.float())
     assert s.replanned is plan and plan.scouts == []
+    assert (plan.gathered is not None) == (link_attention == "gathered")  # planned over the picks
     s.assert_row_at_prompt_positions(req, ids, layer=0)
     assert_link_scores(s, plan, req, ids)
     assert_link_scores(s, s.decode_step(), req, ids)
@@ -1186,11 +1300,13 @@ def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
 # ----------------------------------------------------------------- on a GPU, through FlashInfer
 @pytest.mark.gpu
 @pytest.mark.parametrize("sink", [0, 4])
-def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_their_prompt_positions(sink):
+def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_their_prompt_positions(sink,
+                                                                                                     link_attention):
     """The plan SGLang's FlashInfer backend gets for a link pass and for a decode step after it
     (the row's causal entry or SGLang's own decode plan; each cached run attended by the
     queries after it, rotated back by the run's shift, over the documents' shared slots, merged
-    by log-sum-exp) attends each query to exactly the keys at or before its prompt position,
+    by log-sum-exp; or, for the link pass, its keys gathered in prompt order into a scratch and
+    the engine's cascade over it) attends each query to exactly the keys at or before its prompt position,
     each as if rotated there: dense masked attention in fp32, within bf16; the decode step also
     inside a CUDA graph captured over padding entries and replayed with the step's entries."""
     flashinfer = pytest.importorskip("flashinfer")
@@ -1266,6 +1382,7 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
                      q_data_type=bf16, kv_data_type=bf16)
             backend.forward_metadata = DecodeMetadata([own])
         attention.plan_flashinfer(backend, plan)
+        assert (plan.gathered is not None) == (link_attention == "gathered" and not decoding)
         wrapper = (backend.forward_metadata.decode_wrappers if decoding else backend.forward_metadata.prefill_wrappers)[0]
         q = rotated(q_base[positions], torch.tensor(positions))
         kwargs = {} if decoding else {"causal": True}

@@ -43,7 +43,7 @@ import torch
 
 from epic_sglang.forward_batch import ForwardBatch
 from epic_sglang.kv_pool import KVPool
-from epic_sglang.link_plan import CascadeTuning, attention_entries, query_runs, wants_cascade
+from epic_sglang.link_plan import GATHER_PAGE, CascadeTuning, attention_entries, query_runs, wants_cascade
 from epic_sglang.local_attention import LocalTiles, local_attention, local_groups
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.models.config import ModelConfig
@@ -54,7 +54,6 @@ WORKSPACE_BYTES = 256 << 20
 LINK_MODES = ("auto", "gathered", "cascade", "fused", "mask")
 MAX_RUNS = 128  # past this many query runs in one sequence, one masked entry reads less KV
 DENSE_RUN = 256  # a query run this long is a dense prefill: gathered keys, FA3
-GATHER_PAGE = 16  # gathered keys lie in prompt order, so the kernels can read them in pages
 
 class PagedEntries:
     """Attention entries over pages of `page` keys, collected for one wrapper's plan."""
@@ -151,7 +150,7 @@ class FlashInferAttention:
                 bulk.add(q1 - q0, pages, k0, k1)
                 bulk_rows.append((s.q_start + q0, s.q_start + q1))
         # scattered picks: each group's local keys in one position-masked entry per tile of queries
-        masked_local = cascade and sum(len(e) for e, _ in locals_) > self.tuning.masked_runs * len(groups)
+        masked_local = cascade and self.tuning.masks_local(sum(len(e) for e, _ in locals_), len(groups))
         self._local = LocalTiles.build(groups, np.concatenate([np.asarray(p, dtype=np.int64) for p in host_positions]),
                                        c.num_heads // c.num_kv_heads, self.device) if masked_local else None
         self._q_positions = batch.positions

@@ -21,19 +21,11 @@ import torch
 
 from epic_sglang.link_plan import concat_ranges
 from epic_sglang.merge_states import MergeIndex, merge_into
+from epic_sglang.sglang_plugin.entries import Entries, attend_with_lse, indptr, plan_entries
+from epic_sglang.sglang_plugin.gathered import GatheredPass, link_attention_mode, plan_pass
+from epic_sglang.sglang_plugin.gathered import plan_flashinfer as gathered_wrapper
 from epic_sglang.sglang_plugin.link_request import BlendSources, LinkRequest, RunGroups, SharedRuns, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
-
-
-@dataclass
-class Entries:
-    """One paged-prefill wrapper's plan: query rows and pool slots of every entry (an
-    entry's own queries are its last keys: causal alignment is bottom-right). The offsets stay
-    on the host: FlashInfer plans from host copies, and one read back from the device would
-    wait for the forward still running (SGLang overlaps planning with it)."""
-    qo_indptr: torch.Tensor  # int32, host
-    kv_indptr: torch.Tensor  # int32, host
-    kv_indices: torch.Tensor  # int32, device
 
 
 @dataclass
@@ -78,6 +70,7 @@ class LinkedRows:
     n: int
     seq_len: int
     extending: bool
+    req_pool_idx: int  # its row in SGLang's `req_to_token`
 
 
 @dataclass
@@ -90,6 +83,9 @@ class LinkAttentionPlan:
     scouts: list[ScoutPass] = field(default_factory=list)  # querylink link passes whose scout is still to run
     linked: list[LinkedRows] = field(default_factory=list)  # what `shared` and `positions` were planned from
     model: torch.nn.Module | None = None  # the causal LM (decoder layers, embedding), set when `scouts` run
+    gathered: GatheredPass | None = None  # the link passes' keys gathered in prompt order (then `shared` is None)
+    req_to_token: torch.Tensor | None = None  # SGLang's, to read the linked requests' rows
+    batch_size: int = 0
 
 
 @dataclass
@@ -161,10 +157,6 @@ class _PartList:
         return SharedParts(entries, cos_sin, MergeIndex.build(spans, device), spans)
 
 
-def indptr(lens: list[int]) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
-
-
 def batch_links(batch) -> dict[int, LinkRequest]:
     """The batch's linked requests, by position in the batch: in their link pass or past it."""
     return {i: r.epic_link for i, r in enumerate(batch.reqs)
@@ -190,31 +182,44 @@ def build_plan(batch, links: dict[int, LinkRequest], rope: RopeTable, decode: bo
                     blend = BlendPass(link.blend, row, link.layout.exact_prefix_len, req)
                 else:
                     scouts.append(ScoutPass(link, req, row, offset))
-            linked.append(LinkedRows(link, offset, n, seq_len, link.extending))
+            linked.append(LinkedRows(link, offset, n, seq_len, link.extending, req.req_pool_idx))
         offset += n
     device = batch.device
-    plan = LinkAttentionPlan(None if decode else local.build(batch.req_to_token_pool.req_to_token, device),
-                             None, {}, rope, blend, scouts, linked)
+    req_to_token = batch.req_to_token_pool.req_to_token
+    plan = LinkAttentionPlan(None if decode else local.build(req_to_token, device), None, {}, rope, blend, scouts,
+                             linked, req_to_token=req_to_token, batch_size=len(batch.reqs))
     plan_linked_rows(plan, device)
     return plan
 
 
 def plan_linked_rows(plan: LinkAttentionPlan, device) -> None:
-    """`plan.shared` and `plan.positions` from `plan.linked` as their layouts stand (again
-    once querylink's scouts re-planned their rows): each linked request's query rows at their
-    prompt positions, and its cached runs attended by the rows after them."""
-    parts, positions = _PartList(), {}
+    """`plan.positions` and `plan.shared` (or `plan.gathered`) from `plan.linked` as their
+    layouts stand (again once querylink's scouts re-planned their rows): each linked request's
+    query rows at their prompt positions, and its cached runs attended by the rows after them."""
+    positions = {}
     for m in plan.linked:
-        link = m.link
         if m.extending:
-            positions[m.offset] = torch.from_numpy(link.layout.extend_positions)
+            positions[m.offset] = torch.from_numpy(m.link.layout.extend_positions)
         else:  # SGLang numbers the row; the reused tokens it does not hold come before
-            positions[m.offset] = torch.arange(m.seq_len - m.n, m.seq_len) + link.position_shift
-        if link.shared is not None:
-            groups = (link.shared.groups(link.layout.run_query_starts(), m.n) if m.extending
-                      else link.shared.decode_groups())
-            parts.add(link.shared, groups, m.offset, plan.rope)
-    plan.shared, plan.positions = parts.build(device), positions
+            positions[m.offset] = torch.arange(m.seq_len - m.n, m.seq_len) + m.link.position_shift
+    plan.positions = positions
+    if gathered_applies(plan):
+        plan.shared, plan.gathered = None, plan_pass(plan.linked, plan.req_to_token, plan.rope, device)
+        return
+    parts = _PartList()
+    for m in plan.linked:
+        if m.link.shared is not None:
+            groups = (m.link.shared.groups(m.link.layout.run_query_starts(), m.n) if m.extending
+                      else m.link.shared.decode_groups())
+            parts.add(m.link.shared, groups, m.offset, plan.rope)
+    plan.shared, plan.gathered = parts.build(device), None
+
+
+def gathered_applies(plan: LinkAttentionPlan) -> bool:
+    """Whether the forward's link passes attend gathered keys (`gathered.py`): asked for, and
+    an extend whose requests are all linked link passes, none CacheBlend's."""
+    return (link_attention_mode() == "gathered" and plan.local is not None and plan.blend is None
+            and len(plan.linked) == plan.batch_size and all(m.extending for m in plan.linked))
 
 
 def apply_positions(plan: LinkAttentionPlan, positions: torch.Tensor) -> None:
@@ -237,22 +242,9 @@ class LinkWrapper:
         rotated = (q.index_select(0, self.merge.query_rows) if self.cos_sin is None
                    else rotated_rows(self.rope, q, self.merge.query_rows, self.cos_sin))
         kwargs.pop("causal", None)  # extend's mask; the shared entries attend their runs whole
-        shared = shared_entries_with_lse(self.shared_wrapper, rotated, kv_cache, **kwargs)
+        shared = attend_with_lse(self.shared_wrapper, rotated, kv_cache, **kwargs)
         merge_into(out, lse, *shared, self.merge)
         return out
-
-
-def shared_entries_with_lse(wrapper, q: torch.Tensor, kv_cache, sm_scale: float | None = None,
-                            logits_soft_cap: float | None = None, window_left: int = -1,
-                            k_scale: float | None = None, v_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashInfer's `forward_return_lse` (non-causal) into an output left unfilled: every query
-    row of a shared entry reads keys, so the zero fill of the output FlashInfer would allocate
-    (`torch.zeros` in its `run`; 3 ms of a 32K link pass) is wasted. The attention's settings
-    are set on the wrapper as `forward_return_lse` sets them (FlashInfer 0.6.14)."""
-    wrapper._causal, wrapper._pos_encoding_mode, wrapper._use_fp16_qk_reduction = False, "NONE", False
-    wrapper._window_left, wrapper._logits_soft_cap, wrapper._sm_scale = window_left, logits_soft_cap, sm_scale
-    wrapper._rope_scale = wrapper._rope_theta = None
-    return wrapper.run(q, kv_cache, k_scale=k_scale, v_scale=v_scale, out=torch.empty_like(q), return_lse=True)
 
 
 def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
@@ -266,6 +258,9 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
 
     if backend.num_wrappers != 1:
         raise NotImplementedError("epic: linking needs a model without sliding-window or cross attention")
+    if plan.gathered is not None:
+        backend.forward_metadata = PrefillMetadata([gathered_wrapper(backend, plan.gathered, plan.rope)], False, False)
+        return
     decode = plan.local is None
     if decode:
         own = backend.forward_metadata.decode_wrappers[0]
@@ -281,19 +276,3 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
         own = LinkWrapper(own, shared, plan.shared.cos_sin, plan.shared.merge, plan.rope)
     backend.forward_metadata = DecodeMetadata([own]) if decode else PrefillMetadata([own], False, False)
 
-
-def last_page_lens(entries: int) -> torch.Tensor:
-    """Every page's last length, page size 1, on the host: FlashInfer's plan reads it back with
-    `.to("cpu")`, which on a device tensor waits for the forward queued before it."""
-    return torch.ones(entries, dtype=torch.int32)
-
-
-def _ones(entries: Entries) -> torch.Tensor:
-    return last_page_lens(len(entries.kv_indptr) - 1)
-
-
-def plan_entries(wrapper, backend, entries: Entries, **kwargs) -> None:
-    updater = backend.indices_updater_prefill
-    wrapper.begin_forward(entries.qo_indptr, entries.kv_indptr, entries.kv_indices, _ones(entries),
-                          updater.num_qo_heads, updater.num_kv_heads, updater.head_dim, 1,
-                          q_data_type=updater.q_data_type, kv_data_type=updater.data_type, non_blocking=True, **kwargs)

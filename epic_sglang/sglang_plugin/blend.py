@@ -32,7 +32,8 @@ from sglang.srt.runtime_context import get_parallel
 from epic_sglang.link_plan import CascadeTuning, attention_entries, cacheblend_pick, concat_ranges, query_runs
 from epic_sglang.merge_states import MergeIndex
 from epic_sglang.policies import CACHEBLEND_CHECK_LAYER
-from epic_sglang.sglang_plugin.attention import BlendPass, Entries, LinkWrapper, indptr, plan_entries
+from epic_sglang.sglang_plugin.attention import BlendPass, LinkWrapper
+from epic_sglang.sglang_plugin.entries import Entries, indptr, plan_entries
 from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_copy
 

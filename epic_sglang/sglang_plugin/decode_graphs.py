@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from epic_sglang.merge_states import MergeIndex, merge_arrays
-from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts, indptr, last_page_lens
+from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, SharedParts
+from epic_sglang.sglang_plugin.entries import indptr, last_page_lens
 from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 

@@ -28,6 +28,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from epic_sglang.sglang_plugin import attention, blend, decode_graphs, scout, wire
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
+from epic_sglang.sglang_plugin.gathered import link_attention_mode
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 logger = logging.getLogger(__name__)
@@ -269,6 +270,7 @@ def plan_link_attention(original, backend, forward_batch, *args, **kwargs):
 
 
 def install() -> None:
+    link_attention_mode()  # a bad EPIC_SGLANG_LINK_ATTENTION stops the server's start, not each forward
     for target, hook, kind in [
         (f"{SCHEDULE_BATCH}.Req.__init__", attach_link, HookType.AFTER),
         ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", admit_link, HookType.AROUND),

@@ -62,15 +62,18 @@ def rotated_rows(rope: RopeTable, x: torch.Tensor, rows: torch.Tensor, cos_sin: 
 
 
 def rotated_copy(rope: RopeTable, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], src: torch.Tensor,
-                 dst: torch.Tensor, cos_sin: torch.Tensor) -> None:
-    """In every layer's buffers: k[dst[i]] = k[src[i]] rotated by cos_sin[i] ([cos | sin],
-    fp32), v[dst[i]] = v[src[i]]. On GPU one Triton launch for all layers; on CPU torch."""
+                 dst: torch.Tensor, cos_sin: torch.Tensor, k_out: list[torch.Tensor] | None = None,
+                 v_out: list[torch.Tensor] | None = None) -> None:
+    """In every layer's buffers: k_out[dst[i]] = k[src[i]] rotated by cos_sin[i] ([cos | sin],
+    fp32), v_out[dst[i]] = v[src[i]] (`k_out`, `v_out`: the same buffers unless given). On GPU
+    one Triton launch for all layers; on CPU torch."""
+    k_out, v_out = k_out or k_buffers, v_out or v_buffers
     if not src.numel():
         return
     if k_buffers[0].is_cuda:
-        rotate_copy(k_buffers, v_buffers, k_buffers, v_buffers, src, dst, cos_sin, rope.is_neox_style)
+        rotate_copy(k_buffers, v_buffers, k_out, v_out, src, dst, cos_sin, rope.is_neox_style)
         return
-    for k, v in zip(k_buffers, v_buffers):
-        k[dst] = rope.rotate(k[src], *cos_sin.chunk(2, dim=-1))
-        v[dst] = v[src]
+    for k, v, k_dst, v_dst in zip(k_buffers, v_buffers, k_out, v_out):
+        k_dst[dst] = rope.rotate(k[src], *cos_sin.chunk(2, dim=-1))
+        v_dst[dst] = v[src]
 
