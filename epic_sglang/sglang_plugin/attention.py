@@ -11,6 +11,8 @@ follows in one entry over all the document's runs (`link_plan.run_groups`: rotat
 document, however many runs querylink's picks cut it into). The parts merge into the row's
 result by log-sum-exp (one kernel, `epic_sglang.merge_states`).
 Nothing is copied: the shared slots are read in place by every request that links them.
+A prefill batch of link passes may instead attend its keys gathered in prompt order
+(`gathered.py`, `EPIC_SGLANG_LINK_ATTENTION=gathered`).
 """
 from __future__ import annotations
 

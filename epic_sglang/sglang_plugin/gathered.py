@@ -91,7 +91,7 @@ def plan_pass(linked: list, req_to_token: torch.Tensor, rope: RopeTable, device:
         bulk_rows += [(m.offset + q0, m.offset + q1) for q0, q1, _, _ in seq_bulk]
         groups += [(m.offset + q0, m.offset + q1, first_row + k0, k0) for q0, q1, k0 in local_groups(seq_local)]
         base += triton.cdiv(n, page)
-    angles = torch.cat(rope.angles(torch.from_numpy(np.concatenate(shifts)).to(rope.cos_sin_cache.device)), -1)
+    angles = torch.cat(rope.angles(to_device(np.concatenate(shifts), rope.cos_sin_cache.device)), -1)
     return GatheredPass(torch.cat(slots), to_device(np.concatenate(rows), device), angles.to(device), base * page,
                         first_rows, paged_entries(local, page, device), groups, tuning.masks_local(len(local), len(groups)),
                         np.concatenate(positions), paged_entries(bulk, page, device) if bulk else None,
