@@ -652,6 +652,35 @@ def test_a_gathered_pass_of_scattered_picks_attends_masked_tiles_and_of_few_runs
                 assert abs(score - float((q * s.key(ids[k], k)).sum())) < 1e-4, (p, k)
 
 
+def test_link_passes_past_the_scratch_bound_keep_the_shared_path(sglang_runtime, monkeypatch):
+    """A prefill batch of link passes reading more keys than `MAX_GATHERED_KEYS` together (its
+    scratch would hold them all) attends through the shared path; one within it, gathered."""
+    from epic_sglang.sglang_plugin import gathered
+
+    monkeypatch.setenv("EPIC_SGLANG_LINK_ATTENTION", "gathered")
+    s = Scheduler()
+    first, second = s.compiled_prompt(21), s.compiled_prompt(22)
+    reqs = [s.request(first[0], LinkHint("ns", tuple(first[1]), 2)), s.request(second[0], LinkHint("ns", tuple(second[1]), 3))]
+    keys = len(first[0]) + len(second[0])  # each pass reads its whole prompt (its last token is computed)
+    monkeypatch.setattr(gathered, "MAX_GATHERED_KEYS", keys - 1)
+    admitted, plan = s.prefill(reqs)
+    assert admitted == reqs and plan.gathered is None and plan.shared is not None
+    starts = np.cumsum([0] + s.batch.extend_lens)
+    for i, (ids, _, _) in enumerate((first, second)):
+        assert_link_scores(s, plan, reqs[i], ids, int(starts[i]))
+    for req in reqs:
+        s.finish(req)
+    monkeypatch.setattr(gathered, "MAX_GATHERED_KEYS", keys)
+    reqs = [s.request(first[0], LinkHint("ns", tuple(first[1]), 2)), s.request(second[0], LinkHint("ns", tuple(second[1]), 3))]
+    admitted, plan = s.prefill(reqs)
+    assert plan.gathered is not None and plan.gathered.scratch_rows >= keys
+    starts = np.cumsum([0] + s.batch.extend_lens)  # the heads are exact prefixes now
+    for i, (ids, _, _) in enumerate((first, second)):
+        assert_link_scores(s, plan, reqs[i], ids, int(starts[i]))
+    for req in reqs:
+        s.finish(req)
+
+
 def test_link_attention_mode_is_checked_when_the_plugin_loads(monkeypatch):
     from epic_sglang.sglang_plugin import gathered
 

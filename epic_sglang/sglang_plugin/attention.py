@@ -24,8 +24,8 @@ import torch
 from epic_sglang.link_plan import concat_ranges
 from epic_sglang.merge_states import MergeIndex, merge_into
 from epic_sglang.sglang_plugin.entries import Entries, attend_with_lse, indptr, plan_entries
-from epic_sglang.sglang_plugin.gathered import GatheredPass, link_attention_mode, plan_pass
-from epic_sglang.sglang_plugin.gathered import plan_flashinfer as gathered_wrapper
+from epic_sglang.sglang_plugin import gathered
+from epic_sglang.sglang_plugin.gathered import GatheredPass
 from epic_sglang.sglang_plugin.link_request import BlendSources, LinkRequest, RunGroups, SharedRuns, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
 
@@ -206,7 +206,7 @@ def plan_linked_rows(plan: LinkAttentionPlan, device) -> None:
             positions[m.offset] = torch.arange(m.seq_len - m.n, m.seq_len) + m.link.position_shift
     plan.positions = positions
     if gathered_applies(plan):
-        plan.shared, plan.gathered = None, plan_pass(plan.linked, plan.req_to_token, plan.rope, device)
+        plan.shared, plan.gathered = None, gathered.plan_pass(plan.linked, plan.req_to_token, plan.rope, device)
         return
     parts = _PartList()
     for m in plan.linked:
@@ -219,9 +219,11 @@ def plan_linked_rows(plan: LinkAttentionPlan, device) -> None:
 
 def gathered_applies(plan: LinkAttentionPlan) -> bool:
     """Whether the forward's link passes attend gathered keys (`gathered.py`): asked for, and
-    an extend whose requests are all linked link passes, none CacheBlend's."""
-    return (link_attention_mode() == "gathered" and plan.local is not None and plan.blend is None
-            and len(plan.linked) == plan.batch_size and all(m.extending for m in plan.linked))
+    an extend whose requests are all linked link passes, none CacheBlend's, whose keys fit
+    the scratch's bound."""
+    return (gathered.link_attention_mode() == "gathered" and plan.local is not None and plan.blend is None
+            and len(plan.linked) == plan.batch_size and all(m.extending for m in plan.linked)
+            and gathered.gathered_keys(plan.linked) <= gathered.MAX_GATHERED_KEYS)
 
 
 def apply_positions(plan: LinkAttentionPlan, positions: torch.Tensor) -> None:
@@ -261,7 +263,8 @@ def plan_flashinfer(backend, plan: LinkAttentionPlan) -> None:
     if backend.num_wrappers != 1:
         raise NotImplementedError("epic: linking needs a model without sliding-window or cross attention")
     if plan.gathered is not None:
-        backend.forward_metadata = PrefillMetadata([gathered_wrapper(backend, plan.gathered, plan.rope)], False, False)
+        wrapper = gathered.plan_flashinfer(backend, plan.gathered, plan.rope)
+        backend.forward_metadata = PrefillMetadata([wrapper], False, False)
         return
     decode = plan.local is None
     if decode:

@@ -11,9 +11,10 @@ before it, in chunks; per run a causal local entry, or for scattered picks one
 position-masked Triton entry per tile, `local_attention`), merged by log-sum-exp: the same
 entries as `attention/flashinfer_backend.py`'s `cascade` link mode.
 
-It applies to an extend forward whose requests are all linked link passes (CacheBlend's
-passes and batches that mix in decodes or plain requests keep the shared path), and only
-when `EPIC_SGLANG_LINK_ATTENTION=gathered`: the default stays the shared path until this one
+It applies to an extend forward whose requests are all linked link passes reading at most
+`MAX_GATHERED_KEYS` keys together (CacheBlend's passes, batches that mix in decodes or plain
+requests, and larger ones keep the shared path), and only when
+`EPIC_SGLANG_LINK_ATTENTION=gathered`: the default stays the shared path until this one
 is measured on a GPU (BENCHMARKS.md, session 22's notes).
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_copy
 
 MODES = ("shared", "gathered")
+# keys a forward gathers at most (its scratch: 2 x keys x kv heads x head_dim x 2 B, 1 GiB at the
+# 8B shape; eight 32K passes): past it the batch's passes keep the shared path, which copies nothing
+MAX_GATHERED_KEYS = 1 << 18
 
 
 def link_attention_mode() -> str:
@@ -40,6 +44,11 @@ def link_attention_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"EPIC_SGLANG_LINK_ATTENTION must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def gathered_keys(linked: list) -> int:
+    """The keys a gathered pass of these link passes reads: each one's positions up to its last query."""
+    return sum(int(m.link.layout.extend_positions[-1]) + 1 for m in linked)
 
 
 @dataclass
@@ -68,7 +77,7 @@ def plan_pass(linked: list, req_to_token: torch.Tensor, rope: RopeTable, device:
     for m in linked:
         layout, shared = m.link.layout, m.link.shared
         extend = layout.extend_positions
-        n = int(extend[-1]) + 1  # every key a query of the pass reads: positions [0, n)
+        n = int(extend[-1]) + 1  # every key a query of the pass reads: positions [0, n) (`gathered_keys`)
         row_of = layout.row_of()[:n]
         key_slots = torch.empty(n, dtype=torch.int64, device=device)
         private = np.flatnonzero(row_of >= 0)
