@@ -72,7 +72,8 @@ def plan_pass(linked: list, req_to_token: torch.Tensor, rope: RopeTable, device:
               tuning: CascadeTuning = CascadeTuning()) -> GatheredPass:
     """`linked`: the batch's link passes (`attention.LinkedRows`, all extending, in batch order)."""
     page = GATHER_PAGE
-    slots, shifts, rows, first_rows, positions = [], [], [], [], []
+    slots, rows, first_rows, positions = [], [], [], []
+    shifts, turns = [np.zeros(1, dtype=np.int64)], []  # the batch's runs' shifts (row 0: none); each key's row in it
     local, bulk, bulk_rows, groups, base = [], [], [], [], 0  # base: the next free scratch page
     for m in linked:
         layout, shared = m.link.layout, m.link.shared
@@ -82,15 +83,16 @@ def plan_pass(linked: list, req_to_token: torch.Tensor, rope: RopeTable, device:
         key_slots = torch.empty(n, dtype=torch.int64, device=device)
         private = np.flatnonzero(row_of >= 0)
         key_slots[to_device(private, device)] = req_to_token[m.req_pool_idx, to_device(row_of[private], device)].long()
-        shift = np.zeros(n, dtype=np.int64)
+        turn = np.zeros(n, dtype=np.int64)
         if shared is not None:
             runs = layout.cached_runs
             reused = concat_ranges([r.start for r in runs], [r.start + r.length for r in runs])
             key_slots[to_device(reused, device)] = shared.slots.to(device, torch.int64)
-            shift[reused] = np.repeat(shared.shifts.numpy(), shared.lengths)
+            turn[reused] = np.repeat(sum(map(len, shifts)) + np.arange(len(runs)), shared.lengths)
+            shifts.append(shared.shifts.numpy())
         first_row = base * page
         slots.append(key_slots)
-        shifts.append(shift)
+        turns.append(turn)
         rows.append(np.arange(first_row, first_row + n))
         first_rows.append(first_row)
         positions.append(extend)
@@ -100,8 +102,9 @@ def plan_pass(linked: list, req_to_token: torch.Tensor, rope: RopeTable, device:
         bulk_rows += [(m.offset + q0, m.offset + q1) for q0, q1, _, _ in seq_bulk]
         groups += [(m.offset + q0, m.offset + q1, first_row + k0, k0) for q0, q1, k0 in local_groups(seq_local)]
         base += triton.cdiv(n, page)
-    angles = torch.cat(rope.angles(to_device(np.concatenate(shifts), rope.cos_sin_cache.device)), -1)
-    return GatheredPass(torch.cat(slots), to_device(np.concatenate(rows), device), angles.to(device), base * page,
+    angles = torch.cat(rope.angles(to_device(np.concatenate(shifts), rope.cos_sin_cache.device)), -1).to(device)
+    cos_sin = angles.index_select(0, to_device(np.concatenate(turns), device))  # one gather: a row a key
+    return GatheredPass(torch.cat(slots), to_device(np.concatenate(rows), device), cos_sin, base * page,
                         first_rows, paged_entries(local, page, device), groups, tuning.masks_local(len(local), len(groups)),
                         np.concatenate(positions), paged_entries(bulk, page, device) if bulk else None,
                         MergeIndex.build(bulk_rows, device) if bulk_rows else None)
