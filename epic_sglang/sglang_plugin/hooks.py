@@ -27,8 +27,8 @@ import logging
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from epic_sglang.sglang_plugin import attention, blend, decode_graphs, scout, wire
-from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.gathered import link_attention_mode
+from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
 logger = logging.getLogger(__name__)
