@@ -626,7 +626,11 @@ reductions, so fr's own gap between the two servers is the tolerance the linked 
 """)
     for mode in args.link_attention if "speed" in parts else []:
         os.environ["EPIC_SGLANG_LINK_ATTENTION"] = mode  # the server's environment (`launch.server_env`)
-        rows, decode_rows, slot_rows = speed(args.tokenizer, args.logs, args.contexts, args.repeats, args.decode_batches)
+        try:
+            rows, decode_rows, slot_rows = speed(args.tokenizer, args.logs, args.contexts, args.repeats,
+                                                 args.decode_batches)
+        finally:  # the parts after this one run their servers as the plugin's default
+            del os.environ["EPIC_SGLANG_LINK_ATTENTION"]
         gathered = mode == "gathered"
         write_section("sglang-plugin-speed" + ("-gathered" if gathered else ""),
                       f"""## SGLang plugin on GPU: TTFT over HTTP (Llama-3-8B shape, dummy bf16 weights){" (gathered)" if gathered else ""}

@@ -643,7 +643,7 @@ def test_a_gathered_pass_of_scattered_picks_attends_masked_tiles_and_of_few_runs
         linked = [attention.LinkedRows(types.SimpleNamespace(layout=layout, shared=shared), 0, layout.extend_len,
                                        len(layout.order), True, 0)]
         g = plan_pass(linked, row[None], s.rope, torch.device("cpu"))
-        assert g.masked_local == masked and g.bulk is not None
+        assert g.masked_local == masked and (g.local is None) == masked and g.bulk is not None
         plan = types.SimpleNamespace(gathered=g, linked=linked, positions={0: torch.from_numpy(layout.extend_positions)})
         for p, got in gathered_scores(s, plan, ids, 0):
             assert sorted(got) == list(range(p + 1))

@@ -221,8 +221,9 @@ def gathered_applies(plan: LinkAttentionPlan) -> bool:
     """Whether the forward's link passes attend gathered keys (`gathered.py`): asked for, and
     an extend whose requests are all linked link passes, none CacheBlend's, whose keys fit
     the scratch's bound."""
-    return (gathered.link_attention_mode() == "gathered" and plan.local is not None and plan.blend is None
+    return (plan.local is not None and plan.blend is None  # decode steps stop here
             and len(plan.linked) == plan.batch_size and all(m.extending for m in plan.linked)
+            and gathered.link_attention_mode() == "gathered"
             and gathered.gathered_keys(plan.linked) <= gathered.MAX_GATHERED_KEYS)
 
 

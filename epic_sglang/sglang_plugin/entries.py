@@ -55,3 +55,11 @@ def attend_with_lse(wrapper, q: torch.Tensor, kv_cache, causal: bool = False, sm
     wrapper._window_left, wrapper._logits_soft_cap, wrapper._sm_scale = window_left, logits_soft_cap, sm_scale
     wrapper._rope_scale = wrapper._rope_theta = None
     return wrapper.run(q, kv_cache, k_scale=k_scale, v_scale=v_scale, out=torch.empty_like(q), return_lse=True)
+
+
+def require_plain_softmax(what: str, head_dim: int, sm_scale: float | None = None,
+                          logits_soft_cap: float | None = None, **_) -> None:
+    """Our Triton attention kernels (the scout's, `local_attention`) scale by head_dim ** -0.5
+    and cap nothing: refuse a layer whose attention SGLang runs otherwise."""
+    if (sm_scale is not None and abs(sm_scale * head_dim ** 0.5 - 1) > 1e-6) or logits_soft_cap:
+        raise NotImplementedError(f"epic: {what} needs attention scaled by head_dim ** -0.5, no soft cap")

@@ -29,7 +29,7 @@ import triton
 from epic_sglang.link_plan import GATHER_PAGE, CascadeTuning, attention_entries, concat_ranges, query_runs
 from epic_sglang.local_attention import LocalTiles, local_attention, local_groups
 from epic_sglang.merge_states import MergeIndex, merge_into
-from epic_sglang.sglang_plugin.entries import Entries, attend_with_lse, indptr, plan_entries
+from epic_sglang.sglang_plugin.entries import Entries, attend_with_lse, indptr, plan_entries, require_plain_softmax
 from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_copy
 
@@ -60,7 +60,7 @@ class GatheredPass:
     cos_sin: torch.Tensor  # (keys, rotary_dim) fp32, device: its rotation (a document's shift; none for private keys)
     scratch_rows: int
     first_rows: list[int]  # per request (batch order): the scratch row of its position 0
-    local: Entries  # causal, one per query run, over the scratch's pages
+    local: Entries | None  # causal, one per query run, over the scratch's pages (None: `masked_local`)
     groups: list[tuple[int, int, int, int]]  # the cascade's groups: (first batch row, end row, first local key's row, its position)
     masked_local: bool  # the local keys attend as position-masked tiles of `groups` (scattered picks), not `local`
     positions: np.ndarray  # int64: every batch row's prompt position
@@ -102,10 +102,11 @@ def plan_pass(linked: list, req_to_token: torch.Tensor, rope: RopeTable, device:
         bulk_rows += [(m.offset + q0, m.offset + q1) for q0, q1, _, _ in seq_bulk]
         groups += [(m.offset + q0, m.offset + q1, first_row + k0, k0) for q0, q1, k0 in local_groups(seq_local)]
         base += triton.cdiv(n, page)
+    masked = tuning.masks_local(len(local), len(groups))
     angles = torch.cat(rope.angles(to_device(np.concatenate(shifts), rope.cos_sin_cache.device)), -1).to(device)
     cos_sin = angles.index_select(0, to_device(np.concatenate(turns), device))  # one gather: a row a key
     return GatheredPass(torch.cat(slots), to_device(np.concatenate(rows), device), cos_sin, base * page,
-                        first_rows, paged_entries(local, page, device), groups, tuning.masks_local(len(local), len(groups)),
+                        first_rows, None if masked else paged_entries(local, page, device), groups, masked,
                         np.concatenate(positions), paged_entries(bulk, page, device) if bulk else None,
                         MergeIndex.build(bulk_rows, device) if bulk_rows else None)
 
@@ -138,9 +139,7 @@ class GatheredWrapper:
         rotated_copy(self.rope, [k], [v], g.slots, g.rows, g.cos_sin, [k_scratch], [v_scratch])
         paged = tuple(t.view(-1, GATHER_PAGE, *t.shape[1:]) for t in self.scratch)
         if self.tiles is not None:
-            sm_scale = kwargs.get("sm_scale")
-            if (sm_scale is not None and abs(sm_scale * q.shape[-1] ** 0.5 - 1) > 1e-6) or kwargs.get("logits_soft_cap"):
-                raise NotImplementedError("epic: gathered local tiles need attention scaled by head_dim ** -0.5, no soft cap")
+            require_plain_softmax("a gathered pass's local tiles", q.shape[-1], **kwargs)
             out, lse = local_attention(q, k_scratch, v_scratch, self.positions, self.tiles)
         else:
             out, lse = attend_with_lse(self.local, q, paged, causal=True, **kwargs)

@@ -30,6 +30,7 @@ from sglang.srt.runtime_context import get_parallel
 from epic_sglang.link_plan import querylink_pick, scout_queries
 from epic_sglang.scout_attention import ScoutSeq, scored_layers, scout_layer_torch, scout_layer_triton
 from epic_sglang.sglang_plugin import attention
+from epic_sglang.sglang_plugin.entries import require_plain_softmax
 from epic_sglang.sglang_plugin.link_request import document_tokens, to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
 
@@ -51,11 +52,8 @@ class ScoutWrapper:
     def __init__(self, seqs: list[tuple[ScoutSeq, set[int]]]):
         self.seqs, self.layer = seqs, 0
 
-    def forward(self, q: torch.Tensor, kv_cache, sm_scale: float | None = None, logits_soft_cap: float | None = None,
-                **kwargs) -> torch.Tensor:
-        dim = q.shape[-1]
-        if (sm_scale is not None and abs(sm_scale * dim ** 0.5 - 1) > 1e-6) or logits_soft_cap:
-            raise NotImplementedError("epic: querylink's scout needs attention scaled by head_dim ** -0.5, no soft cap")
+    def forward(self, q: torch.Tensor, kv_cache, **kwargs) -> torch.Tensor:
+        require_plain_softmax("querylink's scout", q.shape[-1], **kwargs)
         layer_fn = scout_layer_triton if q.is_cuda else scout_layer_torch
         out = torch.empty_like(q)
         for seq, scored in self.seqs:
