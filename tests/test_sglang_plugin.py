@@ -681,6 +681,18 @@ def test_link_passes_past_the_scratch_bound_keep_the_shared_path(sglang_runtime,
         s.finish(req)
 
 
+def test_our_triton_attention_refuses_a_layer_scaled_or_capped_otherwise(sglang_runtime):
+    """The scout and the gathered pass's tiles scale by head_dim ** -0.5 and cap nothing: a
+    layer SGLang runs otherwise is refused by name, not attended wrongly."""
+    from epic_sglang.sglang_plugin.scout import ScoutWrapper
+
+    q, kv = torch.zeros(2, HEADS, DIM), (torch.zeros(4, HEADS, DIM), torch.zeros(4, HEADS, DIM))
+    assert ScoutWrapper([]).forward(q, kv, causal=True, sm_scale=DIM ** -0.5).shape == q.shape
+    for bad in ({"sm_scale": 1.0}, {"sm_scale": DIM ** -0.5, "logits_soft_cap": 30.0}):
+        with pytest.raises(NotImplementedError, match="querylink's scout needs attention scaled by head_dim"):
+            ScoutWrapper([]).forward(q, kv, causal=True, **bad)
+
+
 def test_link_attention_mode_is_checked_when_the_plugin_loads(monkeypatch):
     from epic_sglang.sglang_plugin import gathered
 
