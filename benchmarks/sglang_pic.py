@@ -504,13 +504,13 @@ TRACE_HEADER = ("| run | requests | TTFT p50 / p90 ms | all documents held | the
 
 
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, seconds: float, slo_s: float,
-         precompiled: int, server_flags: list[str]) -> tuple[list[str], dict[str, float], str, list[str]]:
+         precompiled: int, server_flags: list[str], plugin_env: dict[str, str]) -> tuple[list[str], dict[str, float], str, list[str]]:
     # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
     # the pool's accounting warns (counted below) instead of stopping the server mid-run
     flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--context-length", "8192",
              "--mem-fraction-static", "0.85", "--cuda-graph-max-bs", "128", "--soft-watchdog-timeout", "20",
              *server_flags]
-    env = {**server_env(plugin=True), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "0"}
+    env = {**server_env(plugin=True), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "0", **plugin_env}
     corpus = [s for s in segments(1000, 512, 0, 0, LLAMA_8B["vocab_size"], seed=7) if s.document is not None]
     rows, best, runners = [], {}, []
     log_path = logs / "sglang_load.log"
@@ -555,10 +555,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48, help="fewest requests per load rate")
     ap.add_argument("--seconds", type=float, default=4.0,
                     help="a load rate runs at least this long (rate x seconds requests), so its queue reaches steady state")
-    ap.add_argument("--fr-rates", type=float, nargs="+", default=[1, 2, 3, 4])
+    ap.add_argument("--fr-rates", type=float, nargs="*", default=[1, 2, 3, 4], help="none: skip fr")
     ap.add_argument("--load-flags", default="", help="more SGLang server flags for the load part, one string given "
                     "with '=' (e.g. --load-flags=\"--enable-prefill-delayer --prefill-delayer-queue-min-ratio 0.25\": "
                     "fewer, larger link-pass forwards)")
+    ap.add_argument("--load-env", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="the plugin's settings for the load part's server (e.g. EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=1)")
+    ap.add_argument("--tag", help="BENCHMARKS.md section suffix of the load part, so a variant run keeps the main table")
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
     ap.add_argument("--epic-rates", type=float, nargs="+", default=[16, 32, 48, 64, 96, 128])
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32],
@@ -577,6 +580,9 @@ def main() -> None:
         return
     if args.tokenizer is None:
         ap.error("--tokenizer DIR is required (a folder with tokenizer.json)")
+    if bad := [e for e in args.load_env if "=" not in e]:
+        ap.error(f"--load-env takes NAME=VALUE, got {bad[0]!r}")
+    plugin_env = dict(e.split("=", 1) for e in args.load_env)
     everything = {"check", "front", "speed", "load"} | ({"tp"} if torch.cuda.device_count() >= args.tp else set())
     parts = everything if "all" in args.part else set(args.part)
     if "check" in parts:
@@ -666,12 +672,14 @@ the same documents read in place, each its own head and question.
 {chr(10).join(decode_rows)}
 """)
     if "load" in parts:
-        rows, best, residency, trace = load(args.tokenizer, args.logs, {"fr": args.fr_rates, "legolink-16": args.epic_rates},
-                                     args.requests, args.seconds, 0.2, args.precompile, args.load_flags.split())
+        rates = {"fr": args.fr_rates, "legolink-16": args.epic_rates} if args.fr_rates else {"legolink-16": args.epic_rates}
+        rows, best, residency, trace = load(args.tokenizer, args.logs, rates, args.requests, args.seconds, 0.2,
+                                            args.precompile, args.load_flags.split(), plugin_env)
+        settings = [f"server flags: `{args.load_flags}`"] * bool(args.load_flags) + [f"`{e}`" for e in args.load_env]
         ratio = best.get("legolink-16", 0) / best["fr"] if best.get("fr") else float("nan")
-        write_section("sglang-plugin-load", f"""## SGLang plugin on GPU: RAG load (Llama-3-8B shape, dummy bf16 weights)
+        write_section("sglang-plugin-load" + (f"-{args.tag}" if args.tag else ""), f"""## SGLang plugin on GPU: RAG load (Llama-3-8B shape, dummy bf16 weights){f" ({args.tag})" if args.tag else ""}
 
-Card: {machine()}. One SGLang 0.5.16 server with the plugin{f" (server flags: `{args.load_flags}`)" if args.load_flags else ""}; a corpus of 1,000 documents of 512 tokens;
+Card: {machine()}. One SGLang 0.5.16 server with the plugin{f" ({', '.join(settings)})" if settings else ""}; a corpus of 1,000 documents of 512 tokens;
 each request: a shared 32-token head, 8 documents by Zipf popularity (s = 1), a new 64-token question,
 32 output tokens, streamed; Poisson arrivals, max({args.requests}, {args.seconds:g} s x rate) requests per rate (after a warm-up of 16).
 `fr` requests are plain SGLang (exact prefix caching), run first; then the {args.precompile} most popular
@@ -683,8 +691,8 @@ evicted. A rate passes when p90 TTFT <= 200 ms. {residency}
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Best rate with p90 TTFT <= 200 ms: SGLang prefix caching {best.get('fr', 0):.2f} req/s, legolink-16
-{best.get('legolink-16', 0):.2f} req/s ({ratio:.1f}x).
+Best rate with p90 TTFT <= 200 ms: SGLang prefix caching {f"{best.get('fr', 0):.2f} req/s" if args.fr_rates else "not run"}, legolink-16
+{best.get('legolink-16', 0):.2f} req/s{f" ({ratio:.1f}x)" if args.fr_rates else ""}.
 
 Where the TTFT went, per run (`load_trace.jsonl`; `--summarize-trace` prints this from a saved trace):
 a request that waited more than {COMPILE_WAIT_S * 1000:g} ms before it was sent had a document compiled on the clock.

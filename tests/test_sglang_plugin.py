@@ -1528,3 +1528,52 @@ def test_querylink_scout_through_triton_equals_its_definition_over_keys_stored_r
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.mass, want.mass, atol=2e-2, rtol=2e-2)
     assert got.mass.sum() > 0
+
+
+def test_decode_gets_its_turn_after_the_allowed_prefill_batches_in_a_row(monkeypatch):
+    """`decode_turns` around SGLang's own `Scheduler.get_new_batch_prefill` (its body runs; the
+    admission it calls forms a prefill batch every round, as a steady stream of link passes does)."""
+    import pkgutil
+
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.managers.scheduler import Scheduler as SGLangScheduler
+
+    from epic_sglang.sglang_plugin import decode_turns
+
+    assert pkgutil.resolve_name(decode_turns.TARGET) is SGLangScheduler.get_new_batch_prefill
+    decoding, idle = ScheduleBatch(reqs=["running"]), ScheduleBatch(reqs=[])
+    arrivals = iter(range(1000))
+    scheduler = types.SimpleNamespace(prefill_delayer=None, chunked_req=None,
+                                      _get_new_batch_prefill_raw=lambda prefill_delayer_single_pass, running_batch:
+                                      (ScheduleBatch(reqs=[next(arrivals)]), running_batch))
+    hook = decode_turns.yield_to_decode(2)
+
+    def rounds(running, n: int) -> str:  # P: a prefill batch ran; D: the decode step's turn
+        return "".join("D" if hook(SGLangScheduler.get_new_batch_prefill, scheduler, running).batch_to_run is None
+                       else "P" for _ in range(n))
+
+    assert rounds(decoding, 7) == "PPDPPDP"
+    assert rounds(idle, 4) == "PPPP"  # nothing decodes: prefill runs on
+    scheduler.chunked_req = "cut"
+    assert rounds(decoding, 3) == "PPP"  # a chunked prefill keeps its turn
+    scheduler.chunked_req = None
+    assert rounds(decoding, 1) == "D"
+    scheduler._get_new_batch_prefill_raw = lambda prefill_delayer_single_pass, running_batch: (None, running_batch)
+    assert rounds(decoding, 2) == "DD"  # no prefill formed: the streak starts over
+    decoding.is_prefill_only = True
+    scheduler._get_new_batch_prefill_raw = lambda prefill_delayer_single_pass, running_batch: (
+        ScheduleBatch(reqs=[next(arrivals)]), running_batch)
+    assert rounds(decoding, 3) == "PPP"  # prefill-only requests have no decode step to wait for
+
+
+def test_max_consecutive_prefills_is_checked_when_the_plugin_loads(monkeypatch):
+    from epic_sglang.sglang_plugin import decode_turns
+
+    for bad in ("-1", "two", "1.5"):
+        monkeypatch.setenv(decode_turns.VARIABLE, bad)
+        with pytest.raises(ValueError, match="EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS must be a whole number"):
+            hooks.install()
+    monkeypatch.setenv(decode_turns.VARIABLE, "3")
+    assert decode_turns.max_consecutive_prefills() == 3
+    monkeypatch.delenv(decode_turns.VARIABLE)
+    assert decode_turns.max_consecutive_prefills() == 0  # SGLang's prefill-first rule

@@ -12,6 +12,8 @@
 |                                           | `epic` graph if it fits (`decode_graphs`), else runs eagerly |
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
+| `Scheduler.get_new_batch_prefill` (around), | at most N prefill batches in a row while requests |
+| only with EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS | decode (`decode_turns`)                         |
 | `LlamaDecoderLayer.forward`, `Qwen2DecoderLayer.forward` (around) | querylink: its scout before the |
 |                                           | first layer (`scout.py`); CacheBlend: past its  |
 |                                           | check layer, the picks only (`blend.py`)        |
@@ -26,7 +28,7 @@ import logging
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from epic_sglang.sglang_plugin import attention, blend, decode_graphs, scout, wire
+from epic_sglang.sglang_plugin import attention, blend, decode_graphs, decode_turns, scout, wire
 from epic_sglang.sglang_plugin.gathered import link_attention_mode
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
@@ -271,6 +273,8 @@ def plan_link_attention(original, backend, forward_batch, *args, **kwargs):
 
 def install() -> None:
     link_attention_mode()  # a bad EPIC_SGLANG_LINK_ATTENTION stops the server's start, not each forward
+    if limit := decode_turns.max_consecutive_prefills():
+        HookRegistry.register(decode_turns.TARGET, decode_turns.yield_to_decode(limit), HookType.AROUND)
     for target, hook, kind in [
         (f"{SCHEDULE_BATCH}.Req.__init__", attach_link, HookType.AFTER),
         ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", admit_link, HookType.AROUND),

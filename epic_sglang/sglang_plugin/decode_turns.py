@@ -1,0 +1,47 @@
+"""Decode's turn under a steady stream of link passes.
+
+SGLang 0.5.16's scheduler runs a new prefill batch whenever it can form one ("Run prefill first
+if possible", `Scheduler.get_next_batch_to_run`). A linked request's prefill is a short link
+pass, so under a steady stream of them a prefill batch can be formed almost every round, and
+running requests wait for their next token behind every arrival (the RAG load at 32 req/s:
+128 requests running, 543 generated tokens/s against the 1,024 the rate needs; BENCHMARKS.md).
+
+`EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=N` (0, the default: SGLang's rule) lets at most N prefill
+batches run back to back while requests are decoding; then one decode step runs before the
+next prefill batch is formed. Upstream's proposal of the same bound (sgl-project/sglang#32775,
+`--max-consecutive-prefill-batches`) is not in 0.5.16. A chunked prefill in progress keeps its
+turn, as there.
+"""
+from __future__ import annotations
+
+import os
+
+from sglang.srt.managers.schedule_batch import NextBatchPlan
+
+VARIABLE = "EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS"
+TARGET = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
+
+
+def max_consecutive_prefills() -> int:
+    value = os.environ.get(VARIABLE, "0")
+    if not value.isdigit():
+        raise ValueError(f"{VARIABLE} must be a whole number >= 0 (0: SGLang's prefill-first rule), got {value!r}")
+    return int(value)
+
+
+def decoding(running_batch) -> bool:
+    return not running_batch.is_empty() and not running_batch.is_prefill_only
+
+
+def yield_to_decode(limit: int):
+    """The hook of `Scheduler.get_new_batch_prefill` (around): no prefill batch this round once
+    `limit` ran in a row while requests decode, so the scheduler runs their decode step."""
+    def hook(original, scheduler, running_batch, *args, **kwargs) -> NextBatchPlan:
+        streak = getattr(scheduler, "epic_prefill_streak", 0)
+        if streak >= limit and scheduler.chunked_req is None and decoding(running_batch):
+            scheduler.epic_prefill_streak = 0
+            return NextBatchPlan(batch_to_run=None, running_batch=running_batch)
+        plan = original(scheduler, running_batch, *args, **kwargs)
+        scheduler.epic_prefill_streak = streak + 1 if plan.batch_to_run is not None else 0
+        return plan
+    return hook
