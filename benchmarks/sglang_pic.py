@@ -378,6 +378,8 @@ def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int,
 
 
 # ----------------------------------------------------------------- 3. load
+OUTPUT_TOKENS = 32  # a load request's greedy tokens (`ignore_eos`: all of them, streamed one by one)
+
 class RagLoad:
     """RAG requests over a corpus: 8 documents drawn by Zipf popularity, a shared system
     head, a fresh 64-token question, 32 output tokens, streamed (TTFT = first chunk)."""
@@ -431,7 +433,7 @@ class RagLoad:
         return [self.head] + [self.corpus[i] for i in picked] + [question]
 
     def one(self, segs: list[Segment], run_start: float, label: str) -> float:
-        params = {"max_new_tokens": 32, "temperature": 0.0, "ignore_eos": True}
+        params = {"max_new_tokens": OUTPUT_TOKENS, "temperature": 0.0, "ignore_eos": True}
         t0 = time.perf_counter()  # a document not compiled yet (or evicted) is compiled on the clock
         if self.policy != "fr":
             self.compile(segs)
@@ -480,7 +482,8 @@ def write_trace(path: Path, runners: list[RagLoad]) -> None:
 
 def trace_rows(path: Path) -> list[str]:
     """Per run of a load trace: TTFT split by whether the request waited for a document compiled
-    on the clock (not held, or evicted), and the first-token latency past that wait."""
+    on the clock (not held, or evicted), the first-token latency past that wait, and the time per
+    output token after the first (decode steps that wait behind prefill batches show here)."""
     runs: dict[str, list[dict]] = {}
     for line in path.read_text().splitlines():
         t = json.loads(line)
@@ -493,14 +496,17 @@ def trace_rows(path: Path) -> list[str]:
     for run, ts in runs.items():
         held = [t["ttft"] for t in ts if t["compiled"] <= COMPILE_WAIT_S]
         waited = [t for t in ts if t["compiled"] > COMPILE_WAIT_S]
+        tpot = [(t["done"] - t["ttft"]) / (OUTPUT_TOKENS - 1) for t in ts]
         rows.append(f"| {run} | {len(ts)} | {p([t['ttft'] for t in ts], .5)} / {p([t['ttft'] for t in ts], .9)} | "
                     f"{len(held)} | {p(held, .5)} / {p(held, .9)} | {len(waited)} | "
-                    f"{p([t['compiled'] for t in waited], .5)} | {p([t['ttft'] - t['compiled'] for t in waited], .5)} |")
+                    f"{p([t['compiled'] for t in waited], .5)} | {p([t['ttft'] - t['compiled'] for t in waited], .5)} | "
+                    f"{p(tpot, .5)} / {p(tpot, .9)} |")
     return rows
 
 
 TRACE_HEADER = ("| run | requests | TTFT p50 / p90 ms | all documents held | their TTFT p50 / p90 ms "
-                "| waited for a compile | compile wait p50 ms | TTFT past the wait p50 ms |\n|---|---|---|---|---|---|---|---|")
+                "| waited for a compile | compile wait p50 ms | TTFT past the wait p50 ms | time per output token p50 / p90 ms |"
+                "\n|---|---|---|---|---|---|---|---|---|")
 
 
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, seconds: float, slo_s: float,
