@@ -510,7 +510,11 @@ TRACE_HEADER = ("| run | requests | TTFT p50 / p90 ms | all documents held | the
 
 
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, seconds: float, slo_s: float,
-         precompiled: int, server_flags: list[str], plugin_env: dict[str, str]) -> tuple[list[str], dict[str, float], str, list[str]]:
+         precompiled: int, server_flags: list[str], variant: str) -> tuple[list[str], dict[str, float], str, list[str]]:
+    """One server (its plugin settings: `variant`, NAME=VALUE words or "-" for the defaults) under
+    each policy's rates; rows and runs are named by the policy and the variant."""
+    plugin_env = dict(word.split("=", 1) for word in variant.split() if word != "-")
+    suffix = f" ({variant})" if plugin_env else ""
     # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
     # the pool's accounting warns (counted below) instead of stopping the server mid-run
     flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--context-length", "8192",
@@ -519,7 +523,8 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
     env = {**server_env(plugin=True), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "0", **plugin_env}
     corpus = [s for s in segments(1000, 512, 0, 0, LLAMA_8B["vocab_size"], seed=7) if s.document is not None]
     rows, best, runners = [], {}, []
-    log_path = logs / "sglang_load.log"
+    tag = "-".join(f"{k.removeprefix('EPIC_SGLANG_').lower()}-{v}" for k, v in plugin_env.items())
+    log_path, trace_path = logs / f"sglang_load{'-' * bool(tag)}{tag}.log", logs / f"load_trace{'-' * bool(tag)}{tag}.jsonl"
     with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags, log_path=log_path, env=env) as url:
         for policy, policy_rates in rates.items():
             runner = RagLoad(url, corpus, policy, seed=11)
@@ -528,25 +533,27 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
                 runner.precompile(precompiled)
                 held = runner.resident()
                 linked = runner
-            runner.run(policy_rates[0], 16, f"{policy} warm-up")
-            write_trace(logs / "load_trace.jsonl", runners)
+            mode = "SGLang prefix caching (fr)" if policy == "fr" else policy + suffix
+            best.setdefault(mode, 0.0)  # a mode that passes no rate is reported at 0
+            runner.run(policy_rates[0], 16, f"{policy}{suffix} warm-up")
+            write_trace(trace_path, runners)
             for rate in policy_rates:
-                p50, p90, achieved = runner.run(rate, max(n, math.ceil(rate * seconds)), f"{policy} {rate:g}")
-                write_trace(logs / "load_trace.jsonl", runners)
+                p50, p90, achieved = runner.run(rate, max(n, math.ceil(rate * seconds)), f"{policy}{suffix} {rate:g}")
+                write_trace(trace_path, runners)
                 ok = p90 <= slo_s
-                rows.append(f"| {'SGLang prefix caching (fr)' if policy == 'fr' else policy} | {rate:g} | "
+                rows.append(f"| {mode} | {rate:g} | "
                             f"{achieved:.2f} | {p50 * 1000:,.0f} | {p90 * 1000:,.0f} | {'yes' if ok else 'no'} |")
                 print(rows[-1], flush=True)
                 if ok:
-                    best[policy] = max(best.get(policy, 0.0), achieved)
+                    best[mode] = max(best.get(mode, 0.0), achieved)
                 else:
                     break
     leaks = log_path.read_text().count("memory leak detected")
-    residency = (f"After the precompile, {held} of the {len(corpus)} documents were resident (probed by linking "
+    residency = (f"Server{suffix}: after the precompile, {held} of the {len(corpus)} documents were resident (probed by linking "
                  f"each alone with naive: a held one comes back reused whole). Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
                  f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile. "
                  f"SGLang's idle check of the pool's accounting reported {leaks} leak(s) over the run.")
-    return rows, best, residency, trace_rows(logs / "load_trace.jsonl")
+    return rows, best, residency, trace_rows(trace_path)
 
 
 def main() -> None:
@@ -565,8 +572,10 @@ def main() -> None:
     ap.add_argument("--load-flags", default="", help="more SGLang server flags for the load part, one string given "
                     "with '=' (e.g. --load-flags=\"--enable-prefill-delayer --prefill-delayer-queue-min-ratio 0.25\": "
                     "fewer, larger link-pass forwards)")
-    ap.add_argument("--load-env", nargs="*", default=[], metavar="NAME=VALUE",
-                    help="the plugin's settings for the load part's server (e.g. EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=1)")
+    ap.add_argument("--load-variants", nargs="+", default=["-"], metavar="SETTINGS",
+                    help="the load part: one server after another, each with these plugin settings, one string of "
+                         "NAME=VALUE words ('-': the defaults), e.g. - EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=1; "
+                         "fr runs on the first only")
     ap.add_argument("--tag", help="BENCHMARKS.md section suffix of the load part, so a variant run keeps the main table")
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
     ap.add_argument("--epic-rates", type=float, nargs="+", default=[16, 32, 48, 64, 96, 128])
@@ -586,9 +595,8 @@ def main() -> None:
         return
     if args.tokenizer is None:
         ap.error("--tokenizer DIR is required (a folder with tokenizer.json)")
-    if bad := [e for e in args.load_env if "=" not in e]:
-        ap.error(f"--load-env takes NAME=VALUE, got {bad[0]!r}")
-    plugin_env = dict(e.split("=", 1) for e in args.load_env)
+    if bad := [w for v in args.load_variants for w in v.split() if w != "-" and "=" not in w]:
+        ap.error(f"--load-variants takes NAME=VALUE words or '-', got {bad[0]!r}")
     everything = {"check", "front", "speed", "load"} | ({"tp"} if torch.cuda.device_count() >= args.tp else set())
     parts = everything if "all" in args.part else set(args.part)
     if "check" in parts:
@@ -678,29 +686,37 @@ the same documents read in place, each its own head and question.
 {chr(10).join(decode_rows)}
 """)
     if "load" in parts:
-        rates = {"fr": args.fr_rates, "legolink-16": args.epic_rates} if args.fr_rates else {"legolink-16": args.epic_rates}
-        rows, best, residency, trace = load(args.tokenizer, args.logs, rates, args.requests, args.seconds, 0.2,
-                                            args.precompile, args.load_flags.split(), plugin_env)
-        settings = [f"server flags: `{args.load_flags}`"] * bool(args.load_flags) + [f"`{e}`" for e in args.load_env]
-        ratio = best.get("legolink-16", 0) / best["fr"] if best.get("fr") else float("nan")
+        rows, best, residency, trace = [], {}, [], []
+        for i, variant in enumerate(args.load_variants):
+            rates = {"fr": args.fr_rates} if args.fr_rates and i == 0 else {}
+            out = load(args.tokenizer, args.logs, {**rates, "legolink-16": args.epic_rates}, args.requests,
+                       args.seconds, 0.2, args.precompile, args.load_flags.split(), variant)
+            rows += out[0]
+            best.update(out[1])
+            residency.append(out[2])
+            trace += out[3]
+        fr_best = best.pop("SGLang prefix caching (fr)", 0.0)
+        linked_best = ", ".join(f"{mode} {rate:.2f} req/s" + (f" ({rate / fr_best:.1f}x)" if fr_best else "")
+                                for mode, rate in best.items()) or "none"
         write_section("sglang-plugin-load" + (f"-{args.tag}" if args.tag else ""), f"""## SGLang plugin on GPU: RAG load (Llama-3-8B shape, dummy bf16 weights){f" ({args.tag})" if args.tag else ""}
 
-Card: {machine()}. One SGLang 0.5.16 server with the plugin{f" ({', '.join(settings)})" if settings else ""}; a corpus of 1,000 documents of 512 tokens;
+Card: {machine()}. SGLang 0.5.16 with the plugin{f" (server flags: `{args.load_flags}`)" if args.load_flags else ""}, one server per
+setting of the plugin (a mode's parenthesis; none: the defaults); a corpus of 1,000 documents of 512 tokens;
 each request: a shared 32-token head, 8 documents by Zipf popularity (s = 1), a new 64-token question,
 32 output tokens, streamed; Poisson arrivals, max({args.requests}, {args.seconds:g} s x rate) requests per rate (after a warm-up of 16).
 `fr` requests are plain SGLang (exact prefix caching), run first; then the {args.precompile} most popular
 documents are compiled (as ingestion does; the corpus is 512K tokens), and legolink-16 requests link
 them in place, compiling on the clock any document the client has not compiled or a response showed
-evicted. A rate passes when p90 TTFT <= 200 ms. {residency}
+evicted. A rate passes when p90 TTFT <= 200 ms. {" ".join(residency)}
 
 | mode | offered req/s | achieved req/s | TTFT p50 ms | TTFT p90 ms | p90 <= 200 ms |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Best rate with p90 TTFT <= 200 ms: SGLang prefix caching {f"{best.get('fr', 0):.2f} req/s" if args.fr_rates else "not run"}, legolink-16
-{best.get('legolink-16', 0):.2f} req/s{f" ({ratio:.1f}x)" if args.fr_rates else ""}.
+Best rate with p90 TTFT <= 200 ms: SGLang prefix caching {f"{fr_best:.2f} req/s" if args.fr_rates else "not run"};
+{linked_best}.
 
-Where the TTFT went, per run (`load_trace.jsonl`; `--summarize-trace` prints this from a saved trace):
+Where the TTFT went, per run (`load_trace*.jsonl`, one per server; `--summarize-trace` prints this from a saved trace):
 a request that waited more than {COMPILE_WAIT_S * 1000:g} ms before it was sent had a document compiled on the clock.
 
 {TRACE_HEADER}
