@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_ttft import LLAMA_8B, model_dir, random_checkpoint, segments  # noqa: E402
 from benchmarks.report import machine, write_section  # noqa: E402
+from benchmarks.torch_trace import complete_events, kernel_busy  # noqa: E402
 from epic_sglang.policies import Segment  # noqa: E402
 from epic_sglang.sglang_plugin import client, decode_graphs  # noqa: E402
 from epic_sglang.sglang_plugin.launch import SGLangServer, server_env, wait_until_ready  # noqa: E402
@@ -509,10 +510,28 @@ TRACE_HEADER = ("| run | requests | TTFT p50 / p90 ms | all documents held | the
                 "\n|---|---|---|---|---|---|---|---|---|")
 
 
+def profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out: Path) -> str:
+    """One more run at `rate` under SGLang's profiler (GPU activity only): how much of it the GPU was busy."""
+    requests.post(url + "/start_profile", json={"output_dir": str(out), "activities": ["GPU"]},
+                  timeout=120).raise_for_status()
+    p50, p90, achieved = runner.run(rate, n, label)
+    requests.post(url + "/stop_profile", timeout=600).raise_for_status()
+    traces = sorted(out.rglob("*.trace.json.gz"), key=lambda t: t.stat().st_mtime)
+    if not traces:
+        return f"The profiled run at {rate:g} req/s left no trace under {out}."
+    busy, span, kernels = kernel_busy(complete_events(traces[-1]))
+    return (f"Under SGLang's profiler (GPU activity only), one more run at {rate:g} req/s ({achieved:.2f} achieved, "
+            f"TTFT p50 / p90 {p50 * 1000:,.0f} / {p90 * 1000:,.0f} ms): some kernel ran {busy / 1000:,.0f} ms of the "
+            f"{span / 1000:,.0f} ms from its first kernel to its last ({busy / span:.0%}; {kernels:,} kernels).")
+
+
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, seconds: float, slo_s: float,
-         precompiled: int, server_flags: list[str], variant: str) -> tuple[list[str], dict[str, float], str, list[str]]:
+         precompiled: int, server_flags: list[str], variant: str,
+         profile_rate: float | None = None) -> tuple[list[str], dict[str, float], str, list[str]]:
     """One server (its plugin settings: `variant`, NAME=VALUE words or "-" for the defaults) under
-    each policy's rates; rows and runs are named by the policy and the variant."""
+    each policy's rates; rows and runs are named by the policy and the variant. `profile_rate`:
+    after its rates, the linked policy runs once more at that rate under SGLang's profiler (GPU
+    activity only), to tell a busy GPU from one waiting on the scheduler's host work."""
     plugin_env = dict(word.split("=", 1) for word in variant.split() if word != "-")
     suffix = f" ({variant})" if plugin_env else ""
     # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
@@ -548,11 +567,16 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
                     best[mode] = max(best.get(mode, 0.0), achieved)
                 else:
                     break
+            if policy != "fr" and profile_rate:
+                profiled = profile_run(url, runner, profile_rate, max(n, math.ceil(profile_rate * seconds)),
+                                       f"{policy}{suffix} {profile_rate:g} (profiled)", logs / f"load-profile{'-' * bool(tag)}{tag}")
+                write_trace(trace_path, runners)
     leaks = log_path.read_text().count("memory leak detected")
     residency = (f"Server{suffix}: after the precompile, {held} of the {len(corpus)} documents were resident (probed by linking "
                  f"each alone with naive: a held one comes back reused whole). Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
                  f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile. "
-                 f"SGLang's idle check of the pool's accounting reported {leaks} leak(s) over the run.")
+                 f"SGLang's idle check of the pool's accounting reported {leaks} leak(s) over the run."
+                 + (f" {profiled}" if profile_rate else ""))
     return rows, best, residency, trace_rows(trace_path)
 
 
@@ -577,6 +601,8 @@ def main() -> None:
                          "NAME=VALUE words ('-': the defaults), e.g. - EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=1; "
                          "fr runs on the first only")
     ap.add_argument("--tag", help="BENCHMARKS.md section suffix of the load part, so a variant run keeps the main table")
+    ap.add_argument("--profile-rate", type=float, help="the load part: after each server's rates, one more linked run "
+                    "at this rate under SGLang's profiler, reporting how busy the GPU was")
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
     ap.add_argument("--epic-rates", type=float, nargs="+", default=[16, 32, 48, 64, 96, 128])
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32],
@@ -690,7 +716,7 @@ the same documents read in place, each its own head and question.
         for i, variant in enumerate(args.load_variants):
             rates = {"fr": args.fr_rates} if args.fr_rates and i == 0 else {}
             out = load(args.tokenizer, args.logs, {**rates, "legolink-16": args.epic_rates}, args.requests,
-                       args.seconds, 0.2, args.precompile, args.load_flags.split(), variant)
+                       args.seconds, 0.2, args.precompile, args.load_flags.split(), variant, args.profile_rate)
             rows += out[0]
             best.update(out[1])
             residency.append(out[2])

@@ -13,8 +13,6 @@ profiler then slows every Python call several-fold, so read their shares, not th
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import sys
 import time
 from collections import defaultdict
@@ -26,17 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_ttft import LLAMA_8B, model_dir, segments  # noqa: E402
 from benchmarks.sglang_pic import PORT, compile_documents, generate, prompt  # noqa: E402
+from benchmarks.torch_trace import complete_events  # noqa: E402
 from epic_sglang.sglang_plugin import client  # noqa: E402
 from epic_sglang.sglang_plugin.launch import SGLangServer  # noqa: E402
 
 
 def summarize(trace: Path, top: int) -> None:
-    events = json.loads(gzip.open(trace).read())["traceEvents"]
     kernels, host, runtime = defaultdict(float), defaultdict(float), defaultdict(float)
     launches = 0
-    for e in events:
-        if e.get("ph") != "X":
-            continue
+    for e in complete_events(trace):
         if e.get("cat") == "kernel":
             kernels[e["name"][:90]] += e["dur"]
             launches += 1
