@@ -1537,6 +1537,7 @@ def test_decode_gets_its_turn_after_the_allowed_prefill_batches_in_a_row(monkeyp
 
     from sglang.srt.managers.schedule_batch import ScheduleBatch
     from sglang.srt.managers.scheduler import Scheduler as SGLangScheduler
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     from epic_sglang.sglang_plugin import decode_turns
 
@@ -1564,6 +1565,16 @@ def test_decode_gets_its_turn_after_the_allowed_prefill_batches_in_a_row(monkeyp
     scheduler._get_new_batch_prefill_raw = lambda prefill_delayer_single_pass, running_batch: (
         ScheduleBatch(reqs=[next(arrivals)]), running_batch)
     assert rounds(decoding, 3) == "PPP"  # prefill-only requests have no decode step to wait for
+    decoding.is_prefill_only = False
+
+    def mixed(prefill_delayer_single_pass, running_batch):  # `--enable-mixed-chunk`: the decode step rides along
+        batch = ScheduleBatch(reqs=[next(arrivals)])
+        batch.forward_mode = ForwardMode.MIXED
+        return batch, running_batch
+
+    scheduler.epic_prefill_streak = 0
+    scheduler._get_new_batch_prefill_raw = mixed
+    assert rounds(decoding, 5) == "PPPPP"
 
 
 def test_max_consecutive_prefills_is_checked_when_the_plugin_loads(monkeypatch):

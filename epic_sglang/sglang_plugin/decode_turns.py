@@ -9,8 +9,9 @@ running requests wait for their next token behind every arrival (the RAG load at
 `EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=N` (0, the default: SGLang's rule) lets at most N prefill
 batches run back to back while requests are decoding; then one decode step runs before the
 next prefill batch is formed. Upstream's proposal of the same bound (sgl-project/sglang#32775,
-`--max-consecutive-prefill-batches`) is not in 0.5.16. A chunked prefill in progress keeps its
-turn, as there.
+`--max-consecutive-prefill-batches`) is not in 0.5.16. As there, a chunked prefill in progress
+keeps its turn, and a mixed batch (`--enable-mixed-chunk`: the running requests' decode step
+rides in it) owes none.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ def yield_to_decode(limit: int):
             scheduler.epic_prefill_streak = 0
             return NextBatchPlan(batch_to_run=None, running_batch=running_batch)
         plan = original(scheduler, running_batch, *args, **kwargs)
-        scheduler.epic_prefill_streak = streak + 1 if plan.batch_to_run is not None else 0
+        batch = plan.batch_to_run
+        # a mixed batch (`--enable-mixed-chunk`) runs the decode step inside it: no turn is owed
+        starves = batch is not None and not (batch.forward_mode is not None and batch.forward_mode.is_mixed())
+        scheduler.epic_prefill_streak = streak + 1 if starves else 0
         return plan
     return hook
