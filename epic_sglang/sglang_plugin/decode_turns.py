@@ -3,8 +3,8 @@
 SGLang 0.5.16's scheduler runs a new prefill batch whenever it can form one ("Run prefill first
 if possible", `Scheduler.get_next_batch_to_run`). A linked request's prefill is a short link
 pass, so under a steady stream of them a prefill batch can be formed almost every round, and
-running requests wait for their next token behind every arrival (the RAG load at 32 req/s:
-128 requests running, 543 generated tokens/s against the 1,024 the rate needs; BENCHMARKS.md).
+running requests wait for their next token behind every arrival (the RAG load at 32 req/s on an
+H100: 107 ms per output token at p50 against 23 at 16 req/s; BENCHMARKS.md, session 23's notes).
 
 `EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=N` (0, the default: SGLang's rule) lets at most N prefill
 batches run back to back while requests are decoding; then one decode step runs before the
