@@ -86,7 +86,7 @@ def scout_seq(scout: attention.ScoutPass, rope: RopeTable, kv_heads: int, q_star
     seq = ScoutSeq(q_start, q_start + len(rows), to_device(positions, device),
                    to_device(scored.astype(np.float32), device), None, key_slots,
                    torch.cat(rope.angles(to_device(shifts, rope.cos_sin_cache.device)), -1).to(device),
-                   torch.tensor([n], dtype=torch.int32, device=device), n,
+                   torch.full((1,), n, dtype=torch.int32, device=device), n,  # a fill, no copy
                    torch.zeros(kv_heads, n, dtype=torch.float32, device=device))
     return seq, scout.offset + rows
 
