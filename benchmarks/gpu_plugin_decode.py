@@ -34,13 +34,11 @@ Writes its tables to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -92,8 +90,7 @@ def decode_wrapper(workspace, bs: int, keys: int):
 
 
 def plan_rows_of(wrapper, rows: list[torch.Tensor]) -> None:
-    indptr = torch.from_numpy(np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32))
-    wrapper.plan(indptr, torch.cat(rows).int(), fi_entries.last_page_lens(len(rows)), Q_HEADS, KV_HEADS, DIM, 1,
+    wrapper.plan(fi_entries.indptr([len(r) for r in rows]), torch.cat(rows).int(), fi_entries.last_page_lens(len(rows)), Q_HEADS, KV_HEADS, DIM, 1,
                  q_data_type=BF16, kv_data_type=BF16)
 
 
@@ -212,7 +209,7 @@ def measure_link(context: int, repeats: int) -> list[str]:
     merge = plan.shared.merge
     wrapper = attention.LinkWrapper(own, shared, plan.shared.cos_sin, merge, rope)
     linked_ms = eager_ms(lambda: wrapper.forward(q, kv, causal=True, sm_scale=scale), repeats)
-    gathered_wrapper = gathered_link(batch, link, rope, torch.empty_like(workspace), backend.indices_updater_prefill)
+    gathered_wrapper = gathered_link(plan, rope, torch.empty_like(workspace), backend.indices_updater_prefill)
     gathered_ms = eager_ms(lambda: gathered_wrapper.forward(q, kv, causal=True, sm_scale=scale), repeats)
     gap = (gathered_wrapper.forward(q, kv, causal=True, sm_scale=scale).float()
            - wrapper.forward(q, kv, causal=True, sm_scale=scale).float()).abs().max().item()
@@ -241,15 +238,12 @@ def measure_link(context: int, repeats: int) -> list[str]:
     return rows
 
 
-def gathered_link(batch, link, rope: RopeTable, workspace: torch.Tensor, updater) -> gathered.GatheredWrapper:
-    """The same link pass with its keys gathered in prompt order (`EPIC_SGLANG_LINK_ATTENTION=gathered`)."""
-    os.environ["EPIC_SGLANG_LINK_ATTENTION"] = "gathered"
-    try:
-        plan = attention.build_plan(batch, {0: link}, rope)
-    finally:
-        del os.environ["EPIC_SGLANG_LINK_ATTENTION"]
+def gathered_link(plan: attention.LinkAttentionPlan, rope: RopeTable, workspace: torch.Tensor,
+                  updater) -> gathered.GatheredWrapper:
+    """The plan's link pass with its keys gathered in prompt order (what `EPIC_SGLANG_LINK_ATTENTION=gathered` plans)."""
+    passes = gathered.plan_pass(plan.linked, plan.req_to_token, rope, DEV)
     backend = types.SimpleNamespace(workspace_buffer=workspace, indices_updater_prefill=updater)
-    return gathered.plan_flashinfer(backend, plan.gathered, rope)
+    return gathered.plan_flashinfer(backend, passes, rope)
 
 
 def main() -> None:
