@@ -525,6 +525,13 @@ def profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out:
             f"{span / 1000:,.0f} ms from its first kernel to its last ({busy / span:.0%}; {kernels:,} kernels).")
 
 
+def plugin_settings(variant: str) -> dict[str, str]:
+    """A `--load-variants` string: NAME=VALUE words, or "-" for the plugin's defaults."""
+    if bad := [w for w in variant.split() if w != "-" and "=" not in w]:
+        raise ValueError(f"--load-variants takes NAME=VALUE words or '-', got {bad[0]!r}")
+    return dict(word.split("=", 1) for word in variant.split() if word != "-")
+
+
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, seconds: float, slo_s: float,
          precompiled: int, server_flags: list[str], variant: str,
          profile_rate: float | None = None) -> tuple[list[str], dict[str, float], str, list[str]]:
@@ -532,7 +539,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
     each policy's rates; rows and runs are named by the policy and the variant. `profile_rate`:
     after its rates, the linked policy runs once more at that rate under SGLang's profiler (GPU
     activity only), to tell a busy GPU from one waiting on the scheduler's host work."""
-    plugin_env = dict(word.split("=", 1) for word in variant.split() if word != "-")
+    plugin_env = plugin_settings(variant)
     suffix = f" ({variant})" if plugin_env else ""
     # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
     # the pool's accounting warns (counted below) instead of stopping the server mid-run
@@ -621,8 +628,11 @@ def main() -> None:
         return
     if args.tokenizer is None:
         ap.error("--tokenizer DIR is required (a folder with tokenizer.json)")
-    if bad := [w for v in args.load_variants for w in v.split() if w != "-" and "=" not in w]:
-        ap.error(f"--load-variants takes NAME=VALUE words or '-', got {bad[0]!r}")
+    for variant in args.load_variants:  # every server's settings checked before the first starts
+        try:
+            plugin_settings(variant)
+        except ValueError as e:
+            ap.error(str(e))
     everything = {"check", "front", "speed", "load"} | ({"tp"} if torch.cuda.device_count() >= args.tp else set())
     parts = everything if "all" in args.part else set(args.part)
     if "check" in parts:
