@@ -147,7 +147,7 @@ def measure(context: int, bs: int, repeats: int, order: str) -> str:
                                     indices_updater_prefill=types.SimpleNamespace(
                                         num_qo_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=DIM,
                                         q_data_type=BF16, data_type=BF16))
-    graph = decode_graphs.captured(backend, bs, rope)
+    graph = decode_graphs.captured(backend, bs, decode_graphs.graph_parts(plan, bs), rope)
     graph.fill(backend, plan)
     link = graph.link_wrapper(own)
     linked_ms = median_ms(graphed(lambda: [link.forward(q, kv, sm_scale=scale) for _ in range(LAYERS)]), repeats)

@@ -131,7 +131,8 @@ def measure(context: int, repeats: int, batch: int, policy: str) -> str:
     decode_ms = timed(lambda: plan(True), repeats)
     decode_batch_ms = timed(lambda: plan(True, batch), repeats)
     step = plan(True, batch)
-    pad_ms = timed(lambda: decode_graphs.PaddedEntries.of(step.shared, batch), repeats)
+    tier = decode_graphs.graph_parts(step, batch)
+    pad_ms = timed(lambda: decode_graphs.PaddedEntries.of(step.shared, batch, tier), repeats)
     return (f"| {policy} | {len(ids):,} | {n_docs} | {len(layout.cached_runs)} | {rotated:,} | {per_run:,} | {match_ms:.2f} "
             f"| {rematch_ms:.3f} | {link_pass_ms:.2f} | {gathered_ms:.2f} | {decode_ms:.2f} | {decode_batch_ms:.2f} | {pad_ms:.2f} |")
 

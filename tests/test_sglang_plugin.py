@@ -713,14 +713,16 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
     s.prefill(reqs)
     plan = s.decode_step()
     parts, bs = plan.shared, 4  # SGLang pads 3 requests to its captured batch size 4
-    entries = decode_graphs.graph_slots(bs)
-    padded = decode_graphs.PaddedEntries.of(parts, bs)
-    assert padded.real == len(parts.spans) == 4 and decode_graphs.fits(plan, bs)
+    tier = decode_graphs.graph_parts(plan, plan.batch_size)
+    assert plan.batch_size == 3 and tier == min(decode_graphs.PART_TIERS)  # the smallest graph that holds it
+    entries = decode_graphs.graph_slots(bs, tier)
+    padded = decode_graphs.PaddedEntries.of(parts, bs, tier)
+    assert padded.real == len(parts.spans) == 4 and decode_graphs.fits(plan, bs, tier)
     used = len(parts.entries.qo_indptr) - 1
     # entry 0 the spare one (no query, no key: FlashInfer's spare blocks run it), then the step's
     assert padded.qo_indptr[:2].tolist() == [0, 0] and padded.kv_indptr[:2].tolist() == [0, 0]
     assert padded.qo_indptr[1:used + 2].tolist() == parts.entries.qo_indptr.tolist()
-    rows = decode_graphs.graph_rows(bs)
+    rows = decode_graphs.graph_rows(bs, tier)
     assert (padded.qo_indptr[used + 1:-1] == padded.real).all() and padded.qo_indptr[-1] == rows  # the last: the rest
     lens = np.diff(padded.kv_indptr)
     assert lens[1:used + 1].tolist() == np.diff(parts.entries.kv_indptr.tolist()).tolist()
@@ -735,15 +737,67 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
                       for r in range(bs)}
     assert all(padded.query_rows[e] == r for r, es in merged.items() for e in es)
     assert sorted(e for es in merged.values() for e in es) == list(range(padded.real))  # padding merges nowhere
-    capture = decode_graphs.PaddedEntries.for_capture(bs)  # the most rows, so FlashInfer's bound holds
+    capture = decode_graphs.PaddedEntries.for_capture(bs, tier)  # the most rows, so FlashInfer's bound holds
     assert capture.qo_indptr[-1] == rows and capture.qo_indptr[1:3].tolist() == [0, bs]
     assert capture.part_ptr.tolist() == [0] * (bs + 1)
-    assert not decode_graphs.fits(plan, 0) and not decode_graphs.runs_in_graph(plan, 0)  # no room: eager
+    assert decode_graphs.graph_parts(plan, 0) is None and not decode_graphs.runs_in_graph(plan, 0)  # no room: eager
+    # a request reading more documents than the small tier holds, or more parts than its graph
+    # of this batch size has entries, takes the next tier; past the largest, eager
+    small, large = decode_graphs.PART_TIERS[0], decode_graphs.PART_TIERS[-1]
+
+    def step(most_parts: int, spans: int) -> attention.LinkAttentionPlan:
+        shared = dataclasses.replace(parts, merge=dataclasses.replace(parts.merge, most_parts=most_parts),
+                                     spans=[(0, 1)] * spans)
+        return dataclasses.replace(plan, shared=shared)
+
+    assert decode_graphs.graph_parts(step(small, 3 * small), 3) == small
+    assert decode_graphs.graph_parts(step(small + 1, 4), 3) == large
+    assert decode_graphs.graph_parts(step(small, 3 * small + 1), 3) == large
+    assert decode_graphs.graph_parts(step(large + 1, 4), 3) is None and not decode_graphs.runs_in_graph(step(large + 1, 4), 3)
+    assert decode_graphs.graph_parts(step(1, decode_graphs.MAX_ENTRIES + 1), 128) is None
+    assert decode_graphs.graph_slots(bs, small) < decode_graphs.graph_slots(bs, large)
     assert decode_graphs.runs_in_graph(plan, bs) and not decode_graphs.runs_in_graph(plan, bs, lora_variants=True)
     positions_only = dataclasses.replace(plan, shared=None)  # documents all computed: SGLang's own graph
     assert decode_graphs.runs_in_graph(None, 1) and decode_graphs.runs_in_graph(positions_only, 1, lora_variants=True)
     monkeypatch.setenv("EPIC_SGLANG_DECODE_GRAPHS", "0")  # no `epic` graphs captured
     assert not decode_graphs.runs_in_graph(plan, bs) and decode_graphs.runs_in_graph(positions_only, bs)
+    for req in reqs:
+        s.finish(req)
+
+
+def test_each_batch_size_captures_one_linked_graph_per_tier_and_a_step_replays_the_smallest_it_fits(sglang_runtime):
+    """The decode graph hooks: SGLang's own graph of a size, then one `epic` graph per tier
+    (labelled by it, the tier set on the backend while it is captured); a step over shared
+    documents resolves to the smallest tier that holds it, a plain step keeps SGLang's label,
+    and no `epic` graph is captured beside SGLang's LoRA variants. (Replaying the graphs needs
+    CUDA: `test_link_attention_on_flashinfer_equals_dense_attention` captures every tier.)"""
+    from epic_sglang.sglang_plugin import decode_graphs
+
+    runner = types.SimpleNamespace(attn_backend=types.SimpleNamespace(epic_capturing=None))
+    captures = []
+
+    def capture_one_shape(runner, size, forward, stream_idx, variant_label):
+        captures.append((size, variant_label, runner.attn_backend.epic_capturing))
+
+    hooks.capture_link_variant(capture_one_shape, runner, 8, None)
+    assert captures == [(8, None, None)] + [(8, f"epic{t}", t) for t in decode_graphs.PART_TIERS]
+    assert runner.attn_backend.epic_capturing is None
+    captures.clear()
+    runner.record_nolora_graph = True  # SGLang's LoRA variants: linked steps run eagerly
+    hooks.capture_link_variant(capture_one_shape, runner, 8, None, variant_label="nolora")
+    assert captures == [(8, "nolora", None)]
+
+    s = Scheduler()
+    prompt = s.compiled_prompt(9)
+    reqs = [s.request(prompt[0], LinkHint("ns", tuple(prompt[1]), 2))]
+    s.prefill(reqs)
+    plan = s.decode_step()
+    many = dataclasses.replace(plan, shared=dataclasses.replace(
+        plan.shared, merge=dataclasses.replace(plan.shared.merge, most_parts=decode_graphs.PART_TIERS[0] + 1)))
+    sglang_label = lambda runner, batch: None  # noqa: E731 (SGLang's, without LoRA)
+    resolve = lambda p: hooks.link_graph_variant(sglang_label, None, types.SimpleNamespace(epic_plan=p))  # noqa: E731
+    assert resolve(plan) == f"epic{decode_graphs.PART_TIERS[0]}" and resolve(many) == f"epic{decode_graphs.PART_TIERS[1]}"
+    assert resolve(None) is None and resolve(dataclasses.replace(plan, shared=None)) is None
     for req in reqs:
         s.finish(req)
 
@@ -1356,7 +1410,7 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
     from epic_sglang.sglang_plugin.link_request import SharedRuns
 
     dev, q_heads, kv_heads, dim, bf16 = torch.device("cuda"), 8, 2, 128, torch.bfloat16
-    docs = [(16 + 100 * i, 16 + 100 * (i + 1)) for i in range(12)]
+    docs = [(16 + 100 * i, 16 + 100 * (i + 1)) for i in range(8)]  # as many as the small decode graph holds
     n = docs[-1][1] + 24
     layout = plan_rows(plan_spans(n, [(a, b - a, j) for j, (a, b) in enumerate(docs)], 16), exact_prefix_len=16)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
@@ -1430,34 +1484,37 @@ def test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_t
         out = wrapper.forward(q, (k_pool, v_pool), sm_scale=scale, **kwargs)
         torch.testing.assert_close(out.float(), expected(positions), atol=2e-2, rtol=2e-2)
 
-    # The same decode step inside a CUDA graph (`decode_graphs`): captured over padding entries
-    # only, then refilled from the step's plan and replayed.
+    # The same decode step inside a CUDA graph (`decode_graphs`) of every tier that holds it:
+    # captured over padding entries only, then refilled from the step's plan and replayed.
     from epic_sglang.sglang_plugin import decode_graphs
 
     backend.decode_use_tensor_cores, backend.max_context_len = True, 4 * n
-    graph = decode_graphs.captured(backend, 1, rope)
-    own = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
-        paged_kv_indptr_buffer=torch.zeros(2, dtype=torch.int32, device=dev),
-        paged_kv_indices_buffer=torch.zeros(4 * n, dtype=torch.int32, device=dev),
-        paged_kv_last_page_len_buffer=torch.ones(1, dtype=torch.int32, device=dev))
+    tiers = [t for t in decode_graphs.PART_TIERS if decode_graphs.fits(plan, 1, t)]
+    assert tiers == list(decode_graphs.PART_TIERS)  # the small tier too: the test covers every graph shape
+    for tier in tiers:
+        graph = decode_graphs.captured(backend, 1, tier, rope)
+        own = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(2, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=torch.zeros(4 * n, dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buffer=torch.ones(1, dtype=torch.int32, device=dev))
 
-    def plan_own(length: int) -> None:  # SGLang's own graph wrapper over the request's row
-        own.plan(torch.tensor([0, length], dtype=torch.int32), row[:length].int(),
-                 torch.ones(1, dtype=torch.int32, device=dev), q_heads, kv_heads, dim, 1,
-                 q_data_type=bf16, kv_data_type=bf16)
+        def plan_own(length: int) -> None:  # SGLang's own graph wrapper over the request's row
+            own.plan(torch.tensor([0, length], dtype=torch.int32), row[:length].int(),
+                     torch.ones(1, dtype=torch.int32, device=dev), q_heads, kv_heads, dim, 1,
+                     q_data_type=bf16, kv_data_type=bf16)
 
-    plan_own(1)
-    q_static, wrapper = torch.zeros_like(q), graph.link_wrapper(own)
-    wrapper.forward(q_static, (k_pool, v_pool), sm_scale=scale)  # compiles the kernels outside the capture
-    cuda_graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(cuda_graph):
-        out_static = wrapper.forward(q_static, (k_pool, v_pool), sm_scale=scale)
-    plan_own(seq_len)
-    graph.fill(backend, plan)
-    q_static.copy_(q)
-    cuda_graph.replay()
-    torch.testing.assert_close(out_static.float(), expected([n]), atol=2e-2, rtol=2e-2)
+        plan_own(1)
+        q_static, wrapper = torch.zeros_like(q), graph.link_wrapper(own)
+        wrapper.forward(q_static, (k_pool, v_pool), sm_scale=scale)  # compiles the kernels outside the capture
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            out_static = wrapper.forward(q_static, (k_pool, v_pool), sm_scale=scale)
+        plan_own(seq_len)
+        graph.fill(backend, plan)
+        q_static.copy_(q)
+        cuda_graph.replay()
+        torch.testing.assert_close(out_static.float(), expected([n]), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@
 | `ForwardBatch.init_new` (after)           | positions, the plan of the shared runs' entries |
 | `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
 | `DecodeCudaGraphRunner.can_run_graph`     | a decode step over shared documents replays the |
-|                                           | `epic` graph if it fits (`decode_graphs`), else runs eagerly |
+|                                           | smallest `epic` graph it fits (`decode_graphs`), else runs eagerly |
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
 | `Scheduler.get_new_batch_prefill` (around), | at most N prefill batches in a row while requests |
@@ -18,7 +18,7 @@
 |                                           | first layer (`scout.py`); CacheBlend: past its  |
 |                                           | check layer, the picks only (`blend.py`)        |
 | `DecodeCudaGraphRunner.capture` (before), `.capture_one_shape`, `._resolve_lora_variant`, | the `epic` |
-| `.load_batch`, `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | decode graphs |
+| `.load_batch`, `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | decode graphs, one per tier |
 
 Matching and release need no hook: the `epic` radix cache defers to `req.epic_link`.
 """
@@ -204,22 +204,26 @@ def rope_for_capture(runner, *args, **kwargs):
 
 def capture_link_variant(original, runner, size, forward, stream_idx=None, variant_label=None):
     """DecodeCudaGraphRunner.capture_one_shape: SGLang's graph of this size, then the `epic`
-    one beside it (none when SGLang captures LoRA variants: linked steps then run eagerly)."""
+    ones beside it, one per tier (none when SGLang captures LoRA variants: linked steps then
+    run eagerly)."""
     original(runner, size, forward, stream_idx, variant_label)
     if variant_label is None and not getattr(runner, "record_nolora_graph", False):
-        runner.attn_backend.epic_capturing = True
-        try:
-            original(runner, size, forward, stream_idx, decode_graphs.VARIANT)
-        finally:
-            runner.attn_backend.epic_capturing = False
+        for parts in decode_graphs.PART_TIERS:
+            runner.attn_backend.epic_capturing = parts
+            try:
+                original(runner, size, forward, stream_idx, decode_graphs.variant(parts))
+            finally:
+                runner.attn_backend.epic_capturing = None
 
 
 def link_graph_variant(original, runner, forward_batch, *args, **kwargs):
     """DecodeCudaGraphRunner._resolve_lora_variant: a step over shared documents replays the
-    `epic` graph."""
+    `epic` graph of the smallest tier that holds it."""
     label = original(runner, forward_batch, *args, **kwargs)
     plan = getattr(forward_batch, "epic_plan", None)
-    return decode_graphs.VARIANT if label is None and decode_graphs.needs_variant(plan) else label
+    if label is not None or not decode_graphs.needs_variant(plan):
+        return label
+    return decode_graphs.variant(decode_graphs.graph_parts(plan, plan.batch_size))
 
 
 def replay_with_plan(original, runner, forward_batch, *args, **kwargs):
@@ -241,15 +245,15 @@ def graph_link_metadata(original, backend, forward_batch, *args, in_capture: boo
         return original(backend, forward_batch, *args, in_capture=in_capture, **kwargs)
     from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata
 
-    bs = forward_batch.batch_size
-    linking = in_capture and getattr(backend, "epic_capturing", False)
-    result = original(backend, forward_batch, *args, in_capture=in_capture and not linking, **kwargs)
+    bs = forward_batch.batch_size  # the captured size (a replayed step is padded to it)
+    parts = getattr(backend, "epic_capturing", None) if in_capture else None  # the tier being captured
+    result = original(backend, forward_batch, *args, in_capture=in_capture and parts is None, **kwargs)
     plan = getattr(backend, "epic_replay_plan", None)
-    if linking:
-        graph = decode_graphs.captured(backend, bs, backend.epic_rope)
+    if parts is not None:
+        graph = decode_graphs.captured(backend, bs, parts, backend.epic_rope)
         backend.forward_metadata = DecodeMetadata([graph.link_wrapper(backend.decode_cuda_graph_metadata[bs][0])])
-    elif not in_capture and decode_graphs.needs_variant(plan):
-        backend.epic_decode_graphs[bs].fill(backend, plan)
+    elif not in_capture and decode_graphs.needs_variant(plan):  # the tier `link_graph_variant` chose
+        backend.epic_decode_graphs[bs, decode_graphs.graph_parts(plan, plan.batch_size)].fill(backend, plan)
     return result
 
 
