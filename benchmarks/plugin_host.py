@@ -134,7 +134,8 @@ def measure(context: int, repeats: int, batch: int, policy: str) -> str:
     tier = decode_graphs.graph_parts(step, batch)
     pad_ms = timed(lambda: decode_graphs.PaddedEntries.of(step.shared, batch, tier), repeats)
     return (f"| {policy} | {len(ids):,} | {n_docs} | {len(layout.cached_runs)} | {rotated:,} | {per_run:,} | {match_ms:.2f} "
-            f"| {rematch_ms:.3f} | {link_pass_ms:.2f} | {gathered_ms:.2f} | {decode_ms:.2f} | {decode_batch_ms:.2f} | {pad_ms:.2f} |")
+            f"| {rematch_ms:.3f} | {link_pass_ms:.2f} | {gathered_ms:.2f} | {decode_ms:.2f} | {decode_batch_ms:.2f} | {pad_ms:.2f} "
+            f"| {decode_graphs.graph_rows(batch, tier):,} ({tier}) / {decode_graphs.graph_rows(batch, max(decode_graphs.PART_TIERS)):,} |")
 
 
 def main() -> None:
@@ -156,9 +157,12 @@ from a random mass), median ms of the calls the scheduler and the forward's set-
 documents' shared slots (the default) and over its keys gathered in prompt order (`EPIC_SGLANG_LINK_ATTENTION=gathered`).
 The plans' tensor work (gathering slots: a million at
 batch 32 and 32K) runs here on the CPU; on a GPU it is queued, so these times bound the host's share.
+The last column counts the query rows the step's decode graph rotates and attends in every layer,
+padding included: in the smallest tier that holds the step (its documents per request in brackets),
+and in the largest (`decode_graphs.PART_TIERS`).
 
-| policy | prompt tokens | documents | cached runs | rotated query rows, link pass | the same, one entry per run | match ms | match again, next round ms | link-pass plan ms | gathered link-pass plan ms | decode-step plan ms, batch 1 | batch {args.batch} | decode-graph padding ms, batch {args.batch} |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| policy | prompt tokens | documents | cached runs | rotated query rows, link pass | the same, one entry per run | match ms | match again, next round ms | link-pass plan ms | gathered link-pass plan ms | decode-step plan ms, batch 1 | batch {args.batch} | decode-graph padding ms, batch {args.batch} | decode-graph rows, batch {args.batch}: its tier / the largest |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """)
     print("\n".join(rows))
