@@ -74,6 +74,7 @@ def plan_pass(linked: list, req_to_token: torch.Tensor, rope: RopeTable, device:
     page = GATHER_PAGE
     slots, rows, first_rows, positions = [], [], [], []
     shifts, turns = [np.zeros(1, dtype=np.int64)], []  # the batch's runs' shifts (row 0: none); each key's row in it
+    num_shifts = 1
     local, bulk, bulk_rows, groups, base = [], [], [], [], 0  # base: the next free scratch page
     for m in linked:
         layout, shared = m.link.layout, m.link.shared
@@ -88,8 +89,9 @@ def plan_pass(linked: list, req_to_token: torch.Tensor, rope: RopeTable, device:
             runs = layout.cached_runs
             reused = concat_ranges([r.start for r in runs], [r.start + r.length for r in runs])
             key_slots[to_device(reused, device)] = shared.slots.to(device, torch.int64)
-            turn[reused] = np.repeat(sum(map(len, shifts)) + np.arange(len(runs)), shared.lengths)
+            turn[reused] = np.repeat(num_shifts + np.arange(len(runs)), shared.lengths)
             shifts.append(shared.shifts.numpy())
+            num_shifts += len(runs)
         first_row = base * page
         slots.append(key_slots)
         turns.append(turn)
