@@ -1,11 +1,11 @@
 """Linked requests' decode steps inside SGLang's decode CUDA graphs.
 
 On unless `EPIC_SGLANG_DECODE_GRAPHS=0` (then a decode batch holding a linked request runs
-eagerly). SGLang captures one decode graph per batch size; for each, a second graph, the
-`epic` variants, are captured beside it, one per tier of `PART_TIERS` (SGLang's graph key has a
-variant label, as for LoRA: `epic8`, `epic64`), and only a batch whose linked requests read
-shared documents replays one, the smallest tier that holds the step: plain batches keep
-SGLang's own graphs, untouched.
+eagerly). SGLang captures one decode graph per batch size; beside each, the `epic` variants
+are captured, one per tier of `PART_TIERS` (SGLang's graph key has a variant label, as for
+LoRA: `epic8`, `epic64`), and only a batch whose linked requests read shared documents
+replays one, the smallest tier that holds the step: plain batches keep SGLang's own graphs,
+untouched.
 
 A graph's kernels have fixed shapes, while the shared entries (`attention.py`: in decode one
 per distinct document's runs, holding the query of every request that reads them) change from
@@ -55,7 +55,7 @@ def enabled() -> bool:
 
 
 def needs_variant(plan: LinkAttentionPlan | None) -> bool:
-    """Whether a decode step needs the `epic` graph (shared runs to attend): a linked request
+    """Whether a decode step needs an `epic` graph (shared runs to attend): a linked request
     whose documents were all computed needs only its positions, which SGLang's graph takes."""
     return plan is not None and plan.shared is not None
 
