@@ -43,6 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.gpu_ttft import LLAMA_8B, model_dir, random_checkpoint, segments  # noqa: E402
+from benchmarks.load_trace import (COMPILE_WAIT_S, OUTPUT_TOKENS, TRACE_HEADER, percentile, steady_rate,  # noqa: E402
+                                   trace_rows, write_trace)
 from benchmarks.report import machine, write_section  # noqa: E402
 from benchmarks.torch_trace import complete_events, kernel_busy  # noqa: E402
 from epic_sglang.policies import Segment  # noqa: E402
@@ -55,7 +57,6 @@ SMALL = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size
              bos_token_id=1, eos_token_id=2)
 GREEDY = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
 PORT = 31000
-COMPILE_WAIT_S = 0.005  # a request that waited longer than this had a document compiled on the clock
 
 
 def generate(url: str, body: dict) -> dict:
@@ -379,8 +380,6 @@ def speed(tokenizer: Path, logs: Path, contexts: list[int], repeats: int,
 
 
 # ----------------------------------------------------------------- 3. load
-OUTPUT_TOKENS = 32  # a load request's greedy tokens (`ignore_eos`: all of them, streamed one by one)
-
 class RagLoad:
     """RAG requests over a corpus: 8 documents drawn by Zipf popularity, a shared system
     head, a fresh 64-token question, 32 output tokens, streamed (TTFT = first chunk)."""
@@ -457,8 +456,9 @@ class RagLoad:
                 self.all_resident += self.compiled.confirm(segs, self.policy, meta["cached_tokens"])
         return ttft
 
-    def run(self, rate: float, n: int, label: str) -> tuple[float, float, float]:
-        """(p50 TTFT s, p90 TTFT s, achieved requests/s) for n Poisson arrivals at `rate`."""
+    def run(self, rate: float, n: int, label: str) -> tuple[float, float, float, float]:
+        """(p50 TTFT s, p90 TTFT s, achieved requests/s, steady completions/s: `load_trace.steady_rate`)
+        for n Poisson arrivals at `rate`."""
         prompts = [self.prompt() for _ in range(n)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=256) as pool:
@@ -468,53 +468,15 @@ class RagLoad:
                 time.sleep(self.rng.expovariate(rate))
             ttfts = [f.result() for f in futures]
         wall = time.perf_counter() - t0
-        return statistics.median(ttfts), percentile(ttfts, 0.9), n / wall
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """The q-quantile of `xs` as every load table reads it: the sorted value at int(q x (n - 1))."""
-    return sorted(xs)[int(q * (len(xs) - 1))]
-
-
-def write_trace(path: Path, runners: list[RagLoad]) -> None:
-    """Every request so far, one JSON line each (rewritten after each run: a run cut short keeps the rest)."""
-    path.write_text("".join(json.dumps(t) + "\n" for r in runners for t in r.trace))
-
-
-def trace_rows(path: Path) -> list[str]:
-    """Per run of a load trace: TTFT split by whether the request waited for a document compiled
-    on the clock (not held, or evicted), the first-token latency past that wait, and the time per
-    output token after the first (decode steps that wait behind prefill batches show here)."""
-    runs: dict[str, list[dict]] = {}
-    for line in path.read_text().splitlines():
-        t = json.loads(line)
-        runs.setdefault(t["run"], []).append(t)
-
-    def p(xs: list[float], q: float) -> str:
-        return f"{percentile(xs, q) * 1000:,.0f}" if xs else "-"
-
-    rows = []
-    for run, ts in runs.items():
-        held = [t["ttft"] for t in ts if t["compiled"] <= COMPILE_WAIT_S]
-        waited = [t for t in ts if t["compiled"] > COMPILE_WAIT_S]
-        tpot = [(t["done"] - t["ttft"]) / (OUTPUT_TOKENS - 1) for t in ts]
-        rows.append(f"| {run} | {len(ts)} | {p([t['ttft'] for t in ts], .5)} / {p([t['ttft'] for t in ts], .9)} | "
-                    f"{len(held)} | {p(held, .5)} / {p(held, .9)} | {len(waited)} | "
-                    f"{p([t['compiled'] for t in waited], .5)} | {p([t['ttft'] - t['compiled'] for t in waited], .5)} | "
-                    f"{p(tpot, .5)} / {p(tpot, .9)} |")
-    return rows
-
-
-TRACE_HEADER = ("| run | requests | TTFT p50 / p90 ms | all documents held | their TTFT p50 / p90 ms "
-                "| waited for a compile | compile wait p50 ms | TTFT past the wait p50 ms | time per output token p50 / p90 ms |"
-                "\n|---|---|---|---|---|---|---|---|---|")
+        steady = steady_rate([t for t in self.trace if t["run"] == label])
+        return statistics.median(ttfts), percentile(ttfts, 0.9), n / wall, steady
 
 
 def profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out: Path) -> str:
     """One more run at `rate` under SGLang's profiler (GPU activity only): how much of it the GPU was busy."""
     requests.post(url + "/start_profile", json={"output_dir": str(out), "activities": ["GPU"]},
                   timeout=120).raise_for_status()
-    p50, p90, achieved = runner.run(rate, n, label)
+    p50, p90, achieved, _ = runner.run(rate, n, label)
     requests.post(url + "/stop_profile", timeout=600).raise_for_status()
     traces = sorted(out.rglob("*.trace.json.gz"), key=lambda t: t.stat().st_mtime)
     if not traces:
@@ -562,13 +524,13 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
             mode = "SGLang prefix caching (fr)" if policy == "fr" else policy + suffix
             best.setdefault(mode, 0.0)  # a mode that passes no rate is reported at 0
             runner.run(policy_rates[0], 16, f"{policy}{suffix} warm-up")
-            write_trace(trace_path, runners)
+            write_trace(trace_path, [r.trace for r in runners])
             for rate in policy_rates:
-                p50, p90, achieved = runner.run(rate, max(n, math.ceil(rate * seconds)), f"{policy}{suffix} {rate:g}")
-                write_trace(trace_path, runners)
+                p50, p90, achieved, steady = runner.run(rate, max(n, math.ceil(rate * seconds)), f"{policy}{suffix} {rate:g}")
+                write_trace(trace_path, [r.trace for r in runners])
                 ok = p90 <= slo_s
-                rows.append(f"| {mode} | {rate:g} | "
-                            f"{achieved:.2f} | {p50 * 1000:,.0f} | {p90 * 1000:,.0f} | {'yes' if ok else 'no'} |")
+                rows.append(f"| {mode} | {rate:g} | {achieved:.2f} | {steady:.1f} | "
+                            f"{p50 * 1000:,.0f} | {p90 * 1000:,.0f} | {'yes' if ok else 'no'} |")
                 print(rows[-1], flush=True)
                 if ok:
                     best[mode] = max(best.get(mode, 0.0), achieved)
@@ -577,7 +539,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
             if policy != "fr" and profile_rate:
                 profiled = profile_run(url, runner, profile_rate, max(n, math.ceil(profile_rate * seconds)),
                                        f"{policy}{suffix} {profile_rate:g} (profiled)", logs / f"load-profile{'-' * bool(tag)}{tag}")
-                write_trace(trace_path, runners)
+                write_trace(trace_path, [r.trace for r in runners])
     leaks = log_path.read_text().count("memory leak detected")
     residency = (f"Server{suffix}: after the precompile, {held} of the {len(corpus)} documents were resident (probed by linking "
                  f"each alone with naive: a held one comes back reused whole). Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
@@ -745,8 +707,8 @@ documents are compiled (as ingestion does; the corpus is 512K tokens), and legol
 them in place, compiling on the clock any document the client has not compiled or a response showed
 evicted. A rate passes when p90 TTFT <= 200 ms. {" ".join(residency)}
 
-| mode | offered req/s | achieved req/s | TTFT p50 ms | TTFT p90 ms | p90 <= 200 ms |
-|---|---|---|---|---|---|
+| mode | offered req/s | achieved req/s | completed / s, 2nd half of the arrivals | TTFT p50 ms | TTFT p90 ms | p90 <= 200 ms |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Best rate with p90 TTFT <= 200 ms: SGLang prefix caching {f"{fr_best:.2f} req/s" if args.fr_rates else "not run"};
