@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import random
 import re
 import types
@@ -765,12 +766,15 @@ def test_decode_graph_padding_holds_every_shared_entry_once_and_merges_padding_n
         s.finish(req)
 
 
-def test_each_batch_size_captures_one_linked_graph_per_tier_and_a_step_replays_the_smallest_it_fits(sglang_runtime):
+def test_each_batch_size_captures_one_linked_graph_per_tier_and_a_step_replays_the_smallest_it_fits(
+        sglang_runtime, monkeypatch, caplog):
     """The decode graph hooks: SGLang's own graph of a size, then one `epic` graph per tier
     (labelled by it, the tier set on the backend while it is captured); a step over shared
     documents resolves to the smallest tier that holds it, a plain step keeps SGLang's label,
-    and no `epic` graph is captured beside SGLang's LoRA variants. (Replaying the graphs needs
-    CUDA: `test_link_attention_on_flashinfer_equals_dense_attention` captures every tier.)"""
+    no `epic` graph is captured beside SGLang's LoRA variants, and linked steps that run eagerly are
+    counted in the log's tally. (Replaying the graphs needs
+    CUDA: `test_link_attention_through_flashinfer_scores_shared_documents_in_place_at_their_prompt_positions`
+    captures every tier.)"""
     from epic_sglang.sglang_plugin import decode_graphs
 
     runner = types.SimpleNamespace(attn_backend=types.SimpleNamespace(epic_capturing=None))
@@ -792,12 +796,32 @@ def test_each_batch_size_captures_one_linked_graph_per_tier_and_a_step_replays_t
     reqs = [s.request(prompt[0], LinkHint("ns", tuple(prompt[1]), 2))]
     s.prefill(reqs)
     plan = s.decode_step()
-    many = dataclasses.replace(plan, shared=dataclasses.replace(
-        plan.shared, merge=dataclasses.replace(plan.shared.merge, most_parts=decode_graphs.PART_TIERS[0] + 1)))
+    def reading(parts: int) -> attention.LinkAttentionPlan:  # the step, its request reading `parts` documents
+        return dataclasses.replace(plan, shared=dataclasses.replace(
+            plan.shared, merge=dataclasses.replace(plan.shared.merge, most_parts=parts)))
+
+    many, too_many = reading(decode_graphs.PART_TIERS[0] + 1), reading(decode_graphs.PART_TIERS[-1] + 1)
     sglang_label = lambda runner, batch: None  # noqa: E731 (SGLang's, without LoRA)
     resolve = lambda p: hooks.link_graph_variant(sglang_label, None, types.SimpleNamespace(epic_plan=p))  # noqa: E731
     assert resolve(plan) == f"epic{decode_graphs.PART_TIERS[0]}" and resolve(many) == f"epic{decode_graphs.PART_TIERS[1]}"
     assert resolve(None) is None and resolve(dataclasses.replace(plan, shared=None)) is None
+
+    # a linked step SGLang's runner cannot graph (or no tier holds) is counted as eager
+    monkeypatch.setattr(decode_graphs, "STEPS", decode_graphs.StepCounts(every=2))
+    can_run = lambda fits: lambda runner, batch: fits  # noqa: E731 (SGLang's own answer)
+    step = lambda p: types.SimpleNamespace(epic_plan=p, batch_size=p.batch_size if p else 1)  # noqa: E731
+    graphed = types.SimpleNamespace()
+    assert hooks.decode_graph_for_links(can_run(True), graphed, step(plan))
+    assert not hooks.decode_graph_for_links(can_run(False), graphed, step(plan))
+    assert not hooks.decode_graph_for_links(can_run(True), graphed, step(too_many))
+    assert hooks.decode_graph_for_links(can_run(True), graphed, step(None))  # plain steps are not counted
+    assert not hooks.decode_graph_for_links(can_run(False), graphed, step(None))
+    assert decode_graphs.STEPS.counts == {"eager": 2}
+    with caplog.at_level(logging.INFO, logger=decode_graphs.__name__):
+        decode_graphs.STEPS.add("epic8")
+        decode_graphs.STEPS.add("epic8")
+    assert [r.getMessage() for r in caplog.records] == [
+        "epic: decode steps over shared documents so far: {'eager': 2, 'epic8': 2}"]
     for req in reqs:
         s.finish(req)
 

@@ -30,7 +30,9 @@ the stream).
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +50,25 @@ from epic_sglang.sglang_plugin.rotary import RopeTable
 PART_TIERS = (8, 64)
 MAX_ENTRIES = 4096  # shared parts per graph: the padding's cost is one rotated query row each
 VARIANT = "epic"  # the label prefix of the linked graphs in SGLang's graph keys
+
+logger = logging.getLogger(__name__)
+
+
+class StepCounts:
+    """How the server's decode steps over shared documents ran (a tier's graph label, or
+    "eager"), logged every `every` steps: the log tells whether the small graphs serve the load."""
+
+    def __init__(self, every: int = 2000):
+        self.counts: Counter[str] = Counter()
+        self.every = every
+
+    def add(self, how: str) -> None:
+        self.counts[how] += 1
+        if self.counts.total() % self.every == 0:
+            logger.info("epic: decode steps over shared documents so far: %s", dict(self.counts))
+
+
+STEPS = StepCounts()
 
 
 def enabled() -> bool:

@@ -192,9 +192,11 @@ def eager_for_links(original, runner, forward_batch, *args, **kwargs):
 
 def decode_graph_for_links(original, runner, forward_batch, *args, **kwargs):
     plan = getattr(forward_batch, "epic_plan", None)
-    if not decode_graphs.runs_in_graph(plan, forward_batch.batch_size, getattr(runner, "record_nolora_graph", False)):
-        return False
-    return original(runner, forward_batch, *args, **kwargs)
+    runs = (decode_graphs.runs_in_graph(plan, forward_batch.batch_size, getattr(runner, "record_nolora_graph", False))
+            and original(runner, forward_batch, *args, **kwargs))
+    if not runs and decode_graphs.needs_variant(plan):
+        decode_graphs.STEPS.add("eager")
+    return runs
 
 
 def rope_for_capture(runner, *args, **kwargs):
@@ -253,7 +255,9 @@ def graph_link_metadata(original, backend, forward_batch, *args, in_capture: boo
         graph = decode_graphs.captured(backend, bs, parts, backend.epic_rope)
         backend.forward_metadata = DecodeMetadata([graph.link_wrapper(backend.decode_cuda_graph_metadata[bs][0])])
     elif not in_capture and decode_graphs.needs_variant(plan):  # the tier `link_graph_variant` chose
-        backend.epic_decode_graphs[bs, decode_graphs.graph_parts(plan, plan.batch_size)].fill(backend, plan)
+        parts = decode_graphs.graph_parts(plan, plan.batch_size)
+        backend.epic_decode_graphs[bs, parts].fill(backend, plan)
+        decode_graphs.STEPS.add(decode_graphs.variant(parts))
     return result
 
 
