@@ -1614,6 +1614,7 @@ def test_querylink_scout_through_triton_equals_its_definition_over_keys_stored_r
 def test_decode_gets_its_turn_after_the_allowed_prefill_batches_in_a_row(monkeypatch):
     """`decode_turns` around SGLang's own `Scheduler.get_new_batch_prefill` (its body runs; the
     admission it calls forms a prefill batch every round, as a steady stream of link passes does)."""
+    import inspect
     import pkgutil
 
     from sglang.srt.managers.schedule_batch import ScheduleBatch
@@ -1630,9 +1631,10 @@ def test_decode_gets_its_turn_after_the_allowed_prefill_batches_in_a_row(monkeyp
                                       (ScheduleBatch(reqs=[next(arrivals)]), running_batch))
     hook = decode_turns.yield_to_decode(2)
 
+    own = inspect.unwrap(SGLangScheduler.get_new_batch_prefill)  # SGLang's body, without the installed hook
+
     def rounds(running, n: int) -> str:  # P: a prefill batch ran; D: the decode step's turn
-        return "".join("D" if hook(SGLangScheduler.get_new_batch_prefill, scheduler, running).batch_to_run is None
-                       else "P" for _ in range(n))
+        return "".join("D" if hook(own, scheduler, running).batch_to_run is None else "P" for _ in range(n))
 
     assert rounds(decoding, 7) == "PPDPPDP"
     assert rounds(idle, 4) == "PPPP"  # nothing decodes: prefill runs on
@@ -1667,5 +1669,7 @@ def test_max_consecutive_prefills_is_checked_when_the_plugin_loads(monkeypatch):
             hooks.install()
     monkeypatch.setenv(decode_turns.VARIABLE, "3")
     assert decode_turns.max_consecutive_prefills() == 3
-    monkeypatch.delenv(decode_turns.VARIABLE)
+    monkeypatch.setenv(decode_turns.VARIABLE, "0")
     assert decode_turns.max_consecutive_prefills() == 0  # SGLang's prefill-first rule
+    monkeypatch.delenv(decode_turns.VARIABLE)
+    assert decode_turns.max_consecutive_prefills() == 1  # the default: the load's measurement

@@ -6,9 +6,11 @@ pass, so under a steady stream of them a prefill batch can be formed almost ever
 running requests wait for their next token behind every arrival (the RAG load at 32 req/s on an
 H100: 107 ms per output token at p50 against 23 at 16 req/s; BENCHMARKS.md, session 23's notes).
 
-`EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=N` (0, the default: SGLang's rule) lets at most N prefill
+`EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=N` (1, the default; 0: SGLang's rule) lets at most N prefill
 batches run back to back while requests are decoding; then one decode step runs before the
-next prefill batch is formed. Upstream's proposal of the same bound (sgl-project/sglang#32775,
+next prefill batch is formed. At 1 the same load ran 52 ms per output token at p50 and completed
+29 requests a second while it lasted, against none before its arrivals stopped under SGLang's rule
+(session 24's notes; the two runs on two H100 hosts). Upstream's proposal of the same bound (sgl-project/sglang#32775,
 `--max-consecutive-prefill-batches`) is not in 0.5.16. As there, a chunked prefill in progress
 keeps its turn, and a mixed batch (`--enable-mixed-chunk`: the running requests' decode step
 rides in it) owes none.
@@ -24,7 +26,7 @@ TARGET = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 
 
 def max_consecutive_prefills() -> int:
-    value = os.environ.get(VARIABLE, "0")
+    value = os.environ.get(VARIABLE, "1")
     if not value.isdigit():
         raise ValueError(f"{VARIABLE} must be a whole number >= 0 (0: SGLang's prefill-first rule), got {value!r}")
     return int(value)

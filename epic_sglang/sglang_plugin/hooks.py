@@ -13,7 +13,7 @@
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
 | `FlashInferAttnBackend.init_forward_metadata` | plan the link entries                        |
 | `Scheduler.get_new_batch_prefill` (around), | at most N prefill batches in a row while requests |
-| only with EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS | decode (`decode_turns`)                         |
+| unless EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=0 | decode (`decode_turns`; 1 by default)           |
 | `LlamaDecoderLayer.forward`, `Qwen2DecoderLayer.forward` (around) | querylink: its scout before the |
 |                                           | first layer (`scout.py`); CacheBlend: past its  |
 |                                           | check layer, the picks only (`blend.py`)        |
