@@ -58,7 +58,7 @@ class StepCounts:
     """How the server's decode steps over shared documents ran (a tier's graph label, or
     "eager"), logged every `every` steps: the log tells whether the small graphs serve the load."""
 
-    def __init__(self, every: int = 2000):
+    def __init__(self, every: int = 500):
         self.counts: Counter[str] = Counter()
         self.every = every
 
