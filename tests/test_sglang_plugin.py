@@ -1673,3 +1673,13 @@ def test_max_consecutive_prefills_is_checked_when_the_plugin_loads(monkeypatch):
     assert decode_turns.max_consecutive_prefills() == 0  # SGLang's prefill-first rule
     monkeypatch.delenv(decode_turns.VARIABLE)
     assert decode_turns.max_consecutive_prefills() == 1  # the default: the load's measurement
+
+    def hooked_targets() -> list[str]:  # what `install` registers with SGLang's hook registry
+        targets = []
+        monkeypatch.setattr(hooks.HookRegistry, "register", lambda target, hook, kind: targets.append(target))
+        hooks.install()
+        return targets
+
+    assert decode_turns.TARGET in hooked_targets()  # by default the turn is taken
+    monkeypatch.setenv(decode_turns.VARIABLE, "0")
+    assert decode_turns.TARGET not in hooked_targets()  # SGLang's rule, untouched
