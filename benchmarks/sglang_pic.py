@@ -511,8 +511,8 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
     env = {**server_env(plugin=True), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "0", **plugin_env}
     corpus = [s for s in segments(1000, 512, 0, 0, LLAMA_8B["vocab_size"], seed=7) if s.document is not None]
     rows, best, runners = [], {}, []
-    tag = "-".join(f"{k.removeprefix('EPIC_SGLANG_').lower()}-{v}" for k, v in plugin_env.items())
-    log_path, trace_path = logs / f"sglang_load{'-' * bool(tag)}{tag}.log", logs / f"load_trace{'-' * bool(tag)}{tag}.jsonl"
+    tag = "".join(f"-{k.removeprefix('EPIC_SGLANG_').lower()}-{v}" for k, v in plugin_env.items())  # the files' suffix
+    log_path, trace_path = logs / f"sglang_load{tag}.log", logs / f"load_trace{tag}.jsonl"
     with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags, log_path=log_path, env=env) as url:
         for policy, policy_rates in rates.items():
             runner = RagLoad(url, corpus, policy, seed=11)
@@ -538,7 +538,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
                     break
             if policy != "fr" and profile_rate:
                 profiled = profile_run(url, runner, profile_rate, max(n, math.ceil(profile_rate * seconds)),
-                                       f"{policy}{suffix} {profile_rate:g} (profiled)", logs / f"load-profile{'-' * bool(tag)}{tag}")
+                                       f"{policy}{suffix} {profile_rate:g} (profiled)", logs / f"load-profile{tag}")
                 write_trace(trace_path, [r.trace for r in runners])
     leaks = log_path.read_text().count("memory leak detected")
     residency = (f"Server{suffix}: after the precompile, {held} of the {len(corpus)} documents were resident (probed by linking "
