@@ -487,6 +487,19 @@ def profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out:
             f"{span / 1000:,.0f} ms from its first kernel to its last ({busy / span:.0%}; {kernels:,} kernels).")
 
 
+def host_profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out: Path) -> list[str]:
+    """One more run at `rate` with the scheduler thread's stacks sampled (the plugin's
+    activities ["HOST"], `sglang_plugin/host_profile.py`): the report's lines, where its time went."""
+    requests.post(url + "/start_profile", json={"output_dir": str(out), "activities": ["HOST"]},
+                  timeout=120).raise_for_status()
+    p50, p90, achieved, _ = runner.run(rate, n, label)
+    requests.post(url + "/stop_profile", timeout=600).raise_for_status()
+    report = (out / "host-profile.txt").read_text().splitlines()
+    return [f"Scheduler thread sampled over one more run at {rate:g} req/s ({achieved:.2f} achieved, TTFT p50 / p90 "
+            f"{p50 * 1000:,.0f} / {p90 * 1000:,.0f} ms; folded stacks in {out.name}/host-profile.folded):", "",
+            "```", *report, "```"]
+
+
 def plugin_settings(variant: str) -> dict[str, str]:
     """A `--load-variants` string: NAME=VALUE words, or "-" for the plugin's defaults."""
     if bad := [w for w in variant.split() if w != "-" and "=" not in w]:
@@ -496,11 +509,12 @@ def plugin_settings(variant: str) -> dict[str, str]:
 
 def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, seconds: float, slo_s: float,
          precompiled: int, server_flags: list[str], variant: str,
-         profile_rate: float | None = None) -> tuple[list[str], dict[str, float], str, list[str]]:
+         profile_rate: float | None = None) -> tuple[list[str], dict[str, float], str, list[str], list[str]]:
     """One server (its plugin settings: `variant`, NAME=VALUE words or "-" for the defaults) under
     each policy's rates; rows and runs are named by the policy and the variant. `profile_rate`:
     after its rates, the linked policy runs once more at that rate under SGLang's profiler (GPU
-    activity only), to tell a busy GPU from one waiting on the scheduler's host work."""
+    activity only), to tell a busy GPU from one waiting on the scheduler's host work, and once
+    more with the scheduler thread sampled, to say where that host work goes (returned last)."""
     plugin_env = plugin_settings(variant)
     suffix = f" ({variant})" if plugin_env else ""
     # a forward stuck for 20 s dumps the scheduler's stack into the log; SGLang's idle check of
@@ -510,7 +524,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
              *server_flags]
     env = {**server_env(plugin=True), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "0", **plugin_env}
     corpus = [s for s in segments(1000, 512, 0, 0, LLAMA_8B["vocab_size"], seed=7) if s.document is not None]
-    rows, best, runners = [], {}, []
+    rows, best, runners, host = [], {}, [], []
     tag = "".join(f"-{k.removeprefix('EPIC_SGLANG_').lower()}-{v}" for k, v in plugin_env.items())  # the files' suffix
     log_path, trace_path = logs / f"sglang_load{tag}.log", logs / f"load_trace{tag}.jsonl"
     with SGLangServer(model_dir(LLAMA_8B, tokenizer), PORT, plugin=True, extra=flags, log_path=log_path, env=env) as url:
@@ -539,6 +553,8 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
             if policy != "fr" and profile_rate:
                 profiled = profile_run(url, runner, profile_rate, max(n, math.ceil(profile_rate * seconds)),
                                        f"{policy}{suffix} {profile_rate:g} (profiled)", logs / f"load-profile{tag}")
+                host = host_profile_run(url, runner, profile_rate, max(n, math.ceil(profile_rate * seconds)),
+                                        f"{policy}{suffix} {profile_rate:g} (host sampled)", logs / f"load-host{tag}")
                 write_trace(trace_path, [r.trace for r in runners])
     leaks = log_path.read_text().count("memory leak detected")
     residency = (f"Server{suffix}: after the precompile, {held} of the {len(corpus)} documents were resident (probed by linking "
@@ -546,7 +562,7 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
                  f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile. "
                  f"SGLang's idle check of the pool's accounting reported {leaks} leak(s) over the run."
                  + (f" {profiled}" if profile_rate else ""))
-    return rows, best, residency, trace_rows(trace_path)
+    return rows, best, residency, trace_rows(trace_path), host
 
 
 def main() -> None:
@@ -684,7 +700,7 @@ the same documents read in place, each its own head and question.
 {chr(10).join(decode_rows)}
 """)
     if "load" in parts:
-        rows, best, residency, trace = [], {}, [], []
+        rows, best, residency, trace, host = [], {}, [], [], []
         for i, variant in enumerate(args.load_variants):
             rates = {"fr": args.fr_rates} if args.fr_rates and i == 0 else {}
             out = load(args.tokenizer, args.logs, {**rates, "legolink-16": args.epic_rates}, args.requests,
@@ -693,6 +709,7 @@ the same documents read in place, each its own head and question.
             best.update(out[1])
             residency.append(out[2])
             trace += out[3]
+            host += [f"Server{f' ({variant})' if plugin_settings(variant) else ''}: " + out[4][0], *out[4][1:], ""] if out[4] else []
         fr_best = best.pop("SGLang prefix caching (fr)", 0.0)
         linked_best = ", ".join(f"{mode} {rate:.2f} req/s" + (f" ({rate / fr_best:.1f}x)" if fr_best else "")
                                 for mode, rate in best.items()) or "none"
@@ -719,7 +736,7 @@ a request that waited more than {COMPILE_WAIT_S * 1000:g} ms before it was sent 
 
 {TRACE_HEADER}
 {chr(10).join(trace)}
-""")
+{(chr(10) + "Where the scheduler's host time went (`--profile-rate`):" + chr(10) * 2 + chr(10).join(host)) if host else ""}""")
 
 
 if __name__ == "__main__":

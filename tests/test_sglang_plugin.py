@@ -17,6 +17,7 @@ import itertools
 import logging
 import random
 import re
+import time
 import types
 from array import array
 
@@ -1683,3 +1684,41 @@ def test_max_consecutive_prefills_is_checked_when_the_plugin_loads(monkeypatch):
     assert decode_turns.TARGET in hooked_targets()  # by default the turn is taken
     monkeypatch.setenv(decode_turns.VARIABLE, "0")
     assert decode_turns.TARGET not in hooked_targets()  # SGLang's rule, untouched
+
+
+def busy_scheduler_line(seconds: float) -> int:
+    """A stand-in for the scheduler's own work: a Python loop that holds its thread."""
+    spins, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        spins += 1
+    return spins
+
+
+def test_host_profile_samples_the_scheduler_thread_between_start_and_stop_profile(sglang_runtime, tmp_path):
+    """/start_profile with activities ["HOST"] reaches SGLang's real profiler manager, whose
+    hooked `_profile` samples the calling (scheduler) thread until the stop: the report names
+    the function that held the thread; any other request is SGLang's own."""
+    from sglang.srt.managers.io_struct import ProfileReq, ProfileReqType
+    from sglang.srt.managers.scheduler_components.profiler_manager import SchedulerProfilerManager
+    from sglang.srt.runtime_context import get_parallel
+
+    manager = SchedulerProfilerManager(ps=get_parallel(), dp_tp_cpu_group=None, get_forward_ct=lambda: 0)
+    stop = ProfileReq(req_type=ProfileReqType.STOP_PROFILE)
+    assert not manager._profile(stop).success  # nothing sampling: SGLang's "not in progress"
+    mixed = manager._profile(ProfileReq(activities=["HOST", "GPU"], output_dir=str(tmp_path)))
+    assert not mixed.success and "runs alone" in mixed.message
+    assert manager._profile(ProfileReq(activities=["HOST"], output_dir=str(tmp_path))).success
+    assert "already sampling" in manager._profile(ProfileReq(activities=["HOST"])).message
+    busy_scheduler_line(0.3)
+    done = manager._profile(stop)
+    assert done.success and str(tmp_path / "host-profile.txt") in done.message
+    report = (tmp_path / "host-profile.txt").read_text()
+    innermost = report.split("innermost Python line")[1].splitlines()[1]  # the line that held it most
+    assert "busy_scheduler_line" in innermost and "tests/test_sglang_plugin.py" in innermost
+    share = float(innermost.split("%")[0])
+    assert share > 50, report
+    folded = (tmp_path / "host-profile.folded").read_text().splitlines()
+    assert any(line.split(" (")[0] != "busy_scheduler_line" and "busy_scheduler_line" in line for line in folded)
+    sampled = float(report.split(": ")[1].split(" s sampled")[0])
+    assert 0.3 <= sampled <= 2 and sum(int(line.rsplit(" ", 1)[1]) for line in folded) == pytest.approx(sampled * 1e6, abs=1e4)
+    assert not manager._profile(stop).success  # the sampler is gone: SGLang's again

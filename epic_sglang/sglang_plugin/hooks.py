@@ -19,6 +19,8 @@
 |                                           | check layer, the picks only (`blend.py`)        |
 | `DecodeCudaGraphRunner.capture` (before), `.capture_one_shape`, `._resolve_lora_variant`, | the `epic` |
 | `.load_batch`, `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | decode graphs, one per tier |
+| `SchedulerProfilerManager._profile` (around) | /start_profile with activities ["HOST"]: the  |
+|                                           | scheduler thread's stacks sampled (`host_profile`) |
 
 Matching and release need no hook: the `epic` radix cache defers to `req.epic_link`.
 """
@@ -28,7 +30,7 @@ import logging
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from epic_sglang.sglang_plugin import attention, blend, decode_graphs, decode_turns, scout, wire
+from epic_sglang.sglang_plugin import attention, blend, decode_graphs, decode_turns, host_profile, scout, wire
 from epic_sglang.sglang_plugin.gathered import link_attention_mode
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
@@ -294,6 +296,8 @@ def install() -> None:
         ("sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch", keep_plan, HookType.AFTER),
         ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata",
          plan_link_attention, HookType.AROUND),
+        ("sglang.srt.managers.scheduler_components.profiler_manager.SchedulerProfilerManager._profile",
+         host_profile.profile_host, HookType.AROUND),
     ] + [(f"{layer}.forward", link_layer, HookType.AROUND) for layer in blend.HOOKED_LAYERS]:
         HookRegistry.register(target, hook, kind)
     if decode_graphs.enabled():
