@@ -1339,7 +1339,7 @@ def test_serve_with_the_sglang_engine_builds_sglangs_launcher_or_says_what_to_fi
 
     cmd = server_command("/models/m", 30001, host="0.0.0.0")
     assert cmd[1:3] == ["-m", "sglang.launch_server"] and "--radix-cache-backend" in cmd
-    assert cmd[cmd.index("--attention-backend") + 1] == "flashinfer" and "--disable-prefill-cuda-graph" in cmd
+    assert cmd[cmd.index("--attention-backend") + 1] == "flashinfer"
     assert "--radix-cache-backend" not in server_command("/models/m", 30001, plugin=False)
     assert server_env(True, kv_dir="/kv")["EPIC_SGLANG_KV_DIR"] == "/kv" and server_env(False)["SGLANG_PLUGINS"] == "-"
     assert main(["serve", "--engine", "sglang", "--policy", "querylink-0"]) == 2
@@ -1722,3 +1722,41 @@ def test_host_profile_samples_the_scheduler_thread_between_start_and_stop_profil
     sampled = float(report.split(": ")[1].split(" s sampled")[0])
     assert 0.3 <= sampled <= 2 and sum(int(line.rsplit(" ", 1)[1]) for line in folded) == pytest.approx(sampled * 1e6, abs=1e4)
     assert not manager._profile(stop).success  # the sampler is gone: SGLang's again
+
+
+def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblend_eager(sglang_runtime):
+    """With EPIC_SGLANG_PREFILL_GRAPHS=1 SGLang starts its prefill graphs, and its real
+    `can_run_graph` (hooked) lets a legolink pass replay them as a plain prefill does, SGLang's
+    own limits kept; a pass whose layers differ (querylink's scout, CacheBlend's cut) runs
+    eagerly. Off (the default), SGLang starts without them; a bad value stops the start."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend
+    from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
+    from sglang.srt.model_executor.runner.prefill_cuda_graph_runner import PrefillCudaGraphRunner
+
+    from epic_sglang.sglang_plugin import prefill_graphs
+    from epic_sglang.sglang_plugin.launch import server_command
+
+    runner = PrefillCudaGraphRunner.__new__(PrefillCudaGraphRunner)  # its capture needs a GPU: its state by hand
+    runner.__dict__.update(_is_full_backend=False, prefill_backend_name=Backend.BREAKABLE, has_mha_companion_layers=False,
+                           capture_hidden_mode=CaptureHiddenMode.NULL, capture_num_tokens=[16, 32, 64], max_num_tokens=64)
+    s = Scheduler()
+    ids, spans, _ = s.compiled_prompt(14)
+    _, plan = s.prefill([s.request(ids, LinkHint("ns", tuple(spans), 2))])
+    assert plan is not None and plan.shared is not None  # a legolink pass reading its documents in place
+
+    def runs_graph(plan, tokens: int) -> bool:
+        batch = types.SimpleNamespace(epic_plan=plan, input_ids=torch.zeros(tokens, dtype=torch.int64), input_embeds=None,
+                                      replace_embeds=None, forward_mode=ForwardMode.EXTEND, batch_size=1,
+                                      capture_hidden_mode=CaptureHiddenMode.NULL, global_num_tokens_cpu=None,
+                                      return_logprob=False, extend_prefix_lens_cpu=[20])
+        return PrefillCudaGraphRunner.can_run_graph(runner, batch)
+
+    assert runs_graph(None, 30) and runs_graph(plan, 30)  # a plain prefill, a legolink pass
+    assert not runs_graph(plan, 65)  # SGLang's own limit: past its largest captured size
+    assert not runs_graph(dataclasses.replace(plan, scouts=[object()]), 30)  # querylink's scout still to run
+    assert not runs_graph(dataclasses.replace(plan, blend=object()), 30)  # CacheBlend's cut
+
+    assert "--disable-prefill-cuda-graph" in server_command("/m", 1, env={})
+    assert "--disable-prefill-cuda-graph" not in server_command("/m", 1, env={prefill_graphs.VARIABLE: "1"})
+    with pytest.raises(ValueError, match="EPIC_SGLANG_PREFILL_GRAPHS must be 0 .* or 1"):
+        server_command("/m", 1, env={prefill_graphs.VARIABLE: "yes"})

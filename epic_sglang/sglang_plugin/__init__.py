@@ -7,6 +7,8 @@ backend (radix_ext's `PICRadixCache`) and the link pass's hooks (`hooks.py`). Se
     python -m sglang.launch_server --model-path M --attention-backend flashinfer \\
         --radix-cache-backend epic --disable-prefill-cuda-graph
 
+(without the last flag when EPIC_SGLANG_PREFILL_GRAPHS=1: `prefill_graphs.py`)
+
 and send link requests as `input_ids` plus a hint in `extra_key` (`wire.py`, built by
 `client.py`); requests without a hint are plain SGLang requests with exact prefix caching.
 """

@@ -7,7 +7,9 @@
 |                                           | lock documents; a CacheBlend pass runs alone    |
 | `ScheduleBatch.prepare_for_extend` (before)| the link pass starts; reused tokens count as cached |
 | `ForwardBatch.init_new` (after)           | positions, the plan of the shared runs' entries |
-| `PrefillCudaGraphRunner.can_run_graph`    | a link pass runs eagerly                         |
+| `PrefillCudaGraphRunner.can_run_graph`    | with EPIC_SGLANG_PREFILL_GRAPHS=1, a link pass   |
+|                                           | replays SGLang's prefill graph, querylink's and  |
+|                                           | CacheBlend's eagerly (`prefill_graphs`)          |
 | `DecodeCudaGraphRunner.can_run_graph`     | a decode step over shared documents replays the |
 |                                           | smallest `epic` graph it fits (`decode_graphs`), else runs eagerly |
 | `EagerRunner.load_batch` (after)          | the plan survives the copy into static buffers  |
@@ -30,7 +32,8 @@ import logging
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from epic_sglang.sglang_plugin import attention, blend, decode_graphs, decode_turns, host_profile, scout, wire
+from epic_sglang.sglang_plugin import (attention, blend, decode_graphs, decode_turns, host_profile, prefill_graphs, scout,
+                                      wire)
 from epic_sglang.sglang_plugin.gathered import link_attention_mode
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable
@@ -188,10 +191,6 @@ def model_rope(model_runner) -> RopeTable:
     return rope
 
 
-def eager_for_links(original, runner, forward_batch, *args, **kwargs):
-    return False if getattr(forward_batch, "epic_plan", None) is not None else original(runner, forward_batch, *args, **kwargs)
-
-
 def decode_graph_for_links(original, runner, forward_batch, *args, **kwargs):
     plan = getattr(forward_batch, "epic_plan", None)
     runs = (decode_graphs.runs_in_graph(plan, forward_batch.batch_size, getattr(runner, "record_nolora_graph", False))
@@ -283,6 +282,7 @@ def plan_link_attention(original, backend, forward_batch, *args, **kwargs):
 
 def install() -> None:
     link_attention_mode()  # a bad EPIC_SGLANG_LINK_ATTENTION stops the server's start, not each forward
+    prefill_graphs.enabled()  # so does a bad EPIC_SGLANG_PREFILL_GRAPHS
     if limit := decode_turns.max_consecutive_prefills():
         HookRegistry.register(decode_turns.TARGET, decode_turns.yield_to_decode(limit), HookType.AROUND)
     for target, hook, kind in [
@@ -291,7 +291,7 @@ def install() -> None:
         (f"{SCHEDULE_BATCH}.ScheduleBatch.prepare_for_extend", start_link_passes, HookType.BEFORE),
         ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", link_forward_batch, HookType.AFTER),
         ("sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.can_run_graph",
-         eager_for_links, HookType.AROUND),
+         prefill_graphs.link_passes_in_graphs, HookType.AROUND),
         (f"{DECODE_GRAPHS}.DecodeCudaGraphRunner.can_run_graph", decode_graph_for_links, HookType.AROUND),
         ("sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch", keep_plan, HookType.AFTER),
         ("sglang.srt.layers.attention.flashinfer_backend.FlashInferAttnBackend.init_forward_metadata",

@@ -6,22 +6,23 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import requests
 
 from epic_sglang.policies import Segment
-from epic_sglang.sglang_plugin import client
-
-PLUGIN_FLAGS = ["--radix-cache-backend", "epic", "--disable-prefill-cuda-graph"]
+from epic_sglang.sglang_plugin import client, prefill_graphs
 
 
 def server_command(model_path: str | Path, port: int, plugin: bool = True, extra: list[str] | tuple = (),
-                   host: str = "127.0.0.1") -> list[str]:
-    """SGLang's own launcher; the plugin needs FlashInfer attention and eager link passes."""
+                   host: str = "127.0.0.1", env: Mapping[str, str] | None = None) -> list[str]:
+    """SGLang's own launcher; the plugin needs FlashInfer attention, and its prefill graphs
+    stay off unless `env` (the server's; default ours) lets link passes run in them."""
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
            "--host", host, "--port", str(port), "--attention-backend", "flashinfer"]
-    return cmd + (PLUGIN_FLAGS if plugin else []) + list(extra)
+    plugin_flags = ["--radix-cache-backend", "epic", *prefill_graphs.server_flags(os.environ if env is None else env)]
+    return cmd + (plugin_flags if plugin else []) + list(extra)
 
 
 def server_env(plugin: bool = True, kv_dir: Path | None = None, host_cache_gb: float = 0.0) -> dict[str, str]:
@@ -120,10 +121,10 @@ class SGLangServer:
                  log_path: str | Path | None = None, ready_timeout_s: float = 900, env: dict[str, str] | None = None,
                  api_key: str | None = None):
         """`api_key`: SGLang then requires it on every route but its health checks (the warm-up sends it)."""
-        self.cmd = server_command(model_path, port, plugin, extra) + (["--api-key", api_key] if api_key else [])
+        self.env = env if env is not None else server_env(plugin)
+        self.cmd = server_command(model_path, port, plugin, extra, env=self.env) + (["--api-key", api_key] if api_key else [])
         self.plugin, self.api_key = plugin, api_key
         self.url = f"http://127.0.0.1:{port}"
-        self.env = env if env is not None else server_env(plugin)
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None
