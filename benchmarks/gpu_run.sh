@@ -15,12 +15,15 @@
 #   bash benchmarks/gpu_run.sh warm [gpu_warm.py args...]   # compile a model shape's kernels ahead
 #   bash benchmarks/gpu_run.sh accuracy [accuracy.py args...]   # real weights and the data of
 #       `python -m epic_sglang.data.pack .data`
+#   bash benchmarks/gpu_run.sh NAME=VALUE... MODE [args]   # with those set in the environment
+#       (e.g. EPIC_SGLANG_PREFILL_GRAPHS=1 sglang --part check --tag prefill-graphs: the plugin's servers get it)
 # Real weights (../shared/gpu-kit/WEIGHTS.md): unpack them into /tmp/weights-site
 # (`bash .wx/weights.sh unpack .wx /tmp/weights-site`), which is on the path of every mode here;
 # not into /tmp/site, which the kit's first load here wipes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:?usage: gpu_run.sh tests|bench [args]}; shift
+while [[ "${1:-}" =~ ^[A-Z_][A-Z0-9_]*= ]]; do export "$1"; shift; done
+MODE=${1:?usage: gpu_run.sh [NAME=VALUE...] tests|bench [args]}; shift
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}; [ -x "$PY" ] || PY=$(command -v python3)
 export PYTHON=$PY

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -500,6 +501,21 @@ def host_profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str,
             "```", *report, "```"]
 
 
+def plugin_environment() -> str:
+    """The plugin's settings this process hands its servers (EPIC_SGLANG_* in the environment)."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("EPIC_SGLANG_")]
+    return f" (server environment: {', '.join(settings)})" if settings else ""
+
+
+def prefill_graphs_note(log: str) -> str:
+    """Whether the server started SGLang's prefill graphs (EPIC_SGLANG_PREFILL_GRAPHS=1), from its log."""
+    if m := re.search(r"Capture target prefill CUDA graph end\. elapsed=([\d.]+) s, mem usage=([\d.]+) GB", log):
+        return f"SGLang's prefill CUDA graphs were captured ({float(m[1]):.0f} s, {m[2]} GB)."
+    if m := re.search(r"Disabling auto-selected prefill CUDA graph[^\n]*", log):
+        return f"SGLang did not start its prefill CUDA graphs: {m[0]}"
+    return "SGLang's prefill CUDA graphs were off."
+
+
 def plugin_settings(variant: str) -> dict[str, str]:
     """A `--load-variants` string: NAME=VALUE words, or "-" for the plugin's defaults."""
     if bad := [w for w in variant.split() if w != "-" and "=" not in w]:
@@ -556,11 +572,12 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
                 host = host_profile_run(url, runner, profile_rate, max(n, math.ceil(profile_rate * seconds)),
                                         f"{policy}{suffix} {profile_rate:g} (host sampled)", logs / f"load-host{tag}")
                 write_trace(trace_path, [r.trace for r in runners])
-    leaks = log_path.read_text().count("memory leak detected")
+    log = log_path.read_text()
+    leaks = log.count("memory leak detected")
     residency = (f"Server{suffix}: after the precompile, {held} of the {len(corpus)} documents were resident (probed by linking "
                  f"each alone with naive: a held one comes back reused whole). Of {linked.served} linked requests, {linked.all_resident} found all 8 documents resident; "
                  f"{linked.compiled_on_clock} documents were compiled on the clock after the precompile. "
-                 f"SGLang's idle check of the pool's accounting reported {leaks} leak(s) over the run."
+                 f"SGLang's idle check of the pool's accounting reported {leaks} leak(s) over the run. {prefill_graphs_note(log)}"
                  + (f" {profiled}" if profile_rate else ""))
     return rows, best, residency, trace_rows(trace_path), host
 
@@ -585,7 +602,8 @@ def main() -> None:
                     help="the load part: one server after another, each with these plugin settings, one string of "
                          "NAME=VALUE words ('-': the defaults), e.g. - EPIC_SGLANG_MAX_CONSECUTIVE_PREFILLS=1; "
                          "fr runs on the first only")
-    ap.add_argument("--tag", help="BENCHMARKS.md section suffix of the load part, so a variant run keeps the main table")
+    ap.add_argument("--tag", help="BENCHMARKS.md section suffix of the load and check parts, so a variant run keeps the "
+                    "main table")
     ap.add_argument("--profile-rate", type=float, help="the load part: after each server's rates, one more linked run "
                     "at this rate under SGLang's profiler, reporting how busy the GPU was")
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
@@ -618,10 +636,10 @@ def main() -> None:
         weights = (f"{args.model}, real weights, random-token prompts" if args.model
                    else "small Qwen2 checkpoint, random widened weights")
         tolerance = ("" if args.model else "; the widened weights (std 0.08) make logits peaky and amplify it")
-        write_section("sglang-plugin-check" + (f"-{args.model}" if args.model else ""),
-                      f"""## SGLang plugin on GPU: correctness ({weights}, bf16)
+        write_section("sglang-plugin-check" + (f"-{args.model}" if args.model else "") + (f"-{args.tag}" if args.tag else ""),
+                      f"""## SGLang plugin on GPU: correctness ({weights}, bf16){f" ({args.tag})" if args.tag else ""}
 
-Card: {machine()}. SGLang 0.5.16, FlashInfer attention, `--radix-cache-backend epic` vs no plugin;
+Card: {machine()}. SGLang 0.5.16, FlashInfer attention, `--radix-cache-backend epic` vs no plugin{plugin_environment()};
 the in-process engine with {"its torch reference attention" if args.engine_attention == "torch" else "FlashInfer"}.
 
 Six prompts of 4 x 120-token documents, a 16-token head and a 24-token question; 16 greedy tokens.

@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from epic_sglang.link_plan import plan_link, plan_spans, segment_spans
 from epic_sglang.policies import Segment, parse_policy
-from epic_sglang.sglang_plugin import attention, client, hooks, load
+from epic_sglang.sglang_plugin import attention, client, hooks, load, tally
+from epic_sglang.sglang_plugin.tally import Tally
 from epic_sglang.sglang_plugin.layout import plan_rows
 from epic_sglang.sglang_plugin.link_request import CompileRequest, LinkRequest
 from epic_sglang.sglang_plugin.rotary import RopeTable, rotated_rows
@@ -808,7 +809,7 @@ def test_each_batch_size_captures_one_linked_graph_per_tier_and_a_step_replays_t
     assert resolve(None) is None and resolve(dataclasses.replace(plan, shared=None)) is None
 
     # a linked step SGLang's runner cannot graph (or no tier holds) is counted as eager
-    monkeypatch.setattr(decode_graphs, "STEPS", decode_graphs.StepCounts(every=2))
+    monkeypatch.setattr(decode_graphs, "STEPS", Tally(decode_graphs.STEPS.what, every=2))
     can_run = lambda fits: lambda runner, batch: fits  # noqa: E731 (SGLang's own answer)
     step = lambda p: types.SimpleNamespace(epic_plan=p, batch_size=p.batch_size if p else 1)  # noqa: E731
     graphed = types.SimpleNamespace()
@@ -818,7 +819,7 @@ def test_each_batch_size_captures_one_linked_graph_per_tier_and_a_step_replays_t
     assert hooks.decode_graph_for_links(can_run(True), graphed, step(None))  # plain steps are not counted
     assert not hooks.decode_graph_for_links(can_run(False), graphed, step(None))
     assert decode_graphs.STEPS.counts == {"eager": 2}
-    with caplog.at_level(logging.INFO, logger=decode_graphs.__name__):
+    with caplog.at_level(logging.INFO, logger=tally.__name__):
         decode_graphs.STEPS.add("epic8")
         decode_graphs.STEPS.add("epic8")
     assert [r.getMessage() for r in caplog.records] == [
@@ -1724,7 +1725,7 @@ def test_host_profile_samples_the_scheduler_thread_between_start_and_stop_profil
     assert not manager._profile(stop).success  # the sampler is gone: SGLang's again
 
 
-def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblend_eager(sglang_runtime):
+def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblend_eager(sglang_runtime, monkeypatch):
     """With EPIC_SGLANG_PREFILL_GRAPHS=1 SGLang starts its prefill graphs, and its real
     `can_run_graph` (hooked) lets a legolink pass replay them as a plain prefill does, SGLang's
     own limits kept; a pass whose layers differ (querylink's scout, CacheBlend's cut) runs
@@ -1751,10 +1752,12 @@ def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblen
                                       return_logprob=False, extend_prefix_lens_cpu=[20])
         return PrefillCudaGraphRunner.can_run_graph(runner, batch)
 
+    monkeypatch.setattr(prefill_graphs, "PASSES", Tally(prefill_graphs.PASSES.what))
     assert runs_graph(None, 30) and runs_graph(plan, 30)  # a plain prefill, a legolink pass
     assert not runs_graph(plan, 65)  # SGLang's own limit: past its largest captured size
     assert not runs_graph(dataclasses.replace(plan, scouts=[object()]), 30)  # querylink's scout still to run
     assert not runs_graph(dataclasses.replace(plan, blend=object()), 30)  # CacheBlend's cut
+    assert prefill_graphs.PASSES.counts == {"graph": 1, "eager": 3}  # the server log's tally: link passes only
 
     assert "--disable-prefill-cuda-graph" in server_command("/m", 1, env={})
     assert "--disable-prefill-cuda-graph" not in server_command("/m", 1, env={prefill_graphs.VARIABLE: "1"})

@@ -30,9 +30,7 @@ the stream).
 """
 from __future__ import annotations
 
-import logging
 import os
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +41,7 @@ from epic_sglang.sglang_plugin.attention import LinkAttentionPlan, LinkWrapper, 
 from epic_sglang.sglang_plugin.entries import indptr, last_page_lens
 from epic_sglang.sglang_plugin.link_request import to_device
 from epic_sglang.sglang_plugin.rotary import RopeTable
+from epic_sglang.sglang_plugin.tally import Tally
 
 # Shared parts per request the `epic` graphs of a batch size hold (in decode one per document a
 # request reads), one graph per tier: a RAG prompt of a few documents replays the small one (8x
@@ -51,24 +50,7 @@ PART_TIERS = (8, 64)
 MAX_ENTRIES = 4096  # shared parts per graph: the padding's cost is one rotated query row each
 VARIANT = "epic"  # the label prefix of the linked graphs in SGLang's graph keys
 
-logger = logging.getLogger(__name__)
-
-
-class StepCounts:
-    """How the server's decode steps over shared documents ran (a tier's graph label, or
-    "eager"), logged every `every` steps: the log tells whether the small graphs serve the load."""
-
-    def __init__(self, every: int = 500):
-        self.counts: Counter[str] = Counter()
-        self.every = every
-
-    def add(self, how: str) -> None:
-        self.counts[how] += 1
-        if self.counts.total() % self.every == 0:
-            logger.info("epic: decode steps over shared documents so far: %s", dict(self.counts))
-
-
-STEPS = StepCounts()
+STEPS = Tally("decode steps over shared documents")  # each tier's graph label, or "eager"
 
 
 def enabled() -> bool:

@@ -16,10 +16,13 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from epic_sglang.sglang_plugin.tally import Tally
+
 if TYPE_CHECKING:
     from epic_sglang.sglang_plugin.attention import LinkAttentionPlan
 
 VARIABLE = "EPIC_SGLANG_PREFILL_GRAPHS"
+PASSES = Tally("link passes", every=200)  # "graph" or "eager", counted where SGLang's prefill graphs run
 
 
 def enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -43,6 +46,7 @@ def link_passes_in_graphs(original, runner, forward_batch, *args, **kwargs) -> b
     """PrefillCudaGraphRunner.can_run_graph: a link pass replays SGLang's graph where it holds
     (and SGLang's own checks pass); querylink's and CacheBlend's passes run eagerly."""
     plan = getattr(forward_batch, "epic_plan", None)
-    if plan is not None and not graph_holds(plan):
-        return False
-    return original(runner, forward_batch, *args, **kwargs)
+    runs = (plan is None or graph_holds(plan)) and original(runner, forward_batch, *args, **kwargs)
+    if plan is not None:
+        PASSES.add("graph" if runs else "eager")
+    return runs
