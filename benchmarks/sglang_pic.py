@@ -721,8 +721,13 @@ the same documents read in place, each its own head and question.
         rows, best, residency, trace, host = [], {}, [], [], []
         for i, variant in enumerate(args.load_variants):
             rates = {"fr": args.fr_rates} if args.fr_rates and i == 0 else {}
-            out = load(args.tokenizer, args.logs, {**rates, "legolink-16": args.epic_rates}, args.requests,
-                       args.seconds, 0.2, args.precompile, args.load_flags.split(), variant, args.profile_rate)
+            try:
+                out = load(args.tokenizer, args.logs, {**rates, "legolink-16": args.epic_rates}, args.requests,
+                           args.seconds, 0.2, args.precompile, args.load_flags.split(), variant, args.profile_rate)
+            except (RuntimeError, TimeoutError, requests.RequestException) as err:  # the other servers' rows stay
+                residency.append(f"Server ({variant}) failed: {err}.")
+                print(residency[-1], flush=True)
+                continue
             rows += out[0]
             best.update(out[1])
             residency.append(out[2])
