@@ -1763,3 +1763,32 @@ def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblen
     assert "--disable-prefill-cuda-graph" not in server_command("/m", 1, env={prefill_graphs.VARIABLE: "1"})
     with pytest.raises(ValueError, match="EPIC_SGLANG_PREFILL_GRAPHS must be 0 .* or 1"):
         server_command("/m", 1, env={prefill_graphs.VARIABLE: "yes"})
+
+
+def test_a_stalled_forward_logs_the_python_stack_it_is_stuck_in(sglang_runtime, caplog):
+    """SGLang's watchdog, finding a forward stuck, calls `pyspy_dump_schedulers` (hooked in its
+    module): the log then holds the stuck thread's Python stack down to the line it waits in,
+    and not the watchdog's own."""
+    import threading
+
+    from sglang.srt.utils import watchdog
+
+    entered, release = threading.Event(), threading.Event()
+
+    def compiling_a_kernel() -> None:  # stands for the scheduler's forward, blocked in a C call
+        entered.set()
+        release.wait(10)
+
+    stuck = threading.Thread(target=compiling_a_kernel, name="scheduler-stand-in")
+    stuck.start()
+    entered.wait(10)
+    try:
+        with caplog.at_level(logging.ERROR):
+            watchdog.pyspy_dump_schedulers()
+    finally:
+        release.set()
+        stuck.join()
+    stacks = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("epic: Python stacks"))
+    stuck_stack = stacks.split("Thread scheduler-stand-in:")[1].split("\nThread ")[0]
+    assert "in compiling_a_kernel" in stuck_stack and "release.wait(10)" in stuck_stack
+    assert "test_a_stalled_forward_logs_the_python_stack_it_is_stuck_in" not in stacks  # the caller's thread left out

@@ -23,6 +23,7 @@
 | `.load_batch`, `FlashInferAttnBackend.init_forward_metadata_out_graph` (around) | decode graphs, one per tier |
 | `SchedulerProfilerManager._profile` (around) | /start_profile with activities ["HOST"]: the  |
 |                                           | scheduler thread's stacks sampled (`host_profile`) |
+| `watchdog.pyspy_dump_schedulers` (around) | a stalled forward: the process's Python stacks logged |
 
 Matching and release need no hook: the `epic` radix cache defers to `req.epic_link`.
 """
@@ -298,6 +299,7 @@ def install() -> None:
          plan_link_attention, HookType.AROUND),
         ("sglang.srt.managers.scheduler_components.profiler_manager.SchedulerProfilerManager._profile",
          host_profile.profile_host, HookType.AROUND),
+        ("sglang.srt.utils.watchdog.pyspy_dump_schedulers", host_profile.log_stalled_stacks, HookType.AROUND),
     ] + [(f"{layer}.forward", link_layer, HookType.AROUND) for layer in blend.HOOKED_LAYERS]:
         HookRegistry.register(target, hook, kind)
     if decode_graphs.enabled():

@@ -1,5 +1,6 @@
 """Where the scheduler's own thread spends its time: a sampling profiler of its Python stack,
-started and stopped by SGLang's `/start_profile` (activities ["HOST"]) and `/stop_profile`.
+started and stopped by SGLang's `/start_profile` (activities ["HOST"]) and `/stop_profile`;
+and where it is stuck when SGLang's watchdog finds it stalled (`log_stalled_stacks`).
 
 SGLang's torch profiler shows the kernels and how long the GPU waited between them; it does not
 say which Python kept the GPU waiting. This samples the scheduler thread's stack every
@@ -9,11 +10,15 @@ that held the thread, and the folded stacks for a flame graph.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 HOST = "HOST"  # the /start_profile activity that starts this sampler
 Frame = tuple[str, str, int]  # (file, function, line)
@@ -139,3 +144,20 @@ def profile_host(original, manager, recv_req):
         manager.epic_host_sampler = None
         return ProfileReqOutput(success=True, message=f"epic host profile: {write(sampler, manager.epic_host_dir)}")
     return original(manager, recv_req)
+
+
+def thread_stacks(skip: int | None = None) -> str:
+    """Every thread's Python stack in this process but `skip`'s, innermost call last."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"Thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame))
+                     for ident, frame in sys._current_frames().items() if ident != skip)
+
+
+def log_stalled_stacks(original, *args, **kwargs):
+    """sglang.srt.utils.watchdog.pyspy_dump_schedulers, as SGLang's watchdog calls it when it
+    finds this process's forward stuck: it asks py-spy for the stack, and the GPU hosts have no
+    py-spy (the first linked requests' 104 s stalls were left unexplained). This process's
+    Python stacks are logged first, the watchdog's own thread left out; a C call shows as the
+    Python line that made it (a kernel compile, as the line that built it)."""
+    logger.error("epic: Python stacks of the stalled process:\n%s", thread_stacks(threading.get_ident()))
+    return original(*args, **kwargs)
