@@ -198,6 +198,9 @@ def sglang_server_args(args: argparse.Namespace) -> list[str]:
     (e.g. "--tp 2 --mem-fraction-static 0.8"), which may not touch the flags the front owns."""
     import shlex
 
+    from epic_sglang.sglang_plugin import prefill_graphs
+
+    prefill_graphs.enabled()  # a bad EPIC_SGLANG_PREFILL_GRAPHS is one line here, before SGLang starts
     user = shlex.split(args.sglang_args or "")
     owned = sorted({a.split("=", 1)[0] for a in user} & set(FRONT_OWNED_SGLANG_FLAGS))
     if owned:

@@ -1725,7 +1725,8 @@ def test_host_profile_samples_the_scheduler_thread_between_start_and_stop_profil
     assert not manager._profile(stop).success  # the sampler is gone: SGLang's again
 
 
-def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblend_eager(sglang_runtime, monkeypatch):
+def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblend_eager(sglang_runtime, monkeypatch,
+                                                                                      capsys):
     """With EPIC_SGLANG_PREFILL_GRAPHS=1 SGLang starts its prefill graphs, and its real
     `can_run_graph` (hooked) lets a legolink pass replay them as a plain prefill does, SGLang's
     own limits kept; a pass whose layers differ (querylink's scout, CacheBlend's cut) runs
@@ -1734,6 +1735,7 @@ def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblen
     from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode, ForwardMode
     from sglang.srt.model_executor.runner.prefill_cuda_graph_runner import PrefillCudaGraphRunner
 
+    from epic_sglang.cli import main
     from epic_sglang.sglang_plugin import prefill_graphs
     from epic_sglang.sglang_plugin.launch import server_command
 
@@ -1763,6 +1765,9 @@ def test_prefill_graphs_replay_legolink_passes_and_leave_querylink_and_cacheblen
     assert "--disable-prefill-cuda-graph" not in server_command("/m", 1, env={prefill_graphs.VARIABLE: "1"})
     with pytest.raises(ValueError, match="EPIC_SGLANG_PREFILL_GRAPHS must be 0 .* or 1"):
         server_command("/m", 1, env={prefill_graphs.VARIABLE: "yes"})
+    monkeypatch.setenv(prefill_graphs.VARIABLE, "yes")  # `serve --engine sglang` says so before it starts SGLang
+    assert main(["serve", "--engine", "sglang"]) == 2
+    assert "EPIC_SGLANG_PREFILL_GRAPHS must be 0 (link passes eager) or 1" in capsys.readouterr().err
 
 
 def test_a_stalled_forward_logs_the_python_stack_it_is_stuck_in(sglang_runtime, caplog):
