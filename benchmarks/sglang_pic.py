@@ -604,8 +604,9 @@ def main() -> None:
                          "fr runs on the first only")
     ap.add_argument("--tag", help="BENCHMARKS.md section suffix of the load and check parts, so a variant run keeps the "
                     "main table")
-    ap.add_argument("--profile-rate", type=float, help="the load part: after each server's rates, one more linked run "
-                    "at this rate under SGLang's profiler, reporting how busy the GPU was")
+    ap.add_argument("--profile-rate", type=float, help="the load part: after each server's rates, two more linked runs "
+                    "at this rate: under SGLang's profiler (how busy the GPU was), then with the scheduler thread "
+                    "sampled (where its host time went)")
     ap.add_argument("--precompile", type=int, default=1000, help="most popular documents compiled before the run")
     ap.add_argument("--epic-rates", type=float, nargs="+", default=[16, 32, 48, 64, 96, 128])
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 8, 32],
