@@ -1366,14 +1366,19 @@ def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
     """The warm-up compiles two documents, links them, then links one of them beside a document
     never compiled (computed in the row), then links them with querylink (its scout runs), each
     with a decode step, then links them again while a streamed linked request is still decoding
-    (what SGLang's mixed chunk runs in one forward), apart from every tenant; a server that
-    refuses it is not ready, with a message naming it."""
+    (what SGLang's mixed chunk runs in one forward), then compiles and links a RAG-shaped
+    prompt (8 x 512-token documents, legolink-16, greedy), apart from every tenant; a server
+    that refuses it is not ready, with a message naming it."""
     from epic_sglang.server.background import serve_in_thread
     from epic_sglang.sglang_plugin.launch import WARMUP_NAMESPACE, WARMUP_QUERYLINK, warm_link_path, warmup_prompts
 
-    bodies, status, overlapped = [], {"code": 200}, []
+    bodies, status, overlapped, longest = [], {"code": 200}, [], {"tokens": 8191}
     arrived = asyncio.Event()  # a request came while a streamed one was decoding
     app = FastAPI()
+
+    @app.get("/server_info")
+    async def server_info():  # SGLang's scheduler reports the longest prompt it takes
+        return {"max_req_input_len": longest["tokens"]}
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -1403,11 +1408,23 @@ def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
         hints = [decode(b["extra_key"]) for b in bodies]
         compiled = {tuple(b["input_ids"]) for b, h in zip(bodies, hints) if h.compile}
         links = [(b, h) for b, h in zip(bodies, hints) if not h.compile]
-        assert len(compiled) == 2 and len(links) == 5 and not hints[-1].compile and hints[0].compile
+        assert len(compiled) == 2 + 8 and len(links) == 6 and not hints[-1].compile and hints[0].compile
         # a link pass sent while a linked request decodes (SGLang's mixed chunk runs them in one forward)
-        assert [b.get("stream", False) for b, _ in links] == [False, False, False, True, False] and overlapped == [True]
+        assert [b.get("stream", False) for b, _ in links] == [False, False, False, True, False, False] and overlapped == [True]
+        rag, rag_hint = links[-1]  # the RAG-shaped request, over its 8 compiled documents, greedy
+        assert [e - a for a, e in rag_hint.docs] == [512] * 8 and rag_hint.docs[0][0] == 32 and len(rag["input_ids"]) == 32 + 8 * 512 + 64
+        assert all(tuple(rag["input_ids"][a:e]) in compiled for a, e in rag_hint.docs) and rag_hint.k == 16
+        assert rag["sampling_params"]["temperature"] == 0.0 and max(rag["input_ids"]) < 49152
+        for tokens, documents in ((2000, 3), (600, 0)):  # a shorter context: as many documents as it holds, or none
+            longest["tokens"] = tokens
+            bodies.clear()
+            warm_link_path(url, api_key="k")
+            rag = [b for b in bodies if decode(b["extra_key"]).k == 16]
+            assert [len(decode(b["extra_key"]).docs) for b in rag] == ([documents] if documents else [])
+            assert all(len(b["input_ids"]) + b["sampling_params"]["max_new_tokens"] <= tokens for b in rag)
+        longest["tokens"] = 8191
         assert all(h.namespace == WARMUP_NAMESPACE for h in hints)
-        docs = [[tuple(b["input_ids"][a:e]) for a, e in h.docs] for b, h in links]
+        docs = [[tuple(b["input_ids"][a:e]) for a, e in h.docs] for b, h in links[:5]]
         assert all(d in compiled for d in docs[0]) and docs[2] == docs[0] == docs[3] == docs[4]  # every document reused
         assert sum(d not in compiled for d in docs[1]) == 1  # one computed in its row
         scouted = parse_policy(WARMUP_QUERYLINK)

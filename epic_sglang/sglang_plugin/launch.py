@@ -64,10 +64,27 @@ def warmup_prompts() -> tuple[list[Segment], list[Segment]]:
     return [head, doc[0], doc[1], question], [head, doc[2], doc[0], question]
 
 
+RAG_DOC, RAG_HEAD, RAG_QUESTION, RAG_OUTPUT = 512, 32, 64, 32  # the RAG load's request (sglang_pic.py)
+RAG_TEXT = RAG_HEAD + RAG_QUESTION
+
+
+def rag_prompt(documents: int) -> list[Segment]:
+    """A link request shaped as the RAG load sends them (ids below every model's vocabulary): in
+    session 24 the load's first such request stalled the scheduler 104 s after the tiny prompts
+    above had run (BENCHMARKS.md, session 25's notes), so the warm-up runs one too."""
+    ids = iter(range(1000, 1000 + RAG_TEXT + documents * RAG_DOC))
+    take = lambda n: tuple(next(ids) for _ in range(n))  # noqa: E731
+    return [Segment(take(RAG_HEAD)), *(Segment(take(RAG_DOC), document=f"warmup-rag-{i}") for i in range(documents)),
+            Segment(take(RAG_QUESTION))]
+
+
 def warm_link_path(url: str, timeout_s: float = 900, api_key: str | None = None) -> None:
     """Run the plugin's link path once before anyone is served: FlashInfer and Triton compile
     its kernels on first use (a fresh GPU host without their caches took 107 s over the first
-    link pass: BENCHMARKS.md, the RAG load), which would otherwise fall on the first user."""
+    link pass: BENCHMARKS.md, the RAG load), which would otherwise fall on the first user.
+    Tiny prompts cover each path (a missing document, querylink's scout, a link beside a
+    decode), then one RAG-shaped greedy request (`rag_prompt`: 8 documents, or as many as the
+    server's context holds; none if not one)."""
     compiled, with_missing = warmup_prompts()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -77,6 +94,13 @@ def warm_link_path(url: str, timeout_s: float = 900, api_key: str | None = None)
         for prompt, policy in ((compiled, "legolink-1"), (with_missing, "legolink-1"), (compiled, WARMUP_QUERYLINK)):
             _post(url, _warmup_body(prompt, policy, 2), timeout_s, headers)
         _link_beside_a_decode(url, compiled, timeout_s, headers)
+        longest = _ok(requests.get(url + "/server_info", timeout=timeout_s, headers=headers)).json()["max_req_input_len"]
+        if documents := min(8, (int(longest) - RAG_TEXT - RAG_OUTPUT) // RAG_DOC):  # as many as its context holds
+            rag = rag_prompt(documents)
+            for body in client.compile_bodies(rag, WARMUP_NAMESPACE):
+                _post(url, body, timeout_s, headers)
+            params = {"max_new_tokens": RAG_OUTPUT, "temperature": 0.0, "ignore_eos": True}
+            _post(url, client.generate_body(rag, "legolink-16", params, WARMUP_NAMESPACE), timeout_s, headers)
     except requests.RequestException as err:
         raise RuntimeError(f"SGLang server at {url} failed the plugin's link warm-up: {err}") from None
 
