@@ -1415,7 +1415,7 @@ def test_a_plugin_server_is_ready_only_after_its_link_path_ran_once():
         assert [e - a for a, e in rag_hint.docs] == [512] * 8 and rag_hint.docs[0][0] == 32 and len(rag["input_ids"]) == 32 + 8 * 512 + 64
         assert all(tuple(rag["input_ids"][a:e]) in compiled for a, e in rag_hint.docs) and rag_hint.k == 16
         assert rag["sampling_params"]["temperature"] == 0.0 and max(rag["input_ids"]) < 49152
-        for tokens, documents in ((2000, 3), (600, 0)):  # a shorter context: as many documents as it holds, or none
+        for tokens, documents in ((2000, 3), (600, 0), (100, 0)):  # a shorter context: as many documents as it holds, or none
             longest["tokens"] = tokens
             bodies.clear()
             warm_link_path(url, api_key="k")

@@ -95,7 +95,7 @@ def warm_link_path(url: str, timeout_s: float = 900, api_key: str | None = None)
             _post(url, _warmup_body(prompt, policy, 2), timeout_s, headers)
         _link_beside_a_decode(url, compiled, timeout_s, headers)
         longest = _ok(requests.get(url + "/server_info", timeout=timeout_s, headers=headers)).json()["max_req_input_len"]
-        if documents := min(8, (int(longest) - RAG_TEXT - RAG_OUTPUT) // RAG_DOC):  # as many as its context holds
+        if (documents := min(8, (int(longest) - RAG_TEXT - RAG_OUTPUT) // RAG_DOC)) > 0:  # as many as its context holds
             rag = rag_prompt(documents)
             for body in client.compile_bodies(rag, WARMUP_NAMESPACE):
                 _post(url, body, timeout_s, headers)
