@@ -49,7 +49,7 @@ from benchmarks.load_trace import (COMPILE_WAIT_S, OUTPUT_TOKENS, TRACE_HEADER, 
 from benchmarks.report import machine, write_section  # noqa: E402
 from benchmarks.torch_trace import complete_events, kernel_busy  # noqa: E402
 from epic_sglang.policies import Segment  # noqa: E402
-from epic_sglang.sglang_plugin import client, decode_graphs  # noqa: E402
+from epic_sglang.sglang_plugin import client, decode_graphs, host_profile  # noqa: E402
 from epic_sglang.sglang_plugin.launch import SGLangServer, server_env, wait_until_ready  # noqa: E402
 
 SMALL = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=512, intermediate_size=1024,
@@ -473,12 +473,20 @@ class RagLoad:
         return statistics.median(ttfts), percentile(ttfts, 0.9), n / wall, steady
 
 
-def profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out: Path) -> str:
-    """One more run at `rate` under SGLang's profiler (GPU activity only): how much of it the GPU was busy."""
-    requests.post(url + "/start_profile", json={"output_dir": str(out), "activities": ["GPU"]},
+def profiled_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out: Path,
+                 activity: str) -> tuple[float, float, float]:
+    """One more run at `rate` between /start_profile (`activity` only, into `out`) and
+    /stop_profile: (p50 TTFT s, p90 TTFT s, achieved requests/s)."""
+    requests.post(url + "/start_profile", json={"output_dir": str(out), "activities": [activity]},
                   timeout=120).raise_for_status()
     p50, p90, achieved, _ = runner.run(rate, n, label)
     requests.post(url + "/stop_profile", timeout=600).raise_for_status()
+    return p50, p90, achieved
+
+
+def profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out: Path) -> str:
+    """One more run at `rate` under SGLang's profiler (GPU activity only): how much of it the GPU was busy."""
+    p50, p90, achieved = profiled_run(url, runner, rate, n, label, out, "GPU")
     traces = sorted(out.rglob("*.trace.json.gz"), key=lambda t: t.stat().st_mtime)
     if not traces:
         return f"The profiled run at {rate:g} req/s left no trace under {out}."
@@ -491,14 +499,11 @@ def profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out:
 def host_profile_run(url: str, runner: RagLoad, rate: float, n: int, label: str, out: Path) -> list[str]:
     """One more run at `rate` with the scheduler thread's stacks sampled (the plugin's
     activities ["HOST"], `sglang_plugin/host_profile.py`): the report's lines, where its time went."""
-    requests.post(url + "/start_profile", json={"output_dir": str(out), "activities": ["HOST"]},
-                  timeout=120).raise_for_status()
-    p50, p90, achieved, _ = runner.run(rate, n, label)
-    requests.post(url + "/stop_profile", timeout=600).raise_for_status()
+    p50, p90, achieved = profiled_run(url, runner, rate, n, label, out, host_profile.HOST)
     report = (out / "host-profile.txt").read_text().splitlines()
-    return [f"Scheduler thread sampled over one more run at {rate:g} req/s ({achieved:.2f} achieved, TTFT p50 / p90 "
+    return [f"Run `{label}`, the scheduler thread sampled ({achieved:.2f} achieved, TTFT p50 / p90 "
             f"{p50 * 1000:,.0f} / {p90 * 1000:,.0f} ms; folded stacks in {out.name}/host-profile.folded):", "",
-            "```", *report, "```"]
+            "```", *report, "```", ""]
 
 
 def plugin_environment() -> str:
@@ -567,9 +572,10 @@ def load(tokenizer: Path, logs: Path, rates: dict[str, list[float]], n: int, sec
                 else:
                     break
             if policy != "fr" and profile_rate:
-                profiled = profile_run(url, runner, profile_rate, max(n, math.ceil(profile_rate * seconds)),
+                profiled_n = max(n, math.ceil(profile_rate * seconds))
+                profiled = profile_run(url, runner, profile_rate, profiled_n,
                                        f"{policy}{suffix} {profile_rate:g} (profiled)", logs / f"load-profile{tag}")
-                host = host_profile_run(url, runner, profile_rate, max(n, math.ceil(profile_rate * seconds)),
+                host = host_profile_run(url, runner, profile_rate, profiled_n,
                                         f"{policy}{suffix} {profile_rate:g} (host sampled)", logs / f"load-host{tag}")
                 write_trace(trace_path, [r.trace for r in runners])
     log = log_path.read_text()
@@ -733,7 +739,7 @@ the same documents read in place, each its own head and question.
             best.update(out[1])
             residency.append(out[2])
             trace += out[3]
-            host += [f"Server{f' ({variant})' if plugin_settings(variant) else ''}: " + out[4][0], *out[4][1:], ""] if out[4] else []
+            host += out[4]
         fr_best = best.pop("SGLang prefix caching (fr)", 0.0)
         linked_best = ", ".join(f"{mode} {rate:.2f} req/s" + (f" ({rate / fr_best:.1f}x)" if fr_best else "")
                                 for mode, rate in best.items()) or "none"

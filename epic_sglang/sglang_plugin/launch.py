@@ -21,8 +21,9 @@ def server_command(model_path: str | Path, port: int, plugin: bool = True, extra
     stay off unless `env` (the server's; default ours) lets link passes run in them."""
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
            "--host", host, "--port", str(port), "--attention-backend", "flashinfer"]
-    plugin_flags = ["--radix-cache-backend", "epic", *prefill_graphs.server_flags(os.environ if env is None else env)]
-    return cmd + (plugin_flags if plugin else []) + list(extra)
+    if plugin:
+        cmd += ["--radix-cache-backend", "epic", *prefill_graphs.server_flags(os.environ if env is None else env)]
+    return cmd + list(extra)
 
 
 def server_env(plugin: bool = True, kv_dir: Path | None = None, host_cache_gb: float = 0.0) -> dict[str, str]:
